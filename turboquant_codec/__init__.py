@@ -1,0 +1,40 @@
+"""TurboQuant KV-cache codec (arXiv 2504.19874): encode, decode, scores and attention on arrays.
+
+One API dispatches at run time to a NumPy CPU reference or to GPU backends (Numba CUDA, CuPy), by
+where the data lives. Importing this package imports neither numba nor cupy.
+"""
+
+from __future__ import annotations
+
+# Import the registry subpackage first, then shadow the attribute with the function users call:
+# later imports of its submodules do not rebind ``turboquant_codec.backends``.
+from . import backends as _registry
+from .api import attention, decode, encode, scores
+from .codebooks import Codebook, lloyd_max
+from .config import CodecConfig
+from .encoded import Encoded
+from .transforms import stream_seed
+
+__version__ = "0.1.0"
+
+
+def backends() -> list[_registry.BackendStatus]:
+    """Every registered backend with its device, availability and the reason when unavailable.
+
+    ``TQ_BACKEND`` overrides ``backend="auto"`` everywhere.
+    """
+    return _registry.statuses()
+
+
+__all__ = [
+    "Codebook",
+    "CodecConfig",
+    "Encoded",
+    "attention",
+    "backends",
+    "decode",
+    "encode",
+    "lloyd_max",
+    "scores",
+    "stream_seed",
+]

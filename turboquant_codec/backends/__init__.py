@@ -1,0 +1,90 @@
+"""The lazy, string-addressed backend registry.
+
+A backend is a module implementing the op contract (``turboquant_codec._ops``). Nothing here imports
+a backend module until it is asked for by name, so ``import turboquant_codec`` never imports numba or
+cupy. Availability is checked on demand and comes with a reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .._ops import Availability
+
+# name -> (module, where its inputs live)
+REGISTRY: dict[str, tuple[str, str]] = {
+    "numpy": ("turboquant_codec.backends.numpy_ref", "cpu"),
+}
+# "auto" on GPU arrays takes the first available of these: the tuned kernels before the reference.
+GPU_PREFERENCE = ("cupy_raw", "numba_cuda")
+ENV_VAR = "TQ_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """One row of ``turboquant_codec.backends()``."""
+
+    name: str
+    device: str
+    available: bool
+    reason: str
+
+
+def _check_name(name: str) -> None:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(['auto', *REGISTRY])}")
+
+
+@functools.lru_cache(maxsize=None)
+def availability(name: str) -> Availability:
+    """Whether backend ``name`` can run here; the reason when it cannot (cached per process)."""
+    _check_name(name)
+    try:
+        module = importlib.import_module(REGISTRY[name][0])
+    except Exception as exc:  # any import failure is a reason to report, not a crash
+        return Availability(False, f"failed to import: {type(exc).__name__}: {exc}")
+    result: Availability = module.availability()
+    return result
+
+
+def load(name: str) -> ModuleType:
+    """The module of an available backend; ValueError for unknown names, RuntimeError with the reason."""
+    status = availability(name)
+    if not status:
+        raise RuntimeError(f"backend {name!r} is not available: {status.reason}")
+    return importlib.import_module(REGISTRY[name][0])
+
+
+def resolve(name: str, gpu: bool) -> str:
+    """Resolve ``"auto"`` (or the ``TQ_BACKEND`` override) for data on the GPU or host."""
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name != "auto":
+        _check_name(name)
+        return name
+    if not gpu:
+        return "numpy"
+    candidates = [n for n in GPU_PREFERENCE if n in REGISTRY]
+    for candidate in candidates:
+        if availability(candidate):
+            return candidate
+    reasons = "; ".join(f"{n}: {availability(n).reason}" for n in candidates) or "none registered"
+    raise RuntimeError(f"input lives on a GPU but no GPU backend is available ({reasons})")
+
+
+def statuses() -> list[BackendStatus]:
+    """Every registered backend with its availability and the reason when absent."""
+    rows = []
+    for name, (_, device) in REGISTRY.items():
+        status = availability(name)
+        rows.append(BackendStatus(name, device, status.ok, status.reason))
+    return rows
+
+
+def device_of(name: str) -> Any:
+    return REGISTRY[name][1]

@@ -1,0 +1,178 @@
+"""NumPy reference backend: the ground truth every other backend is tested against.
+
+Vectorised over all vectors (the only Python loops run over the at most two channel groups), computed
+in float64 from the host tables of ``transforms``. Record layout: see ``turboquant_codec.config``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .._ops import Availability
+from ..config import CodecConfig, Group
+from ..encoded import Encoded
+from ..transforms import GroupTables, tables
+
+# float16 norms: larger norms would be stored as inf.
+FLOAT16_MAX = 65504.0
+
+
+def availability() -> Availability:
+    return Availability(True)
+
+
+def asarray(x: Any) -> np.ndarray:
+    from .._interop import to_numpy
+
+    return to_numpy(x)
+
+
+# ----------------------------------------------------------------------------------------- records
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ints (..., g) of ``bits`` bits into an LSB-first byte stream (..., g*bits/8)."""
+    planes = (values[..., None].astype(np.uint16) >> np.arange(bits, dtype=np.uint16)) & 1
+    flat = planes.astype(np.uint8).reshape(*values.shape[:-1], -1)
+    return np.packbits(flat, axis=-1, bitorder="little")
+
+
+def unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: (..., count*bits/8) bytes -> (..., count) int64."""
+    planes = np.unpackbits(stream, axis=-1, count=count * bits, bitorder="little")
+    planes = planes.reshape(*stream.shape[:-1], count, bits).astype(np.int64)
+    return (planes << np.arange(bits)).sum(-1)
+
+
+def _norms(records: np.ndarray, g: Group, which: int) -> np.ndarray:
+    """float16 norm ``which`` (0: |x_g|, 1: residual) of group ``g`` as float64 (..., n)."""
+    at = g.norm_offset + 2 * which
+    return records[..., at : at + 2].copy().view("<f2")[..., 0].astype(np.float64)
+
+
+def _codes(records: np.ndarray, g: Group) -> np.ndarray:
+    return unpack_bits(records[..., g.code_offset : g.code_offset + g.code_bytes], g.code_bits, g.dim)
+
+
+def _signs(records: np.ndarray, g: Group) -> np.ndarray:
+    """QJL signs of group ``g`` as +-1.0 (..., n, g)."""
+    bits = unpack_bits(records[..., g.sign_offset : g.sign_offset + g.sign_bytes], 1, g.dim)
+    return 2.0 * bits - 1.0
+
+
+# ---------------------------------------------------------------------------------------- channels
+def select_channels(x: np.ndarray, cfg: CodecConfig) -> np.ndarray:
+    """Per stream, the ``d/2`` channels of largest mean square first, then the rest; each ascending."""
+    energy = np.mean(np.square(x, dtype=np.float64), axis=-2)
+    # Stable sort on -energy: ties go to the lower channel index, so the choice is deterministic.
+    order = np.argsort(-energy, axis=-1, kind="stable")
+    top = np.sort(order[..., : cfg.outlier_dim], axis=-1)
+    rest = np.sort(order[..., cfg.outlier_dim :], axis=-1)
+    return np.concatenate([top, rest], axis=-1).astype(np.uint16)
+
+
+def _permute(x: np.ndarray, channels: np.ndarray | None) -> np.ndarray:
+    """Channels of ``x`` (..., n, d) in record order."""
+    if channels is None:
+        return x
+    return np.take_along_axis(x, channels[..., None, :].astype(np.intp), axis=-1)
+
+
+def _unpermute(x: np.ndarray, channels: np.ndarray | None) -> np.ndarray:
+    if channels is None:
+        return x
+    out = np.empty_like(x)
+    np.put_along_axis(out, np.broadcast_to(channels[..., None, :].astype(np.intp), x.shape), x, axis=-1)
+    return out
+
+
+def _slices(cfg: CodecConfig) -> list[tuple[Group, GroupTables, slice]]:
+    out, start = [], 0
+    for g, t in zip(cfg.groups, tables(cfg)):
+        out.append((g, t, slice(start, start + g.dim)))
+        start += g.dim
+    return out
+
+
+# --------------------------------------------------------------------------------------------- ops
+def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    x = np.asarray(x).astype(np.float64)
+    if cfg.split and channels is None:
+        channels = select_channels(x, cfg)
+    xp = _permute(x, channels)
+    records = np.zeros(x.shape[:-1] + (cfg.record_bytes,), np.uint8)
+    for g, t, cols in _slices(cfg):
+        part = xp[..., cols]
+        norm = np.linalg.norm(part, axis=-1)
+        if np.any(norm > FLOAT16_MAX):
+            raise ValueError(
+                f"{int(np.sum(norm > FLOAT16_MAX))} vectors have a channel-group norm above "
+                f"{FLOAT16_MAX:g}, the float16 norm range of the byte record"
+            )
+        y = (part @ t.rotation.T) / np.where(norm > 0, norm, 1.0)[..., None]
+        code = np.searchsorted(t.boundaries, y)
+        records[..., g.code_offset : g.code_offset + g.code_bytes] = pack_bits(code, g.code_bits)
+        stored = [norm]
+        if g.qjl:
+            assert t.projection is not None
+            residual = y - t.centroids[code]
+            stored.append(np.linalg.norm(residual, axis=-1) * norm)
+            signs = (residual @ t.projection.T >= 0).astype(np.uint8)
+            records[..., g.sign_offset : g.sign_offset + g.sign_bytes] = pack_bits(signs, 1)
+        halves = np.stack(stored, axis=-1).astype("<f2").view(np.uint8)
+        records[..., g.norm_offset : g.norm_offset + halves.shape[-1]] = halves
+    return records, channels
+
+
+def _rotated(records: np.ndarray, g: Group, t: GroupTables) -> np.ndarray:
+    """Dequantised rotated-domain vectors of one group, norms applied: (..., n, g)."""
+    y = t.centroids[_codes(records, g)] * _norms(records, g, 0)[..., None]
+    if g.qjl:
+        assert t.projection is not None
+        gamma = _norms(records, g, 1)[..., None] * t.qjl_scale
+        y = y + gamma * (_signs(records, g) @ t.projection)
+    return y
+
+
+def decode(enc: Encoded) -> np.ndarray:
+    records = np.asarray(enc.records)
+    parts = [_rotated(records, g, t) @ t.rotation for g, t, _ in _slices(enc.config)]
+    x = np.concatenate(parts, axis=-1)
+    return _unpermute(x, enc.channels).astype(np.float32)
+
+
+def _scores64(q: np.ndarray, keys: Encoded) -> np.ndarray:
+    records = np.asarray(keys.records)
+    qp = _permute(np.asarray(q).astype(np.float64), keys.channels)
+    s = 0.0
+    for g, t, cols in _slices(keys.config):
+        q_rot = qp[..., cols] @ t.rotation.T
+        s = s + np.einsum("...mg,...ng->...mn", q_rot, _rotated(records, g, t))
+    return np.asarray(s)
+
+
+def scores(q: np.ndarray, keys: Encoded) -> np.ndarray:
+    return _scores64(q, keys).astype(np.float32)
+
+
+def attention(
+    q: np.ndarray,
+    k: Encoded,
+    v: Encoded,
+    scale: float,
+    k_tail: np.ndarray | None,
+    v_tail: np.ndarray | None,
+) -> np.ndarray:
+    *lead, h_q, d = q.shape
+    h_kv = k.shape[-3]
+    qg = np.asarray(q).astype(np.float64).reshape(*lead, h_kv, h_q // h_kv, d)
+    logits = _scores64(qg, k) * scale
+    values = decode(v).astype(np.float64)
+    if k_tail is not None and v_tail is not None:
+        tail_logits = np.einsum("...gd,...td->...gt", qg, np.asarray(k_tail).astype(np.float64))
+        logits = np.concatenate([logits, tail_logits * scale], axis=-1)
+        values = np.concatenate([values, np.asarray(v_tail).astype(np.float64)], axis=-2)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights @ values
+    return out.reshape(*lead, h_q, d).astype(np.float32)

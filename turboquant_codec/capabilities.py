@@ -1,0 +1,46 @@
+"""One capability table per op: which dtypes, head dimensions, bits and modes each backend serves.
+
+Dispatch refuses a request outside the table with the reason; tests and benchmarks parametrise over
+the same table, so a new entry is tested and benchmarked as soon as it is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._ops import OPS
+from .config import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MSE_BITS, PROD_BITS
+
+DTYPES = ("float16", "bfloat16", "float32")
+ALL_HEAD_DIMS = tuple(range(HEAD_DIM_MULTIPLE, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
+ALL_BITS = {"mse": MSE_BITS, "prod": PROD_BITS}
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend serves for one op."""
+
+    dtypes: tuple[str, ...] = DTYPES
+    head_dims: tuple[int, ...] = ALL_HEAD_DIMS
+    bits: dict[str, tuple[float, ...]] | None = None
+
+    def refusal(self, dtype: str | None, d: int, bits: float, mode: str) -> str | None:
+        """Why this request is not served, or None when it is."""
+        if dtype is not None and dtype not in self.dtypes:
+            return f"dtype {dtype} (supported: {', '.join(self.dtypes)})"
+        if d not in self.head_dims:
+            return f"head dimension {d} (supported: {_ranges(self.head_dims)})"
+        allowed = (self.bits or ALL_BITS).get(mode, ())
+        if bits not in allowed:
+            return f"{bits:g} bits in mode {mode!r} (supported: {', '.join(f'{b:g}' for b in allowed)})"
+        return None
+
+
+# CAPABILITIES[op][backend]: the NumPy reference serves every valid configuration.
+CAPABILITIES: dict[str, dict[str, Support]] = {op: {"numpy": Support()} for op in OPS}
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    if len(values) > 4 and values == tuple(range(values[0], values[-1] + 1, values[1] - values[0])):
+        return f"{values[0]}..{values[-1]} in steps of {values[1] - values[0]}"
+    return ", ".join(map(str, values))

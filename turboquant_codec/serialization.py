@@ -1,0 +1,85 @@
+"""The self-describing byte stream of ``Encoded.to_bytes()`` (all fields little-endian)::
+
+    offset  size  field
+    0       4     magic b"TQKV"
+    4       2     format version (uint16), currently 1
+    6       2     head dimension d (uint16)
+    8       1     2 * bits (uint8)
+    9       1     mode (0 = mse, 1 = prod)
+    10      8     seed (uint64)
+    18      1     ndim of the record array without its byte axis, k (uint8)
+    19      8k    shape (*lead, n) (uint64 each)
+    19+8k   1     1 when a channel permutation follows, else 0
+    ...           channels: prod(lead) * d uint16 (outlier group first), when present
+    ...           records: prod(lead) * n * record_bytes bytes (see ``config`` for one record)
+    end-4   4     CRC-32 of every preceding byte
+
+The records are the very bytes the array API and the paged caches hold, so a stream written by any
+backend on any machine decodes to the same values.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from .config import MODES, CodecConfig
+
+MAGIC = b"TQKV"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<4sHHBBQB")
+_CRC = struct.Struct("<I")
+
+
+def dumps(cfg: CodecConfig, records: np.ndarray, channels: np.ndarray | None) -> bytes:
+    """Serialise host arrays; ``records`` (*lead, n, record_bytes) uint8, ``channels`` (*lead, d)."""
+    shape = records.shape[:-1]
+    parts = [
+        _HEAD.pack(MAGIC, FORMAT_VERSION, cfg.d, int(cfg.bits * 2), MODES.index(cfg.mode), cfg.seed,
+                   len(shape)),
+        struct.pack(f"<{len(shape)}Q", *shape),
+        bytes([channels is not None]),
+    ]
+    if channels is not None:
+        parts.append(np.ascontiguousarray(channels, dtype="<u2").tobytes())
+    parts.append(np.ascontiguousarray(records, dtype=np.uint8).tobytes())
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
+    """Parse ``dumps`` output; every inconsistency raises ValueError naming it."""
+    data = bytes(data)
+    if len(data) < _HEAD.size + _CRC.size:
+        raise ValueError(f"encoded stream truncated: {len(data)} bytes is shorter than a header")
+    magic, version, d, bits2, mode, seed, ndim = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"not a TurboQuant stream: magic {magic!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"encoded stream has format version {version}; this library reads version {FORMAT_VERSION}"
+        )
+    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+    body = data[: -_CRC.size]
+    if zlib.crc32(body) != crc:
+        raise ValueError("encoded stream is corrupted or truncated: CRC-32 mismatch")
+    if mode >= len(MODES):
+        raise ValueError(f"encoded stream names unknown mode {mode}")
+    cfg = CodecConfig(d=d, bits=bits2 / 2, mode=MODES[mode], seed=seed)
+    pos = _HEAD.size
+    shape = struct.unpack_from(f"<{ndim}Q", body, pos)
+    pos += 8 * ndim
+    has_channels = body[pos]
+    pos += 1
+    lead = int(np.prod(shape[:-1], dtype=np.int64))
+    expected = pos + (lead * d * 2 if has_channels else 0) + int(np.prod(shape)) * cfg.record_bytes
+    if len(body) != expected:
+        raise ValueError(f"encoded stream holds {len(body)} bytes, its header describes {expected}")
+    channels = None
+    if has_channels:
+        channels = np.frombuffer(body, "<u2", lead * d, pos).reshape(*shape[:-1], d).astype(np.uint16)
+        pos += lead * d * 2
+    records = np.frombuffer(body, np.uint8, offset=pos).reshape(*shape, cfg.record_bytes).copy()
+    return cfg, records, channels
