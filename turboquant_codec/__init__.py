@@ -6,9 +6,8 @@ where the data lives. Importing this package imports neither numba nor cupy.
 
 from __future__ import annotations
 
-# Import the registry subpackage first, then shadow the attribute with the function users call:
-# later imports of its submodules do not rebind ``turboquant_codec.backends``.
-from . import backends as _registry
+# ``backends`` is the registry subpackage, callable: ``turboquant_codec.backends()`` lists backends.
+from . import backends
 from .api import attention, decode, encode, scores
 from .codebooks import Codebook, lloyd_max
 from .config import CodecConfig
@@ -16,14 +15,6 @@ from .encoded import Encoded
 from .transforms import stream_seed
 
 __version__ = "0.1.0"
-
-
-def backends() -> list[_registry.BackendStatus]:
-    """Every registered backend with its device, availability and the reason when unavailable.
-
-    ``TQ_BACKEND`` overrides ``backend="auto"`` everywhere.
-    """
-    return _registry.statuses()
 
 
 __all__ = [

@@ -3,6 +3,8 @@
 A backend is a module implementing the op contract (``turboquant_codec._ops``). Nothing here imports
 a backend module until it is asked for by name, so ``import turboquant_codec`` never imports numba or
 cupy. Availability is checked on demand and comes with a reason.
+
+The package itself is callable: ``turboquant_codec.backends()`` returns ``statuses()``.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
+import types
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 from .._ops import Availability
 
@@ -86,5 +89,13 @@ def statuses() -> list[BackendStatus]:
     return rows
 
 
-def device_of(name: str) -> Any:
-    return REGISTRY[name][1]
+class _CallableModule(types.ModuleType):
+    def __call__(self) -> list[BackendStatus]:
+        """Every registered backend with its device, availability and the reason when unavailable.
+
+        ``TQ_BACKEND`` overrides ``backend="auto"`` everywhere.
+        """
+        return statuses()
+
+
+sys.modules[__name__].__class__ = _CallableModule
