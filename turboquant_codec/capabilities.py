@@ -39,6 +39,12 @@ class Support:
 # CAPABILITIES[op][backend]: the NumPy reference serves every valid configuration.
 CAPABILITIES: dict[str, dict[str, Support]] = {op: {"numpy": Support()} for op in OPS}
 
+# Numba CUDA: every dtype, mode and bit width; the head dimensions tests/test_numba_cuda.py covers
+# (shared-memory tiles are sized for d <= 256).
+NUMBA_CUDA_HEAD_DIMS = (16, 32, 64, 128, 256)
+for _op in OPS:
+    CAPABILITIES[_op]["numba_cuda"] = Support(head_dims=NUMBA_CUDA_HEAD_DIMS)
+
 
 def _ranges(values: tuple[int, ...]) -> str:
     if len(values) > 4 and values == tuple(range(values[0], values[-1] + 1, values[1] - values[0])):

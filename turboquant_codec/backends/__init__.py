@@ -22,6 +22,7 @@ from .._ops import Availability
 # name -> (module, where its inputs live)
 REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": ("turboquant_codec.backends.numpy_ref", "cpu"),
+    "numba_cuda": ("turboquant_codec.backends.numba_cuda", "cuda"),
 }
 # "auto" on GPU arrays takes the first available of these: the tuned kernels before the reference.
 GPU_PREFERENCE = ("cupy_raw", "numba_cuda")

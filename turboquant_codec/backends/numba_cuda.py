@@ -1,0 +1,882 @@
+"""Numba CUDA backend: straightforward reference kernels for the GPU (and Numba's CUDA simulator).
+
+Layout owned here
+-----------------
+Inputs are viewed as 2-D row arrays: ``x`` (*lead, n, d) -> (rows, d), records -> (rows, record_bytes);
+row ``r`` belongs to stream ``r // rows_per_stream`` (its channel permutation). bfloat16 inputs travel
+as their uint16 bit patterns (``asarray`` re-labels them; every float op widens them in-kernel).
+
+Per configuration and device, ``_tables`` uploads float32 copies of the host tables of
+``transforms.tables`` stacked over groups, ``(groups, g, g)``: ``rot`` (R), ``rot_t`` (R^T), ``proj``
+(S), ``proj_t`` (S^T), plus centroids and boundaries padded to 16 entries, and an int32 ``meta``
+row per group (byte offsets and code width). Every group of one configuration has the same ``g``.
+
+The "extended rotated row" of a vector is the common currency of every kernel: ``W = d`` columns
+``norm_g * centroid[code]`` (groups in record order) and, in prod mode, ``d`` more columns
+``gamma_g * qjl_scale * (+-1)``. A decoded vector is ``(ext[:d] + ext[d:] @ S) @ R`` per group; a
+score is ``ext . q_ext`` with ``q_ext = [q_rot, S q_rot]``, so keys are never decoded.
+
+Threading
+---------
+One block of ``THREADS`` threads per tile of rows (encode, decode, query rotation, combine) or per
+(split, KV head, stream) (attention, flash-decoding style); all intermediates live in one dynamic
+float32 shared-memory buffer whose regions each kernel carves out by offset. Small dense products
+(``rowmat``) give every thread ``VPT`` rows of one output column so each matrix load feeds ``VPT``
+multiply-adds. Attention splits the sequence into chunks, keeps an online softmax per query head of
+the GQA group, and a combine kernel merges the splits and the raw tail split, then undoes S and R once
+per output row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._ops import Availability
+from ..config import CodecConfig
+from ..encoded import Encoded
+from ..transforms import tables as host_tables
+
+try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
+    from numba import config as _nb_config
+    from numba import cuda, float32, int32
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # pragma: no cover - depends on the installed numpy/numba pair
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+# float16 norms: larger norms would be stored as inf (same limit as the reference).
+FLOAT16_MAX = 65504.0
+# Threads per block: 4 warps keep several blocks resident per SM and simulator grids cheap.
+THREADS = 128
+# Rows per thread in rowmat: each loaded matrix element feeds this many multiply-adds.
+VPT = 4
+# Codebooks have at most 2**4 centroids (4 code bits); tables are padded to this width.
+MAX_CENTROIDS = 16
+# Shared memory one block may use without opting in to more (the portable CUDA default).
+SMEM_LIMIT = 48 * 1024
+# Attention blocks wanted per KV stream batch: a few per SM of an H100 (132 SMs) hides latency.
+TARGET_BLOCKS = 4 * 132
+# Initial running max of the online softmax.
+NEG_INF = -math.inf
+# Key tiles of attention: one warp-width of keys per step when shared memory allows.
+KEY_TILES = (32, 16, 8)
+
+
+def availability() -> Availability:
+    """Whether Numba CUDA can run here, with the reason when it cannot."""
+    if _IMPORT_ERROR is not None:
+        return Availability(False, f"numba-cuda failed to import: {_IMPORT_ERROR}")
+    if _nb_config.ENABLE_CUDASIM:
+        return Availability(True, "CUDA simulator")
+    try:
+        if not cuda.is_available():
+            return Availability(False, "no CUDA driver: numba.cuda.is_available() is False")
+        name = cuda.get_current_device().name
+        return Availability(True, name.decode() if isinstance(name, bytes) else str(name))
+    except Exception as exc:
+        return Availability(False, f"no CUDA driver: {type(exc).__name__}: {exc}")
+
+
+def asarray(x: Any) -> Any:
+    """A Numba device array over ``x``: zero-copy for GPU arrays, a device copy for host arrays.
+
+    bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the host) comes back as
+    a uint16 array of the same bits, which every kernel here reads as bfloat16.
+    """
+    if hasattr(x, "__cuda_array_interface__"):
+        iface = x.__cuda_array_interface__
+        if iface["typestr"] in ("<V2", "|V2"):
+            return cuda.as_cuda_array(_Relabelled(iface, "<u2"))
+        return cuda.as_cuda_array(x)
+    host = np.ascontiguousarray(np.asarray(x))
+    if host.dtype.kind == "V" or host.dtype.name == "bfloat16":
+        host = host.view(np.uint16)
+    return cuda.to_device(host)
+
+
+class _Relabelled:
+    """A CUDA array interface re-labelled with another dtype of the same size (bfloat16 -> uint16)."""
+
+    def __init__(self, iface: dict[str, Any], typestr: str) -> None:
+        self.__cuda_array_interface__ = {**iface, "typestr": typestr, "descr": [("", typestr)]}
+
+
+# ----------------------------------------------------------------------------- device functions
+if _IMPORT_ERROR is None:
+
+    @cuda.jit(device=True, inline="always")
+    def _to_f32(v, bf16):  # pragma: no cover - runs on the device
+        """A loaded element as float32; ``bf16``: ``v`` holds bfloat16 bits (uint16)."""
+        if bf16:
+            u = int32(v)
+            e = (u >> 7) & 0xFF
+            m = u & 0x7F
+            mag = float32(math.ldexp(float32(m + 128 if e else m), int((e if e else 1) - 134)))
+            return -mag if u & 0x8000 else mag
+        return float32(v)
+
+    @cuda.jit(device=True, inline="always")
+    def _round_even(v):  # pragma: no cover
+        """Round a non-negative float32 to the nearest integer, ties to even (exact for |v| < 2**23)."""
+        f = math.floor(v)
+        diff = v - f
+        i = int32(f)
+        if diff > 0.5 or (diff == 0.5 and (i & 1)):
+            i += 1
+        return i
+
+    @cuda.jit(device=True, inline="always")
+    def _f16_bits(v):  # pragma: no cover
+        """IEEE half bits of a finite non-negative float32, round to nearest even (as NumPy)."""
+        if v < 6.103515625e-05:  # below the smallest normal half: subnormal steps of 2**-24
+            return _round_even(v * 16777216.0)
+        m, e = math.frexp(v)  # v = m * 2**e, 0.5 <= m < 1
+        mant = _round_even(float32(math.ldexp(m, int(11))) - 1024.0)  # 10 fraction bits; may carry
+        return ((e + 14) << 10) + mant
+
+    @cuda.jit(device=True, inline="always")
+    def _f16_value(lo, hi):  # pragma: no cover
+        """float32 value of the non-negative half whose little-endian bytes are ``lo, hi``."""
+        h = int32(lo) | (int32(hi) << 8)
+        e = (h >> 10) & 0x1F
+        m = h & 0x3FF
+        if e == 0:
+            return float32(math.ldexp(float32(m), int(-24)))
+        return float32(math.ldexp(float32(m + 1024), int(e - 25)))
+
+    @cuda.jit(device=True, inline="always")
+    def _count_below(bnd, gi, y, nb):  # pragma: no cover
+        """Number of boundaries strictly below ``y``: NumPy's ``searchsorted(boundaries, y)``."""
+        code = 0
+        for k in range(nb):
+            if bnd[gi, k] < y:
+                code += 1
+        return code
+
+    @cuda.jit(device=True, inline="always")
+    def _bits_at(rec, row, pos, width):  # pragma: no cover
+        """``width`` (<= 8) bits of record ``row`` starting at bit ``pos`` of the LSB-first stream."""
+        byte = pos >> 3
+        shift = pos & 7
+        word = int32(rec[row, byte])
+        if shift + width > 8:
+            word |= int32(rec[row, byte + 1]) << 8
+        return (word >> shift) & ((1 << width) - 1)
+
+    @cuda.jit(device=True, inline="always")
+    def _ext_value(rec, row, c, d, g, cent, meta, qjl_scale):  # pragma: no cover
+        """Column ``c`` of the extended rotated row of record ``row`` (see the module docstring)."""
+        if c < d:
+            gi = c // g
+            i = c - gi * g
+            bits = meta[gi, 1]
+            code = _bits_at(rec, row, meta[gi, 0] * 8 + i * bits, bits)
+            at = meta[gi, 3]
+            return _f16_value(rec[row, at], rec[row, at + 1]) * cent[gi, code]
+        c -= d
+        gi = c // g
+        i = c - gi * g
+        at = meta[gi, 3] + 2
+        gamma = _f16_value(rec[row, at], rec[row, at + 1]) * qjl_scale
+        bit = _bits_at(rec, row, meta[gi, 2] * 8 + i, 1)
+        return gamma if bit else -gamma
+
+    @cuda.jit(device=True, inline="always")
+    def _rowmat(sm, src, src_pitch, dst, dst_pitch, nv, d, g, mat, accumulate, tid):  # pragma: no cover
+        """Per group: ``dst[v, gi*g + i] (+)= sum_k src[v, gi*g + k] * mat[gi, k, i]`` for v < nv.
+
+        ``src``/``dst`` are offsets into the shared buffer ``sm``; rows beyond ``nv`` (up to the next
+        multiple of VPT) are read but never written, so the tile must be padded to VPT rows.
+        """
+        blocks = (nv + VPT - 1) // VPT
+        acc = cuda.local.array(VPT, float32)
+        for idx in range(tid, blocks * d, THREADS):
+            vb = idx // d
+            c = idx - vb * d
+            gi = c // g
+            i = c - gi * g
+            v0 = vb * VPT
+            base = src + v0 * src_pitch + gi * g
+            for u in range(VPT):
+                acc[u] = 0.0
+            for k in range(g):
+                m = mat[gi, k, i]
+                for u in range(VPT):
+                    acc[u] += sm[base + u * src_pitch + k] * m
+            for u in range(VPT):
+                if v0 + u < nv:
+                    at = dst + (v0 + u) * dst_pitch + c
+                    sm[at] = sm[at] + acc[u] if accumulate else acc[u]
+
+    @cuda.jit(device=True, inline="always")
+    def _load_rows(sm, dst, x, bf16, chans, has_ch, per_stream, row0, nv, d, tid):  # pragma: no cover
+        """Rows ``row0 .. row0+nv`` of ``x`` into ``sm[dst]`` (pitch d) in record channel order."""
+        for idx in range(tid, nv * d, THREADS):
+            v = idx // d
+            c = idx - v * d
+            row = row0 + v
+            src = int32(chans[row // per_stream, c]) if has_ch else c
+            sm[dst + idx] = _to_f32(x[row, src], bf16)
+
+    @cuda.jit(device=True, inline="always")
+    def _group_norms(sm, src, dst, nv, d, g, ngroups, slot, tid):  # pragma: no cover
+        """Euclidean norm of each (row, group) of ``sm[src]`` into ``sm[dst + v*2*ngroups + 2*gi + slot]``."""
+        for idx in range(tid, nv * ngroups, THREADS):
+            v = idx // ngroups
+            gi = idx - v * ngroups
+            base = src + v * d + gi * g
+            s = float32(0.0)
+            for k in range(g):
+                s += sm[base + k] * sm[base + k]
+            sm[dst + v * 2 * ngroups + 2 * gi + slot] = math.sqrt(s)
+
+    @cuda.jit(device=True, inline="always")
+    def _unrotate(sm, ys, xs, nv, d, g, rot, proj, qjl, tid):  # pragma: no cover
+        """Extended rotated rows ``sm[ys]`` (pitch W) -> vectors in record order ``sm[xs]`` (pitch d)."""
+        width = 2 * d if qjl else d
+        if qjl:  # fold the QJL part into the centroid part: ext[:d] += ext[d:] @ S
+            _rowmat(sm, ys + d, width, ys, width, nv, d, g, proj, True, tid)
+            cuda.syncthreads()
+        _rowmat(sm, ys, width, xs, d, nv, d, g, rot, False, tid)
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline="always")
+    def _record_byte(sm, xs, cs, ns, v, o, d, g, ngroups, qjl, meta):  # pragma: no cover
+        """Byte ``o`` of the record of tile row ``v``: norms, packed codes, packed signs or padding."""
+        npg = 2 if qjl else 1
+        if o < 2 * ngroups * npg:
+            k = o >> 1
+            gi = k // npg
+            h = _f16_bits(sm[ns + v * 2 * ngroups + 2 * gi + (k - gi * npg)])
+            return (h >> (8 * (o & 1))) & 0xFF
+        out = 0
+        for gi in range(ngroups):
+            bits = meta[gi, 1]
+            first = meta[gi, 0]
+            if first <= o < first + g * bits // 8:
+                for b in range(8):
+                    p = (o - first) * 8 + b
+                    i = p // bits
+                    code = int32(sm[cs + v * d + gi * g + i])
+                    out |= ((code >> (p - i * bits)) & 1) << b
+            first = meta[gi, 2]
+            if qjl and first <= o < first + g // 8:
+                for b in range(8):
+                    if sm[xs + v * d + gi * g + (o - first) * 8 + b] >= 0.0:
+                        out |= 1 << b
+        return out
+
+    # ------------------------------------------------------------------------------------ kernels
+    @cuda.jit
+    def _encode_kernel(x, bf16, chans, has_ch, per_stream, rec, overflow, tile,
+                       rot_t, proj_t, cent, bnd, meta, g, ngroups, qjl):  # pragma: no cover
+        """One block per ``tile`` rows: gather, norms, rotate, quantise, QJL-sketch, pack bytes."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rows, d = x.shape
+        rb = rec.shape[1]
+        row0 = cuda.blockIdx.x * tile
+        nv = min(tile, rows - row0)
+        xs, ys, cs, ns = 0, tile * d, 2 * tile * d, 3 * tile * d
+        _load_rows(sm, xs, x, bf16, chans, has_ch, per_stream, row0, nv, d, tid)
+        cuda.syncthreads()
+        _group_norms(sm, xs, ns, nv, d, g, ngroups, 0, tid)
+        _rowmat(sm, xs, d, ys, d, nv, d, g, rot_t, False, tid)  # y = x_g @ R^T (norm applied below)
+        cuda.syncthreads()
+        for idx in range(tid, nv * d, THREADS):
+            v = idx // d
+            gi = (idx - v * d) // g
+            norm = sm[ns + v * 2 * ngroups + 2 * gi]
+            y = sm[ys + idx] / norm if norm > 0.0 else sm[ys + idx]
+            code = _count_below(bnd, gi, y, meta[gi, 4])
+            sm[cs + idx] = code
+            sm[ys + idx] = y - cent[gi, code]  # the residual (used by prod mode only)
+        for idx in range(tid, nv * ngroups, THREADS):
+            if sm[ns + (idx // ngroups) * 2 * ngroups + 2 * (idx % ngroups)] > FLOAT16_MAX:
+                cuda.atomic.add(overflow, 0, 1)
+        cuda.syncthreads()
+        if qjl:
+            _group_norms(sm, ys, ns, nv, d, g, ngroups, 1, tid)
+            _rowmat(sm, ys, d, xs, d, nv, d, g, proj_t, False, tid)  # S @ residual, into xs
+            cuda.syncthreads()
+            for idx in range(tid, nv * ngroups, THREADS):  # residual norm in x units
+                at = ns + (idx // ngroups) * 2 * ngroups + 2 * (idx % ngroups)
+                sm[at + 1] *= sm[at]
+            cuda.syncthreads()
+        for idx in range(tid, nv * rb, THREADS):
+            v = idx // rb
+            rec[row0 + v, idx - v * rb] = _record_byte(sm, xs, cs, ns, v, idx - v * rb, d, g, ngroups,
+                                                       qjl, meta)
+
+    @cuda.jit
+    def _decode_kernel(rec, chans, has_ch, per_stream, out, tile, rot, proj, cent, meta,
+                       g, qjl, qjl_scale):  # pragma: no cover
+        """One block per ``tile`` rows: extended rows from the bytes, undo S and R, scatter channels."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rows, d = out.shape
+        width = 2 * d if qjl else d
+        row0 = cuda.blockIdx.x * tile
+        nv = min(tile, rows - row0)
+        ys, xs = 0, tile * width
+        for idx in range(tid, nv * width, THREADS):
+            v = idx // width
+            sm[ys + idx] = _ext_value(rec, row0 + v, idx - v * width, d, g, cent, meta, qjl_scale)
+        cuda.syncthreads()
+        _unrotate(sm, ys, xs, nv, d, g, rot, proj, qjl, tid)
+        for idx in range(tid, nv * d, THREADS):
+            v = idx // d
+            c = idx - v * d
+            row = row0 + v
+            dst = int32(chans[row // per_stream, c]) if has_ch else c
+            out[row, dst] = sm[xs + idx]
+
+    @cuda.jit
+    def _query_kernel(q, bf16, chans, has_ch, per_stream, out, tile, rot_t, proj_t, g,
+                      qjl):  # pragma: no cover
+        """Queries in the keys' extended rotated domain: ``[q_g @ R^T, (q_g @ R^T) @ S^T]``."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rows, d = q.shape
+        width = out.shape[1]
+        row0 = cuda.blockIdx.x * tile
+        nv = min(tile, rows - row0)
+        xs, ys = 0, tile * d
+        _load_rows(sm, xs, q, bf16, chans, has_ch, per_stream, row0, nv, d, tid)
+        cuda.syncthreads()
+        _rowmat(sm, xs, d, ys, width, nv, d, g, rot_t, False, tid)
+        cuda.syncthreads()
+        if qjl:
+            _rowmat(sm, ys, width, ys + d, width, nv, d, g, proj_t, False, tid)
+            cuda.syncthreads()
+        for idx in range(tid, nv * width, THREADS):
+            v = idx // width
+            out[row0 + v, idx - v * width] = sm[ys + idx]
+
+    @cuda.jit
+    def _scores_kernel(qext, rec, out, tile, d, cent, meta, g, qjl_scale):  # pragma: no cover
+        """Block (key tile, stream): dequantise ``tile`` keys to extended rows, dot with each query."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        s = cuda.blockIdx.y
+        _, m, n = out.shape
+        width = qext.shape[1]
+        pitch = width + 1  # odd pitch: lanes reading one column of different keys hit different banks
+        j0 = cuda.blockIdx.x * tile
+        nk = min(tile, n - j0)
+        for idx in range(tid, nk * width, THREADS):
+            j = idx // width
+            sm[j * pitch + idx - j * width] = _ext_value(rec, s * n + j0 + j, idx - j * width,
+                                                         d, g, cent, meta, qjl_scale)
+        cuda.syncthreads()
+        for idx in range(tid, m * nk, THREADS):
+            a = idx // nk
+            j = idx - a * nk
+            acc = float32(0.0)
+            for c in range(width):
+                acc += qext[s * m + a, c] * sm[j * pitch + c]
+            out[s, a, j0 + j] = acc
+
+    @cuda.jit
+    def _attention_kernel(qext, qraw, bf16q, krec, vrec, ktail, vtail, bf16t, n, t, chunk, nsplit,
+                          groups, scale, tk, d, wk, wv, kcent, kmeta, kg, kqs, vcent, vmeta, vg, vqs,
+                          m_part, l_part, acc_part):  # pragma: no cover
+        """Block (split, KV head, stream): online softmax over one chunk of tokens for a GQA group.
+
+        Splits ``0 .. nsplit-1`` read compressed tokens (scores against the rotated queries, values
+        accumulated in V's extended rotated domain); split ``nsplit`` reads the raw tail (plain
+        queries, values in channel order). Each writes its running max, sum and accumulator.
+        """
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        split = cuda.blockIdx.x
+        stream = cuda.blockIdx.z * cuda.gridDim.y + cuda.blockIdx.y
+        qrow0 = stream * groups  # = l * h_q + h_kv_index * groups
+        kp, vp = wk + 1, wv + 1  # odd pitches: lanes reading one column of different keys spread banks
+        qs = 0
+        ks = qs + groups * wk
+        vs = ks + tk * kp
+        ps = vs + tk * vp
+        acc = ps + groups * tk
+        ms = acc + groups * wv
+        ls = ms + groups
+        cs = ls + groups
+        tail = split == nsplit
+        start = 0 if tail else split * chunk
+        stop = t if tail else min(n, start + chunk)
+        wkk = d if tail else wk
+        wvv = d if tail else wv
+        for idx in range(tid, groups * wkk, THREADS):
+            h = idx // wkk
+            c = idx - h * wkk
+            sm[qs + h * wk + c] = _to_f32(qraw[qrow0 + h, c], bf16q) if tail else qext[qrow0 + h, c]
+        for idx in range(tid, groups * wv, THREADS):
+            sm[acc + idx] = 0.0
+        for h in range(tid, groups, THREADS):
+            sm[ms + h] = NEG_INF
+            sm[ls + h] = 0.0
+        cuda.syncthreads()
+        for j0 in range(start, stop, tk):
+            nk = min(tk, stop - j0)
+            for idx in range(tid, nk * wkk, THREADS):
+                j = idx // wkk
+                c = idx - j * wkk
+                if tail:
+                    val = _to_f32(ktail[stream * t + j0 + j, c], bf16t)
+                else:
+                    val = _ext_value(krec, stream * n + j0 + j, c, d, kg, kcent, kmeta, kqs)
+                sm[ks + j * kp + c] = val
+            for idx in range(tid, nk * wvv, THREADS):
+                j = idx // wvv
+                c = idx - j * wvv
+                if tail:
+                    val = _to_f32(vtail[stream * t + j0 + j, c], bf16t)
+                else:
+                    val = _ext_value(vrec, stream * n + j0 + j, c, d, vg, vcent, vmeta, vqs)
+                sm[vs + j * vp + c] = val
+            cuda.syncthreads()
+            for idx in range(tid, groups * tk, THREADS):
+                h = idx // tk
+                j = idx - h * tk
+                logit = NEG_INF
+                if j < nk:
+                    dot = float32(0.0)
+                    for c in range(wkk):
+                        dot += sm[qs + h * wk + c] * sm[ks + j * kp + c]
+                    logit = dot * scale
+                sm[ps + idx] = logit
+            cuda.syncthreads()
+            for h in range(tid, groups, THREADS):  # online softmax update, one thread per head
+                m_old = sm[ms + h]
+                m_new = m_old
+                for j in range(nk):
+                    m_new = max(m_new, sm[ps + h * tk + j])
+                total = float32(0.0)
+                for j in range(nk):
+                    p = math.exp(sm[ps + h * tk + j] - m_new)
+                    sm[ps + h * tk + j] = p
+                    total += p
+                corr = math.exp(m_old - m_new)  # 0 on the first tile (m_old = -inf)
+                sm[ls + h] = sm[ls + h] * corr + total
+                sm[ms + h] = m_new
+                sm[cs + h] = corr
+            cuda.syncthreads()
+            for idx in range(tid, groups * wvv, THREADS):
+                h = idx // wvv
+                c = idx - h * wvv
+                a = sm[acc + h * wv + c] * sm[cs + h]
+                for j in range(nk):
+                    a += sm[ps + h * tk + j] * sm[vs + j * vp + c]
+                sm[acc + h * wv + c] = a
+            cuda.syncthreads()
+        for h in range(tid, groups, THREADS):
+            m_part[qrow0 + h, split] = sm[ms + h]
+            l_part[qrow0 + h, split] = sm[ls + h]
+        for idx in range(tid, groups * wvv, THREADS):
+            h = idx // wvv
+            c = idx - h * wvv
+            acc_part[qrow0 + h, split, c] = sm[acc + h * wv + c]
+
+    @cuda.jit
+    def _combine_kernel(m_part, l_part, acc_part, nsplit, chans, has_ch, per_stream, out, tile,
+                        rot, proj, g, qjl):  # pragma: no cover
+        """One block per ``tile`` query rows: merge the splits, undo V's S and R, add the tail split."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rows, d = out.shape
+        nsp = m_part.shape[1]
+        has_tail = nsp > nsplit
+        width = 2 * d if qjl else d
+        row0 = cuda.blockIdx.x * tile
+        nv = min(tile, rows - row0)
+        ys = 0
+        xs = ys + tile * width
+        ws = xs + tile * d
+        inv = ws + tile * nsp
+        for v in range(tid, nv, THREADS):
+            row = row0 + v
+            m = NEG_INF
+            for s in range(nsp):
+                m = max(m, m_part[row, s])
+            total = float32(0.0)
+            for s in range(nsp):
+                w = math.exp(m_part[row, s] - m) if m_part[row, s] > NEG_INF else float32(0.0)
+                sm[ws + v * nsp + s] = w
+                total += w * l_part[row, s]
+            sm[inv + v] = 1.0 / total
+        cuda.syncthreads()
+        for idx in range(tid, nv * width, THREADS):
+            v = idx // width
+            c = idx - v * width
+            a = float32(0.0)
+            for s in range(nsplit):
+                a += sm[ws + v * nsp + s] * acc_part[row0 + v, s, c]
+            sm[ys + idx] = a * sm[inv + v]
+        cuda.syncthreads()
+        _unrotate(sm, ys, xs, nv, d, g, rot, proj, qjl, tid)
+        for idx in range(tid, nv * d, THREADS):
+            v = idx // d
+            c = idx - v * d
+            row = row0 + v
+            dst = int32(chans[row // per_stream, c]) if has_ch else c
+            val = sm[xs + idx]
+            if has_tail:
+                val += sm[ws + v * nsp + nsplit] * acc_part[row, nsplit, dst] * sm[inv + v]
+            out[row, dst] = val
+
+    @cuda.jit
+    def _energy_kernel(x, bf16, n, chunk, partial):  # pragma: no cover
+        """partial[s, k, c] = sum of x[s*n + j, c]**2 over j in chunk k, in float64, in a fixed order."""
+        s = cuda.blockIdx.z
+        k = cuda.blockIdx.y
+        c = cuda.blockIdx.x * THREADS + cuda.threadIdx.x
+        d = x.shape[1]
+        if c >= d:
+            return
+        acc = 0.0
+        for j in range(k * chunk, min(n, (k + 1) * chunk)):
+            v = float(_to_f32(x[s * n + j, c], bf16))
+            acc += v * v
+        partial[s, k, c] = acc
+
+
+
+# ---------------------------------------------------------------------------------------- host side
+@dataclass(frozen=True)
+class _Tables:
+    """Device copies of one configuration's tables (see the module docstring)."""
+
+    rot: Any
+    rot_t: Any
+    proj: Any
+    proj_t: Any
+    cent: Any
+    bnd: Any
+    meta: Any
+    g: int
+    ngroups: int
+    qjl: bool
+    qjl_scale: float
+
+    def width(self, d: int) -> int:
+        """Columns of an extended rotated row."""
+        return 2 * d if self.qjl else d
+
+
+def _stack(mats: list[np.ndarray]) -> Any:
+    return cuda.to_device(np.ascontiguousarray(np.stack(mats).astype(np.float32)))
+
+
+@functools.lru_cache(maxsize=128)
+def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
+    """Upload the host tables of ``cfg`` to GPU ``device`` once (the caller holds its context)."""
+    host = host_tables(cfg)
+    groups = cfg.groups
+    cent = np.zeros((len(groups), MAX_CENTROIDS), np.float32)
+    bnd = np.full((len(groups), MAX_CENTROIDS), np.inf, np.float32)
+    meta = np.zeros((len(groups), 8), np.int32)
+    for i, (grp, tab) in enumerate(zip(groups, host, strict=True)):
+        cent[i, : tab.centroids.size] = tab.centroids
+        bnd[i, : tab.boundaries.size] = tab.boundaries
+        meta[i, :5] = (grp.code_offset, grp.code_bits, max(grp.sign_offset, 0), grp.norm_offset,
+                       tab.boundaries.size)
+    qjl = cfg.mode == "prod"
+    proj = [t.projection if qjl else np.zeros((1, 1)) for t in host]
+    return _Tables(
+        rot=_stack([t.rotation for t in host]),
+        rot_t=_stack([t.rotation.T for t in host]),
+        proj=_stack(proj),  # type: ignore[misc]
+        proj_t=_stack([p.T for p in proj]),  # type: ignore[union-attr]
+        cent=cuda.to_device(cent),
+        bnd=cuda.to_device(bnd),
+        meta=cuda.to_device(meta),
+        g=groups[0].dim,
+        ngroups=len(groups),
+        qjl=qjl,
+        qjl_scale=host[0].qjl_scale,
+    )
+
+
+def _device_id(arr: Any) -> int:
+    """Ordinal of the GPU holding ``arr`` (the current device under the simulator or on failure)."""
+    if _nb_config.ENABLE_CUDASIM:
+        return 0
+    try:
+        from numba.cuda.cudadrv import driver
+
+        ptr = arr.__cuda_array_interface__["data"][0]
+        return int(driver.get_device_ordinal(ptr))  # type: ignore[attr-defined]
+    except Exception:
+        return int(cuda.get_current_device().id)
+
+
+class _on_device:
+    """Context manager: make the GPU holding ``arr`` current, so kernels and outputs live there."""
+
+    def __init__(self, arr: Any) -> None:
+        self.id = _device_id(arr)
+        self._ctx: Any = None
+
+    def __enter__(self) -> int:
+        if not _nb_config.ENABLE_CUDASIM:
+            self._ctx = cuda.gpus[self.id]
+            self._ctx.__enter__()
+        return self.id
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _rows(a: Any, cols: int) -> Any:
+    """A C-contiguous device array viewed as (rows, cols)."""
+    if not a.is_c_contiguous():
+        raise ValueError("numba_cuda needs C-contiguous arrays; make a contiguous copy first")
+    return a.reshape(int(np.prod(a.shape)) // cols, cols)
+
+
+def _channels(channels: Any, d: int) -> tuple[Any, bool]:
+    """(streams, d) channel table, or a 1x1 placeholder when channels are in natural order."""
+    if channels is None:
+        return cuda.to_device(np.zeros((1, 1), np.uint16)), False
+    return _rows(channels, d), True
+
+
+def _is_bf16(a: Any) -> bool:
+    """uint16 inputs are bfloat16 bit patterns (see ``asarray``); float inputs are read as they are."""
+    return bool(np.dtype(a.dtype) == np.uint16)
+
+
+def _tile(per_row_floats: int, fixed_floats: int = 0, cap: int = 32) -> int:
+    """Rows per block: a multiple of VPT, at most ``cap``, within SMEM_LIMIT of float32 scratch."""
+    rows = (SMEM_LIMIT // 4 - fixed_floats) // per_row_floats
+    rows = min(cap, rows) // VPT * VPT
+    if rows < VPT:
+        raise ValueError("head dimension too large for the numba_cuda backend's shared-memory tiles")
+    return rows
+
+
+def _launch(kernel: Any, blocks: Any, smem_floats: int, *args: Any) -> None:
+    kernel[blocks, THREADS, 0, 4 * smem_floats](*args)
+
+
+def _blocks(rows: int, tile: int) -> int:
+    return -(-rows // tile)
+
+
+# ---------------------------------------------------------------------------------- channel choice
+# Vectors per energy partial sum: long enough to amortise a thread, short enough to fill the GPU.
+ENERGY_CHUNK = 1024
+
+
+def _select_channels(x2: Any, streams: int, n: int, cfg: CodecConfig) -> Any:
+    """``numpy_ref.select_channels`` with the float64 sums on the GPU and the ranking on the host.
+
+    Partial sums over fixed chunks are added on the host in a fixed order, so the choice is
+    deterministic; ties go to the lower channel index exactly as in the reference.
+    """
+    d = cfg.d
+    chunks = max(1, -(-n // ENERGY_CHUNK))
+    partial = cuda.device_array((streams, chunks, d), np.float64)
+    grid = (-(-d // THREADS), chunks, streams)
+    _energy_kernel[grid, THREADS](x2, _is_bf16(x2), n, ENERGY_CHUNK, partial)
+    energy = partial.copy_to_host().sum(axis=1) / n
+    order = np.argsort(-energy, axis=-1, kind="stable")
+    top = np.sort(order[:, : cfg.outlier_dim], axis=-1)
+    rest = np.sort(order[:, cfg.outlier_dim :], axis=-1)
+    return cuda.to_device(np.concatenate([top, rest], axis=-1).astype(np.uint16))
+
+
+# --------------------------------------------------------------------------------------------- ops
+def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
+    """Encode ``x`` (*lead, n, d) into byte records (*lead, n, record_bytes) uint8 on its GPU.
+
+    Parameters
+    ----------
+    x : Numba device array, float16/float32, or uint16 holding bfloat16
+    cfg : CodecConfig
+    channels : device array (*lead, d) uint16 or None
+        None with half-integer bits: chosen per stream as ``numpy_ref.select_channels``.
+
+    Returns
+    -------
+    records, channels : device arrays
+    """
+    *lead, n, d = x.shape
+    streams = int(np.prod(lead, dtype=np.int64))
+    rows = streams * n
+    with _on_device(x) as dev:
+        rec = cuda.device_array((*lead, n, cfg.record_bytes), np.uint8)
+        if rows == 0:
+            return rec, channels
+        x2 = _rows(x, d)
+        if cfg.split and channels is None:
+            channels = _select_channels(x2, streams, n, cfg).reshape(*lead, d)
+        t = _device_tables(cfg, dev)
+        chans, has_ch = _channels(channels, d)
+        tile = _tile(3 * d + 2 * t.ngroups)
+        overflow = cuda.to_device(np.zeros(1, np.int32))
+        _launch(_encode_kernel, _blocks(rows, tile), tile * (3 * d + 2 * t.ngroups),
+                x2, _is_bf16(x2), chans, has_ch, n, _rows(rec, cfg.record_bytes), overflow, tile,
+                t.rot_t, t.proj_t, t.cent, t.bnd, t.meta, t.g, t.ngroups, t.qjl)
+        bad = int(overflow.copy_to_host()[0])
+    if bad:
+        raise ValueError(
+            f"{bad} channel-group norms are above {FLOAT16_MAX:g}, the float16 norm range of the byte record"
+        )
+    return rec, channels
+
+
+def decode(enc: Encoded) -> Any:
+    """Reconstruct (*lead, n, d) float32 vectors from ``enc`` on the GPU holding its records.
+
+    Parameters
+    ----------
+    enc : Encoded
+        Records and channels as Numba device arrays.
+
+    Returns
+    -------
+    Numba device array, float32
+    """
+    cfg = enc.config
+    *lead, n, _ = enc.records.shape
+    d = cfg.d
+    with _on_device(enc.records) as dev:
+        out = cuda.device_array((*lead, n, d), np.float32)
+        rows = int(np.prod(lead, dtype=np.int64)) * n
+        if rows == 0:
+            return out
+        t = _device_tables(cfg, dev)
+        chans, has_ch = _channels(enc.channels, d)
+        per_row = t.width(d) + d
+        tile = _tile(per_row)
+        _launch(_decode_kernel, _blocks(rows, tile), tile * per_row,
+                _rows(enc.records, cfg.record_bytes), chans, has_ch, n, _rows(out, d), tile,
+                t.rot, t.proj, t.cent, t.meta, t.g, t.qjl, t.qjl_scale)
+    return out
+
+
+def _rotate_queries(q2: Any, channels: Any, per_stream: int, cfg: CodecConfig, t: _Tables) -> Any:
+    """(rows, W) float32 queries in the keys' extended rotated domain (one pass per query)."""
+    d = cfg.d
+    width = t.width(d)
+    out = cuda.device_array((q2.shape[0], width), np.float32)
+    chans, has_ch = _channels(channels, d)
+    per_row = d + width
+    tile = _tile(per_row)
+    _launch(_query_kernel, _blocks(q2.shape[0], tile), tile * per_row,
+            q2, _is_bf16(q2), chans, has_ch, per_stream, out, tile, t.rot_t, t.proj_t, t.g, t.qjl)
+    return out
+
+
+def scores(q: Any, keys: Encoded) -> Any:
+    """Estimated ``<q_i, k_j>`` (*lead, m, n) float32, from the codes (keys are never decoded).
+
+    Parameters
+    ----------
+    q : Numba device array (*lead, m, d)
+    keys : Encoded (*lead, n, d)
+
+    Returns
+    -------
+    Numba device array, float32
+    """
+    cfg = keys.config
+    *lead, m, d = q.shape
+    n = tuple(keys.records.shape)[-2]
+    streams = int(np.prod(lead, dtype=np.int64))
+    with _on_device(keys.records) as dev:
+        out = cuda.device_array((*lead, m, n), np.float32)
+        if streams * m * n == 0:
+            return out
+        t = _device_tables(cfg, dev)
+        qext = _rotate_queries(_rows(q, d), keys.channels, m, cfg, t)
+        width = t.width(d)
+        tile = _tile(width + 1)
+        _launch(_scores_kernel, (_blocks(n, tile), streams), tile * (width + 1),
+                qext, _rows(keys.records, cfg.record_bytes), out.reshape(streams, m, n), tile, d,
+                t.cent, t.meta, t.g, t.qjl_scale)
+    return out
+
+
+def _splits(tokens: int, streams: int, split_tokens: int | None, tk: int) -> tuple[int, int]:
+    """(splits, tokens per split): enough blocks to fill the GPU, whole key tiles per split."""
+    if split_tokens is None:
+        want = max(1, -(-TARGET_BLOCKS // max(streams, 1)))
+        split_tokens = -(-tokens // want)
+    chunk = max(tk, -(-split_tokens // tk) * tk)
+    return max(1, -(-tokens // chunk)), chunk
+
+
+def attention(
+    q: Any,
+    k: Encoded,
+    v: Encoded,
+    scale: float,
+    k_tail: Any,
+    v_tail: Any,
+    split_tokens: int | None = None,
+) -> Any:
+    """Decode attention over compressed K/V plus an optional raw tail, GQA by head groups.
+
+    Parameters
+    ----------
+    q : Numba device array (*lead, h_q, d)
+    k, v : Encoded (*lead, h_kv, n, d)
+    scale : float
+    k_tail, v_tail : Numba device arrays (*lead, h_kv, t, d) or None
+    split_tokens : int, optional
+        Tokens per split of the sequence (rounded up to whole key tiles); by default enough splits
+        to give the GPU a few blocks per SM.
+
+    Returns
+    -------
+    Numba device array (*lead, h_q, d), float32
+    """
+    *lead, h_q, d = q.shape
+    h_kv, n = tuple(k.records.shape)[-3:-1]
+    groups = h_q // h_kv
+    batch = int(np.prod(lead, dtype=np.int64))
+    t = 0 if k_tail is None else int(tuple(k_tail.shape)[-2])
+    with _on_device(k.records) as dev:
+        out = cuda.device_array((*lead, h_q, d), np.float32)
+        rows = batch * h_q
+        if rows == 0:
+            return out
+        kt, vt = _device_tables(k.config, dev), _device_tables(v.config, dev)
+        wk, wv = kt.width(d), vt.width(d)
+        q2 = _rows(q, d)
+        qext = _rotate_queries(q2, k.channels, groups, k.config, kt)
+        fixed = groups * (wk + wv + 3)
+        tk = next((s for s in KEY_TILES if fixed + s * (wk + wv + 2 + groups) <= SMEM_LIMIT // 4), 0)
+        if tk == 0:
+            raise ValueError("too many query heads per KV head for the numba_cuda attention tiles")
+        nsplit, chunk = _splits(n, batch * h_kv, split_tokens, tk)
+        nsp = nsplit + (1 if t else 0)
+        m_part = cuda.device_array((rows, nsp), np.float32)
+        l_part = cuda.device_array((rows, nsp), np.float32)
+        acc_part = cuda.device_array((rows, nsp, wv), np.float32)
+        if t:
+            ktail2, vtail2 = _rows(k_tail, d), _rows(v_tail, d)
+        else:
+            ktail2 = vtail2 = cuda.to_device(np.zeros((1, d), np.float32))
+        smem = fixed + tk * (wk + wv + 2 + groups)
+        _launch(_attention_kernel, (nsp, h_kv, batch), smem,
+                qext, q2, _is_bf16(q2), _rows(k.records, k.config.record_bytes),
+                _rows(v.records, v.config.record_bytes), ktail2, vtail2, _is_bf16(ktail2), n, t, chunk,
+                nsplit, groups, np.float32(scale), tk, d, wk, wv,
+                kt.cent, kt.meta, kt.g, kt.qjl_scale, vt.cent, vt.meta, vt.g, vt.qjl_scale,
+                m_part, l_part, acc_part)
+        chans, has_ch = _channels(v.channels, d)
+        per_row = wv + d + nsp + 1
+        tile = _tile(per_row)
+        _launch(_combine_kernel, _blocks(rows, tile), tile * per_row,
+                m_part, l_part, acc_part, nsplit, chans, has_ch, groups, _rows(out, d), tile,
+                vt.rot, vt.proj, vt.g, vt.qjl)
+    return out
