@@ -1,0 +1,34 @@
+"""TurboQuant on torch tensors: codec custom ops and paged compressed-cache ops.
+
+Modules
+-------
+ops
+    The codec as ``torch.library`` custom ops in the ``turboquant`` namespace (``encode``, ``decode``,
+    ``scores``, ``attention``), each with a shape-only fake implementation so ``torch.compile`` can
+    trace callers; plus ``TorchCodec``, a configuration with its fixed channel permutation.
+    CPU tensors run the NumPy reference through zero-copy views; CUDA tensors run the GPU backends of
+    ``turboquant_codec`` (``backend="auto"``), handed back zero-copy.
+paged
+    The ops a paged KV cache (vLLM) needs: write compressed records by ``slot_mapping``, write a raw
+    side pool of recent/sink blocks, choose which blocks need raw copies, and attention over block
+    tables for batches mixing prefill and decode requests.
+
+The codec maths lives in ``turboquant_codec`` only; this package moves tensors and masks.
+"""
+
+from __future__ import annotations
+
+from .ops import TorchCodec, attention, decode, encode, scores
+from .paged import paged_attention, raw_blocks_needed, write_compressed, write_raw
+
+__all__ = [
+    "TorchCodec",
+    "attention",
+    "decode",
+    "encode",
+    "paged_attention",
+    "raw_blocks_needed",
+    "scores",
+    "write_compressed",
+    "write_raw",
+]

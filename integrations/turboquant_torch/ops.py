@@ -1,0 +1,436 @@
+"""The TurboQuant codec as ``torch.library`` custom ops (namespace ``turboquant``).
+
+Tensors owned here (``R = CodecConfig(d, bits, mode, seed).record_bytes``)::
+
+    x         (*lead, n, d)       float16 / bfloat16 / float32   vectors to encode
+    records   (*lead, n, R)       uint8                          one byte record per vector
+    channels  (*lead, d)          uint16                         per stream: outlier channels first;
+              (*lead, 0)          uint16                         when bits are an integer (no split)
+
+Ops (config passed as plain ``float bits, str mode, int seed``; seeds are 64-bit unsigned in the
+codec and travel as their two's-complement int64 through the op schema)::
+
+    turboquant::encode(x, channels?, bits, mode, seed, check_finite) -> (records, channels)
+    turboquant::decode(records, channels?, d, bits, mode, seed)       -> (*lead, n, d) float32
+    turboquant::scores(q, records, channels?, bits, mode, seed)       -> (*lead, m, n) float32
+    turboquant::attention(q, k_records, k_channels?, v_records, v_channels?, k_bits, k_mode, k_seed,
+                          v_bits, v_mode, v_seed, scale, k_tail?, v_tail?)  -> (*lead, h_q, d) float32
+
+CPU tensors run the NumPy reference backend on zero-copy NumPy views (bfloat16, which NumPy lacks,
+through float32); CUDA tensors run ``turboquant_codec`` with ``backend="auto"`` (the GPU backends,
+zero-copy through DLPack / ``__cuda_array_interface__``). Results land on the input's device. No
+codec maths here: every op is a call into ``turboquant_codec``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import turboquant_codec as tq
+from turboquant_codec.config import CodecConfig
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CHANNEL_DTYPE = torch.uint16
+_U64 = (1 << 64) - 1
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def seed_arg(seed: int) -> int:
+    """A 64-bit unsigned seed as the int64 the op schema carries (two's complement)."""
+    seed = int(seed) & _U64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def make_config(d: int, bits: float, mode: str, seed: int) -> CodecConfig:
+    """``CodecConfig`` from op arguments (``seed`` may be the schema's signed int64)."""
+    return CodecConfig(d=int(d), bits=float(bits), mode=str(mode), seed=int(seed) & _U64)
+
+
+def check_float(x: Tensor, name: str) -> None:
+    """ValueError unless ``x`` is a float16/bfloat16/float32 tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise ValueError(
+            f"{name} has dtype {x.dtype}; supported: {', '.join(str(t) for t in DTYPES)}"
+        )
+
+
+def check_records(records: Tensor, cfg: CodecConfig, name: str) -> None:
+    """ValueError unless ``records`` is uint8 with ``cfg.record_bytes`` in its last dimension."""
+    if records.dtype != torch.uint8:
+        raise ValueError(f"{name} must be uint8, got {records.dtype}")
+    if records.dim() < 2 or records.shape[-1] != cfg.record_bytes:
+        raise ValueError(
+            f"{name} records are {records.shape[-1] if records.dim() else '?'} bytes but "
+            f"d={cfg.d}, bits={cfg.bits:g}, mode={cfg.mode!r} needs {cfg.record_bytes}"
+        )
+
+
+def _same_device(*named: tuple[str, Tensor | None]) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{first_name} is on {first.device} but {name} is on {t.device}")
+
+
+def _channels_in(channels: Tensor | None, cfg: CodecConfig) -> Tensor | None:
+    """The permutation to hand the codec: None for integer bits (an empty tensor means none too)."""
+    if channels is None or channels.numel() == 0:
+        return None
+    if not cfg.split:
+        raise ValueError(f"channels were given but bits={cfg.bits:g} has no channel split")
+    return channels
+
+
+def _host(x: Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a CPU tensor; bfloat16 and uint16 through a converted copy."""
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    elif x.dtype == CHANNEL_DTYPE:
+        # torch's uint16 support is partial; int32 is exact for indices < 1024.
+        x = x.to(torch.int32)
+    return x.numpy()
+
+
+def _encoded(records: Tensor, channels: Tensor | None, cfg: CodecConfig) -> tq.Encoded:
+    if records.is_cuda:
+        return tq.Encoded(records=records, channels=channels, config=cfg)
+    return tq.Encoded(
+        records=records.detach().numpy(),
+        channels=None if channels is None else _host(channels),
+        config=cfg,
+    )
+
+
+def _torch(result: object, device: torch.device) -> Tensor:
+    """A codec result (NumPy array on CPU, torch tensor on CUDA) as a fresh-enough torch tensor."""
+    if isinstance(result, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(result)).to(device)
+    assert isinstance(result, Tensor)
+    return result
+
+
+def _backend(t: Tensor) -> str:
+    # CPU: always the NumPy reference (TQ_BACKEND may name a GPU backend for CUDA data).
+    return "auto" if t.is_cuda else "numpy"
+
+
+# -------------------------------------------------------------------------------------------- encode
+@torch.library.custom_op("turboquant::encode", mutates_args=())
+def _encode_op(
+    x: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int, check_finite: bool
+) -> tuple[Tensor, Tensor]:
+    cfg = make_config(x.shape[-1], bits, mode, seed)
+    ch = _channels_in(channels, cfg)
+    lead = tuple(x.shape[:-2])
+    if x.is_cuda:
+        enc = tq.encode(x, bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, channels=ch,
+                        backend="auto", check_finite=check_finite)
+    else:
+        enc = tq.encode(_host(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed,
+                        channels=None if ch is None else _host(ch), backend="numpy",
+                        check_finite=check_finite)
+    records = _torch(enc.records, x.device)
+    if not cfg.split:
+        out_channels = x.new_empty(lead + (0,), dtype=CHANNEL_DTYPE)
+    elif ch is not None:
+        # The codec hands the given permutation back; a custom op must not alias its inputs.
+        out_channels = ch.to(CHANNEL_DTYPE, copy=True)
+    else:
+        out_channels = _torch(enc.channels, x.device).to(CHANNEL_DTYPE)
+    return records, out_channels
+
+
+@_encode_op.register_fake
+def _(x, channels, bits, mode, seed, check_finite):  # type: ignore[no-untyped-def]
+    check_float(x, "x")
+    cfg = make_config(x.shape[-1], bits, mode, seed)
+    lead = tuple(x.shape[:-2])
+    records = x.new_empty(tuple(x.shape[:-1]) + (cfg.record_bytes,), dtype=torch.uint8)
+    return records, x.new_empty(lead + (cfg.d if cfg.split else 0,), dtype=CHANNEL_DTYPE)
+
+
+def encode(
+    x: Tensor,
+    *,
+    bits: float = 3.5,
+    mode: str = "mse",
+    seed: int = 0,
+    channels: Tensor | None = None,
+    check_finite: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Compress vectors (``turboquant::encode``).
+
+    Parameters
+    ----------
+    x : Tensor, shape (*lead, n, d), float16/bfloat16/float32, CPU or CUDA
+    bits, mode, seed
+        As ``turboquant_codec.encode``.
+    channels : Tensor, shape (*lead, d), optional
+        Fixed outlier-channel permutation (half-integer bits only); chosen from ``x`` when omitted.
+    check_finite : bool
+        Reject NaN/Inf (a device synchronisation on CUDA).
+
+    Returns
+    -------
+    records : Tensor, shape (*lead, n, R), uint8
+    channels : Tensor, shape (*lead, d), uint16, or None for integer bits
+    """
+    check_float(x, "x")
+    records, out = torch.ops.turboquant.encode(x, channels, float(bits), mode, seed_arg(seed), check_finite)
+    return records, (out if make_config(x.shape[-1], bits, mode, seed).split else None)
+
+
+# -------------------------------------------------------------------------------------------- decode
+@torch.library.custom_op("turboquant::decode", mutates_args=())
+def _decode_op(
+    records: Tensor, channels: Tensor | None, d: int, bits: float, mode: str, seed: int
+) -> Tensor:
+    cfg = make_config(d, bits, mode, seed)
+    check_records(records, cfg, "records")
+    enc = _encoded(records, _channels_in(channels, cfg), cfg)
+    return _torch(tq.decode(enc, backend=_backend(records)), records.device)
+
+
+@_decode_op.register_fake
+def _(records, channels, d, bits, mode, seed):  # type: ignore[no-untyped-def]
+    cfg = make_config(d, bits, mode, seed)
+    check_records(records, cfg, "records")
+    return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
+
+
+def decode(
+    records: Tensor, channels: Tensor | None, *, d: int, bits: float = 3.5, mode: str = "mse",
+    seed: int = 0,
+) -> Tensor:
+    """Reconstruct vectors (``turboquant::decode``).
+
+    Parameters
+    ----------
+    records : Tensor, shape (*lead, n, R), uint8
+    channels : Tensor, shape (*lead, d), or None for integer bits
+    d, bits, mode, seed
+        The configuration the records were encoded with.
+
+    Returns
+    -------
+    Tensor, shape (*lead, n, d), float32, on the device of ``records``
+    """
+    return torch.ops.turboquant.decode(records, channels, int(d), float(bits), mode, seed_arg(seed))
+
+
+# -------------------------------------------------------------------------------------------- scores
+@torch.library.custom_op("turboquant::scores", mutates_args=())
+def _scores_op(
+    q: Tensor, records: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int
+) -> Tensor:
+    cfg = make_config(q.shape[-1], bits, mode, seed)
+    check_records(records, cfg, "records")
+    _same_device(("q", q), ("records", records), ("channels", channels))
+    enc = _encoded(records, _channels_in(channels, cfg), cfg)
+    query = q if q.is_cuda else _host(q)
+    return _torch(tq.scores(query, enc, backend=_backend(q)), q.device)
+
+
+@_scores_op.register_fake
+def _(q, records, channels, bits, mode, seed):  # type: ignore[no-untyped-def]
+    check_float(q, "q")
+    check_records(records, make_config(q.shape[-1], bits, mode, seed), "records")
+    return q.new_empty(tuple(q.shape[:-1]) + (records.shape[-2],), dtype=torch.float32)
+
+
+def scores(
+    q: Tensor, records: Tensor, channels: Tensor | None, *, bits: float = 3.5, mode: str = "mse",
+    seed: int = 0,
+) -> Tensor:
+    """Estimated inner products of queries with encoded keys (``turboquant::scores``).
+
+    Parameters
+    ----------
+    q : Tensor, shape (*lead, m, d), float16/bfloat16/float32
+    records : Tensor, shape (*lead, n, R), uint8
+    channels : Tensor, shape (*lead, d), or None for integer bits
+
+    Returns
+    -------
+    Tensor, shape (*lead, m, n), float32
+    """
+    check_float(q, "q")
+    return torch.ops.turboquant.scores(q, records, channels, float(bits), mode, seed_arg(seed))
+
+
+# ----------------------------------------------------------------------------------------- attention
+@torch.library.custom_op("turboquant::attention", mutates_args=())
+def _attention_op(
+    q: Tensor,
+    k_records: Tensor,
+    k_channels: Tensor | None,
+    v_records: Tensor,
+    v_channels: Tensor | None,
+    k_bits: float,
+    k_mode: str,
+    k_seed: int,
+    v_bits: float,
+    v_mode: str,
+    v_seed: int,
+    scale: float,
+    k_tail: Tensor | None,
+    v_tail: Tensor | None,
+) -> Tensor:
+    d = q.shape[-1]
+    k_cfg, v_cfg = make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed)
+    check_records(k_records, k_cfg, "k_records")
+    check_records(v_records, v_cfg, "v_records")
+    _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
+                 ("v_tail", v_tail))
+    k_enc = _encoded(k_records, _channels_in(k_channels, k_cfg), k_cfg)
+    v_enc = _encoded(v_records, _channels_in(v_channels, v_cfg), v_cfg)
+    if q.is_cuda:
+        out = tq.attention(q, k_enc, v_enc, scale=scale, k_tail=k_tail, v_tail=v_tail, backend="auto")
+    else:
+        tails = [None if t is None else _host(t) for t in (k_tail, v_tail)]
+        out = tq.attention(_host(q), k_enc, v_enc, scale=scale, k_tail=tails[0], v_tail=tails[1],
+                           backend="numpy")
+    return _torch(out, q.device)
+
+
+@_attention_op.register_fake
+def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,  # type: ignore[no-untyped-def]
+      v_seed, scale, k_tail, v_tail):
+    check_float(q, "q")
+    check_records(k_records, make_config(q.shape[-1], k_bits, k_mode, k_seed), "k_records")
+    check_records(v_records, make_config(q.shape[-1], v_bits, v_mode, v_seed), "v_records")
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+def attention(
+    q: Tensor,
+    k_records: Tensor,
+    k_channels: Tensor | None,
+    v_records: Tensor,
+    v_channels: Tensor | None,
+    *,
+    k_codec: TorchCodec,
+    v_codec: TorchCodec,
+    scale: float,
+    k_tail: Tensor | None = None,
+    v_tail: Tensor | None = None,
+) -> Tensor:
+    """Decode attention over compressed K/V plus an optional raw tail (``turboquant::attention``).
+
+    Parameters
+    ----------
+    q : Tensor, shape (*lead, h_q, d)
+    k_records, v_records : Tensor, shape (*lead, h_kv, n, R_k / R_v), uint8
+    k_channels, v_channels : Tensor, shape (*lead, h_kv, d), or None for integer bits
+    k_codec, v_codec : TorchCodec
+        Configurations (their ``channels`` are not used: pass the permutations explicitly).
+    scale : float
+    k_tail, v_tail : Tensor, shape (*lead, h_kv, t, d), optional
+
+    Returns
+    -------
+    Tensor, shape (*lead, h_q, d), float32
+    """
+    check_float(q, "q")
+    return torch.ops.turboquant.attention(
+        q, k_records, k_channels, v_records, v_channels,
+        k_codec.bits, k_codec.mode, seed_arg(k_codec.seed),
+        v_codec.bits, v_codec.mode, seed_arg(v_codec.seed),
+        float(scale), k_tail, v_tail,
+    )
+
+
+# ---------------------------------------------------------------------------------------- TorchCodec
+@dataclass
+class TorchCodec:
+    """One codec configuration with its fixed per-stream channel permutation.
+
+    Parameters
+    ----------
+    d : int
+        Head dimension.
+    bits, mode, seed
+        As ``turboquant_codec.encode``; derive per-layer, per-K/V seeds with
+        ``turboquant_codec.stream_seed``.
+    channels : Tensor, shape (*streams, d), uint16, optional
+        Outlier-channel permutation of each stream (e.g. each KV head), half-integer bits only.
+        When None, the first ``encode`` (or ``calibrate``) fixes it from its input and keeps it, so
+        every later record of a stream uses the same channel split.
+    check_finite : bool
+        Reject NaN/Inf on encode (a synchronisation on CUDA).
+    """
+
+    d: int
+    bits: float = 3.5
+    mode: str = "mse"
+    seed: int = 0
+    channels: Tensor | None = None
+    check_finite: bool = True
+    _on_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.config = make_config(self.d, self.bits, self.mode, self.seed)
+        self.bits = self.config.bits
+        if self.channels is not None:
+            self.set_channels(self.channels)
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one encoded vector."""
+        return self.config.record_bytes
+
+    @property
+    def split(self) -> bool:
+        return self.config.split
+
+    def set_channels(self, channels: Tensor) -> None:
+        """Fix the permutation (*streams, d); validates it is one permutation per stream."""
+        if not self.split:
+            raise ValueError(f"bits={self.bits:g} has no channel split: channels must stay None")
+        if channels.shape[-1] != self.d:
+            raise ValueError(f"channels have last dimension {channels.shape[-1]} but d={self.d}")
+        sorted_ = torch.sort(channels.to(torch.int64), dim=-1).values
+        if not torch.equal(sorted_, torch.arange(self.d, device=channels.device).expand_as(sorted_)):
+            raise ValueError("channels must hold a permutation of range(d) per stream")
+        self.channels = channels.to(CHANNEL_DTYPE)
+        self._on_device = {}
+
+    def channels_on(self, device: torch.device) -> Tensor | None:
+        """The permutation on ``device`` (copied once per device), or None."""
+        if self.channels is None:
+            return None
+        if self.channels.device == device:
+            return self.channels
+        if device not in self._on_device:
+            self._on_device[device] = self.channels.to(device)
+        return self._on_device[device]
+
+    def calibrate(self, x: Tensor) -> None:
+        """Fix the permutation from calibration vectors ``x`` (*streams, n, d) (largest mean square)."""
+        if self.split:
+            self.set_channels(encode(x, bits=self.bits, mode=self.mode, seed=self.seed,
+                                     check_finite=self.check_finite)[1])
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Records (*streams, n, R) of ``x`` (*streams, n, d); fixes the permutation on first use."""
+        records, channels = encode(
+            x, bits=self.bits, mode=self.mode, seed=self.seed, channels=self.channels_on(x.device),
+            check_finite=self.check_finite,
+        )
+        if self.split and self.channels is None:
+            assert channels is not None
+            self.set_channels(channels)
+        return records
+
+    def decode(self, records: Tensor) -> Tensor:
+        """Vectors (*streams, n, d) float32 of ``records`` (*streams, n, R)."""
+        return decode(records, self.channels_on(records.device), d=self.d, bits=self.bits,
+                      mode=self.mode, seed=self.seed)
