@@ -1,0 +1,185 @@
+"""Numba CUDA backend beyond the shared parity suite.
+
+Under the CUDA simulator (tiny shapes): every declared head dimension, bfloat16 inputs, multi-split
+attention. On a real GPU (skipped elsewhere): realistic shapes, d = 64 and 128, up to 1M vectors,
+GQA groups 1, 4 and 8, float32/float16/bfloat16 inputs through torch CUDA tensors (zero-copy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import turboquant_codec as tq
+from turboquant_codec import _interop
+from turboquant_codec import backends as registry
+from turboquant_codec.backends import numpy_ref
+from turboquant_codec.capabilities import CAPABILITIES
+
+from .conftest import kv_like
+
+NAME = "numba_cuda"
+# Boundary ties are the only allowed code disagreement between float32 and float64 encoders.
+MAX_CODE_MISMATCH = 1e-3
+# Decoding is a float32 product over g <= 128 terms: a few ulps of the vector's scale.
+RTOL32 = 2e-5
+# Attention: float32 logits (d terms) and a float32 softmax-weighted sum over n + t tokens; inputs
+# of every dtype are exactly representable in float64, so the reference sees the same values and
+# only float32 accumulation differs (observed ~1e-6 relative); 1e-4 leaves headroom without hiding
+# an indexing or softmax bug, which shows up at 1e-1.
+ATTN_RTOL = 1e-4
+
+
+def _status() -> tuple[bool, bool]:
+    """(available, simulated)."""
+    ok = bool(registry.availability(NAME))
+    if not ok:
+        return False, False
+    from numba import config
+
+    return True, bool(config.ENABLE_CUDASIM)
+
+
+AVAILABLE, SIMULATED = _status()
+needs_backend = pytest.mark.skipif(not AVAILABLE, reason=f"{NAME}: {registry.availability(NAME).reason}")
+needs_gpu = pytest.mark.skipif(not AVAILABLE or SIMULATED, reason="needs a CUDA GPU")
+
+
+def _fields_match(records: np.ndarray, ref: tq.Encoded) -> None:
+    cfg = ref.config
+    assert records.shape == ref.records.shape
+    for g in cfg.groups:
+        ours, theirs = numpy_ref._codes(records, g), numpy_ref._codes(ref.records, g)
+        assert np.mean(ours != theirs) <= MAX_CODE_MISMATCH
+        np.testing.assert_allclose(numpy_ref._norms(records, g, 0), numpy_ref._norms(ref.records, g, 0),
+                                   rtol=2**-10)
+        if g.qjl:
+            signs = numpy_ref._signs(records, g) != numpy_ref._signs(ref.records, g)
+            assert np.mean(signs) <= MAX_CODE_MISMATCH
+
+
+def _to_device(x: np.ndarray):
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+# ------------------------------------------------------------------------------- simulator-sized
+@needs_backend
+@pytest.mark.parametrize("d", CAPABILITIES["encode"][NAME].head_dims, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("bits,mode", [(2.5, "mse"), (3.5, "prod")])
+def test_every_declared_head_dim(d: int, bits: float, mode: str) -> None:
+    x = kv_like(np.random.default_rng(d), (1, 2, d))
+    ref = tq.encode(x, bits=bits, mode=mode, seed=4, backend="numpy")
+    got = tq.encode(_to_device(x), bits=bits, mode=mode, seed=4, backend=NAME)
+    _fields_match(_interop.to_numpy(got.records), ref)
+    np.testing.assert_array_equal(_interop.to_numpy(got.channels), ref.channels)
+    want = tq.decode(ref, backend="numpy")
+    back = _interop.to_numpy(tq.decode(ref, backend=NAME))
+    np.testing.assert_allclose(back, want, rtol=RTOL32, atol=RTOL32 * np.abs(want).max())
+
+
+@needs_backend
+def test_bfloat16_bits_are_read_as_bfloat16() -> None:
+    import ml_dtypes
+
+    x = kv_like(np.random.default_rng(1), (1, 3, 64)).astype(ml_dtypes.bfloat16)
+    ref = tq.encode(x.astype(np.float32), bits=3.5, seed=2, backend="numpy")
+    got = tq.encode(x, bits=3.5, seed=2, backend=NAME)  # host bfloat16: asarray copies its bits
+    _fields_match(_interop.to_numpy(got.records), ref)
+
+
+@needs_backend
+def test_attention_over_several_splits_and_tail() -> None:
+    """Split-K merging: 3 compressed splits plus the raw tail split, GQA group of 2."""
+    from turboquant_codec.backends import numba_cuda
+
+    rng = np.random.default_rng(5)
+    d, n, t = 32, 20, 3
+    k, v = kv_like(rng, (1, 1, n, d)), rng.standard_normal((1, 1, n, d)).astype(np.float32)
+    q = rng.standard_normal((1, 2, d)).astype(np.float32)
+    kt, vt = rng.standard_normal((2, 1, 1, t, d)).astype(np.float32)
+    k_enc = tq.encode(k, bits=3, mode="prod", seed=1, backend="numpy")
+    v_enc = tq.encode(v, bits=3.5, seed=2, backend="numpy")
+    want = tq.attention(q, k_enc, v_enc, scale=0.2, k_tail=kt, v_tail=vt, backend="numpy")
+
+    def dev(e: tq.Encoded) -> tq.Encoded:
+        ch = None if e.channels is None else _to_device(e.channels)
+        return tq.Encoded(records=_to_device(e.records), channels=ch, config=e.config)
+
+    got = numba_cuda.attention(_to_device(q), dev(k_enc), dev(v_enc), 0.2, _to_device(kt),
+                               _to_device(vt), split_tokens=8)
+    np.testing.assert_allclose(_interop.to_numpy(got), want, rtol=ATTN_RTOL, atol=ATTN_RTOL * np.sqrt(d))
+
+
+# ------------------------------------------------------------------------------------ GPU only
+def _torch_cuda(x: np.ndarray, dtype: str):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch.from_numpy(np.ascontiguousarray(x)).to("cuda").to(getattr(torch, dtype))
+
+
+def _exact(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` rounded to ``dtype`` and back to float32: what the GPU reads, for the reference."""
+    import ml_dtypes
+
+    target = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return x.astype(target).astype(np.float32)
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("d,n,bits,mode", [(128, 1 << 20, 3.5, "mse"), (64, 1 << 18, 2.5, "mse"),
+                                            (128, 1 << 17, 4, "prod"), (64, 1 << 17, 3, "mse")])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_encode_decode_realistic(d: int, n: int, bits: float, mode: str, dtype: str) -> None:
+    rng = np.random.default_rng(n + d)
+    x = _exact(kv_like(rng, (2, n // 2, d)), dtype)
+    ref = tq.encode(x, bits=bits, mode=mode, seed=9, backend="numpy")
+    got = tq.encode(_torch_cuda(x, dtype), bits=bits, mode=mode, seed=9, backend=NAME)
+    if ref.channels is not None:
+        np.testing.assert_array_equal(_interop.to_numpy(got.channels), ref.channels)
+    _fields_match(_interop.to_numpy(got.records), ref)
+    want = tq.decode(ref, backend="numpy")
+    enc = tq.Encoded(records=_torch_cuda(ref.records, "uint8"),
+                     channels=None if ref.channels is None else _torch_cuda(ref.channels.astype(np.int32),
+                                                                            "int32"),
+                     config=ref.config)
+    back = _interop.to_numpy(tq.decode(enc, backend=NAME))
+    scale = np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(back, want, rtol=RTOL32, atol=RTOL32 * scale.max())
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpu_attention_realistic(groups: int, d: int, dtype: str) -> None:
+    rng = np.random.default_rng(groups * d)
+    b, h_kv, n, t = 2, 4, 5000, 64
+    k = kv_like(rng, (b, h_kv, n, d))
+    v = rng.standard_normal((b, h_kv, n, d)).astype(np.float32)
+    q = _exact((rng.standard_normal((b, h_kv * groups, d)) * 2).astype(np.float32), dtype)
+    kt = _exact(rng.standard_normal((b, h_kv, t, d)).astype(np.float32), dtype)
+    vt = _exact(rng.standard_normal((b, h_kv, t, d)).astype(np.float32), dtype)
+    k_enc = tq.encode(k, bits=3.5, seed=1, backend="numpy")
+    v_enc = tq.encode(v, bits=3.5, mode="prod", seed=2, backend="numpy")
+    scale = d**-0.5
+    want = tq.attention(q, k_enc, v_enc, scale=scale, k_tail=kt, v_tail=vt, backend="numpy")
+
+    def dev(e: tq.Encoded) -> tq.Encoded:
+        return tq.Encoded(records=_torch_cuda(e.records, "uint8"),
+                          channels=_torch_cuda(e.channels.astype(np.int32), "int32"), config=e.config)
+
+    got = tq.attention(_torch_cuda(q, dtype), dev(k_enc), dev(v_enc), scale=scale,
+                       k_tail=_torch_cuda(kt, dtype), v_tail=_torch_cuda(vt, dtype), backend=NAME)
+    assert got.is_cuda
+    np.testing.assert_allclose(got.cpu().numpy(), want, rtol=ATTN_RTOL, atol=ATTN_RTOL * np.sqrt(d))
+    qg = q.reshape(b, h_kv, groups, d)  # scores: the queries of each KV head against its keys
+    s_want = tq.scores(qg, k_enc, backend="numpy")
+    s_got = tq.scores(_torch_cuda(qg, dtype), dev(k_enc), backend=NAME).cpu().numpy()
+    bound = RTOL32 * np.linalg.norm(qg, axis=-1)[..., None] * np.linalg.norm(k, axis=-1).max()
+    assert np.all(np.abs(s_got - s_want) <= bound + RTOL32 * np.abs(s_want))
