@@ -45,6 +45,13 @@ NUMBA_CUDA_HEAD_DIMS = (16, 32, 64, 128, 256)
 for _op in OPS:
     CAPABILITIES[_op]["numba_cuda"] = Support(head_dims=NUMBA_CUDA_HEAD_DIMS)
 
+# CuPy RawModule: every dtype, mode and bit width at the head dimensions its GPU tests cover. The
+# attention kernel's tensor-core tiles need 16 | d/2 (d multiple of 32); codec kernels keep one
+# block's tiles in static shared memory (d <= 128 with prod tables).
+CUPY_RAW_HEAD_DIMS = (64, 128)
+for _op in OPS:
+    CAPABILITIES[_op]["cupy_raw"] = Support(head_dims=CUPY_RAW_HEAD_DIMS)
+
 
 def _ranges(values: tuple[int, ...]) -> str:
     if len(values) > 4 and values == tuple(range(values[0], values[-1] + 1, values[1] - values[0])):

@@ -23,6 +23,7 @@ from .._ops import Availability
 REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": ("turboquant_codec.backends.numpy_ref", "cpu"),
     "numba_cuda": ("turboquant_codec.backends.numba_cuda", "cuda"),
+    "cupy_raw": ("turboquant_codec.backends.cupy_raw", "cuda"),
 }
 # "auto" on GPU arrays takes the first available of these: the tuned kernels before the reference.
 GPU_PREFERENCE = ("cupy_raw", "numba_cuda")

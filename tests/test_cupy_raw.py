@@ -1,0 +1,197 @@
+"""CuPy RawModule backend beyond the shared parity suite: odd sizes, strides, torch, graphs, devices.
+
+GPU tests skip cleanly where CuPy or a CUDA device is missing; the import-hygiene and availability
+tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import turboquant_codec as tq
+from turboquant_codec.backends import availability as backend_availability
+from turboquant_codec.backends import numpy_ref
+
+from .conftest import kv_like
+
+_STATUS = backend_availability("cupy_raw")
+gpu = pytest.mark.skipif(not _STATUS, reason=f"cupy_raw unavailable: {_STATUS.reason}")
+
+
+def test_import_does_not_import_cupy() -> None:
+    code = "import sys, turboquant_codec; assert 'cupy' not in sys.modules, 'cupy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_availability_reason() -> None:
+    if not _STATUS:
+        assert _STATUS.reason.startswith(
+            ("cupy not installed", "no CUDA device", "NVRTC missing", "cupy failed", "failed to import")
+        ), _STATUS.reason
+
+
+def _enc_on(e: tq.Encoded, put) -> tq.Encoded:
+    ch = None if e.channels is None else put(e.channels)
+    return tq.Encoded(records=put(e.records), channels=ch, config=e.config)
+
+
+def _check_attention(q, k, v, tails, put) -> None:
+    d = q.shape[-1]
+    ke = tq.encode(k, bits=3.5, seed=1, backend="numpy")
+    ve = tq.encode(v, bits=2.5, seed=2, backend="numpy")
+    want = tq.attention(q, ke, ve, scale=d**-0.5, backend="numpy", **tails)
+    got = tq.attention(put(q), _enc_on(ke, put), _enc_on(ve, put), scale=d**-0.5, backend="cupy_raw",
+                       **{key: put(val) for key, val in tails.items()})
+    np.testing.assert_allclose(tq._interop.to_numpy(got), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 15, 17, 300, 4099])
+def test_odd_sizes(n: int) -> None:
+    import cupy as cp
+
+    rng = np.random.default_rng(n)
+    d = 128
+    x = kv_like(rng, (2, n, d))
+    for bits, mode in ((3.5, "mse"), (3, "prod")):
+        ref = tq.encode(x, bits=bits, mode=mode, seed=4, backend="numpy")
+        got = tq.encode(cp.asarray(x), bits=bits, mode=mode, seed=4, backend="cupy_raw")
+        for g in ref.config.groups:
+            a = numpy_ref._codes(cp.asnumpy(got.records), g)
+            b = numpy_ref._codes(ref.records, g)
+            assert np.mean(a != b) <= 1e-3
+        host = tq.Encoded(cp.asnumpy(got.records),
+                          None if got.channels is None else cp.asnumpy(got.channels), got.config)
+        want = tq.decode(host, backend="numpy")
+        np.testing.assert_allclose(cp.asnumpy(tq.decode(got, backend="cupy_raw")), want,
+                                   rtol=2e-5, atol=2e-5 * float(np.abs(want).max()))
+    k = kv_like(rng, (1, 2, n, d))
+    v = rng.standard_normal((1, 2, n, d)).astype(np.float32)
+    q = rng.standard_normal((1, 8, d)).astype(np.float32)
+    _check_attention(q, k, v, {}, cp.asarray)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_very_long_sequence() -> None:
+    import cupy as cp
+
+    rng = np.random.default_rng(5)
+    n, d = 70001, 64
+    k = kv_like(rng, (1, 1, n, d))
+    v = rng.standard_normal((1, 1, n, d)).astype(np.float32)
+    q = rng.standard_normal((1, 4, d)).astype(np.float32)
+    tails = {"k_tail": rng.standard_normal((1, 1, 40, d)).astype(np.float32),
+             "v_tail": rng.standard_normal((1, 1, 40, d)).astype(np.float32)}
+    _check_attention(q, k, v, tails, cp.asarray)
+
+
+@gpu
+@pytest.mark.gpu
+def test_non_contiguous_inputs() -> None:
+    import cupy as cp
+
+    rng = np.random.default_rng(9)
+    d = 64
+    big = kv_like(rng, (2, 40, 2 * d))
+    x_host = np.ascontiguousarray(big[:, ::2, :d])
+    x_dev = cp.asarray(big)[:, ::2, :d]
+    assert not x_dev.flags.c_contiguous
+    ref = tq.encode(x_host, bits=3.5, seed=3, backend="numpy")
+    got = tq.encode(x_dev, bits=3.5, seed=3, backend="cupy_raw")
+    np.testing.assert_array_equal(cp.asnumpy(got.channels), ref.channels)
+    assert np.mean(cp.asnumpy(got.records) != ref.records) < 0.01
+    # Query heads strided, records offset by one token (16-byte misaligned rows).
+    k = kv_like(rng, (1, 2, 51, d))
+    v = rng.standard_normal((1, 2, 51, d)).astype(np.float32)
+    q = rng.standard_normal((1, d, 8)).astype(np.float32).transpose(0, 2, 1)
+    ke = tq.encode(k, bits=3.5, seed=1, backend="numpy")
+    ve = tq.encode(v, bits=3.5, seed=2, backend="numpy")
+    want = tq.attention(q, tq.Encoded(ke.records[:, :, 1:], ke.channels, ke.config),
+                        tq.Encoded(ve.records[:, :, 1:], ve.channels, ve.config), scale=0.125,
+                        backend="numpy")
+    kd, vd = _enc_on(ke, cp.asarray), _enc_on(ve, cp.asarray)
+    got = tq.attention(cp.asarray(q.transpose(0, 2, 1)).transpose(0, 2, 1),
+                       tq.Encoded(kd.records[:, :, 1:], kd.channels, ke.config),
+                       tq.Encoded(vd.records[:, :, 1:], vd.channels, ve.config), scale=0.125,
+                       backend="cupy_raw")
+    np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_torch_cuda_tensors(dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    rng = np.random.default_rng(2)
+    d = 128
+    x = torch.from_numpy(kv_like(rng, (2, 3, 33, d))).to("cuda", getattr(torch, dtype))
+    enc = tq.encode(x, bits=3.5, seed=8)  # auto -> cupy_raw on a CUDA tensor
+    assert isinstance(enc.records, torch.Tensor) and enc.records.is_cuda
+    host = x.float().cpu().numpy()
+    ref = tq.encode(host.astype(np.float32), bits=3.5, seed=8, backend="numpy")
+    np.testing.assert_array_equal(enc.channels.cpu().numpy(), ref.channels)
+    q = torch.randn(2, 12, d, device="cuda", dtype=getattr(torch, dtype))
+    kt = torch.randn(2, 3, 5, d, device="cuda", dtype=getattr(torch, dtype))
+    out = tq.attention(q, enc, enc, scale=d**-0.5, k_tail=kt, v_tail=kt, backend="cupy_raw")
+    assert isinstance(out, torch.Tensor) and out.is_cuda and out.dtype == torch.float32
+    host_enc = tq.Encoded(enc.records.cpu().numpy(), enc.channels.cpu().numpy(), enc.config)
+    want = tq.attention(q.float().cpu().numpy(), host_enc, host_enc, scale=d**-0.5,
+                        k_tail=kt.float().cpu().numpy(), v_tail=kt.float().cpu().numpy(), backend="numpy")
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+@gpu
+@pytest.mark.gpu
+def test_attention_graph_capture() -> None:
+    """The attention path has no host synchronisation: it records into a CUDA graph and replays."""
+    import cupy as cp
+
+    from turboquant_codec.backends import cupy_raw
+
+    rng = np.random.default_rng(4)
+    d = 128
+    ke = tq.encode(kv_like(rng, (2, 2, 700, d)), bits=3.5, seed=1, backend="numpy")
+    ve = tq.encode(rng.standard_normal((2, 2, 700, d)).astype(np.float32), bits=3.5, seed=2, backend="numpy")
+    kd, vd = _enc_on(ke, cp.asarray), _enc_on(ve, cp.asarray)
+    q = cp.asarray(rng.standard_normal((2, 8, d)).astype(np.float32))
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        cupy_raw.attention(q, kd, vd, 0.1, None, None)  # compile and warm the memory pool
+        stream.synchronize()
+        stream.begin_capture()
+        out = cupy_raw.attention(q, kd, vd, 0.1, None, None)
+        graph = stream.end_capture()
+        q[...] = cp.asarray(rng.standard_normal((2, 8, d)).astype(np.float32))
+        graph.launch(stream)
+        stream.synchronize()
+    want = tq.attention(cp.asnumpy(q), ke, ve, scale=0.1, backend="numpy")
+    np.testing.assert_allclose(cp.asnumpy(out), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+@gpu
+@pytest.mark.gpu
+def test_second_device() -> None:
+    import cupy as cp
+
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU only")
+    rng = np.random.default_rng(6)
+    with cp.cuda.Device(1):
+        x = cp.asarray(kv_like(rng, (2, 19, 64)))
+    enc = tq.encode(x, bits=3.5, backend="cupy_raw")
+    assert enc.records.device.id == 1
+    with cp.cuda.Device(1):
+        q = cp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
+        out = tq.attention(q[None], tq.Encoded(enc.records[None], enc.channels[None], enc.config),
+                           tq.Encoded(enc.records[None], enc.channels[None], enc.config), scale=0.1,
+                           backend="cupy_raw")
+    assert out.device.id == 1

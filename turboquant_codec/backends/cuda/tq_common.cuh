@@ -1,0 +1,217 @@
+// Shared device helpers of the TurboQuant CuPy RawModule kernels (tq_codec.cu, tq_attention.cu).
+//
+// Owns: the compile-time description of a codec's byte record (macros X_* per codec, see
+// turboquant_codec/backends/cupy_raw.py::_codec_macros), bit extraction from LSB-first code streams,
+// float16 conversions and the m16n8k16 tensor-core wrapper. No standard headers: NVRTC has none,
+// so fixed-width types and conversions are spelled out here (inline PTX).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// Input dtype codes (macro IN_KIND / TAIL_KIND): why a code and not a template type: float16 and
+// bfloat16 arrive as raw 16-bit words, converted here without cuda_fp16.h.
+#define TQ_F32 0
+#define TQ_F16 1
+#define TQ_BF16 2
+
+template <int I>
+struct Int {
+  static constexpr int value = I;
+};
+
+// Compile-time loop: fn(Int<I>{}) for I in [B, E), so per-field constants fold into immediates.
+template <int B, int E, class Fn>
+__device__ __forceinline__ void static_for(Fn&& fn) {
+  if constexpr (B < E) {
+    fn(Int<B>{});
+    static_for<B + 1, E>(fn);
+  }
+}
+
+__device__ __forceinline__ float h2f(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// Round-to-nearest-even from float64, as NumPy's astype(float16) does for the stored norms.
+__device__ __forceinline__ u16 d2h(double d) {
+  u16 h;
+  asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(d));
+  return h;
+}
+
+// Two floats to a half2 register: lo in bits 0-15 (the lower k index of an mma fragment).
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Two table entries (hi, lo) float16 pairs -> the hi halves and the lo halves as mma registers
+// (element 0 in bits 0-15).
+__device__ __forceinline__ void split_pair(u32 e0, u32 e1, u32& hi, u32& lo) {
+  hi = __byte_perm(e0, e1, 0x5410);
+  lo = __byte_perm(e0, e1, 0x7632);
+}
+
+template <int KIND>
+__device__ __forceinline__ float load_float(const void* p, u64 i) {
+  if constexpr (KIND == TQ_F32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (KIND == TQ_F16) {
+    return h2f(static_cast<const u16*>(p)[i]);
+  } else {
+    return __uint_as_float(static_cast<u32>(static_cast<const u16*>(p)[i]) << 16);
+  }
+}
+
+// float16 stored at byte offset `off` of a record (records and norm offsets are 2-byte aligned).
+__device__ __forceinline__ float rec_half(const u8* rec, int off) {
+  return h2f(*reinterpret_cast<const u16*>(rec + off));
+}
+
+// Bits [pos, pos+len) of an LSB-first stream held in words w[] (pos, len compile-time, len <= 25
+// so that one funnel shift covers a straddling code).
+template <int POS, int LEN>
+__device__ __forceinline__ u32 bits_at(const u32* w) {
+  constexpr int W = POS >> 5, O = POS & 31;
+  constexpr u32 MASK = (1u << LEN) - 1u;
+  if constexpr (O + LEN <= 32) {
+    return (w[W] >> O) & MASK;
+  } else {
+    return __funnelshift_r(w[W], w[W + 1], O) & MASK;
+  }
+}
+
+// NW words of a bit stream starting at run-time bit `start` of a 4-byte aligned record,
+// realigned so bit 0 of out[0] is bit `start`. Reads one word past the span (buffers are padded).
+template <int NW>
+__device__ __forceinline__ void load_stream(const u8* rec, int start, u32 (&out)[NW]) {
+  const u32* p = reinterpret_cast<const u32*>(rec) + (start >> 5);
+  const int sh = start & 31;
+  u32 raw[NW + 1];
+#pragma unroll
+  for (int k = 0; k <= NW; ++k) raw[k] = p[k];
+#pragma unroll
+  for (int k = 0; k < NW; ++k) out[k] = __funnelshift_r(raw[k], raw[k + 1], sh);
+}
+
+// Generic (run-time position) bit read for the simple kernels: code i of width `bits`.
+__device__ __forceinline__ u32 code_at(const u8* rec, int bitpos, int bits) {
+  u32 v = 0;
+  for (int k = 0; k < bits; ++k) {
+    const int p = bitpos + k;
+    v |= ((rec[p >> 3] >> (p & 7)) & 1u) << k;
+  }
+  return v;
+}
+
+// D(16x8, f32) += A(16x16, f16, row) * B(16x8, f16, col).
+__device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                         u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// 16-byte global->shared copy; bytes past `src_bytes` (0..16) are zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ------------------------------------------------------------------------------------ codec fields
+// A codec X (X = C for the codec kernels, K / V for attention) is described by macros:
+//   X_D, X_R (record bytes), X_NG (1 or 2 groups), X_QJL (0/1),
+//   X_G{0,1}_DIM, _BITS (code bits), _CODE (byte offset), _SIGN (byte offset), _NORM (byte offset),
+//   _QJL (float: sqrt(pi/2)/dim), _ROT/_ROTT/_PROJ/_PROJT/_CENT/_BND (offsets into its float table).
+// TQ_CODEC(Name, X) turns them into a struct of compile-time accessors, so templated device code
+// serves every codec. A "field" is one coded stream of a group: its Lloyd-Max codes, or (prod) its
+// QJL signs. Fields come group by group, codes before signs; their dims concatenate to fdims().
+#define TQ_HD __host__ __device__ static constexpr
+#define TQ_CODEC(NAME, X)                                                                       \
+  struct NAME {                                                                                 \
+    static constexpr int D = X##_D;                                                                        \
+    static constexpr int R = X##_R;                                                                        \
+    static constexpr int NG = X##_NG;                                                                      \
+    static constexpr int QJL = X##_QJL;                                                                    \
+    TQ_HD int gdim(int g) { return g == 0 ? X##_G0_DIM : X##_G1_DIM; }                          \
+    TQ_HD int gstart(int g) { return g == 0 ? 0 : X##_G0_DIM; }                                 \
+    TQ_HD int gbits(int g) { return g == 0 ? X##_G0_BITS : X##_G1_BITS; }                       \
+    TQ_HD int gcode(int g) { return g == 0 ? X##_G0_CODE : X##_G1_CODE; }                       \
+    TQ_HD int gsign(int g) { return g == 0 ? X##_G0_SIGN : X##_G1_SIGN; }                       \
+    TQ_HD int gnorm(int g) { return g == 0 ? X##_G0_NORM : X##_G1_NORM; }                       \
+    TQ_HD float gqjl(int g) { return g == 0 ? X##_G0_QJL : X##_G1_QJL; }                        \
+    TQ_HD int grot(int g) { return g == 0 ? X##_G0_ROT : X##_G1_ROT; }                          \
+    TQ_HD int grott(int g) { return g == 0 ? X##_G0_ROTT : X##_G1_ROTT; }                       \
+    TQ_HD int gproj(int g) { return g == 0 ? X##_G0_PROJ : X##_G1_PROJ; }                       \
+    TQ_HD int gprojt(int g) { return g == 0 ? X##_G0_PROJT : X##_G1_PROJT; }                    \
+    TQ_HD int gcent(int g) { return g == 0 ? X##_G0_CENT : X##_G1_CENT; }                       \
+    TQ_HD int gbnd(int g) { return g == 0 ? X##_G0_BND : X##_G1_BND; }                          \
+    TQ_HD int nf() { return NG * (1 + QJL); }                                                   \
+    TQ_HD int fgroup(int f) { return f / (1 + QJL); }                                           \
+    TQ_HD bool fsign(int f) { return QJL && (f % 2 == 1); }                                     \
+    TQ_HD int fdim(int f) { return gdim(fgroup(f)); }                                           \
+    TQ_HD int fbits(int f) { return fsign(f) ? 1 : gbits(fgroup(f)); }                          \
+    TQ_HD int fbitoff(int f) { return 8 * (fsign(f) ? gsign(fgroup(f)) : gcode(fgroup(f))); }   \
+    /* byte offset of the float16 scaling the field: |x_g|, or the residual norm for signs */   \
+    TQ_HD int fscale(int f) { return gnorm(fgroup(f)) + (fsign(f) ? 2 : 0); }                   \
+    TQ_HD float ffactor(int f) { return fsign(f) ? gqjl(fgroup(f)) : 1.0f; }                    \
+    TQ_HD int foff(int f) { return f == 0 ? 0 : foff(f - 1) + fdim(f - 1); }                    \
+    TQ_HD int fdims() { return foff(nf()); }                                                    \
+    /* value table of a field: 2**bits centroids, or {-1, +1} for signs */                      \
+    TQ_HD int flut(int f) { return f == 0 ? 0 : flut(f - 1) + (1 << fbits(f - 1)); }            \
+    TQ_HD int lutn() { return flut(nf()); }                                                     \
+  };
+
+// Rotate (and for prod project) one vector already in record channel order:
+// out[foff(code field of g) + i] = sum_j rot[i][j] x[gstart(g) + j]  (rotation @ x_g), and
+// out[foff(sign field of g) + i] = sum_j proj[i][j] out_code[j]     (S @ rotated).
+// Transposed tables are read so that consecutive threads (consecutive i) load consecutive words.
+template <class Cd>
+__device__ void rotate_fields(const float* __restrict__ tab, const float* x, float* out) {
+  static_for<0, Cd::NG>([&](auto gi) {
+    constexpr int g = decltype(gi)::value;
+    constexpr int G = Cd::gdim(g);
+    constexpr int fc = g * (1 + Cd::QJL);
+    const float* rt = tab + Cd::grott(g);
+    for (int i = threadIdx.x; i < G; i += blockDim.x) {
+      float acc = 0.f;
+      for (int j = 0; j < G; ++j) acc = fmaf(rt[j * G + i], x[Cd::gstart(g) + j], acc);
+      out[Cd::foff(fc) + i] = acc;
+    }
+    if constexpr (Cd::QJL) {
+      __syncthreads();
+      const float* st = tab + Cd::gprojt(g);
+      for (int i = threadIdx.x; i < G; i += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < G; ++j) acc = fmaf(st[j * G + i], out[Cd::foff(fc) + j], acc);
+        out[Cd::foff(fc + 1) + i] = acc;
+      }
+    }
+  });
+  __syncthreads();
+}

@@ -1,0 +1,513 @@
+"""CuPy RawModule backend: tuned CUDA C++ kernels (``backends/cuda/*.cu``) for every op.
+
+What this module owns:
+
+- Compilation: each ``.cu`` is compiled with NVRTC (``-std=c++17``) once per (device, kernel
+  family, configuration); the configuration reaches the C++ as ``#define``\\ d constants (record
+  layout, table offsets, dtype codes, query heads per KV head), so every loop over fields, k-steps
+  and bits is unrolled at compile time. Modules are memoised per device, and CuPy caches the
+  binaries on disk.
+- Tables: per (device, config) one float32 buffer with, per channel group, the rotation, its
+  transpose, the QJL projection and its transpose (prod), the centroids and the boundaries; plus
+  the per-field value tables the attention kernel replicates into shared memory. Uploaded once.
+- Inputs: CuPy arrays, torch CUDA tensors and Numba device arrays are used in place
+  (``__cuda_array_interface__`` / DLPack), on their own device; bfloat16 travels as raw 16-bit words.
+  Launches go to CuPy's current stream, or torch's current stream when torch is in use and CuPy's
+  is the default one, so the attention path can be captured in either library's CUDA graph.
+- Attention is three launches and no host synchronisation: query prep, the split kernel (one
+  partial per warp-run of 16-token tiles), the reduce kernel (merge, tail tokens, un-rotation).
+
+Record layout and math: exactly ``numpy_ref`` (see ``turboquant_codec.config``), in float32 on the GPU,
+with float64 norms; codes may differ from the float64 reference only where a value lies on a
+codebook boundary to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._ops import Availability
+from ..config import CodecConfig
+from ..encoded import Encoded
+from ..transforms import tables
+
+CUDA_DIR = Path(__file__).with_name("cuda")
+SOURCES = ("tq_codec.cu", "tq_attention.cu")
+_DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
+# Warps per attention block and cp.async ring depth: 4 x 4 tiles of ~2 KB keeps ~32 KB per block in
+# flight, which with 3-4 resident blocks per SM covers the DRAM latency-bandwidth product.
+ATTN_WARPS = 4
+ATTN_STAGES = 4
+# Partials per SM the split kernel aims for: enough resident warps to hide latency, few enough
+# that the partial traffic (G * fdims floats per warp) stays small next to the records.
+WARPS_PER_SM = 16
+TILE = 16
+# Null device pointer argument (8 bytes, as the kernels expect a pointer).
+_NULL = np.uint64(0)
+
+
+# ------------------------------------------------------------------------------------ availability
+def availability() -> Availability:
+    """Whether CuPy, a CUDA device and NVRTC are usable here; the reason when not."""
+    try:
+        import cupy
+    except ImportError:
+        return Availability(False, "cupy not installed")
+    except Exception as exc:  # a broken install is a reason, not a crash
+        return Availability(False, f"cupy failed to import: {type(exc).__name__}: {exc}")
+    try:
+        if not cupy.cuda.is_available():
+            try:
+                cupy.cuda.runtime.getDeviceCount()
+                detail = "cupy.cuda.is_available() is False"
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+            return Availability(False, f"no CUDA device: {detail}")
+    except Exception as exc:
+        return Availability(False, f"no CUDA device: {type(exc).__name__}: {exc}")
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as exc:
+        return Availability(False, f"NVRTC missing: {type(exc).__name__}: {exc}")
+    return Availability(True)
+
+
+def _cupy() -> Any:
+    import cupy
+
+    return cupy
+
+
+# ------------------------------------------------------------------------------------ arrays
+class _Raw16:
+    """A bfloat16 array CuPy cannot type: its raw 16-bit words plus the dtype name."""
+
+    def __init__(self, words: Any, dtype: str) -> None:
+        self.words = words
+        self.dtype = dtype
+        self.shape = tuple(words.shape)
+
+
+def _device_of(x: Any) -> int | None:
+    if type(x).__module__.split(".")[0] == "torch":
+        return int(x.device.index) if x.is_cuda else None
+    return None
+
+
+def asarray(x: Any) -> Any:
+    """A CuPy view of a GPU array (zero-copy), or a ``_Raw16`` view of bfloat16 data.
+
+    Parameters
+    ----------
+    x : CuPy array, torch CUDA tensor, Numba device array or NumPy array
+
+    Returns
+    -------
+    cupy.ndarray or _Raw16
+        On the input's own device; NumPy input is copied to the current device.
+    """
+    cp = _cupy()
+    if isinstance(x, (cp.ndarray, _Raw16)):
+        return x
+    if type(x).__module__.split(".")[0] == "torch":
+        torch = sys.modules["torch"]
+        with cp.cuda.Device(x.device.index):
+            if x.dtype == torch.bfloat16:
+                return _Raw16(cp.asarray(x.view(torch.int16)).view(cp.uint16), "bfloat16")
+            return cp.asarray(x)
+    if isinstance(x, np.ndarray) and x.dtype.name == "bfloat16":
+        return _Raw16(cp.asarray(x.view(np.uint16)), "bfloat16")
+    return cp.asarray(x)
+
+
+def _words(x: Any) -> tuple[Any, str]:
+    """(C-contiguous CuPy array of the data, dtype name)."""
+    cp = _cupy()
+    if isinstance(x, _Raw16):
+        return cp.ascontiguousarray(x.words), x.dtype
+    name = str(x.dtype)
+    if name == "bfloat16":  # CuPy builds that know bfloat16
+        return cp.ascontiguousarray(x.view(cp.uint16)), name
+    return cp.ascontiguousarray(x), name
+
+
+def _aligned(a: Any) -> Any:
+    """C-contiguous, 16-byte aligned (the attention kernel copies 16-byte chunks)."""
+    cp = _cupy()
+    a = cp.ascontiguousarray(a)
+    if a.data.ptr % 16:
+        a = a.copy()
+    return a
+
+
+def _array_device(x: Any) -> int:
+    if isinstance(x, _Raw16):
+        x = x.words
+    return int(x.device.id)
+
+
+def _stream(device: int) -> Any:
+    """CuPy's current stream, or torch's when CuPy's is the default and torch is in use."""
+    cp = _cupy()
+    current = cp.cuda.get_current_stream(device)
+    if current.ptr != 0:
+        return current
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        ts = torch.cuda.current_stream(device)
+        if ts.cuda_stream != 0:
+            return cp.cuda.ExternalStream(ts.cuda_stream, device)
+    return current
+
+
+# ------------------------------------------------------------------------------------ tables
+def _layout(cfg: CodecConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """Host float32 table buffer of ``cfg`` and the float offsets of its parts (macro names)."""
+    parts: list[np.ndarray] = []
+    offsets: dict[str, int] = {}
+    at = 0
+
+    def put(name: str, a: np.ndarray) -> None:
+        nonlocal at
+        a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+        pad = (-a.size) % 4  # keep each part 16-byte aligned
+        offsets[name] = at
+        parts.append(np.concatenate([a, np.zeros(pad, np.float32)]))
+        at += a.size + pad
+
+    for g, t in zip(cfg.groups, tables(cfg), strict=False):
+        put(f"G{g.index}_ROT", t.rotation)
+        put(f"G{g.index}_ROTT", t.rotation.T)
+        if t.projection is not None:
+            put(f"G{g.index}_PROJ", t.projection)
+            put(f"G{g.index}_PROJT", t.projection.T)
+        put(f"G{g.index}_CENT", t.centroids)
+        put(f"G{g.index}_BND", t.boundaries)
+    return np.concatenate(parts), offsets
+
+
+def _lut_values(cfg: CodecConfig) -> np.ndarray:
+    """Per field (group by group, codes before signs) its value table, concatenated, as uint32
+    words holding a float16 pair: bits 0-15 the rounded value, bits 16-31 the float16 remainder."""
+    out = []
+    for g, t in zip(cfg.groups, tables(cfg), strict=False):
+        out.append(t.centroids.astype(np.float32))
+        if g.qjl:
+            out.append(np.array([-1.0, 1.0], np.float32))
+    vals = np.concatenate(out)
+    hi = vals.astype(np.float16)
+    lo = (vals - hi.astype(np.float32)).astype(np.float16)
+    return hi.view(np.uint16).astype(np.uint32) | (lo.view(np.uint16).astype(np.uint32) << 16)
+
+
+def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
+    """``-D`` options describing ``cfg``'s record and table layout to the C++ (tq_common.cuh)."""
+    _, offs = _layout(cfg)
+    groups = cfg.groups
+    m = {
+        "D": cfg.d,
+        "R": cfg.record_bytes,
+        "NG": len(groups),
+        "QJL": int(cfg.mode == "prod"),
+    }
+    for i in range(2):
+        g = groups[min(i, len(groups) - 1)]
+        m.update(
+            {
+                f"G{i}_DIM": g.dim,
+                f"G{i}_BITS": g.code_bits,
+                f"G{i}_CODE": g.code_offset,
+                f"G{i}_SIGN": max(g.sign_offset, 0),
+                f"G{i}_NORM": g.norm_offset,
+                f"G{i}_QJL": f"{math.sqrt(math.pi / 2) / g.dim!r}f",
+            }
+        )
+        for part in ("ROT", "ROTT", "PROJ", "PROJT", "CENT", "BND"):
+            m[f"G{i}_{part}"] = offs.get(f"G{g.index}_{part}", 0)
+    return [f"-D{prefix}_{k}={v}" for k, v in m.items()]
+
+
+def compile_options(kind: str, **params: Any) -> list[str]:
+    """The ``-D`` options of one kernel family (``"codec"`` or ``"attention"``).
+
+    Parameters
+    ----------
+    kind : {"codec", "attention"}
+    **params
+        codec: ``cfg``, ``dtype``. attention: ``k_cfg``, ``v_cfg``, ``dtype`` (query), ``tail_dtype``,
+        ``group`` (query heads per KV head).
+
+    Returns
+    -------
+    list of str
+        Also used by ``tests/test_cuda_sources.py`` to compile the same instantiations with nvcc.
+    """
+    if kind == "codec":
+        return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}"]
+    return [
+        *_codec_macros("K", params["k_cfg"]),
+        *_codec_macros("V", params["v_cfg"]),
+        f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
+        f"-DTAIL_KIND={_DTYPE_KIND[params.get('tail_dtype', 'float32')]}",
+        f"-DGQ={params['group']}",
+        f"-DNWARPS={ATTN_WARPS}",
+        f"-DSTAGES={ATTN_STAGES}",
+    ]
+
+
+@functools.cache
+def _module(device: int, source: str, options: tuple[str, ...]) -> Any:
+    """Compiled RawModule of ``source`` for ``device`` (memoised; CuPy also caches on disk)."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        code = (CUDA_DIR / source).read_text()
+        mod = cp.RawModule(
+            code=code, options=("-std=c++17", f"-I{CUDA_DIR}", *options), backend="nvrtc"
+        )
+        mod.compile()
+        return mod
+
+
+@functools.cache
+def _device_tables(device: int, cfg: CodecConfig) -> tuple[Any, Any]:
+    """(table buffer, field value tables) of ``cfg`` on ``device``, uploaded once."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        buf, _ = _layout(cfg)
+        return cp.asarray(buf), cp.asarray(_lut_values(cfg))
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    cp = _cupy()
+    return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
+
+
+def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
+    return _module(device, "tq_codec.cu", tuple(compile_options("codec", cfg=cfg, dtype=dtype)))
+
+
+# ------------------------------------------------------------------------------------ channels
+def select_channels(x: Any, cfg: CodecConfig, dtype: str) -> Any:
+    """GPU twin of ``numpy_ref.select_channels``: (*lead, d) uint16, no host synchronisation.
+
+    Mean squares are summed in float64; ranks break ties towards the lower channel index.
+    """
+    cp = _cupy()
+    *lead, n, d = x.shape
+    streams = int(np.prod(lead)) if lead else 1
+    device = int(x.device.id)
+    mod = _codec_module(device, cfg, dtype)
+    energy = cp.zeros((streams, d), cp.float64)
+    chunk = max(64, -(-n // max(1, (4 * _sm_count(device)) // max(1, streams * -(-d // 32)))))
+    grid = (streams, -(-d // 32), -(-n // chunk))
+    mod.get_function("tq_energy")(grid, (32, 8), (x, np.int32(n), np.int32(chunk), energy))
+    # rank[i] = #channels before i in (energy descending, index ascending) order.
+    e_i, e_j = energy[:, :, None], energy[:, None, :]
+    idx = cp.arange(d)
+    ahead = (e_j > e_i) | ((e_j == e_i) & (idx[None, None, :] < idx[None, :, None]))
+    top = ahead.sum(-1) < cfg.outlier_dim
+    pos = cp.where(top, cp.cumsum(top, -1) - 1, cfg.outlier_dim + cp.cumsum(~top, -1) - 1)
+    channels = cp.empty((streams, d), cp.uint16)
+    cp.put_along_axis(channels, pos, cp.broadcast_to(idx.astype(cp.uint16), (streams, d)), axis=-1)
+    return channels.reshape(*lead, d)
+
+
+# ------------------------------------------------------------------------------------ ops
+def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
+    """Records (*lead, n, record_bytes) uint8 and channels, as ``numpy_ref.encode``.
+
+    Parameters
+    ----------
+    x : cupy.ndarray or _Raw16, shape (*lead, n, d), float16/bfloat16/float32
+    cfg : CodecConfig
+    channels : cupy.ndarray (*lead, d) uint16 or None
+        None with a channel split: chosen per stream as ``numpy_ref.select_channels``.
+    """
+    cp = _cupy()
+    device = _array_device(x)
+    with cp.cuda.Device(device), _stream(device):
+        xw, dtype = _words(x)
+        *lead, n, d = xw.shape
+        if cfg.split and channels is None:
+            channels = select_channels(xw, cfg, dtype)
+        streams = int(np.prod(lead)) if lead else 1
+        mod = _codec_module(device, cfg, dtype)
+        tab, _ = _device_tables(device, cfg)
+        rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
+        ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
+        mod.get_function("tq_encode")(
+            (-(-n // TILE), streams), (128,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec)
+        )
+        return rec, channels
+
+
+def decode(enc: Encoded) -> Any:
+    """(*lead, n, d) float32 reconstruction, as ``numpy_ref.decode``."""
+    cp = _cupy()
+    records = enc.records
+    device = int(records.device.id)
+    cfg = enc.config
+    with cp.cuda.Device(device), _stream(device):
+        rec = cp.ascontiguousarray(records)
+        *lead, n, _ = rec.shape
+        streams = int(np.prod(lead)) if lead else 1
+        mod = _codec_module(device, cfg, "float32")
+        tab, _ = _device_tables(device, cfg)
+        out = cp.empty((*lead, n, cfg.d), cp.float32)
+        ch = None if enc.channels is None else cp.ascontiguousarray(enc.channels, dtype=cp.uint16)
+        mod.get_function("tq_decode")(
+            (-(-n // TILE), streams), (128,), (rec, ch if ch is not None else _NULL, np.int32(n), tab, out)
+        )
+        return out
+
+
+def scores(q: Any, keys: Encoded) -> Any:
+    """(*lead, m, n) float32 inner products from the codes, as ``numpy_ref.scores``."""
+    cp = _cupy()
+    device = _array_device(q)
+    cfg = keys.config
+    with cp.cuda.Device(device), _stream(device):
+        qw, dtype = _words(q)
+        rec = cp.ascontiguousarray(keys.records)
+        *lead, m, d = qw.shape
+        n = rec.shape[-2]
+        streams = int(np.prod(lead)) if lead else 1
+        mod = _codec_module(device, cfg, dtype)
+        tab, _ = _device_tables(device, cfg)
+        ch = None if keys.channels is None else cp.ascontiguousarray(keys.channels, dtype=cp.uint16)
+        fdims = d * (2 if cfg.mode == "prod" else 1)
+        qf = cp.empty((streams * m, fdims), cp.float32)
+        mod.get_function("tq_qrot")(
+            (streams * m,), (128,), (qw, ch if ch is not None else _NULL, np.int32(m), tab, qf)
+        )
+        out = cp.empty((*lead, m, n), cp.float32)
+        mod.get_function("tq_scores")(
+            (-(-n // TILE), streams), (128,), (rec, qf, np.int32(n), np.int32(m), tab, out)
+        )
+        return out
+
+
+def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
+                      group: int) -> Any:
+    opts = compile_options(
+        "attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, tail_dtype=tail_dtype, group=group
+    )
+    return _module(device, "tq_attention.cu", tuple(opts))
+
+
+def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
+    """Dynamic shared memory of tq_attn_split (mirrors the carve-up at the top of the kernel)."""
+
+    def lutn(cfg: CodecConfig) -> int:
+        return sum((1 << g.code_bits) + (2 if g.qjl else 0) for g in cfg.groups)
+
+    vnf = len(v_cfg.groups) * (2 if v_cfg.mode == "prod" else 1)
+    nt = -(-group // 8)
+    pbuf = ATTN_WARPS * vnf * nt * 8 * 24 * 2
+    pbuf = -(-pbuf // 16) * 16
+    tile_k, tile_v = TILE * k_cfg.record_bytes + 32, TILE * v_cfg.record_bytes + 32
+    stage = -(-(tile_k + tile_v) // 16) * 16
+    return 4 * 32 * (lutn(k_cfg) + lutn(v_cfg)) + pbuf + ATTN_WARPS * ATTN_STAGES * stage
+
+
+def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
+    """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens."""
+    ntiles = max(1, -(-n // TILE))
+    want = max(1, -(-WARPS_PER_SM * _sm_count(device) // batch_heads))
+    parts = min(ntiles, want)
+    per_warp = -(-ntiles // parts)
+    return per_warp, -(-ntiles // per_warp)
+
+
+def attention(
+    q: Any,
+    k: Encoded,
+    v: Encoded,
+    scale: float,
+    k_tail: Any,
+    v_tail: Any,
+) -> Any:
+    """Fused decode attention over compressed K/V plus raw tail tokens, as ``numpy_ref.attention``.
+
+    Parameters
+    ----------
+    q : (*lead, h_q, d) float16/bfloat16/float32 on the GPU
+    k, v : Encoded (*lead, h_kv, n, d)
+    scale : float
+    k_tail, v_tail : (*lead, h_kv, t, d) or None
+
+    Returns
+    -------
+    cupy.ndarray (*lead, h_q, d) float32
+        Launched asynchronously on the current stream (no host synchronisation).
+    """
+    cp = _cupy()
+    device = _array_device(q)
+    with cp.cuda.Device(device), _stream(device):
+        qw, dtype = _words(q)
+        *lead, h_q, d = qw.shape
+        h_kv, n = k.shape[-3], k.shape[-2]
+        group = h_q // h_kv
+        bh = (int(np.prod(lead)) if lead else 1) * h_kv
+        krec, vrec = _aligned(k.records), _aligned(v.records)
+        if k_tail is not None:
+            ktw, tail_dtype = _words(k_tail)
+            vtw, _ = _words(v_tail)
+            if str(vtw.dtype) != str(ktw.dtype):
+                vtw = vtw.astype(ktw.dtype)
+            t_len = int(ktw.shape[-2])
+        else:
+            ktw = vtw = None
+            tail_dtype, t_len = "float32", 0
+        mod = _attention_module(device, k.config, v.config, dtype, tail_dtype, group)
+        ktab, klut = _device_tables(device, k.config)
+        vtab, vlut = _device_tables(device, v.config)
+        kch = None if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
+        vch = None if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
+        kqd = d * (2 if k.config.mode == "prod" else 1)
+        vqd = d * (2 if v.config.mode == "prod" else 1)
+        rows = bh * group
+
+        q32 = cp.empty((rows, d), cp.float32)
+        qh = cp.empty((rows, 2, kqd), cp.uint16)
+        qscale = cp.empty((rows,), cp.float32)
+        mod.get_function("tq_attn_prep")(
+            (rows,), (128,), (qw, kch if kch is not None else _NULL, ktab, np.float32(scale), q32, qh, qscale)
+        )
+        per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
+        part_m = cp.empty((bh, max(nparts, 1), group), cp.float32)
+        part_l = cp.empty_like(part_m)
+        part_acc = cp.empty((bh, max(nparts, 1), group, vqd), cp.float32)
+        if nparts:
+            split = mod.get_function("tq_attn_split")
+            smem = _split_smem(k.config, v.config, group)
+            if smem > 48 * 1024:
+                split.max_dynamic_shared_size_bytes = smem
+            split(
+                (-(-nparts // ATTN_WARPS), bh),
+                (32 * ATTN_WARPS,),
+                (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc,
+                 np.int32(n), np.int32(per_warp), np.int32(nparts)),
+                shared_mem=smem,
+            )
+        out = cp.empty((*lead, h_q, d), cp.float32)
+        rsmem = 4 * (nparts + vqd + 3 * d + 32)
+        reduce = mod.get_function("tq_attn_reduce")
+        if rsmem > 48 * 1024:
+            reduce.max_dynamic_shared_size_bytes = rsmem
+        reduce(
+            (rows,),
+            (128,),
+            (part_m, part_l, part_acc, np.int32(nparts), q32,
+             ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
+             np.float32(scale), vtab, vch if vch is not None else _NULL, out),
+            shared_mem=rsmem,
+        )
+        return out
