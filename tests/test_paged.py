@@ -270,6 +270,32 @@ def test_channels_fixed_by_first_write() -> None:
     assert b.v_codec.channels is None  # integer bits: no split
 
 
+@pytest.mark.parametrize("physical", ["BHNC", "BNHC"])
+def test_packed_vllm_cache_views(physical: str) -> None:
+    """Writes and attention through ``split_kv_cache`` views of vLLM's packed [B, H, N, R_k + R_v]."""
+    b = make_batch(SCENARIOS["chunked_prefill"], 3, 64, 16, "window")
+    num_blocks, block_size, h, _ = b.k_cache.shape
+    state = tt.kv_state_bytes(b.k_codec, b.v_codec)
+    if physical == "BHNC":
+        kv_cache = torch.full((num_blocks, h, block_size, state), 255, dtype=torch.uint8)
+    else:  # vLLM's LBNHC layout: logical [B, H, N, C] over physical [B, N, H, C]
+        kv_cache = torch.full((num_blocks, block_size, h, state), 255, dtype=torch.uint8).transpose(1, 2)
+    k_view, v_view = tt.split_kv_cache(kv_cache, b.k_codec, b.v_codec)
+    for r, length in enumerate(b.seq_lens.tolist()):
+        slots = torch.tensor(_slots(b.block_table, r, range(length), block_size))
+        tt.write_compressed(k_view, v_view, b.full_k[r], b.full_v[r], slots, b.k_codec, b.v_codec)
+    assert torch.equal(k_view, b.k_cache) and torch.equal(v_view, b.v_cache)
+    out = torch.full_like(b.query, 7.0)
+    raw = b.raw
+    assert raw is not None
+    tt.paged_attention(b.query, b.key, b.value, k_view, v_view, b.block_table, b.seq_lens,
+                       b.query_start_loc, b.scale, b.k_codec, b.v_codec, *raw, out=out)
+    n = int(b.query_start_loc[-1])
+    assert torch.equal(out[:n], run(b)[:n]) and bool((out[n:] == 7.0).all())
+    with pytest.raises(ValueError, match="kv_cache states are 60 bytes but .* need 32 \\+ 32 = 64"):
+        tt.split_kv_cache(kv_cache, b.k_codec, b.k_codec)
+
+
 # ----------------------------------------------------------------------------------------- bad input
 def _bad(b: Batch, **override: object) -> None:
     args = dict(query=b.query, key=b.key, value=b.value, k_cache=b.k_cache, v_cache=b.v_cache,

@@ -11,7 +11,7 @@ ops
 paged
     The ops a paged KV cache (vLLM) needs: write compressed records by ``slot_mapping``, write a raw
     side pool of recent/sink blocks, choose which blocks need raw copies, and attention over block
-    tables for batches mixing prefill and decode requests.
+    tables for batches mixing prefill and decode requests; views of vLLM's packed K+V cache tensor.
 
 The codec maths lives in ``turboquant_codec`` only; this package moves tensors and masks.
 """
@@ -19,16 +19,25 @@ The codec maths lives in ``turboquant_codec`` only; this package moves tensors a
 from __future__ import annotations
 
 from .ops import TorchCodec, attention, decode, encode, scores
-from .paged import paged_attention, raw_blocks_needed, write_compressed, write_raw
+from .paged import (
+    kv_state_bytes,
+    paged_attention,
+    raw_blocks_needed,
+    split_kv_cache,
+    write_compressed,
+    write_raw,
+)
 
 __all__ = [
     "TorchCodec",
     "attention",
     "decode",
     "encode",
+    "kv_state_bytes",
     "paged_attention",
     "raw_blocks_needed",
     "scores",
+    "split_kv_cache",
     "write_compressed",
     "write_raw",
 ]

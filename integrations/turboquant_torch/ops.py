@@ -99,9 +99,14 @@ def _host(x: Tensor) -> np.ndarray:
     return x.numpy()
 
 
+def _gpu(t: Tensor | None) -> Tensor | None:
+    """A CUDA input as the GPU backends take it (C-contiguous; a no-op when it already is)."""
+    return None if t is None else t.contiguous()
+
+
 def _encoded(records: Tensor, channels: Tensor | None, cfg: CodecConfig) -> tq.Encoded:
     if records.is_cuda:
-        return tq.Encoded(records=records, channels=channels, config=cfg)
+        return tq.Encoded(records=_gpu(records), channels=_gpu(channels), config=cfg)
     return tq.Encoded(
         records=records.detach().numpy(),
         channels=None if channels is None else _host(channels),
@@ -131,7 +136,7 @@ def _encode_op(
     ch = _channels_in(channels, cfg)
     lead = tuple(x.shape[:-2])
     if x.is_cuda:
-        enc = tq.encode(x, bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, channels=ch,
+        enc = tq.encode(_gpu(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, channels=_gpu(ch),
                         backend="auto", check_finite=check_finite)
     else:
         enc = tq.encode(_host(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed,
@@ -235,7 +240,7 @@ def _scores_op(
     check_records(records, cfg, "records")
     _same_device(("q", q), ("records", records), ("channels", channels))
     enc = _encoded(records, _channels_in(channels, cfg), cfg)
-    query = q if q.is_cuda else _host(q)
+    query = _gpu(q) if q.is_cuda else _host(q)
     return _torch(tq.scores(query, enc, backend=_backend(q)), q.device)
 
 
@@ -293,7 +298,8 @@ def _attention_op(
     k_enc = _encoded(k_records, _channels_in(k_channels, k_cfg), k_cfg)
     v_enc = _encoded(v_records, _channels_in(v_channels, v_cfg), v_cfg)
     if q.is_cuda:
-        out = tq.attention(q, k_enc, v_enc, scale=scale, k_tail=k_tail, v_tail=v_tail, backend="auto")
+        out = tq.attention(_gpu(q), k_enc, v_enc, scale=scale, k_tail=_gpu(k_tail), v_tail=_gpu(v_tail),
+                           backend="auto")
     else:
         tails = [None if t is None else _host(t) for t in (k_tail, v_tail)]
         out = tq.attention(_host(q), k_enc, v_enc, scale=scale, k_tail=tails[0], v_tail=tails[1],

@@ -15,6 +15,12 @@ Layout owned here (one attention layer; a convention, no parameters; ``R_k = k_c
     raw_slot_of_block   [num_blocks] int32                raw-pool row of a physical block, -1 = none
     k_codec.channels    [H, d] uint16                     per-KV-head outlier permutation (split bits)
 
+vLLM (0.32, ``/work/notes/vllm.md``) hands a backend one uint8 tensor per layer, logical
+``[num_blocks, H, block_size, C]`` (physical order set by its KV-cache layout), where the backend's
+``customize_spec`` chooses ``C`` bytes per (token, head). With ``C = kv_state_bytes(k_codec,
+v_codec) = R_k + R_v``, ``split_kv_cache`` returns the two views above (K records first in each
+state); every op here reads and writes through such strided views.
+
 Rules:
 
 - ``write_compressed`` always writes every new token's records, so the compressed cache is complete;
@@ -122,6 +128,41 @@ def _valid_slots(slot_mapping: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but only {num_tokens} tokens")
     rows = torch.nonzero(slot_mapping >= 0).squeeze(1)
     return rows, slot_mapping[rows].long()
+
+
+# ------------------------------------------------------------------------------------------- layout
+def kv_state_bytes(k_codec: TorchCodec, v_codec: TorchCodec) -> int:
+    """Bytes per (token, KV head) of a packed K+V cache: ``R_k + R_v``."""
+    return k_codec.record_bytes + v_codec.record_bytes
+
+
+def split_kv_cache(kv_cache: Tensor, k_codec: TorchCodec, v_codec: TorchCodec) -> tuple[Tensor, Tensor]:
+    """Views ``k_cache``, ``v_cache`` [num_blocks, block_size, H, R] of a packed vLLM cache.
+
+    Parameters
+    ----------
+    kv_cache : Tensor, [num_blocks, H, block_size, R_k + R_v], uint8
+        vLLM's per-layer tensor (any strides): each (block, head, slot) state holds the K record,
+        then the V record.
+
+    Returns
+    -------
+    k_cache : Tensor, [num_blocks, block_size, H, R_k], uint8 (a view)
+    v_cache : Tensor, [num_blocks, block_size, H, R_v], uint8 (a view)
+    """
+    state = kv_state_bytes(k_codec, v_codec)
+    if not isinstance(kv_cache, Tensor) or kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4:
+        raise ValueError(
+            f"kv_cache must be a uint8 tensor [num_blocks, num_kv_heads, block_size, state_bytes], got "
+            f"{getattr(kv_cache, 'dtype', type(kv_cache).__name__)} {tuple(getattr(kv_cache, 'shape', ()))}"
+        )
+    if kv_cache.shape[3] != state:
+        raise ValueError(
+            f"kv_cache states are {kv_cache.shape[3]} bytes but k_codec + v_codec records need "
+            f"{k_codec.record_bytes} + {v_codec.record_bytes} = {state}"
+        )
+    r_k = k_codec.record_bytes
+    return kv_cache[..., :r_k].transpose(1, 2), kv_cache[..., r_k:].transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -306,6 +347,7 @@ def paged_attention(
     raw_k: Tensor | None = None,
     raw_v: Tensor | None = None,
     raw_slot_of_block: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of a batch mixing prefill and decode requests over the paged compressed cache.
 
@@ -329,10 +371,12 @@ def paged_attention(
     raw_k, raw_v : Tensor, [num_raw_blocks, block_size, H, d], optional
     raw_slot_of_block : Tensor, [num_blocks], int32, optional
         All three or none.
+    out : Tensor, [num_tokens, Hq, d], optional
+        Written in place (vLLM's preallocated output); rows of padding tokens are left untouched.
 
     Returns
     -------
-    Tensor, [num_tokens, Hq, d], dtype of ``query``
+    Tensor, [num_tokens, Hq, d], dtype of ``query`` (``out`` when given)
     """
     _check_kv(k_cache, v_cache, key, value, k_codec, v_codec)
     check_float(query, "query")
@@ -374,7 +418,11 @@ def paged_attention(
     k_ctx, v_ctx, ctx_req, ctx_pos = _context(
         k_cache, v_cache, block_table.to(device), ctx_lens, k_codec, v_codec, raw  # type: ignore[arg-type]
     )
-    out = torch.zeros_like(query)
+    if out is None:
+        out = torch.zeros_like(query)
+    elif tuple(out.shape) != tuple(query.shape) or out.device != query.device:
+        raise ValueError(f"out has shape {tuple(out.shape)} on {out.device} but query has "
+                         f"{tuple(query.shape)} on {query.device}")
     h, d = key.shape[1], key.shape[2]
 
     # Decode requests (one new token): one padded batch, masked by length.
