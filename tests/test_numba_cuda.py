@@ -131,23 +131,26 @@ def _exact(x: np.ndarray, dtype: str) -> np.ndarray:
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("d,n,bits,mode", [(128, 1 << 20, 3.5, "mse"), (64, 1 << 18, 2.5, "mse"),
-                                            (128, 1 << 17, 4, "prod"), (64, 1 << 17, 3, "mse")])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,n,bits,mode,dtype", [
+    (128, 1 << 20, 3.5, "mse", "float16"), (64, 1 << 18, 2.5, "mse", "bfloat16"),
+    (128, 1 << 17, 4, "prod", "bfloat16"), (64, 1 << 17, 3, "mse", "float32"),
+])
 def test_gpu_encode_decode_realistic(d: int, n: int, bits: float, mode: str, dtype: str) -> None:
+    """Whole-array encode/decode on the GPU; the float64 reference checks every ``stride``-th vector
+    (it runs ~20 s per 2^18 vectors on the host), with the channel choice checked over all of them."""
     rng = np.random.default_rng(n + d)
     x = _exact(kv_like(rng, (2, n // 2, d)), dtype)
-    ref = tq.encode(x, bits=bits, mode=mode, seed=9, backend="numpy")
+    cfg = tq.CodecConfig(d=d, bits=bits, mode=mode, seed=9)
+    channels = numpy_ref.select_channels(x, cfg) if cfg.split else None
     got = tq.encode(_torch_cuda(x, dtype), bits=bits, mode=mode, seed=9, backend=NAME)
-    if ref.channels is not None:
-        np.testing.assert_array_equal(_interop.to_numpy(got.channels), ref.channels)
-    _fields_match(_interop.to_numpy(got.records), ref)
-    want = tq.decode(ref, backend="numpy")
-    enc = tq.Encoded(records=_torch_cuda(ref.records, "uint8"),
-                     channels=None if ref.channels is None else _torch_cuda(ref.channels.astype(np.int32),
-                                                                            "int32"),
-                     config=ref.config)
-    back = _interop.to_numpy(tq.decode(enc, backend=NAME))
+    if channels is not None:
+        np.testing.assert_array_equal(_interop.to_numpy(got.channels), channels)
+    stride = max(1, n // (1 << 15))
+    ref = tq.encode(x[:, ::stride], bits=bits, mode=mode, seed=9, channels=channels, backend="numpy")
+    records = _interop.to_numpy(got.records)
+    _fields_match(records[:, ::stride], ref)
+    back = _interop.to_numpy(tq.decode(got, backend=NAME))[:, ::stride]
+    want = tq.decode(tq.Encoded(np.ascontiguousarray(records[:, ::stride]), channels, cfg), backend="numpy")
     scale = np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(back, want, rtol=RTOL32, atol=RTOL32 * scale.max())
 
@@ -159,7 +162,7 @@ def test_gpu_encode_decode_realistic(d: int, n: int, bits: float, mode: str, dty
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_gpu_attention_realistic(groups: int, d: int, dtype: str) -> None:
     rng = np.random.default_rng(groups * d)
-    b, h_kv, n, t = 2, 4, 5000, 64
+    b, h_kv, n, t = 2, 4, 2000, 64
     k = kv_like(rng, (b, h_kv, n, d))
     v = rng.standard_normal((b, h_kv, n, d)).astype(np.float32)
     q = _exact((rng.standard_normal((b, h_kv * groups, d)) * 2).astype(np.float32), dtype)

@@ -67,11 +67,16 @@ NEG_INF = -math.inf
 KEY_TILES = (32, 16, 8)
 
 
+def _simulated() -> bool:
+    """Whether Numba runs kernels in its CUDA simulator (NUMBA_ENABLE_CUDASIM=1 at import)."""
+    return bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
+
+
 def availability() -> Availability:
     """Whether Numba CUDA can run here, with the reason when it cannot."""
     if _IMPORT_ERROR is not None:
         return Availability(False, f"numba-cuda failed to import: {_IMPORT_ERROR}")
-    if _nb_config.ENABLE_CUDASIM:
+    if _simulated():
         return Availability(True, "CUDA simulator")
     try:
         if not cuda.is_available():
@@ -136,7 +141,7 @@ if _IMPORT_ERROR is None:
         if v < 6.103515625e-05:  # below the smallest normal half: subnormal steps of 2**-24
             return _round_even(v * 16777216.0)
         m, e = math.frexp(v)  # v = m * 2**e, 0.5 <= m < 1
-        mant = _round_even(float32(math.ldexp(m, int(11))) - 1024.0)  # 10 fraction bits; may carry
+        mant = _round_even(float32(math.ldexp(m, 11)) - 1024.0)  # 10 fraction bits; may carry
         return ((e + 14) << 10) + mant
 
     @cuda.jit(device=True, inline="always")
@@ -146,7 +151,7 @@ if _IMPORT_ERROR is None:
         e = (h >> 10) & 0x1F
         m = h & 0x3FF
         if e == 0:
-            return float32(math.ldexp(float32(m), int(-24)))
+            return float32(math.ldexp(float32(m), -24))
         return float32(math.ldexp(float32(m + 1024), int(e - 25)))
 
     @cuda.jit(device=True, inline="always")
@@ -586,12 +591,12 @@ def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
         meta[i, :5] = (grp.code_offset, grp.code_bits, max(grp.sign_offset, 0), grp.norm_offset,
                        tab.boundaries.size)
     qjl = cfg.mode == "prod"
-    proj = [t.projection if qjl else np.zeros((1, 1)) for t in host]
+    proj = [t.projection if t.projection is not None else np.zeros((1, 1)) for t in host]
     return _Tables(
         rot=_stack([t.rotation for t in host]),
         rot_t=_stack([t.rotation.T for t in host]),
-        proj=_stack(proj),  # type: ignore[misc]
-        proj_t=_stack([p.T for p in proj]),  # type: ignore[union-attr]
+        proj=_stack(proj),
+        proj_t=_stack([p.T for p in proj]),
         cent=cuda.to_device(cent),
         bnd=cuda.to_device(bnd),
         meta=cuda.to_device(meta),
@@ -604,7 +609,7 @@ def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
 
 def _device_id(arr: Any) -> int:
     """Ordinal of the GPU holding ``arr`` (the current device under the simulator or on failure)."""
-    if _nb_config.ENABLE_CUDASIM:
+    if _simulated():
         return 0
     try:
         from numba.cuda.cudadrv import driver
@@ -623,7 +628,7 @@ class _on_device:
         self._ctx: Any = None
 
     def __enter__(self) -> int:
-        if not _nb_config.ENABLE_CUDASIM:
+        if not _simulated():
             self._ctx = cuda.gpus[self.id]
             self._ctx.__enter__()
         return self.id

@@ -1,0 +1,152 @@
+"""Numba CUDA backend on a GPU: correctness against the NumPy reference, then timings against baselines.
+
+Baselines are measured in the same process on the same card: a device-to-device copy moving the
+same bytes as each encode/decode (bytes read + bytes written), and bf16
+``torch.nn.functional.scaled_dot_product_attention`` decode at B=8, T=32768, 32 query / 8 KV heads,
+d=128. Timing: ``triton.testing.do_bench`` medians after warm-up, on random data.
+
+Usage: ``python benchmarks/bench_numba_cuda.py [--out results.md]``; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+import triton.testing
+
+import turboquant_codec as tq
+from turboquant_codec import _interop
+from turboquant_codec.backends import numba_cuda as nc
+from turboquant_codec.backends import numpy_ref
+from turboquant_codec.config import CodecConfig
+
+# Vectors per encode/decode timing: 1M x d=128 fp16 is 256 MiB, far beyond the 50 MiB L2.
+N_VECTORS = 1 << 20
+D = 128
+# Attention decode shape of the baseline (GPU.md).
+B, T, H_Q, H_KV = 8, 32768, 32, 8
+# Vectors checked against the float64 reference (the reference is slow on the host).
+N_CHECK = 1 << 15
+
+
+def median_ms(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def copy_ms(total_bytes: int) -> float:
+    """A device-to-device copy whose bytes read + written equal ``total_bytes``."""
+    src = torch.randint(0, 255, (total_bytes // 2,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return median_ms(lambda: dst.copy_(src))
+
+
+def kv(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
+    x[..., :4] *= 8.0  # a few outlier channels, as real keys have
+    return x.to(dtype)
+
+
+def check_codec(cfg: CodecConfig) -> str:
+    x = kv((2, N_CHECK // 2, cfg.d), torch.float16, 1)
+    host = x.cpu().numpy()
+    ref = tq.encode(host, bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, backend="numpy")
+    got = tq.encode(x, bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, backend="numba_cuda")
+    rec = got.records.cpu().numpy()
+    mismatch = max(np.mean(numpy_ref._codes(rec, g) != numpy_ref._codes(ref.records, g)) for g in cfg.groups)
+    want = tq.decode(ref, backend="numpy")
+    back = tq.decode(tq.Encoded(torch.from_numpy(ref.records).cuda(),
+                                None if ref.channels is None else torch.from_numpy(
+                                    ref.channels.astype(np.int32)).cuda(), ref.config),
+                     backend="numba_cuda").cpu().numpy()
+    err = float(np.abs(back - want).max() / np.abs(want).max())
+    assert mismatch <= 1e-3 and err <= 2e-5, (mismatch, err)
+    return f"codes differ {mismatch:.2e}, decode max rel err {err:.1e}"
+
+
+def check_attention() -> str:
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, H_KV, 2048, D)).astype(np.float32)
+    v = rng.standard_normal((1, H_KV, 2048, D)).astype(np.float32)
+    q = rng.standard_normal((1, H_Q, D)).astype(np.float32)
+    k_enc, v_enc = tq.encode(k, bits=3.5, seed=1), tq.encode(v, bits=3.5, seed=2)
+    want = tq.attention(q, k_enc, v_enc, scale=D**-0.5, backend="numpy")
+
+    def dev(e: tq.Encoded) -> tq.Encoded:
+        return tq.Encoded(torch.from_numpy(e.records).cuda(),
+                          torch.from_numpy(e.channels.astype(np.int32)).cuda(), e.config)
+
+    got = tq.attention(torch.from_numpy(q).cuda(), dev(k_enc), dev(v_enc), scale=D**-0.5,
+                       backend="numba_cuda").cpu().numpy()
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= 1e-4, err
+    return f"attention max rel err {err:.1e}"
+
+
+def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
+    x = kv((N_VECTORS, cfg.d), torch.float16, 2)
+    xa = nc.asarray(x)
+    records, channels = nc.encode(xa, cfg, None)  # warm-up; fixes the outlier channels
+    enc_ms = median_ms(lambda: nc.encode(xa, cfg, channels))
+    enc = tq.Encoded(records=records, channels=channels, config=cfg)
+    dec_ms = median_ms(lambda: nc.decode(enc))
+    enc_bytes = N_VECTORS * (2 * cfg.d + cfg.record_bytes)
+    dec_bytes = N_VECTORS * (cfg.record_bytes + 4 * cfg.d)
+    for op, ms, nbytes in (("encode", enc_ms, enc_bytes), ("decode", dec_ms, dec_bytes)):
+        base = copy_ms(nbytes)
+        rows.append((f"{op} {cfg.mode} {cfg.bits:g}b fp16 N=2^20 d={cfg.d}", f"{ms:.3f}",
+                     f"copy {base:.3f}", f"{nbytes / ms / 1e6:.0f} GB/s", f"{100 * base / ms:.0f}% of copy"))
+
+
+def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
+    kb = kv((B, H_KV, T, D), torch.bfloat16, 3)
+    vb = kv((B, H_KV, T, D), torch.bfloat16, 4)
+    q = kv((B, H_Q, D), torch.bfloat16, 5)
+    k_enc = tq.encode(kb, bits=bits, seed=1, backend="numba_cuda")
+    v_enc = tq.encode(vb, bits=bits, seed=2, backend="numba_cuda")
+    nk, nv = (tq.Encoded(nc.asarray(e.records), nc.asarray(e.channels), e.config) for e in (k_enc, v_enc))
+    qa = nc.asarray(q)
+    scale = D**-0.5
+    ours = median_ms(lambda: nc.attention(qa, nk, nv, scale, None, None))
+    q4 = q.view(B, H_Q, 1, D)
+    sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q4, kb, vb, scale=scale, enable_gqa=True))
+    # Sanity: our output against SDPA over the decoded K/V would need a decode; compare with SDPA on
+    # the originals instead (quantisation error only, a loose plausibility check).
+    out = torch.as_tensor(_interop.like(nc.attention(qa, nk, nv, scale, None, None), q), device="cuda")
+    ref = torch.nn.functional.scaled_dot_product_attention(q4, kb, vb, scale=scale, enable_gqa=True)
+    cos = torch.nn.functional.cosine_similarity(out.float().reshape(-1, D), ref.float().reshape(-1, D)).min()
+    read = 2 * B * H_KV * T * k_enc.config.record_bytes
+    rows.append((f"attention mse {bits:g}b B={B} T={T} {H_Q}/{H_KV} heads d={D}", f"{ours:.3f}",
+                 f"SDPA bf16 {sdpa:.3f}", f"{read / ours / 1e6:.0f} GB/s records",
+                 f"{sdpa / ours:.2f}x SDPA (min cos {cos:.3f})"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench_numba_cuda.md")
+    args = parser.parse_args()
+    print(nc.availability(), torch.cuda.get_device_name())
+    checks = [check_codec(CodecConfig(D, b, m, 7)) for b, m in ((3.5, "mse"), (4, "mse"), (3.5, "prod"))]
+    checks.append(check_attention())
+    rows: list[tuple[str, ...]] = []
+    for bits, mode in ((3.5, "mse"), (4.0, "mse"), (3.5, "prod")):
+        bench_codec(CodecConfig(D, bits, mode, 7), rows)
+    for bits in (3.5, 4.0):
+        bench_attention(bits, rows)
+    head = ("op", "median ms", "baseline ms", "throughput", "ratio")
+    lines = [f"card: {torch.cuda.get_device_name()}", "", "checks: " + "; ".join(checks), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines)
+    with open(args.out, "w") as fh:
+        fh.write(text + "\n")
+    print(text)
+    assert math.isfinite(float(rows[0][1]))
+
+
+if __name__ == "__main__":
+    main()
