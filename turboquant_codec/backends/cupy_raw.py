@@ -266,10 +266,11 @@ def _module(device: int, source: str, options: tuple[str, ...]) -> Any:
     """Compiled RawModule of ``source`` for ``device`` (memoised; CuPy also caches on disk)."""
     cp = _cupy()
     with cp.cuda.Device(device):
-        code = (CUDA_DIR / source).read_text()
-        mod = cp.RawModule(
-            code=code, options=("-std=c++17", f"-I{CUDA_DIR}", *options), backend="nvrtc"
-        )
+        # The shared header is inlined: CuPy's disk cache keys on the source text, so an edited
+        # header must change the key.
+        header = (CUDA_DIR / "tq_common.cuh").read_text()
+        code = (CUDA_DIR / source).read_text().replace('#include "tq_common.cuh"', header)
+        mod = cp.RawModule(code=code, options=("-std=c++17", *options), backend="nvrtc")
         mod.compile()
         return mod
 

@@ -157,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      m_run[nt][e] = -INFINITY;
+      m_run[nt][e] = -TQ_INF;
       l_run[nt][e] = 0.f;
     }
 
@@ -173,18 +173,25 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
       const u8* s = kbase + tok0 * K_R;
       const u8* a = reinterpret_cast<const u8*>(reinterpret_cast<u64>(s) & ~15ull);
       const long long end = static_cast<long long>(kbase + row_bytes_k - a);
-      const long long stop = min(end, static_cast<long long>(s - a) + TILE * K_R);
-      for (int c = lane; c * 16 < stop; c += 32)
-        cp_async16(st + c * 16, a + c * 16, static_cast<int>(max(0ll, min(16ll, stop - c * 16))));
+      const long long full = static_cast<long long>(s - a) + TILE * K_R;
+      const long long stop = min(end, full);
+      // Whole tile copied, past-the-end tokens zero-filled (no read; source clamped in bounds):
+      // stale shared memory could hold NaN norms, and 0 * NaN would poison the sums.
+      for (int c = lane; c * 16 < full; c += 32) {
+        const int nb = static_cast<int>(max(0ll, min(16ll, stop - c * 16)));
+        cp_async16(st + c * 16, nb ? a + c * 16 : a, nb);
+      }
     }
     {
       const u8* s = vbase + tok0 * V_R;
       const u8* a = reinterpret_cast<const u8*>(reinterpret_cast<u64>(s) & ~15ull);
       const long long end = static_cast<long long>(vbase + row_bytes_v - a);
-      const long long stop = min(end, static_cast<long long>(s - a) + TILE * V_R);
-      for (int c = lane; c * 16 < stop; c += 32)
-        cp_async16(st + TILE_BYTES_K + c * 16, a + c * 16,
-                   static_cast<int>(max(0ll, min(16ll, stop - c * 16))));
+      const long long full = static_cast<long long>(s - a) + TILE * V_R;
+      const long long stop = min(end, full);
+      for (int c = lane; c * 16 < full; c += 32) {
+        const int nb = static_cast<int>(max(0ll, min(16ll, stop - c * 16)));
+        cp_async16(st + TILE_BYTES_K + c * 16, nb ? a + c * 16 : a, nb);
+      }
     }
   };
 #pragma unroll
@@ -252,14 +259,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x0 = valid0 ? s[nt][e] * qsc[nt][e] : -INFINITY;
-        const float x1 = valid1 ? s[nt][2 + e] * qsc[nt][e] : -INFINITY;
+        const float x0 = valid0 ? s[nt][e] * qsc[nt][e] : -TQ_INF;
+        const float x1 = valid1 ? s[nt][2 + e] * qsc[nt][e] : -TQ_INF;
         float mx = fmaxf(x0, x1);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float mnew = fmaxf(m_run[nt][e], mx);
-        const float msafe = mnew == -INFINITY ? 0.f : mnew;
+        const float msafe = mnew == -TQ_INF ? 0.f : mnew;
         const float alpha = exp2f(m_run[nt][e] - msafe);
         pr[nt][e][0] = exp2f(x0 - msafe);
         pr[nt][e][1] = exp2f(x1 - msafe);
@@ -283,8 +290,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           u16* r = pb + (nt * 8 + 2 * t + e) * PSTRIDE;
-          r[gid] = f2h(pr[nt][e][0] * sc0);
-          r[gid + 8] = f2h(pr[nt][e][1] * sc1);
+          r[gid] = f2h(valid0 ? pr[nt][e][0] * sc0 : 0.f);
+          r[gid + 8] = f2h(valid1 ? pr[nt][e][1] * sc1 : 0.f);
         }
     });
     __syncwarp();
@@ -375,9 +382,9 @@ extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, cons
   const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 
-  float M = -INFINITY;
+  float M = -TQ_INF;
   for (int p = 0; p < nparts; ++p) M = fmaxf(M, part_m[(static_cast<u64>(bh) * nparts + p) * GQ + h]);
-  const float Ms = M == -INFINITY ? 0.f : M;
+  const float Ms = M == -TQ_INF ? 0.f : M;
   float L = 0.f;
   for (int p = 0; p < nparts; ++p) {
     const u64 pr = (static_cast<u64>(bh) * nparts + p) * GQ + h;
@@ -409,10 +416,10 @@ extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, cons
       if (lane == 0) lg[k] = a * sl;
     }
     __syncthreads();
-    float cm = -INFINITY;
+    float cm = -TQ_INF;
     for (int k = 0; k < cn; ++k) cm = fmaxf(cm, lg[k]);
     const float Mn = fmaxf(M, cm);
-    const float alpha = exp2f((M == -INFINITY ? Mn : M) - Mn) * (M == -INFINITY ? 0.f : 1.f);
+    const float alpha = exp2f((M == -TQ_INF ? Mn : M) - Mn) * (M == -TQ_INF ? 0.f : 1.f);
     L *= alpha;
     for (int k = 0; k < cn; ++k) L += exp2f(lg[k] - Mn);
     for (int j = threadIdx.x; j < VQD; j += blockDim.x) y[j] *= alpha;

@@ -17,6 +17,9 @@ typedef unsigned long long u64;
 #define TQ_F16 1
 #define TQ_BF16 2
 
+// NVRTC has no math.h: +infinity spelled out.
+#define TQ_INF __int_as_float(0x7f800000)
+
 template <int I>
 struct Int {
   static constexpr int value = I;
