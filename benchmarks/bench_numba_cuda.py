@@ -99,6 +99,7 @@ def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
         base = copy_ms(nbytes)
         rows.append((f"{op} {cfg.mode} {cfg.bits:g}b fp16 N=2^20 d={cfg.d}", f"{ms:.3f}",
                      f"copy {base:.3f}", f"{nbytes / ms / 1e6:.0f} GB/s", f"{100 * base / ms:.0f}% of copy"))
+        print(rows[-1], flush=True)
 
 
 def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
@@ -107,7 +108,8 @@ def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
     q = kv((B, H_Q, D), torch.bfloat16, 5)
     k_enc = tq.encode(kb, bits=bits, seed=1, backend="numba_cuda")
     v_enc = tq.encode(vb, bits=bits, seed=2, backend="numba_cuda")
-    nk, nv = (tq.Encoded(nc.asarray(e.records), nc.asarray(e.channels), e.config) for e in (k_enc, v_enc))
+    nk, nv = (tq.Encoded(nc.asarray(e.records), None if e.channels is None else nc.asarray(e.channels),
+                         e.config) for e in (k_enc, v_enc))
     qa = nc.asarray(q)
     scale = D**-0.5
     ours = median_ms(lambda: nc.attention(qa, nk, nv, scale, None, None))
@@ -123,6 +125,7 @@ def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
     rows.append((f"attention mse {bits:g}b B={B} T={T} {H_Q}/{H_KV} heads d={D}", f"{ours:.3f}",
                  f"SDPA bf16 {sdpa:.3f}", f"{read / ours / 1e6:.0f} GB/s records",
                  f"{sdpa / ours:.2f}x SDPA (min cos {cos:.3f})"))
+    print(rows[-1], flush=True)
 
 
 def main() -> None:
