@@ -146,7 +146,10 @@ def test_torch_cuda_tensors(dtype: str) -> None:
     host_enc = tq.Encoded(enc.records.cpu().numpy(), enc.channels.cpu().numpy(), enc.config)
     want = tq.attention(q.float().cpu().numpy(), host_enc, host_enc, scale=d**-0.5,
                         k_tail=kt.float().cpu().numpy(), v_tail=kt.float().cpu().numpy(), backend="numpy")
-    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+    # Softmax weights times value norms enter the value product as float16 (2**-12 relative):
+    # with kv_like's 8x outlier channels used as values, that bounds the error by ~3e-4 max|v|.
+    vmax = float(np.abs(tq.decode(host_enc, backend="numpy")).max())
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-4, atol=3e-4 * vmax)
 
 
 @gpu

@@ -167,6 +167,7 @@ def _stream(device: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------ tables
+@functools.cache
 def _layout(cfg: CodecConfig) -> tuple[np.ndarray, dict[str, int]]:
     """Host float32 table buffer of ``cfg`` and the float offsets of its parts (macro names)."""
     parts: list[np.ndarray] = []
@@ -290,6 +291,7 @@ def _sm_count(device: int) -> int:
     return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
 
 
+@functools.cache
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
     return _module(device, "tq_codec.cu", tuple(compile_options("codec", cfg=cfg, dtype=dtype)))
 
@@ -395,6 +397,7 @@ def scores(q: Any, keys: Encoded) -> Any:
         return out
 
 
+@functools.cache
 def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
                       group: int) -> Any:
     opts = compile_options(
@@ -403,6 +406,7 @@ def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype
     return _module(device, "tq_attention.cu", tuple(opts))
 
 
+@functools.cache
 def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
     """Dynamic shared memory of tq_attn_split (mirrors the carve-up at the top of the kernel)."""
 
@@ -418,6 +422,7 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
     return 4 * 32 * (lutn(k_cfg) + lutn(v_cfg)) + pbuf + ATTN_WARPS * ATTN_STAGES * stage
 
 
+@functools.cache
 def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
     """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens."""
     ntiles = max(1, -(-n // TILE))
