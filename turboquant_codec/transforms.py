@@ -62,8 +62,10 @@ def gaussian(seed: int, tag: int, group: int, rows: int, cols: int) -> np.ndarra
     return pairs.reshape(-1)[: rows * cols].reshape(rows, cols)
 
 
+# Rotations depend on (seed, group, dim) only: configs differing in bits or mode share them.
+@functools.lru_cache(maxsize=256)
 def haar_rotation(seed: int, group: int, dim: int) -> np.ndarray:
-    """Haar-random orthogonal (dim, dim) float64 matrix."""
+    """Haar-random orthogonal (dim, dim) float64 matrix (cached; treat as read-only)."""
     q, r = np.linalg.qr(gaussian(seed, _ROTATION_TAG, group, dim, dim))
     return q * np.where(np.diag(r) < 0, -1.0, 1.0)
 
