@@ -69,7 +69,7 @@ def _cumulative(u: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(steps)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lloyd_max(bits: int, d: int | None = None) -> Codebook:
     """Solve the Lloyd-Max quantizer for the rotated-coordinate density.
 

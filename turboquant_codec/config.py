@@ -140,7 +140,7 @@ class CodecConfig:
         return self.record_bytes * 8 / self.d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(cfg: CodecConfig) -> tuple[tuple[Group, ...], int]:
     qjl = cfg.mode == "prod"
     hi = math.ceil(cfg.bits) - int(qjl)

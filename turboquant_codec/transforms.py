@@ -45,14 +45,16 @@ def stream_seed(seed: int, stream: int) -> int:
     int
         A 64-bit seed; distinct streams give unrelated transforms.
     """
-    key = np.random.Philox(key=[seed & (2**64 - 1), (stream & 0xFFFFFFFF) | (3 << 56)])
+    if not (0 <= seed < 2**64 and 0 <= stream < 2**32):
+        raise ValueError(f"seed must be in [0, 2**64) and stream in [0, 2**32), got {seed}, {stream}")
+    key = np.random.Philox(key=np.array([seed, stream | (3 << 56)], dtype=np.uint64))
     return int(key.random_raw())
 
 
 def gaussian(seed: int, tag: int, group: int, rows: int, cols: int) -> np.ndarray:
     """Portable i.i.d. N(0, 1) float64 matrix of shape (rows, cols) for one (seed, purpose, group)."""
     stream = (tag << 56) | (group << 32) | cols
-    gen = np.random.Philox(key=[seed, stream])
+    gen = np.random.Philox(key=np.array([seed, stream], dtype=np.uint64))
     count = rows * cols + (rows * cols) % 2
     raw = gen.random_raw(count)
     uniform = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53

@@ -45,7 +45,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(['auto', *REGISTRY])}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def availability(name: str) -> Availability:
     """Whether backend ``name`` can run here; the reason when it cannot (cached per process)."""
     _check_name(name)
