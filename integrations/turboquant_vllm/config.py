@@ -1,0 +1,292 @@
+"""``TurboQuantConfig``: the plugin's configuration, read from ``TQ_*`` environment variables.
+
+Every process vLLM starts (API server, engine core, workers) reads the same environment, so the
+configuration is identical everywhere. ``DEFAULTS`` is the one place the defaults live.
+
+Variables (names of the original plugin first; all optional):
+
+==================  =========================================================================
+TQ_B_MSE            bits per value of the MSE quantizer, keys and values (default 3.5)
+TQ_B_QJL            0 or 1; 1 = QJL ("prod") keys at TQ_B_MSE + 1 bits, as the original (default 0)
+TQ_K_BITS           key bits (overrides TQ_B_MSE / TQ_B_QJL for keys)
+TQ_V_BITS           value bits (overrides TQ_B_MSE for values)
+TQ_K_MODE           mse | prod for keys (default mse; prod when TQ_B_QJL=1)
+TQ_V_MODE           mse | prod for values (default mse)
+TQ_FLUSH_INTERVAL   recent tokens of each running sequence read uncompressed (default 128;
+                    0 = quantize on write)
+TQ_SINK_TOKENS      first tokens of each sequence read uncompressed (default 4; their block)
+TQ_SEED             base seed of the rotations (default 0)
+TQ_CODEC_BACKEND    codec backend for CUDA tensors: auto or a turboquant_codec backend name
+TQ_RAW_SEQS         running sequences the raw side pool is sized for (default: max_num_seqs)
+TQ_NUM_LAYERS, TQ_NUM_HEADS, TQ_NUM_KV_HEADS, TQ_HEAD_DIM, TQ_MAX_SEQ_LEN, TQ_DEVICE
+                    checks only: detected from vLLM's config; a different value is an error
+TQ_MARKER_FILE      evidence file: each process appends a JSON line when the backend runs
+==================  =========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from turboquant_codec.config import CodecConfig
+
+#: The defaults, in one place (the torch wrapper's evaluation found MSE keys best; QUALITY.md).
+DEFAULTS: dict[str, object] = {
+    "b_mse": 3.5,
+    "b_qjl": 0,
+    "k_mode": "mse",
+    "v_mode": "mse",
+    "flush_interval": 128,
+    "sink_tokens": 4,
+    "seed": 0,
+    "codec_backend": "auto",
+}
+
+ENV_PREFIX = "TQ_"
+#: Every variable the plugin reads (unknown TQ_* names are left alone: the codec reads TQ_BACKEND).
+ENV_VARS = (
+    "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_FLUSH_INTERVAL",
+    "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_NUM_LAYERS", "TQ_NUM_HEADS",
+    "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE", "TQ_MARKER_FILE",
+)
+_SHAPE_FIELDS = (
+    ("num_layers", "TQ_NUM_LAYERS"), ("num_heads", "TQ_NUM_HEADS"), ("num_kv_heads", "TQ_NUM_KV_HEADS"),
+    ("head_dim", "TQ_HEAD_DIM"), ("max_seq_len", "TQ_MAX_SEQ_LEN"),
+)
+
+
+class ConfigError(ValueError):
+    """An invalid TQ_* value; the message names the variable."""
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r}: must be >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str) -> float | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of bits such as 3.5") from None
+
+
+def _mode(env: Mapping[str, str], name: str) -> str | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    if raw.lower() not in ("mse", "prod"):
+        raise ConfigError(f"{name}={raw!r}: expected 'mse' or 'prod'")
+    return raw.lower()
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """Configuration of the TurboQuant KV cache (the original plugin's names kept).
+
+    Parameters
+    ----------
+    k_bits, v_bits : float
+        Nominal bits per value of keys and values (norms are extra; see ``record_bytes``).
+    k_mode, v_mode : {"mse", "prod"}
+    flush_interval : int
+        The most recent ``flush_interval`` tokens of every running sequence are attended
+        uncompressed (raw side pool); 0 quantizes on write.
+    sink_tokens : int
+        The first ``sink_tokens`` tokens (their whole block in vLLM) are attended uncompressed.
+    seed : int
+        Base seed; layer ``i`` uses ``stream_seed(seed, 2 i)`` for K and ``2 i + 1`` for V.
+    codec_backend : str
+        ``"auto"`` or a ``turboquant_codec`` backend name, for CUDA tensors (CPU runs NumPy).
+    raw_seqs : int or None
+        Sequences the raw pool is sized for (None: vLLM's ``max_num_seqs``).
+    num_layers, num_heads, num_kv_heads, head_dim, max_seq_len : int or None
+        Model shape; None = detect. Set values are checked against the model (``validate``).
+    device : str or None
+        "cpu" or "cuda"; None = vLLM's device. Checked like the shape.
+    b_mse, b_qjl : float, int
+        The original plugin's knobs, kept for reference (``from_env`` derives the bits from them).
+    """
+
+    k_bits: float = float(DEFAULTS["b_mse"])  # type: ignore[arg-type]
+    v_bits: float = float(DEFAULTS["b_mse"])  # type: ignore[arg-type]
+    k_mode: str = str(DEFAULTS["k_mode"])
+    v_mode: str = str(DEFAULTS["v_mode"])
+    flush_interval: int = int(DEFAULTS["flush_interval"])  # type: ignore[call-overload]
+    sink_tokens: int = int(DEFAULTS["sink_tokens"])  # type: ignore[call-overload]
+    seed: int = int(DEFAULTS["seed"])  # type: ignore[call-overload]
+    codec_backend: str = str(DEFAULTS["codec_backend"])
+    raw_seqs: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_seq_len: int | None = None
+    device: str | None = None
+    b_mse: float = float(DEFAULTS["b_mse"])  # type: ignore[arg-type]
+    b_qjl: int = int(DEFAULTS["b_qjl"])  # type: ignore[call-overload]
+
+    def __post_init__(self) -> None:
+        for field, bits, mode in (("k", self.k_bits, self.k_mode), ("v", self.v_bits, self.v_mode)):
+            var = f"TQ_{field.upper()}_BITS"
+            if mode not in ("mse", "prod"):
+                raise ConfigError(f"TQ_{field.upper()}_MODE={mode!r}: expected 'mse' or 'prod'")
+            try:
+                CodecConfig(d=64, bits=float(bits), mode=mode)
+            except ValueError as exc:
+                raise ConfigError(f"{var}={bits:g} ({field} mode {mode}): {exc}") from None
+        for name, value in (("TQ_FLUSH_INTERVAL", self.flush_interval), ("TQ_SINK_TOKENS", self.sink_tokens),
+                            ("TQ_SEED", self.seed)):
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 0")
+        if self.raw_seqs is not None and self.raw_seqs < 0:
+            raise ConfigError(f"TQ_RAW_SEQS={self.raw_seqs!r}: must be >= 0")
+        if self.device is not None and self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"TQ_DEVICE={self.device!r}: expected 'cpu' or 'cuda'")
+        if self.codec_backend != "auto":
+            from turboquant_codec.backends import REGISTRY
+
+            if self.codec_backend not in REGISTRY:
+                raise ConfigError(
+                    f"TQ_CODEC_BACKEND={self.codec_backend!r}: unknown; valid: auto, {', '.join(REGISTRY)}"
+                )
+        for field_name, var in _SHAPE_FIELDS:
+            value = getattr(self, field_name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{var}={value!r}: must be >= 1")
+        if self.head_dim is not None:
+            try:
+                CodecConfig(d=self.head_dim, bits=self.k_bits, mode=self.k_mode)
+            except ValueError as exc:
+                raise ConfigError(f"TQ_HEAD_DIM={self.head_dim}: {exc}") from None
+
+    # ------------------------------------------------------------------------------------ env
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> TurboQuantConfig:
+        """Read the ``TQ_*`` variables (``os.environ`` by default); ConfigError names a bad one."""
+        env = os.environ if env is None else env
+        b_mse = _float(env, "TQ_B_MSE")
+        b_qjl = _int(env, "TQ_B_QJL", 0)
+        if b_qjl is not None and b_qjl > 1:
+            raise ConfigError(f"TQ_B_QJL={b_qjl}: expected 0 or 1 (QJL spends one bit per value)")
+        base = float(DEFAULTS["b_mse"]) if b_mse is None else b_mse  # type: ignore[arg-type]
+        qjl = int(DEFAULTS["b_qjl"]) if b_qjl is None else b_qjl  # type: ignore[call-overload]
+        k_mode_env, v_mode_env = _mode(env, "TQ_K_MODE"), _mode(env, "TQ_V_MODE")
+        if qjl and k_mode_env == "mse":
+            raise ConfigError("TQ_B_QJL=1 selects QJL ('prod') keys but TQ_K_MODE='mse'; unset one of them")
+        k_mode = k_mode_env or ("prod" if qjl else str(DEFAULTS["k_mode"]))
+        v_mode = v_mode_env or str(DEFAULTS["v_mode"])
+        k_bits, v_bits = _float(env, "TQ_K_BITS"), _float(env, "TQ_V_BITS")
+        k_src = "TQ_K_BITS" if k_bits is not None else ("TQ_B_MSE + TQ_B_QJL" if qjl else "TQ_B_MSE")
+        v_src = "TQ_V_BITS" if v_bits is not None else "TQ_B_MSE"
+        if k_bits is None:
+            k_bits = base + 1 if qjl else base
+        if v_bits is None:
+            v_bits = base
+        for src, bits, mode in ((k_src, k_bits, k_mode), (v_src, v_bits, v_mode)):
+            try:
+                CodecConfig(d=64, bits=bits, mode=mode)
+            except ValueError as exc:
+                names = ("TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS")
+                shown = ", ".join(f"{n}={env[n]!r}" for n in names
+                                  if n in src and _get(env, n) is not None) or f"default {bits:g}"
+                raise ConfigError(f"{shown}: {bits:g} bits in mode {mode!r}: {exc}") from None
+        device = _get(env, "TQ_DEVICE")
+        backend = _get(env, "TQ_CODEC_BACKEND")
+        return cls(
+                k_bits=k_bits, v_bits=v_bits, k_mode=k_mode, v_mode=v_mode,
+                flush_interval=_default(_int(env, "TQ_FLUSH_INTERVAL", 0), "flush_interval"),
+                sink_tokens=_default(_int(env, "TQ_SINK_TOKENS", 0), "sink_tokens"),
+                seed=_default(_int(env, "TQ_SEED", 0), "seed"),
+                codec_backend=backend or str(DEFAULTS["codec_backend"]),
+                raw_seqs=_int(env, "TQ_RAW_SEQS", 0),
+                num_layers=_int(env, "TQ_NUM_LAYERS", 1), num_heads=_int(env, "TQ_NUM_HEADS", 1),
+                num_kv_heads=_int(env, "TQ_NUM_KV_HEADS", 1), head_dim=_int(env, "TQ_HEAD_DIM", 1),
+                max_seq_len=_int(env, "TQ_MAX_SEQ_LEN", 1),
+                device=device.lower() if device else None,
+                b_mse=base, b_qjl=qjl,
+            )
+
+    def export_env(self) -> None:
+        """Hand the codec backend choice to ``turboquant_codec`` (its ``TQ_BACKEND`` variable)."""
+        if self.codec_backend != "auto":
+            os.environ["TQ_BACKEND"] = self.codec_backend
+
+    # ------------------------------------------------------------------------------ validation
+    def validate(
+        self,
+        *,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        max_seq_len: int | None = None,
+        device: str | None = None,
+    ) -> TurboQuantConfig:
+        """Check set fields against the model's values; returns a copy with the detected ones filled.
+
+        Raises ConfigError naming the variable and both values when they disagree, or when the head
+        dimension does not suit the codec.
+        """
+        detected = {"num_layers": num_layers, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
+                    "head_dim": head_dim, "max_seq_len": max_seq_len}
+        for field_name, var in _SHAPE_FIELDS:
+            mine, theirs = getattr(self, field_name), detected[field_name]
+            if mine is not None and theirs is not None and int(mine) != int(theirs):
+                raise ConfigError(
+                    f"{var}={mine} disagrees with the model served by vLLM ({field_name}={theirs}); "
+                    f"unset {var} or fix it"
+                )
+        if self.device is not None and device is not None and self.device != device:
+            raise ConfigError(f"TQ_DEVICE={self.device!r} disagrees with vLLM's device {device!r}")
+        if num_heads is not None and num_kv_heads is not None and num_heads % num_kv_heads:
+            raise ConfigError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        d = head_dim if head_dim is not None else self.head_dim
+        if d is not None:
+            for var, bits, mode in (("TQ_K_BITS", self.k_bits, self.k_mode), ("TQ_V_BITS", self.v_bits,
+                                                                                   self.v_mode)):
+                try:
+                    CodecConfig(d=int(d), bits=bits, mode=mode)
+                except ValueError as exc:
+                    raise ConfigError(f"head_dim={d} with {var}={bits:g} ({mode}): {exc}") from None
+        filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in detected.items()}
+        return dataclasses.replace(self, device=self.device or device, **filled)
+
+    # --------------------------------------------------------------------------------- sizes
+    def record_bytes(self, head_dim: int) -> tuple[int, int]:
+        """Bytes of one K record and one V record for ``head_dim`` (norms and padding included)."""
+        return (CodecConfig(d=head_dim, bits=self.k_bits, mode=self.k_mode).record_bytes,
+                CodecConfig(d=head_dim, bits=self.v_bits, mode=self.v_mode).record_bytes)
+
+    def state_bytes(self, head_dim: int) -> int:
+        """Bytes per (token, KV head) in vLLM's paged cache: the K record then the V record."""
+        return sum(self.record_bytes(head_dim))
+
+    def describe(self) -> str:
+        return (f"K {self.k_mode} {self.k_bits:g} bits, V {self.v_mode} {self.v_bits:g} bits, "
+                f"window {self.flush_interval}, sinks {self.sink_tokens}, seed {self.seed}")
+
+
+def _default(value: int | None, key: str) -> int:
+    return int(DEFAULTS[key]) if value is None else value  # type: ignore[call-overload]
