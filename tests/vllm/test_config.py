@@ -1,0 +1,135 @@
+"""Fast checks, no engine: TQ_* parsing and validation, version gate, raw pool map, standalone impl."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from turboquant_vllm import DEFAULTS, ConfigError, TurboQuantConfig, check_vllm_version, vllm_version
+from turboquant_vllm.raw_pool import RawSlotManager, blocks_per_seq
+
+
+def test_defaults_in_one_place():
+    cfg = TurboQuantConfig.from_env({})
+    assert (cfg.k_mode, cfg.v_mode, cfg.k_bits, cfg.v_bits) == ("mse", "mse", 3.5, 3.5)
+    assert cfg.flush_interval == DEFAULTS["flush_interval"] == 128
+    assert cfg.sink_tokens == DEFAULTS["sink_tokens"] == 4
+    assert cfg == TurboQuantConfig()
+    assert cfg.state_bytes(64) == 64  # 32-byte K and V records at d=64: 4x fewer bytes than bf16
+
+
+def test_original_names_and_qjl():
+    cfg = TurboQuantConfig.from_env({"TQ_B_MSE": "2.5", "TQ_B_QJL": "1", "TQ_FLUSH_INTERVAL": "64"})
+    assert (cfg.k_mode, cfg.k_bits, cfg.v_mode, cfg.v_bits) == ("prod", 3.5, "mse", 2.5)
+    assert cfg.flush_interval == 64
+    cfg = TurboQuantConfig.from_env({"TQ_K_BITS": "4", "TQ_V_BITS": "3", "TQ_SINK_TOKENS": "0",
+                                     "TQ_SEED": "7", "TQ_FLUSH_INTERVAL": "0"})
+    assert (cfg.k_bits, cfg.v_bits, cfg.sink_tokens, cfg.seed, cfg.flush_interval) == (4, 3, 0, 7, 0)
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"TQ_B_MSE": "abc"}, "TQ_B_MSE"),
+    ({"TQ_B_MSE": "7"}, "TQ_B_MSE"),
+    ({"TQ_B_QJL": "2"}, "TQ_B_QJL"),
+    ({"TQ_B_QJL": "1", "TQ_K_MODE": "mse"}, "TQ_B_QJL"),
+    ({"TQ_K_BITS": "1.25"}, "TQ_K_BITS"),
+    ({"TQ_V_MODE": "fp8"}, "TQ_V_MODE"),
+    ({"TQ_FLUSH_INTERVAL": "-1"}, "TQ_FLUSH_INTERVAL"),
+    ({"TQ_FLUSH_INTERVAL": "1e3"}, "TQ_FLUSH_INTERVAL"),
+    ({"TQ_SINK_TOKENS": "x"}, "TQ_SINK_TOKENS"),
+    ({"TQ_SEED": "-3"}, "TQ_SEED"),
+    ({"TQ_NUM_KV_HEADS": "0"}, "TQ_NUM_KV_HEADS"),
+    ({"TQ_HEAD_DIM": "60"}, "TQ_HEAD_DIM"),
+    ({"TQ_DEVICE": "tpu"}, "TQ_DEVICE"),
+    ({"TQ_CODEC_BACKEND": "nope"}, "TQ_CODEC_BACKEND"),
+    ({"TQ_RAW_SEQS": "-2"}, "TQ_RAW_SEQS"),
+])
+def test_invalid_values_name_the_variable(env, named):
+    with pytest.raises(ConfigError, match=named):
+        TurboQuantConfig.from_env(env)
+
+
+def test_shape_disagreement_names_both_values():
+    cfg = TurboQuantConfig.from_env({"TQ_NUM_KV_HEADS": "4", "TQ_HEAD_DIM": "64"})
+    with pytest.raises(ConfigError, match=r"TQ_NUM_KV_HEADS=4.*num_kv_heads=3"):
+        cfg.validate(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64)
+    with pytest.raises(ConfigError, match=r"TQ_DEVICE='cuda'.*'cpu'"):
+        TurboQuantConfig.from_env({"TQ_DEVICE": "cuda"}).validate(device="cpu")
+    filled = TurboQuantConfig.from_env({"TQ_NUM_LAYERS": "30"}).validate(num_layers=30, num_kv_heads=3,
+                                                                         head_dim=64)
+    assert (filled.num_layers, filled.num_kv_heads, filled.head_dim) == (30, 3, 64)
+
+
+def test_validated_against_a_vllm_config(monkeypatch):
+    from turboquant_vllm import sizing
+
+    hf = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9)
+    mc = SimpleNamespace(hf_text_config=hf, get_head_size=lambda: 64, get_total_num_kv_heads=lambda: 3,
+                         max_model_len=2048)
+    vc = SimpleNamespace(model_config=mc, parallel_config=SimpleNamespace(),
+                         device_config=SimpleNamespace(device_type="cpu"))
+    monkeypatch.setattr(sizing, "env_config", lambda: TurboQuantConfig.from_env({"TQ_NUM_LAYERS": "32"}))
+    with pytest.raises(ConfigError, match=r"TQ_NUM_LAYERS=32.*num_layers=30"):
+        sizing.validated_config(vc)
+    monkeypatch.setattr(sizing, "env_config", lambda: TurboQuantConfig.from_env({"TQ_MAX_SEQ_LEN": "2048"}))
+    assert sizing.validated_config(vc).num_kv_heads == 3
+
+
+def test_version_gate():
+    check_vllm_version(vllm_version())  # the installed one (0.32.x) is supported
+    check_vllm_version((0, 32, 5))
+    for bad in [(0, 31, 2), (0, 33, 0), (1, 0, 0), (0, 0, "dev")]:
+        with pytest.raises(RuntimeError, match=r">=0\.32\.0,<0\.33\.0"):
+            check_vllm_version(bad)
+
+
+def test_register_fills_the_custom_slot():
+    import turboquant_vllm
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    turboquant_vllm.register()
+    turboquant_vllm.register()  # idempotent
+    assert AttentionBackendEnum.CUSTOM.get_path() == turboquant_vllm.BACKEND_QUALNAME
+    backend = AttentionBackendEnum.CUSTOM.get_class()
+    assert backend.get_name() == "CUSTOM"  # vLLM 0.32 requires the slot's enum name here
+    assert "TURBOQUANT" not in backend.__qualname__.upper()
+
+
+def test_raw_pool_grants_fresh_blocks_only_and_drops_stale_copies():
+    assert blocks_per_seq(16, 128, 4) == 10
+    m = RawSlotManager(num_blocks=32, num_raw_blocks=10, block_size=4, window=8, sink_tokens=1)
+    bt = torch.tensor([[5, 6, 7, 8, 9, -1]], dtype=torch.int32)
+    # Prefill 18 tokens (blocks 5..9): the sink block 5 and window blocks 7, 8, 9 get rows, 6 does not.
+    m.step(bt, torch.tensor([18]), torch.tensor([18]))
+    assert sorted(m._row_of) == [5, 7, 8, 9]
+    # A prefix-cache hit on blocks 5, 6 by another request that writes block 10 onwards.
+    bt2 = torch.tensor([[5, 6, 10, -1, -1, -1]], dtype=torch.int32)
+    m.step(bt2, torch.tensor([10]), torch.tensor([2]))
+    assert 6 not in m._row_of and 10 in m._row_of  # 6 was written before: it stays compressed
+    # Block 7 freed and reused from offset 0 by a request that does not need it raw: its copy is dropped.
+    bt3 = torch.tensor([[11, 12, 13, 7, 14, 15, 16]], dtype=torch.int32)
+    m.step(bt3, torch.tensor([28]), torch.tensor([28]))
+    assert int(m.raw_slot_of_block[7]) == -1 and m.stats["stale_dropped"] >= 1
+
+
+def test_standalone_impl_matches_exact_attention_inside_the_window():
+    from turboquant_vllm import TurboQuantAttentionImpl
+
+    torch.manual_seed(0)
+    cfg = TurboQuantConfig(flush_interval=512, max_seq_len=512)
+    impl = TurboQuantAttentionImpl(num_heads=6, head_size=64, scale=0.125, num_kv_heads=2, tq_config=cfg,
+                                   layer_idx=0)
+    q, k, v = torch.randn(50, 6, 64), torch.randn(50, 2, 64), torch.randn(50, 2, 64)
+    out = torch.cat([impl.forward(q[:40], k[:40], v[:40]), impl.forward(q[40:], k[40:], v[40:])])
+    kk, vv = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    logits = torch.einsum("qhd,khd->hqk", q, kk) * 0.125
+    logits = logits.masked_fill(torch.ones(50, 50, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.einsum("hqk,khd->qhd", logits.softmax(-1), vv)
+    assert torch.allclose(out, ref, atol=1e-4)
+    # Without the window (quantize on write) the past is read compressed: close, not exact.
+    impl2 = TurboQuantAttentionImpl(num_heads=6, head_size=64, scale=0.125, num_kv_heads=2, layer_idx=0,
+                                    tq_config=TurboQuantConfig(flush_interval=0, sink_tokens=0))
+    out2 = torch.cat([impl2.forward(q[:40], k[:40], v[:40]), impl2.forward(q[40:], k[40:], v[40:])])
+    err = (out2[40:] - ref[40:]).norm() / ref[40:].norm()
+    assert 0 < err < 0.3
