@@ -186,3 +186,32 @@ def test_gpu_attention_realistic(groups: int, d: int, dtype: str) -> None:
     s_got = tq.scores(_torch_cuda(qg, dtype), dev(k_enc), backend=NAME).cpu().numpy()
     bound = RTOL32 * np.linalg.norm(qg, axis=-1)[..., None] * np.linalg.norm(k, axis=-1).max()
     assert np.all(np.abs(s_got - s_want) <= bound + RTOL32 * np.abs(s_want))
+
+
+@needs_backend
+@pytest.mark.parametrize("kv", [((3.5, "mse"), (3.5, "prod")), ((4, "prod"), (2, "mse"))],
+                         ids=["k-mse3.5-v-prod3.5", "k-prod4-v-mse2"])
+def test_warp_attention_tiles_and_splits(kv) -> None:
+    """The warp kernel: several 32-key tiles per split (last one partial), several splits, QJL
+    columns on either side, GQA group of 2, no tail (the warp kernel alone writes the partials)."""
+    from turboquant_codec.backends import numba_cuda
+
+    (kb, km), (vb, vm) = kv
+    rng = np.random.default_rng(8)
+    d, n = 32, 75
+    k, v = kv_like(rng, (1, 1, n, d)), rng.standard_normal((1, 1, n, d)).astype(np.float32)
+    q = (rng.standard_normal((1, 2, d)) * 2).astype(np.float32)
+    k_enc = tq.encode(k, bits=kb, mode=km, seed=1, backend="numpy")
+    v_enc = tq.encode(v, bits=vb, mode=vm, seed=2, backend="numpy")
+    assert numba_cuda._fast_attention_kernel(k_enc.config, v_enc.config, 2) is not None
+    want = tq.attention(q, k_enc, v_enc, scale=0.3, backend="numpy")
+
+    def dev(e: tq.Encoded) -> tq.Encoded:
+        ch = None if e.channels is None else _to_device(e.channels)
+        return tq.Encoded(records=_to_device(e.records), channels=ch, config=e.config)
+
+    for split in (64, None):  # 2 splits of 2 tiles (the second split's last tile has 11 keys), default
+        got = numba_cuda.attention(_to_device(q), dev(k_enc), dev(v_enc), 0.3, None, None,
+                                   split_tokens=split)
+        np.testing.assert_allclose(_interop.to_numpy(got), want, rtol=ATTN_RTOL,
+                                   atol=ATTN_RTOL * np.sqrt(d))

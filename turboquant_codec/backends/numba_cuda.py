@@ -25,6 +25,11 @@ float32 shared-memory buffer whose regions each kernel carves out by offset. Sma
 multiply-adds. Attention splits the sequence into chunks, keeps an online softmax per query head of
 the GQA group, and a combine kernel merges the splits and the raw tail split, then undoes S and R once
 per output row.
+
+Attention's fast path (``_build_fast_attention``, used whenever V's extended width is a multiple of
+32) is warp-level instead: one warp per (stream, split), lane j scoring key j of a 32-key tile,
+warp-shuffle online softmax, lane l accumulating V's extended columns l*CPL.. in registers; the
+block kernel above then only runs the raw tail split. ``_combine_rows_kernel`` merges either.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ..transforms import tables as host_tables
 
 try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
     from numba import config as _nb_config
-    from numba import cuda, float32, int32
+    from numba import cuda, float32, int32, int64, uint32
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the installed numpy/numba pair
@@ -65,6 +70,12 @@ TARGET_BLOCKS = 4 * 132
 NEG_INF = -math.inf
 # Key tiles of attention: one warp-width of keys per step when shared memory allows.
 KEY_TILES = (32, 16, 8)
+# Warp attention: lanes per warp, keys per tile, and resident warps per SM its split count aims at.
+WARP = 32
+TILE = 32
+WARPS_PER_SM = 32
+# Register cap of the warp attention kernel (None: the compiler's choice); the benchmark tries both.
+ATTN_MAX_REGISTERS: int | None = None
 
 
 def _simulated() -> bool:
@@ -389,17 +400,18 @@ if _IMPORT_ERROR is None:
 
     @cuda.jit
     def _attention_kernel(qext, qraw, bf16q, krec, vrec, ktail, vtail, bf16t, n, t, chunk, nsplit,
-                          groups, scale, tk, d, wk, wv, kcent, kmeta, kg, kqs, vcent, vmeta, vg, vqs,
-                          m_part, l_part, acc_part):  # pragma: no cover
+                          first, groups, scale, tk, d, wk, wv, kcent, kmeta, kg, kqs, vcent, vmeta, vg,
+                          vqs, m_part, l_part, acc_part):  # pragma: no cover
         """Block (split, KV head, stream): online softmax over one chunk of tokens for a GQA group.
 
         Splits ``0 .. nsplit-1`` read compressed tokens (scores against the rotated queries, values
         accumulated in V's extended rotated domain); split ``nsplit`` reads the raw tail (plain
         queries, values in channel order). Each writes its running max, sum and accumulator.
+        Block ``x`` runs split ``first + x`` (the warp kernel's callers launch the tail split only).
         """
         sm = cuda.shared.array(0, float32)
         tid = cuda.threadIdx.x
-        split = cuda.blockIdx.x
+        split = first + cuda.blockIdx.x
         stream = cuda.blockIdx.z * cuda.gridDim.y + cuda.blockIdx.y
         qrow0 = stream * groups  # = l * h_q + h_kv_index * groups
         kp, vp = wk + 1, wv + 1  # odd pitches: lanes reading one column of different keys spread banks
@@ -551,6 +563,389 @@ if _IMPORT_ERROR is None:
 
 
 
+    # ------------------------------------------------------------- warp-level attention (fast path)
+    if _simulated():  # the simulator has no warp intrinsics: one warp per block, block barriers
+
+        @cuda.jit(device=True, inline="always")
+        def _syncwarp():  # pragma: no cover
+            cuda.syncthreads()
+
+        @cuda.jit(device=True, inline="always")
+        def _warp_max(v, red, ro, lane):  # pragma: no cover
+            red[ro + lane] = v
+            cuda.syncthreads()
+            r = red[ro]
+            for i in range(1, 32):
+                r = max(r, red[ro + i])
+            cuda.syncthreads()
+            return r
+
+        @cuda.jit(device=True, inline="always")
+        def _warp_sum(v, red, ro, lane):  # pragma: no cover
+            red[ro + lane] = v
+            cuda.syncthreads()
+            r = red[ro]
+            for i in range(1, 32):
+                r += red[ro + i]
+            cuda.syncthreads()
+            return r
+
+    else:
+
+        @cuda.jit(device=True, inline="always")
+        def _syncwarp():  # pragma: no cover
+            cuda.syncwarp(0xFFFFFFFF)
+
+        @cuda.jit(device=True, inline="always")
+        def _warp_max(v, red, ro, lane):  # pragma: no cover
+            for s in range(5):
+                v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, 16 >> s))
+            return v
+
+        @cuda.jit(device=True, inline="always")
+        def _warp_sum(v, red, ro, lane):  # pragma: no cover
+            for s in range(5):
+                v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16 >> s)
+            return v
+
+    @cuda.jit(device=True, inline="always")
+    def _window(words, at, shift):  # pragma: no cover
+        """32 bits of the LSB-first stream starting ``shift`` (< 32) bits into word ``at``."""
+        w = int64(words[at]) | (int64(words[at + 1]) << 32)
+        return w >> shift
+
+    @cuda.jit(device=True, inline="always")
+    def _half_at(words, base, slot):  # pragma: no cover
+        """float32 value of the ``slot``-th float16 of a staged record (norms lead the record)."""
+        w = int64(words[base + (slot >> 1)]) >> (16 * (slot & 1))
+        return _f16_value(w & 0xFF, (w >> 8) & 0xFF)
+
+    @cuda.jit(device=True, inline="always")
+    def _key_part(ks, kb, qs, tab, part, nheads, tab0, bits, byte0, col0, count):  # pragma: no cover
+        """``part[h] = sum_i q_ext[h, col0 + i] * tab[tab0 + code_i]`` over ``count`` codes of
+        ``bits`` bits starting at byte ``byte0`` of the staged key record at word ``kb``; codes are
+        read 8 at a time (8 * bits <= 32 bits from one two-word window)."""
+        mask = (1 << bits) - 1
+        for h in range(nheads):
+            part[h] = float32(0.0)
+        for oc in range(count // 8):
+            o = byte0 + oc * bits
+            win = _window(ks, kb + (o >> 2), (o & 3) * 8)
+            cb = (col0 + oc * 8) * nheads
+            for k in range(8):
+                x = tab[tab0 + ((win >> (k * bits)) & mask)]
+                for h in range(nheads):
+                    part[h] += qs[cb + k * nheads + h] * x
+
+
+def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> dict[str, Any] | None:
+    """Compile-time constants of the warp attention kernel, or None where it does not apply."""
+    d = kcfg.d
+    if vcfg.d != d or heads > 8:
+        return None
+    kqjl, vqjl = kcfg.mode == "prod", vcfg.mode == "prod"
+    wk, wv = (2 * d if kqjl else d), (2 * d if vqjl else d)
+    if wv % WARP:
+        return None
+    cpl = wv // WARP
+    vbits = max(g.code_bits for g in vcfg.groups)
+    if cpl * vbits > 32 or heads * cpl > 64:
+        return None
+
+    def pad(vals: list[int]) -> tuple[int, int]:
+        return (vals[0], vals[-1])
+
+    def record(cfg: CodecConfig, qjl: bool) -> dict[str, Any]:
+        gs = cfg.groups
+        words = cfg.record_bytes // 4
+        pitch = words + 1 if (words + 1) % 2 else words + 2  # room for the window's 2nd word; odd
+        return dict(ng=len(gs), g=gs[0].dim, bits=pad([g.code_bits for g in gs]),
+                    co=pad([g.code_offset for g in gs]), so=pad([max(g.sign_offset, 0) for g in gs]),
+                    npg=2 if qjl else 1, words=words, pitch=pitch, qjl=qjl,
+                    qs=np.float32(host_tables(cfg)[0].qjl_scale))
+
+    k, v = record(kcfg, kqjl), record(vcfg, vqjl)
+    slots = len(vcfg.groups) * v["npg"]
+    per_warp = 4 * (TILE * (k["pitch"] + v["pitch"] + slots * heads) + WARP)
+    fixed = 4 * (wk * heads + 2 * 34)
+    choices = (1,) if _simulated() else (4, 2, 1)  # the simulator's warp stand-ins need 1 warp
+    warps = next((w for w in choices if fixed + w * per_warp <= SMEM_LIMIT), 0)
+    if not warps:
+        return None
+    return dict(d=d, heads=heads, wk=wk, wv=wv, cpl=cpl, k=k, v=v, warps=warps)
+
+
+@functools.lru_cache(maxsize=64)
+def _fast_attention_kernel(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> tuple[Any, int] | None:
+    """(kernel, warps per block) of the warp attention for one (K config, V config, GQA group)."""
+    spec = _fast_attention_spec(kcfg, vcfg, heads)
+    if spec is None:
+        return None
+    return _build_fast_attention(spec), spec["warps"]
+
+
+def _build_fast_attention(spec: dict[str, Any]) -> Any:
+    """The warp-per-(stream, split) attention kernel, specialised to ``spec`` (all constants).
+
+    Block (split block, stream) of ``WARPS`` warps; warp ``w`` owns split ``blockIdx.x*WARPS + w``.
+    Per 32-key tile: the warp stages K and V records into shared memory (the next tile's words are
+    already loaded into registers), lane ``j`` scores key ``j`` for every head of the GQA group
+    (centroid lookups times the block-shared rotated queries), the online softmax runs per head with
+    warp-shuffle reductions, then lane ``l`` accumulates V's extended rotated coordinates
+    ``l*CPL .. l*CPL+CPL-1`` for every head in registers. Writes the same partials as
+    ``_attention_kernel`` (running max, sum, accumulator), merged by ``_combine_rows_kernel``.
+    """
+    D, G, WK, WV, CPL, WARPS = (spec[s] for s in ("d", "heads", "wk", "wv", "cpl", "warps"))
+    K, V = spec["k"], spec["v"]
+    KNG, KG = K["ng"], K["g"]
+    KB0, KB1, KCO0, KCO1, KSO0, KSO1 = (K["bits"][0], K["bits"][1], K["co"][0], K["co"][1],
+                                        K["so"][0], K["so"][1])
+    KNPG, KWORDS, KP, KQJL, KQS = K["npg"], K["words"], K["pitch"], K["qjl"], K["qs"]
+    VNG, VG, VBITS, VCO, VSO = V["ng"], V["g"], V["bits"], V["co"], V["so"]
+    VNPG, VWORDS, VP, VQJL, VQS = V["npg"], V["words"], V["pitch"], V["qjl"], V["qs"]
+    QS = WK * G
+    NACC = G * CPL
+    NSL = VNG * VNPG  # V scale slots per key: per group |x_g| (and gamma_g * qjl_scale)
+    KS_N, VS_N = WARPS * TILE * KP, WARPS * TILE * VP  # shared array sizes must be plain constants
+    PS_N, RED_N = WARPS * TILE * NSL * G, WARPS * WARP
+    # 16-byte aligned query and weight rows let LLVM load 4 heads with one ld.shared.v4.
+    ALIGN = None if _simulated() else 16
+    NEG = np.float32(NEG_INF)
+    ONE = np.float32(1.0)
+
+    jit = cuda.jit if ATTN_MAX_REGISTERS is None else cuda.jit(max_registers=ATTN_MAX_REGISTERS)
+
+    @jit
+    def kernel(qext, krec, vrec, n, chunk, nsplit, scale, kcent, vcent,
+               m_part, l_part, acc_part):  # pragma: no cover
+        qs = cuda.shared.array(QS, float32, alignment=ALIGN)
+        kc = cuda.shared.array(34, float32)  # 2 groups x 16 centroids, then -1, +1 for QJL signs
+        vc = cuda.shared.array(34, float32)
+        ks = cuda.shared.array(KS_N, uint32)
+        vs = cuda.shared.array(VS_N, uint32)
+        ps = cuda.shared.array(PS_N, float32, alignment=ALIGN)
+        red = cuda.shared.array(RED_N, float32)
+        tid = cuda.threadIdx.x
+        lane = tid & 31
+        warp = tid >> 5
+        stream = cuda.blockIdx.y
+        qrow0 = stream * G
+        for idx in range(tid, QS, WARPS * WARP):
+            c = idx // G
+            qs[idx] = qext[qrow0 + idx - c * G, c]
+        if tid < 32:
+            kc[tid] = kcent[tid >> 4, tid & 15] if tid < 16 * KNG else float32(0.0)
+            vc[tid] = vcent[tid >> 4, tid & 15] if tid < 16 * VNG else float32(0.0)
+        if tid == 0:
+            kc[32] = -ONE
+            kc[33] = ONE
+            vc[32] = -ONE
+            vc[33] = ONE
+        cuda.syncthreads()
+        split = cuda.blockIdx.x * WARPS + warp
+        if split >= nsplit:
+            return
+        start = split * chunk
+        stop = min(n, start + chunk)
+        kso = warp * TILE * KP
+        vso = warp * TILE * VP
+        pso = warp * TILE * NSL * G
+        ro = warp * WARP
+
+        # This lane's V coordinates: CPL consecutive extended columns, all in one record part.
+        c0 = lane * CPL
+        if c0 < D:
+            vgi = c0 // VG
+            vb = VBITS[vgi]
+            vbit = VCO[vgi] * 8 + (c0 - vgi * VG) * vb
+            vtab = vgi * 16
+            vslot = vgi * VNPG
+        else:
+            vgi = (c0 - D) // VG
+            vb = 1
+            vbit = VSO[vgi] * 8 + (c0 - D - vgi * VG)
+            vtab = 32
+            vslot = vgi * VNPG + 1
+        vwi = vbit >> 5
+        vsh = vbit & 31
+        vmask = (1 << vb) - 1
+
+        m = cuda.local.array(G, float32)
+        lsum = cuda.local.array(G, float32)
+        corr = cuda.local.array(G, float32)
+        vsc = cuda.local.array(4, float32)
+        sc = cuda.local.array(G, float32)
+        part = cuda.local.array(G, float32)
+        ph = cuda.local.array(G, float32)
+        acc = cuda.local.array(NACC, float32)
+        kpre = cuda.local.array(KWORDS, uint32)
+        vpre = cuda.local.array(VWORDS, uint32)
+        for h in range(G):
+            m[h] = NEG
+            lsum[h] = float32(0.0)
+        for i in range(NACC):
+            acc[i] = float32(0.0)
+
+        nk = min(TILE, stop - start)
+        kw0 = (stream * n + start) * KWORDS
+        vw0 = (stream * n + start) * VWORDS
+        for r in range(KWORDS):
+            idx = r * WARP + lane
+            kpre[r] = krec[kw0 + idx] if idx < nk * KWORDS else 0
+        for r in range(VWORDS):
+            idx = r * WARP + lane
+            vpre[r] = vrec[vw0 + idx] if idx < nk * VWORDS else 0
+
+        for j0 in range(start, stop, TILE):
+            nk = min(TILE, stop - j0)
+            for r in range(KWORDS):
+                idx = r * WARP + lane
+                if idx < nk * KWORDS:
+                    j = idx // KWORDS
+                    ks[kso + j * KP + idx - j * KWORDS] = kpre[r]
+            for r in range(VWORDS):
+                idx = r * WARP + lane
+                if idx < nk * VWORDS:
+                    j = idx // VWORDS
+                    vs[vso + j * VP + idx - j * VWORDS] = vpre[r]
+            nxt = min(TILE, stop - j0 - TILE)  # keys of the next tile (<= 0: none)
+            kw0 += TILE * KWORDS
+            vw0 += TILE * VWORDS
+            for r in range(KWORDS):
+                idx = r * WARP + lane
+                kpre[r] = krec[kw0 + idx] if idx < nxt * KWORDS else 0
+            for r in range(VWORDS):
+                idx = r * WARP + lane
+                vpre[r] = vrec[vw0 + idx] if idx < nxt * VWORDS else 0
+            _syncwarp()
+
+            # Scores: lane j <-> key j of the tile.
+            kb = kso + lane * KP
+            for s in range(NSL):  # V scales of this key: p * scale is what the V lanes need
+                val = _half_at(vs, vso + lane * VP, s)
+                vsc[s] = val * VQS if (VQJL and (s & 1)) else val
+            for h in range(G):
+                sc[h] = float32(0.0)
+            _key_part(ks, kb, qs, kc, part, G, 0, KB0, KCO0, 0, KG)
+            nrm = _half_at(ks, kb, 0)
+            for h in range(G):
+                sc[h] += part[h] * nrm
+            if KNG == 2:
+                _key_part(ks, kb, qs, kc, part, G, 16, KB1, KCO1, KG, KG)
+                nrm = _half_at(ks, kb, KNPG)
+                for h in range(G):
+                    sc[h] += part[h] * nrm
+            if KQJL:
+                _key_part(ks, kb, qs, kc, part, G, 32, 1, KSO0, D, KG)
+                nrm = _half_at(ks, kb, 1) * KQS
+                for h in range(G):
+                    sc[h] += part[h] * nrm
+                if KNG == 2:
+                    _key_part(ks, kb, qs, kc, part, G, 32, 1, KSO1, D + KG, KG)
+                    nrm = _half_at(ks, kb, 3) * KQS
+                    for h in range(G):
+                        sc[h] += part[h] * nrm
+
+            # Online softmax per head; the running max is warp-uniform.
+            for h in range(G):
+                logit = sc[h] * scale if lane < nk else NEG
+                mnew = max(m[h], _warp_max(logit, red, ro, lane))
+                cr = math.exp(m[h] - mnew)
+                p = math.exp(logit - mnew)
+                lsum[h] = lsum[h] * cr + p
+                m[h] = mnew
+                corr[h] = cr
+                for s in range(NSL):
+                    ps[pso + (lane * NSL + s) * G + h] = p * vsc[s]
+            for h in range(G):
+                for u in range(CPL):
+                    acc[h * CPL + u] *= corr[h]
+            _syncwarp()
+
+            # Values: lane l <-> extended columns l*CPL .. l*CPL+CPL-1.
+            for j in range(nk):
+                win = _window(vs, vso + j * VP + vwi, vsh)
+                pb = pso + (j * NSL + vslot) * G
+                for h in range(G):
+                    ph[h] = ps[pb + h]
+                for u in range(CPL):
+                    x = vc[vtab + ((win >> (u * vb)) & vmask)]
+                    for h in range(G):
+                        acc[h * CPL + u] += ph[h] * x
+            _syncwarp()
+
+        for h in range(G):
+            total = _warp_sum(lsum[h], red, ro, lane)
+            row = qrow0 + h
+            if lane == 0:
+                m_part[row, split] = m[h]
+                l_part[row, split] = total
+            for u in range(CPL):
+                acc_part[row, split, c0 + u] = acc[h * CPL + u]
+
+    return kernel
+
+
+if _IMPORT_ERROR is None:
+
+    @cuda.jit
+    def _combine_rows_kernel(m_part, l_part, acc_part, nsplit, chans, has_ch, per_stream, out,
+                             rot, proj, g, qjl):  # pragma: no cover
+        """One block per query row: merge the splits, undo V's S and R, add the raw tail split."""
+        sm = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        row = cuda.blockIdx.x
+        d = out.shape[1]
+        nsp = m_part.shape[1]
+        width = 2 * d if qjl else d
+        ws = 0
+        inv = nsp
+        ys = nsp + 1
+        zs = ys + width
+        mx = float32(NEG_INF)
+        for s in range(nsp):
+            mx = max(mx, m_part[row, s])
+        for s in range(tid, nsp, THREADS):
+            mv = m_part[row, s]
+            sm[ws + s] = math.exp(mv - mx) if mv > NEG_INF else float32(0.0)
+        cuda.syncthreads()
+        if tid == 0:
+            total = float32(0.0)
+            for s in range(nsp):
+                total += sm[ws + s] * l_part[row, s]
+            sm[inv] = float32(1.0) / total
+        cuda.syncthreads()
+        scl = sm[inv]
+        for c in range(tid, width, THREADS):
+            a = float32(0.0)
+            for s in range(nsplit):
+                a += sm[ws + s] * acc_part[row, s, c]
+            sm[ys + c] = a * scl
+        cuda.syncthreads()
+        src = ys
+        if qjl:  # fold the QJL columns into the centroid columns: z = y[:d] + y[d:] @ S
+            for c in range(tid, d, THREADS):
+                gi = c // g
+                i = c - gi * g
+                a = sm[ys + c]
+                for k in range(g):
+                    a += sm[ys + d + gi * g + k] * proj[gi, k, i]
+                sm[zs + c] = a
+            cuda.syncthreads()
+            src = zs
+        for c in range(tid, d, THREADS):
+            gi = c // g
+            i = c - gi * g
+            a = float32(0.0)
+            for k in range(g):
+                a += sm[src + gi * g + k] * rot[gi, k, i]
+            dst = int32(chans[row // per_stream, c]) if has_ch else c
+            if nsp > nsplit:
+                a += sm[ws + nsplit] * acc_part[row, nsplit, dst] * scl
+            out[row, dst] = a
+
+
+
 # ---------------------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class _Tables:
@@ -609,8 +1004,8 @@ def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
 
 def _device_id(arr: Any) -> int:
     """Ordinal of the GPU holding ``arr`` (the current device under the simulator or on failure)."""
-    if _simulated():
-        return 0
+    if _simulated() or arr is None:
+        return 0 if _simulated() else int(cuda.get_current_device().id)
     try:
         from numba.cuda.cudadrv import driver
 
@@ -645,10 +1040,16 @@ def _rows(a: Any, cols: int) -> Any:
     return a.reshape(int(np.prod(a.shape)) // cols, cols)
 
 
+@functools.lru_cache(maxsize=None)
+def _placeholder(dtype: str, cols: int, device: int) -> Any:
+    """A zero (1, cols) device array standing in for an absent input (uploaded once per device)."""
+    return cuda.to_device(np.zeros((1, cols), dtype))
+
+
 def _channels(channels: Any, d: int) -> tuple[Any, bool]:
     """(streams, d) channel table, or a 1x1 placeholder when channels are in natural order."""
     if channels is None:
-        return cuda.to_device(np.zeros((1, 1), np.uint16)), False
+        return _placeholder("uint16", 1, _device_id(None)), False
     return _rows(channels, d), True
 
 
@@ -774,7 +1175,7 @@ def _rotate_queries(q2: Any, channels: Any, per_stream: int, cfg: CodecConfig, t
     out = cuda.device_array((q2.shape[0], width), np.float32)
     chans, has_ch = _channels(channels, d)
     per_row = d + width
-    tile = _tile(per_row)
+    tile = _tile(per_row, cap=VPT)  # few rows: one tile of VPT rows per block spreads them out
     _launch(_query_kernel, _blocks(q2.shape[0], tile), tile * per_row,
             q2, _is_bf16(q2), chans, has_ch, per_stream, out, tile, t.rot_t, t.proj_t, t.g, t.qjl)
     return out
@@ -819,6 +1220,26 @@ def _splits(tokens: int, streams: int, split_tokens: int | None, tk: int) -> tup
     return max(1, -(-tokens // chunk)), chunk
 
 
+def _resident_warps(kernel: Any, warps: int, device: int) -> int:
+    """Warps of ``kernel`` the GPU holds at once (its register use per SM), for the split count."""
+    try:
+        dev = cuda.get_current_device()
+        sms = int(dev.MULTIPROCESSOR_COUNT)
+        regs = kernel.get_regs_per_thread() if kernel.overloads else 64
+        regs = max(regs.values()) if isinstance(regs, dict) else int(regs)
+        per_warp = -(-regs * WARP // 256) * 256
+        return sms * max(1, min(WARPS_PER_SM, 65536 // per_warp) // warps * warps)
+    except Exception:
+        return 132 * WARPS_PER_SM
+
+
+@functools.lru_cache(maxsize=32)
+def _scratch(rows: int, nsp: int, width: int, device: int) -> tuple[Any, Any, Any]:
+    """Split partials (max, sum, accumulator), reused across calls (one stream orders them)."""
+    return (cuda.device_array((rows, nsp), np.float32), cuda.device_array((rows, nsp), np.float32),
+            cuda.device_array((rows, nsp, width), np.float32))
+
+
 def attention(
     q: Any,
     k: Encoded,
@@ -838,7 +1259,7 @@ def attention(
     k_tail, v_tail : Numba device arrays (*lead, h_kv, t, d) or None
     split_tokens : int, optional
         Tokens per split of the sequence (rounded up to whole key tiles); by default enough splits
-        to give the GPU a few blocks per SM.
+        to fill the GPU twice over.
 
     Returns
     -------
@@ -858,30 +1279,43 @@ def attention(
         wk, wv = kt.width(d), vt.width(d)
         q2 = _rows(q, d)
         qext = _rotate_queries(q2, k.channels, groups, k.config, kt)
+        streams = batch * h_kv
         fixed = groups * (wk + wv + 3)
         tk = next((s for s in KEY_TILES if fixed + s * (wk + wv + 2 + groups) <= SMEM_LIMIT // 4), 0)
-        if tk == 0:
+        fast = _fast_attention_kernel(k.config, v.config, groups)
+        if fast is None and tk == 0:
             raise ValueError("too many query heads per KV head for the numba_cuda attention tiles")
-        nsplit, chunk = _splits(n, batch * h_kv, split_tokens, tk)
+        if fast is not None:
+            kernel, warps = fast
+            if split_tokens is None:
+                want = -(-2 * _resident_warps(kernel, warps, dev) // max(streams, 1))
+                split_tokens = -(-n // max(want, 1))
+            nsplit, chunk = _splits(n, streams, split_tokens, TILE)
+        else:
+            nsplit, chunk = _splits(n, streams, split_tokens, tk)
         nsp = nsplit + (1 if t else 0)
-        m_part = cuda.device_array((rows, nsp), np.float32)
-        l_part = cuda.device_array((rows, nsp), np.float32)
-        acc_part = cuda.device_array((rows, nsp, wv), np.float32)
+        m_part, l_part, acc_part = _scratch(rows, nsp, max(wv, d), dev)
         if t:
             ktail2, vtail2 = _rows(k_tail, d), _rows(v_tail, d)
         else:
-            ktail2 = vtail2 = cuda.to_device(np.zeros((1, d), np.float32))
-        smem = fixed + tk * (wk + wv + 2 + groups)
-        _launch(_attention_kernel, (nsp, h_kv, batch), smem,
-                qext, q2, _is_bf16(q2), _rows(k.records, k.config.record_bytes),
-                _rows(v.records, v.config.record_bytes), ktail2, vtail2, _is_bf16(ktail2), n, t, chunk,
-                nsplit, groups, np.float32(scale), tk, d, wk, wv,
-                kt.cent, kt.meta, kt.g, kt.qjl_scale, vt.cent, vt.meta, vt.g, vt.qjl_scale,
+            ktail2 = vtail2 = _placeholder("float32", d, dev)
+        krec, vrec = _rows(k.records, k.config.record_bytes), _rows(v.records, v.config.record_bytes)
+        if fast is not None:
+            kw = krec.reshape(krec.size).view(np.uint32)
+            vw = vrec.reshape(vrec.size).view(np.uint32)
+            kernel[(-(-nsplit // warps), streams), warps * WARP](
+                qext, kw, vw, n, chunk, nsplit, np.float32(scale), kt.cent, vt.cent,
                 m_part, l_part, acc_part)
+        if fast is None or t:
+            first = nsplit if fast is not None else 0
+            smem = fixed + tk * (wk + wv + 2 + groups)
+            _launch(_attention_kernel, (nsp - first, h_kv, batch), smem,
+                    qext, q2, _is_bf16(q2), krec, vrec, ktail2, vtail2, _is_bf16(ktail2), n, t, chunk,
+                    nsplit, first, groups, np.float32(scale), tk, d, wk, wv,
+                    kt.cent, kt.meta, kt.g, kt.qjl_scale, vt.cent, vt.meta, vt.g, vt.qjl_scale,
+                    m_part, l_part, acc_part)
         chans, has_ch = _channels(v.channels, d)
-        per_row = wv + d + nsp + 1
-        tile = _tile(per_row)
-        _launch(_combine_kernel, _blocks(rows, tile), tile * per_row,
-                m_part, l_part, acc_part, nsplit, chans, has_ch, groups, _rows(out, d), tile,
+        _launch(_combine_rows_kernel, rows, nsp + 1 + wv + d,
+                m_part, l_part, acc_part, nsplit, chans, has_ch, groups, _rows(out, d),
                 vt.rot, vt.proj, vt.g, vt.qjl)
     return out
