@@ -51,6 +51,19 @@ def timed(fn, reps: int = 30, warmup: int = 5, batch: int = 10) -> float:
     return statistics.median(times)
 
 
+def _vname(var: tuple[int, int, int]) -> str:
+    return "w{}s{}b{}".format(*var)
+
+
+def use_variant(var: tuple[int, int, int]) -> None:
+    """Set the split kernel's launch shape (warps per block, ring stages, min blocks per SM)."""
+    if (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS) == var:
+        return
+    cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS = var
+    for fn in (cupy_raw._attention_module, cupy_raw._split_smem, cupy_raw.attention_plan):
+        fn.cache_clear()
+
+
 def check_correctness() -> list[str]:
     import cupy as cp
 
@@ -88,13 +101,23 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-numba", action="store_true", help="skip the (slow) numba_cuda comparison")
+    ap.add_argument("--variants", default="",
+                    help="extra split-kernel launch shapes 'warps,stages,minblocks ...' timed (and checked) "
+                         "after the library default")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
         raise SystemExit(f"cupy_raw unavailable: {status.reason}")
     torch.cuda.init()
     card = torch.cuda.get_device_name()
-    log = [f"card: {card}", *check_correctness()]
+    default = (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS)
+    variants = [default] + [tuple(int(x) for x in v.split(",")) for v in args.variants.split()]
+    log = [f"card: {card}"]
+    for var in variants:
+        use_variant(var)
+        log += [f"[{_vname(var)}] {line}" for line in check_correctness()]
+    use_variant(default)
     print("\n".join(log), flush=True)
 
     # Copy bandwidth: 1 GiB device-to-device, read + written.
@@ -106,8 +129,9 @@ def main() -> None:
     log.append(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
     print(log[-1], flush=True)
 
-    numba_ok = bool(availability("numba_cuda"))
+    numba_ok = bool(availability("numba_cuda")) and not args.no_numba
     rows = []
+    var_rows = []
     enc_rows = []
     shapes = SHAPES[:1] if args.quick else SHAPES
     for b, t in shapes:
@@ -134,7 +158,12 @@ def main() -> None:
             native = [tq.Encoded(cupy_raw.asarray(e.records), cupy_raw.asarray(e.channels), e.config)
                       for e in (ke, ve)]
             qc = cupy_raw.asarray(q)
-            ms_tq = timed(lambda native=native, qc=qc: cupy_raw.attention(qc, *native, SCALE, None, None))
+            ms_var = {}
+            for var in variants:
+                use_variant(var)
+                ms_var[var] = timed(lambda native=native, qc=qc: cupy_raw.attention(qc, *native, SCALE, None, None))
+            use_variant(default)
+            ms_tq = ms_var[default]
             nbytes = 2 * kc.nbytes + 2 * (ke.channels.numel() * 2)
             ms_nb = None
             if numba_ok:
@@ -146,6 +175,7 @@ def main() -> None:
                 except Exception as exc:  # the teammate's backend may not serve this shape
                     log.append(f"numba_cuda failed at B={b} T={t} bits={bits}: {type(exc).__name__}: {exc}")
             rows.append((b, t, bits, ms_tq, best_sdpa, which, ms_nb, nbytes / ms_tq / 1e6, copy_gbs))
+            var_rows.append((b, t, bits, best_sdpa, ms_var))
             print(rows[-1], flush=True)
             # Encode throughput with fixed channels (selection excluded): bf16 read + records written.
             kn = cupy_raw.asarray(k)
@@ -165,15 +195,23 @@ def main() -> None:
           "compressed GB/s | % of copy |",
           "|---|---|---|---|---|---|---|---|---|"]
     for b, t, bits, ms_tq, ms_sd, which, ms_nb, gbs, cgbs in rows:
-        nb = f"{ms_nb:.3f}" if ms_nb is not None else ("n/a" if not numba_ok else "failed")
+        nb = f"{ms_nb:.3f}" if ms_nb is not None else ("not run" if not numba_ok else "failed")
         md.append(f"| {b} | {t} | {bits:g} | {ms_tq:.4f} | {ms_sd:.4f} ({which}) | {ms_sd / ms_tq:.2f}x | "
                   f"{nb} | {gbs:.0f} | {100 * gbs / cgbs:.0f}% |")
+    if len(variants) > 1:
+        md += ["", "## Split-kernel launch shapes (warps/block, cp.async stages, min blocks/SM), same run", "",
+               "| B | T | bits | " + " | ".join(_vname(v) + " ms" for v in variants) + " |",
+               "|---|---|---|" + "---|" * len(variants)]
+        for b, t, bits, ms_sd, ms_var in var_rows:
+            md.append(f"| {b} | {t} | {bits:g} | " + " | ".join(
+                f"{ms_var[v]:.4f} ({ms_sd / ms_var[v]:.2f}x)" for v in variants) + " |")
     md += ["", "## Encode (bf16 in, records out, channels given)", "",
            "| B*h_kv | T | bits | ms | GB/s (read+write) | % of copy |", "|---|---|---|---|---|---|"]
     for b, t, bits, ms, gbs, cgbs in enc_rows:
         md.append(f"| {b * H_KV} | {t} | {bits:g} | {ms:.3f} | {gbs:.0f} | {100 * gbs / cgbs:.0f}% |")
     if not numba_ok:
-        md.append(f"\nnumba_cuda not run: {availability('numba_cuda').reason}")
+        why = "--no-numba" if args.no_numba else availability("numba_cuda").reason
+        md.append(f"\nnumba_cuda not run: {why}")
     text = "\n".join(md) + "\n"
     if args.out:
         with open(args.out, "w") as fh:

@@ -40,14 +40,19 @@ from ..transforms import tables
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("tq_codec.cu", "tq_attention.cu")
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-# Warps per attention block and cp.async ring depth: 4 x 4 tiles of ~2 KB keeps ~32 KB per block in
-# flight, which with 3-4 resident blocks per SM covers the DRAM latency-bandwidth product.
-ATTN_WARPS = 4
+# Warps per attention block and cp.async ring depth: 8 x 4 tiles of ~2 KB keeps ~64 KB per block in
+# flight; 8 warps share one copy of the per-lane replicated pair tables (up to ~80 KB). Two blocks
+# per SM (16 warps) caps registers at 128 per thread.
+ATTN_WARPS = 8
 ATTN_STAGES = 4
+ATTN_MINBLOCKS = 2
 # Partials per SM the split kernel aims for: enough resident warps to hide latency, few enough
 # that the partial traffic (G * fdims floats per warp) stays small next to the records.
 WARPS_PER_SM = 16
 TILE = 16
+# Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
+ENC_THREADS = 256
+ENC_TV, ENC_TV_PROD = 32, 16
 # Null device pointer argument (8 bytes, as the kernels expect a pointer).
 _NULL = np.uint64(0)
 
@@ -193,18 +198,41 @@ def _layout(cfg: CodecConfig) -> tuple[np.ndarray, dict[str, int]]:
     return np.concatenate(parts), offsets
 
 
+@functools.cache
+def _centroid_scale(cfg: CodecConfig, group: int) -> float:
+    """Factor s in [1, 2) for group ``group``'s centroid table that minimises the largest relative
+    float16 rounding error of s * centroid (a grid of 2**16 candidates).
+
+    The attention kernel multiplies float16 table values on tensor cores; plain float16 centroids
+    (relative error up to 2**-11) put outputs up to ~2.5x outside float32 parity (NumPy emulation),
+    while the best s brings the error to ~1e-4 (4-bit), ~2.4e-5 (3-bit), ~1e-6 (2-bit) and the
+    outputs back inside it with a single float16 product. 1/s joins the per-token norm scale.
+    """
+    c = tables(cfg)[group].centroids.astype(np.float64)
+    s = 1.0 + np.arange(1 << 16, dtype=np.float64) / (1 << 16)
+    sc = s[:, None] * c[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = np.abs(sc.astype(np.float16).astype(np.float64) - sc) / np.abs(sc)
+    err = np.nan_to_num(err, nan=0.0)
+    return float(s[int(np.argmin(err.max(1)))])
+
+
+@functools.cache
 def _lut_values(cfg: CodecConfig) -> np.ndarray:
-    """Per field (group by group, codes before signs) its value table, concatenated, as uint32
-    words holding a float16 pair: bits 0-15 the rounded value, bits 16-31 the float16 remainder."""
+    """Per field (group by group, codes before signs) its PAIR table, concatenated, as uint32 words:
+    entry ``e0 | e1 << bits`` holds float16(s * value[e0]) in bits 0-15 and float16(s * value[e1]) in
+    bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so one lookup yields
+    one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=False):
-        out.append(t.centroids.astype(np.float32))
+        fields = [(t.centroids.astype(np.float64) * _centroid_scale(cfg, g.index), g.code_bits)]
         if g.qjl:
-            out.append(np.array([-1.0, 1.0], np.float32))
-    vals = np.concatenate(out)
-    hi = vals.astype(np.float16)
-    lo = (vals - hi.astype(np.float32)).astype(np.float16)
-    return hi.view(np.uint16).astype(np.uint32) | (lo.view(np.uint16).astype(np.uint32) << 16)
+            fields.append((np.array([-1.0, 1.0]), 1))
+        for vals, bits in fields:
+            h = vals.astype(np.float16).view(np.uint16).astype(np.uint32)
+            idx = np.arange(1 << (2 * bits))
+            out.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
+    return np.concatenate(out).astype(np.uint32)
 
 
 def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
@@ -227,6 +255,7 @@ def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
                 f"G{i}_SIGN": max(g.sign_offset, 0),
                 f"G{i}_NORM": g.norm_offset,
                 f"G{i}_QJL": f"{math.sqrt(math.pi / 2) / g.dim!r}f",
+                f"G{i}_CS": f"{1.0 / _centroid_scale(cfg, g.index)!r}f",
             }
         )
         for part in ("ROT", "ROTT", "PROJ", "PROJT", "CENT", "BND"):
@@ -257,8 +286,10 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
         f"-DTAIL_KIND={_DTYPE_KIND[params.get('tail_dtype', 'float32')]}",
         f"-DGQ={params['group']}",
+        f"-DKV_SAME_LUT={int(_same_lut(params['k_cfg'], params['v_cfg']))}",
         f"-DNWARPS={ATTN_WARPS}",
         f"-DSTAGES={ATTN_STAGES}",
+        f"-DMINBLOCKS={ATTN_MINBLOCKS}",
     ]
 
 
@@ -345,8 +376,9 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         tab, _ = _device_tables(device, cfg)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
+        tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
         mod.get_function("tq_encode")(
-            (-(-n // TILE), streams), (128,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec)
+            (-(-n // tv), streams), (ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec)
         )
         return rec, channels
 
@@ -411,7 +443,7 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
     """Dynamic shared memory of tq_attn_split (mirrors the carve-up at the top of the kernel)."""
 
     def lutn(cfg: CodecConfig) -> int:
-        return sum((1 << g.code_bits) + (2 if g.qjl else 0) for g in cfg.groups)
+        return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
 
     vnf = len(v_cfg.groups) * (2 if v_cfg.mode == "prod" else 1)
     nt = -(-group // 8)
@@ -419,14 +451,24 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
     pbuf = -(-pbuf // 16) * 16
     tile_k, tile_v = TILE * k_cfg.record_bytes + 32, TILE * v_cfg.record_bytes + 32
     stage = -(-(tile_k + tile_v) // 16) * 16
-    return 4 * 32 * (lutn(k_cfg) + lutn(v_cfg)) + pbuf + ATTN_WARPS * ATTN_STAGES * stage
+    luts = lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else lutn(v_cfg))
+    return 4 * 32 * luts + pbuf + ATTN_WARPS * ATTN_STAGES * stage
+
+
+def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
+    """Whether K and V use identical pair tables (then the kernel keeps one shared-memory copy)."""
+    a, b = _lut_values(k_cfg), _lut_values(v_cfg)
+    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 @functools.cache
 def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
-    """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens."""
+    """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
+
+    Partials per stream are rounded up to whole blocks of ``ATTN_WARPS`` warps (no idle warps)."""
     ntiles = max(1, -(-n // TILE))
     want = max(1, -(-WARPS_PER_SM * _sm_count(device) // batch_heads))
+    want = -(-want // ATTN_WARPS) * ATTN_WARPS
     parts = min(ntiles, want)
     per_warp = -(-ntiles // parts)
     return per_warp, -(-ntiles // per_warp)

@@ -21,11 +21,14 @@
 //   one contiguous quarter of the field's code stream; the query B fragment uses the same map.
 //   Value product, per V field: A = decoded codes transposed (16 dims x 16 tokens): rows gid, gid+8
 //   of m-tile i are dims gid*G/8 + 2i and +1, so each lane decodes one contiguous eighth.
-// Code values come from per-lane replicated tables in shared memory (value e of lane L at word
-// 32*e + L): lookups never conflict on banks. Each entry is a float16 pair (hi, lo) with
-// hi + lo = the float32 centroid to ~2^-22: float16 centroids alone put attention outputs ~2x
-// outside float32 parity (measured by emulation), so products run as c_hi*q_hi + c_hi*q_lo +
-// c_lo*q_hi for scores and c_hi*P + c_lo*P for values (P, in [0, 1] times a norm, stays float16).
+// Code values come from per-lane replicated PAIR tables in shared memory (entry e of lane L at word
+// 32*e + L, so lookups never conflict on banks): entry e0 | e1 << bits holds the float16 values of
+// codes e0 (bits 0-15) and e1 (bits 16-31), one lookup per mma register. Code tables hold
+// s * centroid with s in [1, 2) chosen on the host to minimise float16 rounding (max relative error
+// ~1e-4 at 4 bits, ~2e-5 at 3 bits; plain float16 centroids put outputs ~2.5x outside float32
+// parity, measured by NumPy emulation); 1/s joins the per-token norm. Products then run as
+// c*q_hi + c*q_lo for scores (the query needs its lo half) and c*P for values (P, in [0, 1] times a
+// norm, stays float16). K and V share one table copy when their codebooks coincide (KV_SAME_LUT).
 #include "tq_common.cuh"
 
 TQ_CODEC(KC, K)
@@ -33,6 +36,9 @@ TQ_CODEC(VC, V)
 
 #ifndef NWARPS
 #define NWARPS 4  // warps per block; each is independent (own tiles, own partial)
+#endif
+#ifndef MINBLOCKS
+#define MINBLOCKS 1  // resident blocks per SM the register allocation must allow
 #endif
 #ifndef STAGES
 #define STAGES 4  // cp.async ring depth per warp: ~4 KB in flight per warp hides DRAM latency
@@ -88,7 +94,7 @@ extern "C" __global__ void tq_attn_prep(const void* __restrict__ q, const u16* _
 }
 
 // ------------------------------------------------------------------------------------ split
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     tq_attn_split(const u8* __restrict__ krec, const u8* __restrict__ vrec,
                   const u16* __restrict__ qh, const float* __restrict__ qscale,
                   const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
@@ -97,14 +103,23 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
   u32* klut = reinterpret_cast<u32*>(smem);
+#if KV_SAME_LUT
+  u32* vlut = klut;
+  u16* pbuf_all = reinterpret_cast<u16*>(klut + 32 * KC::lutn());
+#else
   u32* vlut = klut + 32 * KC::lutn();
   u16* pbuf_all = reinterpret_cast<u16*>(vlut + 32 * VC::lutn());
+#endif
   u8* ring_all = reinterpret_cast<u8*>(pbuf_all) + ((NWARPS * VNF * NT * 8 * PSTRIDE * 2 + 15) / 16 * 16);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, t = lane & 3;
   for (int i = threadIdx.x; i < 32 * KC::lutn(); i += blockDim.x) klut[i] = klutv[i >> 5];
+#if !KV_SAME_LUT
   for (int i = threadIdx.x; i < 32 * VC::lutn(); i += blockDim.x) vlut[i] = vlutv[i >> 5];
+#else
+  (void)vlutv;
+#endif
   __syncthreads();
 
   const int bh = blockIdx.y;
@@ -221,40 +236,45 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
       u32 w0[NWD], w1[NWD];
       load_stream<NWD>(kt + gid * K_R, KC::fbitoff(f) + t * SEGB, w0);
       load_stream<NWD>(kt + (gid + 8) * K_R, KC::fbitoff(f) + t * SEGB, w1);
-      float c[NT][4];
+      // Four independent accumulators per n-tile (k-step parity x query hi/lo): no serial mma chain.
+      float c[4][NT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int a = 0; a < 4; ++a)
 #pragma unroll
-        for (int k = 0; k < 4; ++k) c[nt][k] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) c[a][nt][k] = 0.f;
       static_for<0, G / 16>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
-        u32 ah[4], al[4];
-        split_pair(lut[32 * bits_at<(4 * j) * B, B>(w0)], lut[32 * bits_at<(4 * j + 1) * B, B>(w0)], ah[0], al[0]);
-        split_pair(lut[32 * bits_at<(4 * j) * B, B>(w1)], lut[32 * bits_at<(4 * j + 1) * B, B>(w1)], ah[1], al[1]);
-        split_pair(lut[32 * bits_at<(4 * j + 2) * B, B>(w0)], lut[32 * bits_at<(4 * j + 3) * B, B>(w0)], ah[2], al[2]);
-        split_pair(lut[32 * bits_at<(4 * j + 2) * B, B>(w1)], lut[32 * bits_at<(4 * j + 3) * B, B>(w1)], ah[3], al[3]);
+        // One pair-table lookup per register: codes 4j,4j+1 (and 4j+2,4j+3) are adjacent bits.
+        const u32 a0 = lut[32 * bits_at<(4 * j) * B, 2 * B>(w0)];
+        const u32 a1 = lut[32 * bits_at<(4 * j) * B, 2 * B>(w1)];
+        const u32 a2 = lut[32 * bits_at<(4 * j + 2) * B, 2 * B>(w0)];
+        const u32 a3 = lut[32 * bits_at<(4 * j + 2) * B, 2 * B>(w1)];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          mma16816(c[nt], ah[0], ah[1], ah[2], ah[3], qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
-          mma16816(c[nt], ah[0], ah[1], ah[2], ah[3], qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
-          if constexpr (!KC::fsign(f))  // sign values +-1 are exact: no lo part
-            mma16816(c[nt], al[0], al[1], al[2], al[3], qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
+          mma16816(c[(j & 1) * 2][nt], a0, a1, a2, a3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
+          mma16816(c[(j & 1) * 2 + 1][nt], a0, a1, a2, a3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
         }
       });
-      const float sc0 = rec_half(kt + gid * K_R, KC::fscale(f)) * KC::ffactor(f);
-      const float sc1 = rec_half(kt + (gid + 8) * K_R, KC::fscale(f)) * KC::ffactor(f);
+      const float sc0 = rec_half(kt + gid * K_R, KC::fscale(f)) * KC::pfactor(f);
+      const float sc1 = rec_half(kt + (gid + 8) * K_R, KC::fscale(f)) * KC::pfactor(f);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        s[nt][0] = fmaf(sc0, c[nt][0], s[nt][0]);
-        s[nt][1] = fmaf(sc0, c[nt][1], s[nt][1]);
-        s[nt][2] = fmaf(sc1, c[nt][2], s[nt][2]);
-        s[nt][3] = fmaf(sc1, c[nt][3], s[nt][3]);
+        float cs[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) cs[k] = (c[0][nt][k] + c[2][nt][k]) + (c[1][nt][k] + c[3][nt][k]);
+        s[nt][0] = fmaf(sc0, cs[0], s[nt][0]);
+        s[nt][1] = fmaf(sc0, cs[1], s[nt][1]);
+        s[nt][2] = fmaf(sc1, cs[2], s[nt][2]);
+        s[nt][3] = fmaf(sc1, cs[3], s[nt][3]);
       }
     });
 
     // ---- online softmax (log2 domain); p[nt][e][r]: head 2t+e, token gid + 8r
     const bool valid0 = tok0 + gid < static_cast<u64>(n), valid1 = tok0 + gid + 8 < static_cast<u64>(n);
-    float pr[NT][2][2];
+    float pr[NT][2][2], al[NT][2];
+    bool grew = false;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -272,18 +292,27 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
         pr[nt][e][1] = exp2f(x1 - msafe);
         l_run[nt][e] = l_run[nt][e] * alpha + pr[nt][e][0] + pr[nt][e][1];
         m_run[nt][e] = mnew;
-#pragma unroll
-        for (int i = 0; i < VTILES; ++i) {
-          acc[i][nt][e] *= alpha;
-          acc[i][nt][2 + e] *= alpha;
-        }
+        al[nt][e] = alpha;
+        grew |= alpha != 1.f;
       }
+    // Lazy rescale: once the running maxima settle, most tiles leave every alpha at exactly 1.
+    if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int i = 0; i < VTILES; ++i) {
+            acc[i][nt][e] *= al[nt][e];
+            acc[i][nt][2 + e] *= al[nt][e];
+          }
+    }
 
     // ---- P' = p * per-token value scale, transposed through shared memory: pbuf[f][head][token]
     static_for<0, VNF>([&](auto fi) {
       constexpr int f = decltype(fi)::value;
-      const float sc0 = rec_half(vt + gid * V_R, VC::fscale(f)) * VC::ffactor(f);
-      const float sc1 = rec_half(vt + (gid + 8) * V_R, VC::fscale(f)) * VC::ffactor(f);
+      const float sc0 = rec_half(vt + gid * V_R, VC::fscale(f)) * VC::pfactor(f);
+      const float sc1 = rec_half(vt + (gid + 8) * V_R, VC::fscale(f)) * VC::pfactor(f);
       u16* pb = pbuf + f * (NT * 8 * PSTRIDE);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -314,16 +343,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32)
       }
       static_for<0, G / 16>([&](auto ii) {
         constexpr int i = decltype(ii)::value;
-        u32 ah[4], al[4];
-        split_pair(lut[32 * bits_at<(2 * i) * B, B>(w[0])], lut[32 * bits_at<(2 * i) * B, B>(w[1])], ah[0], al[0]);
-        split_pair(lut[32 * bits_at<(2 * i + 1) * B, B>(w[0])], lut[32 * bits_at<(2 * i + 1) * B, B>(w[1])], ah[1], al[1]);
-        split_pair(lut[32 * bits_at<(2 * i) * B, B>(w[2])], lut[32 * bits_at<(2 * i) * B, B>(w[3])], ah[2], al[2]);
-        split_pair(lut[32 * bits_at<(2 * i + 1) * B, B>(w[2])], lut[32 * bits_at<(2 * i + 1) * B, B>(w[3])], ah[3], al[3]);
+        // One pair-table lookup per register: the same dim of tokens (2t, 2t+1) or (2t+8, 2t+9).
+        constexpr int P0 = (2 * i) * B, P1 = (2 * i + 1) * B;
+        const u32 a0 = lut[32 * (bits_at<P0, B>(w[0]) | (bits_at<P0, B>(w[1]) << B))];
+        const u32 a1 = lut[32 * (bits_at<P1, B>(w[0]) | (bits_at<P1, B>(w[1]) << B))];
+        const u32 a2 = lut[32 * (bits_at<P0, B>(w[2]) | (bits_at<P0, B>(w[3]) << B))];
+        const u32 a3 = lut[32 * (bits_at<P1, B>(w[2]) | (bits_at<P1, B>(w[3]) << B))];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          mma16816(acc[M0 + i][nt], ah[0], ah[1], ah[2], ah[3], b[nt][0], b[nt][1]);
-          if constexpr (!VC::fsign(f)) mma16816(acc[M0 + i][nt], al[0], al[1], al[2], al[3], b[nt][0], b[nt][1]);
-        }
+        for (int nt = 0; nt < NT; ++nt) mma16816(acc[M0 + i][nt], a0, a1, a2, a3, b[nt][0], b[nt][1]);
       });
     });
     __syncwarp();

@@ -168,6 +168,8 @@ __device__ __forceinline__ void cp_async_wait() {
     TQ_HD int gsign(int g) { return g == 0 ? X##_G0_SIGN : X##_G1_SIGN; }                       \
     TQ_HD int gnorm(int g) { return g == 0 ? X##_G0_NORM : X##_G1_NORM; }                       \
     TQ_HD float gqjl(int g) { return g == 0 ? X##_G0_QJL : X##_G1_QJL; }                        \
+    /* 1/s of the group's scaled float16 centroid table (attention pair tables) */              \
+    TQ_HD float gcs(int g) { return g == 0 ? X##_G0_CS : X##_G1_CS; }                           \
     TQ_HD int grot(int g) { return g == 0 ? X##_G0_ROT : X##_G1_ROT; }                          \
     TQ_HD int grott(int g) { return g == 0 ? X##_G0_ROTT : X##_G1_ROTT; }                       \
     TQ_HD int gproj(int g) { return g == 0 ? X##_G0_PROJ : X##_G1_PROJ; }                       \
@@ -183,10 +185,12 @@ __device__ __forceinline__ void cp_async_wait() {
     /* byte offset of the float16 scaling the field: |x_g|, or the residual norm for signs */   \
     TQ_HD int fscale(int f) { return gnorm(fgroup(f)) + (fsign(f) ? 2 : 0); }                   \
     TQ_HD float ffactor(int f) { return fsign(f) ? gqjl(fgroup(f)) : 1.0f; }                    \
+    /* the same for the attention kernel, whose code tables hold s * centroid */                \
+    TQ_HD float pfactor(int f) { return fsign(f) ? gqjl(fgroup(f)) : gcs(fgroup(f)); }          \
     TQ_HD int foff(int f) { return f == 0 ? 0 : foff(f - 1) + fdim(f - 1); }                    \
     TQ_HD int fdims() { return foff(nf()); }                                                    \
-    /* value table of a field: 2**bits centroids, or {-1, +1} for signs */                      \
-    TQ_HD int flut(int f) { return f == 0 ? 0 : flut(f - 1) + (1 << fbits(f - 1)); }            \
+    /* pair table of a field: 2**(2 bits) entries (two codes -> two float16 values) */          \
+    TQ_HD int flut(int f) { return f == 0 ? 0 : flut(f - 1) + (1 << (2 * fbits(f - 1))); }      \
     TQ_HD int lutn() { return flut(nf()); }                                                     \
   };
 
