@@ -134,10 +134,18 @@ def run_pass(model: Any, ids: Tensor, cache: Any, chunk: int, ref: list[Tensor] 
     return nll / count, kl / count, (agree / count if ref is not None else 1.0), kept
 
 
+RECIPE_NAMES = (
+    "TurboQuant",
+    "TurboQuant QJL keys",
+    "KIVI-style per-token uniform",
+    "Hadamard MSE, no signs, no QJL (upstream vLLM)",
+)
+
+
 def _recipes(flush: int, sinks: int) -> dict[str, tuple[str, Callable[[Any, float], Any]]]:
     """name -> (K/V label, make_cache(config, bits))."""
     common = {"flush_interval": flush, "sinks": sinks}
-    return {
+    recipes = {
         "TurboQuant": ("mse / mse", lambda cfg, b: TurboQuantCache(
             cfg, key_bits=b, value_bits=b, key_mode="mse", value_mode="mse", **common)),
         "TurboQuant QJL keys": ("prod / mse", lambda cfg, b: TurboQuantCache(
@@ -147,6 +155,8 @@ def _recipes(flush: int, sinks: int) -> dict[str, tuple[str, Callable[[Any, floa
         "Hadamard MSE, no signs, no QJL (upstream vLLM)": ("mse / mse", lambda cfg, b: TurboQuantCache(
             cfg, quantizer=hadamard_factory(b), **common)),
     }
+    assert tuple(recipes) == RECIPE_NAMES
+    return recipes
 
 
 def _sizes(cache: TurboQuantCache, config: Any, n_tokens: int) -> dict[str, float]:
@@ -229,7 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=2048, help="text tokens to score (default 2048)")
     p.add_argument("--chunk", type=int, default=128, help="tokens per forward (default 128)")
     p.add_argument("--bits", type=float, nargs="+", default=None, help="nominal bits (default 2.5 3 3.5 4)")
-    p.add_argument("--flush", type=int, default=DEFAULT_FLUSH, help="flush interval (raw recent tokens)")
+    p.add_argument("--flush", type=int, default=None,
+                   help=f"flush interval: raw recent tokens (default {DEFAULT_FLUSH}; 64 with --quick)")
     p.add_argument("--sinks", type=int, default=DEFAULT_SINKS, help="leading tokens kept raw")
     p.add_argument("--recipes", nargs="+", default=None, help="subset of recipe names")
     p.add_argument("--threads", type=int, default=1,
@@ -240,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.tokens, args.chunk = min(args.tokens, 256), min(args.chunk, 64)
         args.bits = args.bits or [3.5]
+        args.flush = args.flush or 64  # so that a short text still reaches the codec
+    args.flush = args.flush or DEFAULT_FLUSH
     args.bits = args.bits or list(DEFAULT_BITS)
     return args
 
