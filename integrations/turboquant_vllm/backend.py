@@ -215,9 +215,18 @@ class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
             raw_k, raw_v = self._raw_pool(md.raw.num_raw_blocks, md.block_size, key)
             raw_map = md.raw.raw_slot_of_block
             write_raw(raw_k, raw_v, key, value, slots, raw_map)
-        paged_attention(query, key, value, k_cache, v_cache, md.block_table, md.seq_lens,
-                        md.query_start_loc, self.scale, k_codec, v_codec, raw_k=raw_k, raw_v=raw_v,
-                        raw_slot_of_block=raw_map, out=out)
+        # One call per request: a request's result then depends on its own context only, not on the
+        # batch it shares a step with (batched decode pads to the longest context, which changes float
+        # reduction order), so greedy outputs under load equal those of requests sent one at a time.
+        starts = md.query_start_loc.tolist()
+        for r in range(md.num_reqs):
+            q0, q1 = starts[r], starts[r + 1]
+            if q1 == q0:
+                continue
+            qsl = torch.tensor([0, q1 - q0], dtype=md.query_start_loc.dtype, device=query.device)
+            paged_attention(query[q0:q1], key[q0:q1], value[q0:q1], k_cache, v_cache,
+                            md.block_table[r : r + 1], md.seq_lens[r : r + 1], qsl, self.scale, k_codec,
+                            v_codec, raw_k=raw_k, raw_v=raw_v, raw_slot_of_block=raw_map, out=out[q0:q1])
 
     # -------------------------------------------------------------------------------- standalone
     def reset(self) -> None:
