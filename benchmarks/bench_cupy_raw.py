@@ -161,7 +161,9 @@ def main() -> None:
             ms_var = {}
             for var in variants:
                 use_variant(var)
-                ms_var[var] = timed(lambda native=native, qc=qc: cupy_raw.attention(qc, *native, SCALE, None, None))
+                ms_var[var] = timed(
+                    lambda native=native, qc=qc: cupy_raw.attention(qc, *native, SCALE, None, None)
+                )
             use_variant(default)
             ms_tq = ms_var[default]
             nbytes = 2 * kc.nbytes + 2 * (ke.channels.numel() * 2)
@@ -199,7 +201,8 @@ def main() -> None:
         md.append(f"| {b} | {t} | {bits:g} | {ms_tq:.4f} | {ms_sd:.4f} ({which}) | {ms_sd / ms_tq:.2f}x | "
                   f"{nb} | {gbs:.0f} | {100 * gbs / cgbs:.0f}% |")
     if len(variants) > 1:
-        md += ["", "## Split-kernel launch shapes (warps/block, cp.async stages, min blocks/SM), same run", "",
+        md += ["",
+               "## Split-kernel launch shapes (warps/block, cp.async stages, min blocks/SM), same run", "",
                "| B | T | bits | " + " | ".join(_vname(v) + " ms" for v in variants) + " |",
                "|---|---|---|" + "---|" * len(variants)]
         for b, t, bits, ms_sd, ms_var in var_rows:

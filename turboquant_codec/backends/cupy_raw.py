@@ -239,7 +239,7 @@ def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
     """``-D`` options describing ``cfg``'s record and table layout to the C++ (tq_common.cuh)."""
     _, offs = _layout(cfg)
     groups = cfg.groups
-    m = {
+    m: dict[str, int | str] = {
         "D": cfg.d,
         "R": cfg.record_bytes,
         "NG": len(groups),
@@ -378,7 +378,9 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
         tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
         mod.get_function("tq_encode")(
-            (-(-n // tv), streams), (ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec)
+            (-(-n // tv), streams),
+            (ENC_THREADS,),
+            (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec),
         )
         return rec, channels
 

@@ -713,9 +713,11 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
     NEG = np.float32(NEG_INF)
     ONE = np.float32(1.0)
 
-    jit = cuda.jit if ATTN_MAX_REGISTERS is None else cuda.jit(max_registers=ATTN_MAX_REGISTERS)
+    options: dict[str, Any] = {}
+    if ATTN_MAX_REGISTERS is not None:
+        options["max_registers"] = ATTN_MAX_REGISTERS
 
-    @jit
+    @cuda.jit(**options)
     def kernel(qext, krec, vrec, n, chunk, nsplit, scale, kcent, vcent,
                m_part, l_part, acc_part):  # pragma: no cover
         qs = cuda.shared.array(QS, float32, alignment=ALIGN)
@@ -1040,7 +1042,7 @@ def _rows(a: Any, cols: int) -> Any:
     return a.reshape(int(np.prod(a.shape)) // cols, cols)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _placeholder(dtype: str, cols: int, device: int) -> Any:
     """A zero (1, cols) device array standing in for an absent input (uploaded once per device)."""
     return cuda.to_device(np.zeros((1, cols), dtype))

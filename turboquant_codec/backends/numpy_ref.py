@@ -88,7 +88,7 @@ def _unpermute(x: np.ndarray, channels: np.ndarray | None) -> np.ndarray:
 
 def _slices(cfg: CodecConfig) -> list[tuple[Group, GroupTables, slice]]:
     out, start = [], 0
-    for g, t in zip(cfg.groups, tables(cfg)):
+    for g, t in zip(cfg.groups, tables(cfg), strict=True):
         out.append((g, t, slice(start, start + g.dim)))
         start += g.dim
     return out
