@@ -12,11 +12,18 @@ paged
     The ops a paged KV cache (vLLM) needs: write compressed records by ``slot_mapping``, write a raw
     side pool of recent/sink blocks, choose which blocks need raw copies, and attention over block
     tables for batches mixing prefill and decode requests; views of vLLM's packed K+V cache tensor.
+hf_cache
+    ``TurboQuantCache``: a Hugging Face transformers cache on compressed KV (raw sinks and a raw
+    recent buffer flushed in batches); importing it imports transformers, so it loads on first use.
+baselines, eval
+    The real-model evaluation (``python -m turboquant_torch.eval``) and its comparison recipes.
 
 The codec maths lives in ``turboquant_codec`` only; this package moves tensors and masks.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .ops import TorchCodec, attention, decode, encode, scores
 from .paged import (
@@ -30,6 +37,7 @@ from .paged import (
 
 __all__ = [
     "TorchCodec",
+    "TurboQuantCache",
     "attention",
     "decode",
     "encode",
@@ -41,3 +49,12 @@ __all__ = [
     "write_compressed",
     "write_raw",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # transformers is heavy and optional: import the HF cache only when it is asked for.
+    if name == "TurboQuantCache":
+        from .hf_cache import TurboQuantCache
+
+        return TurboQuantCache
+    raise AttributeError(f"module 'turboquant_torch' has no attribute {name!r}")
