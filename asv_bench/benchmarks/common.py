@@ -1,0 +1,188 @@
+"""Shared helpers for the asv suite: which backend/configuration combinations run, and how data
+is placed on a backend's device.
+
+The parameter grids are fixed tuples so that results line up across commits and machines. Each
+combination is checked at setup against the registry (``availability`` with its reason) and the
+capability table (``CAPABILITIES[op][backend].refusal``); an unavailable backend or a refused
+combination raises ``NotImplementedError``, which asv records as skipped (n/a), not failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from turboquant_codec import _interop
+from turboquant_codec import backends as registry
+from turboquant_codec.capabilities import CAPABILITIES
+
+# The backends of the current registry in a fixed order (a backend not registered at an older
+# commit is skipped there), then any backend registered later, so it is benchmarked as soon as it
+# is declared.
+_KNOWN = ("numpy", "numba_cuda", "cupy_raw")
+BACKENDS = _KNOWN + tuple(name for name in registry.REGISTRY if name not in _KNOWN)
+HEAD_DIMS = (64, 128, 256)
+# "mode-bits": integer and half-integer (outlier split) MSE widths, and one QJL width.
+CONFIGS = ("mse-2.5", "mse-3.5", "mse-4", "prod-3.5")
+# Tokens per KV head (8 KV heads). The CPU reference is float64 NumPy: it runs the two small sizes.
+TOKENS = (256, 2048, 65536)
+CPU_MAX_TOKENS = 2048
+KV_HEADS = 8
+Q_HEADS = 32  # grouped-query attention: 4 query heads per KV head
+SCORE_QUERIES = 16  # queries per KV head for `scores`
+TAIL = 16  # uncompressed recent tokens for `attention`
+DTYPE = np.float16  # the KV cache dtype benchmarked (inputs of encode, scores, attention)
+
+# TQ_ASV_SMOKE=1 (tests/test_asv.py): same parameter grid, tiny data, to prove every benchmark runs.
+SMOKE = os.environ.get("TQ_ASV_SMOKE") == "1"
+
+
+def scaled(n: int, smoke: int = 64) -> int:
+    """``n`` items of data, or ``smoke`` of them in a smoke run."""
+    return min(n, smoke) if SMOKE else n
+
+
+# Fewer, shorter samples than asv's defaults: the whole suite takes minutes on a 2-core CPU.
+TIMING = {"repeat": (1, 3, 1.5), "warmup_time": 0.05, "sample_time": 0.02, "min_run_count": 1}
+
+
+def _probe_availability() -> dict[str, tuple[bool, str]]:
+    """Availability of every registered backend, probed once in a child process.
+
+    asv runs each benchmark combination in a process forked from a server that has imported this
+    module. Probing here (not in each fork) saves importing numba/cupy per skipped combination, and
+    doing it in a child keeps CUDA uninitialised in the server (a CUDA context does not survive a
+    fork). Each fork still checks ``availability`` itself before running.
+    """
+    code = (
+        "import json; from turboquant_codec import backends as r; "
+        "print(json.dumps({n: [bool(r.availability(n)), r.availability(n).reason] for n in r.REGISTRY}))"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        ).stdout
+        return {name: (ok, reason) for name, (ok, reason) in json.loads(out.splitlines()[-1]).items()}
+    except Exception as exc:  # fall back to probing in each process
+        print(f"asv_bench: availability probe failed ({exc}); probing per process", file=sys.stderr)
+        return {}
+
+
+AVAILABILITY = _probe_availability()
+
+
+def parse_config(config: str) -> tuple[str, float]:
+    mode, bits = config.split("-")
+    return mode, float(bits)
+
+
+def device_of(backend: str) -> str:
+    return registry.REGISTRY[backend][1]
+
+
+def require(op: str, backend: str, head_dim: int, config: str, tokens: int | None = None) -> None:
+    """Raise NotImplementedError (asv: skipped) unless ``backend`` can run this combination here."""
+    if backend not in registry.REGISTRY:
+        raise NotImplementedError(f"backend {backend} is not registered at this commit")
+    if device_of(backend) != "cpu" and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        raise NotImplementedError(f"backend {backend}: Numba's CUDA simulator is not timed")
+    support = CAPABILITIES.get(op, {}).get(backend)
+    if support is None:
+        raise NotImplementedError(f"backend {backend} does not implement {op}")
+    mode, bits = parse_config(config)
+    refusal = support.refusal(np.dtype(DTYPE).name, head_dim, bits, mode)
+    if refusal:
+        raise NotImplementedError(f"backend {backend} does not support {refusal} for {op}")
+    if tokens is not None and device_of(backend) == "cpu" and tokens > CPU_MAX_TOKENS:
+        raise NotImplementedError(f"{tokens} tokens: too large for the CPU reference suite")
+    ok, reason = AVAILABILITY.get(backend, (True, ""))
+    if ok:
+        status = registry.availability(backend)
+        ok, reason = status.ok, status.reason
+    if not ok:
+        raise NotImplementedError(f"backend {backend} unavailable: {reason}")
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+
+        return cupy if cupy.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def put(backend: str, x: np.ndarray) -> Any:
+    """Host array -> where ``backend`` reads it (as tests/conftest.py does)."""
+    if device_of(backend) == "cpu":
+        return x
+    cupy = _cupy()
+    if cupy is not None:
+        return cupy.asarray(x)
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(x))
+
+
+def synchronizer(backend: str) -> Callable[[], None]:
+    """A function that waits for all work queued on the backend's device (no-op on CPU)."""
+    if device_of(backend) == "cpu":
+        return lambda: None
+    cupy = _cupy()
+    from numba import cuda
+
+    def sync() -> None:
+        cuda.synchronize()
+        if cupy is not None:
+            cupy.cuda.Device().synchronize()
+
+    return sync
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    return _interop.to_numpy(x)
+
+
+def unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    x = rng.standard_normal(shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def kv_like(rng: np.random.Generator, shape: tuple[int, ...], outliers: int = 4) -> np.ndarray:
+    """Gaussian vectors with a few large-magnitude channels, as real keys have."""
+    x = rng.standard_normal(shape)
+    idx = rng.choice(shape[-1], outliers, replace=False)
+    x[..., idx] *= 8.0
+    return x
+
+
+class DevicePeak:
+    """Peak bytes held by CuPy's memory pool while a block runs (CuPy memory hook).
+
+    Only CuPy allocations are seen: usable for backends that allocate through CuPy.
+    """
+
+    def __init__(self) -> None:
+        import cupy.cuda.memory_hook as memory_hook
+
+        outer = self
+
+        class _Hook(memory_hook.MemoryHook):  # type: ignore[misc]
+            name = "tq_peak"
+
+            def malloc_postprocess(self, **kwargs: Any) -> None:
+                outer.current += kwargs["mem_size"]
+                outer.peak = max(outer.peak, outer.current)
+
+            def free_postprocess(self, **kwargs: Any) -> None:
+                outer.current -= kwargs["mem_size"]
+
+        self.hook = _Hook()
+        self.current = 0
+        self.peak = 0
