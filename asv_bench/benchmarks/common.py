@@ -9,6 +9,7 @@ combination raises ``NotImplementedError``, which asv records as skipped (n/a), 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -19,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from turboquant_codec import _interop
-from turboquant_codec import backends as registry
 from turboquant_codec.capabilities import CAPABILITIES
+
+# The registry module itself (before 2cb151d, ``turboquant_codec.backends`` was a function).
+registry = importlib.import_module("turboquant_codec.backends")
 
 # The backends of the current registry in a fixed order (a backend not registered at an older
 # commit is skipped there), then any backend registered later, so it is benchmarked as soon as it
@@ -61,7 +64,7 @@ def _probe_availability() -> dict[str, tuple[bool, str]]:
     fork). Each fork still checks ``availability`` itself before running.
     """
     code = (
-        "import json; from turboquant_codec import backends as r; "
+        "import json, importlib; r = importlib.import_module('turboquant_codec.backends'); "
         "print(json.dumps({n: [bool(r.availability(n)), r.availability(n).reason] for n in r.REGISTRY}))"
     )
     try:
