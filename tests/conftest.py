@@ -17,6 +17,7 @@ import pytest
 
 from turboquant_codec import _interop
 from turboquant_codec import backends as registry
+from turboquant_codec.testing import kv_like, unit_vectors  # noqa: F401  (re-exported for the tests)
 
 
 def _put_numpy(x: np.ndarray) -> Any:
@@ -67,16 +68,3 @@ def backend(request: pytest.FixtureRequest) -> BackendUnderTest:
     if device == "cpu":
         return BackendUnderTest(name, _put_numpy)
     return BackendUnderTest(name, _put_cuda, os.environ.get("NUMBA_ENABLE_CUDASIM") == "1")
-
-
-def unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    x = rng.standard_normal(shape)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def kv_like(rng: np.random.Generator, shape: tuple[int, ...], outliers: int = 4) -> np.ndarray:
-    """Gaussian vectors with a few large-magnitude channels, as real keys have."""
-    x = rng.standard_normal(shape)
-    idx = rng.choice(shape[-1], outliers, replace=False)
-    x[..., idx] *= 8.0
-    return x.astype(np.float32)

@@ -21,6 +21,7 @@ import numpy as np
 
 from turboquant_codec import _interop
 from turboquant_codec.capabilities import CAPABILITIES
+from turboquant_codec.testing import kv_like, unit_vectors  # noqa: F401  (re-exported for the benchmarks)
 
 # The registry module itself (before 2cb151d, ``turboquant_codec.backends`` was a function).
 registry = importlib.import_module("turboquant_codec.backends")
@@ -150,19 +151,6 @@ def synchronizer(backend: str) -> Callable[[], None]:
 
 def to_numpy(x: Any) -> np.ndarray:
     return _interop.to_numpy(x)
-
-
-def unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    x = rng.standard_normal(shape)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def kv_like(rng: np.random.Generator, shape: tuple[int, ...], outliers: int = 4) -> np.ndarray:
-    """Gaussian vectors with a few large-magnitude channels, as real keys have."""
-    x = rng.standard_normal(shape)
-    idx = rng.choice(shape[-1], outliers, replace=False)
-    x[..., idx] *= 8.0
-    return x
 
 
 class DevicePeak:
