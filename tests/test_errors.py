@@ -169,8 +169,10 @@ def test_channels_not_a_permutation(x: np.ndarray) -> None:
     channels = enc.channels.copy()
     channels[0, 0] = channels[0, 1]
     forged = serialization.dumps(enc.config, enc.records, channels)
-    with pytest.raises(ValueError, match="not a permutation"):
+    with pytest.raises(ValueError, match="a permutation of 0..63 in every row"):
         tq.Encoded.from_bytes(forged)
+    with pytest.raises(ValueError, match="a permutation of 0..63 in every row"):
+        tq.encode(x, bits=2.5, channels=channels)
 
 
 def test_encoded_validates_its_arrays(x: np.ndarray) -> None:

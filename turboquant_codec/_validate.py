@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import _interop
-from .capabilities import DTYPES
+from .config import DTYPES
 
 
 def float_array(x: Any, name: str, min_ndim: int) -> tuple[int, ...]:
@@ -56,3 +56,16 @@ def same_head_dim(a: tuple[int, ...], b: tuple[int, ...], a_name: str, b_name: s
 def same_lead(a: tuple[int, ...], b: tuple[int, ...], a_name: str, b_name: str) -> None:
     if a != b:
         raise ValueError(f"leading dimensions differ: {a_name} {a} vs {b_name} {b}")
+
+
+def permutation(channels: Any, d: int) -> None:
+    """Raise unless every row of host ``channels`` (..., d) is a permutation of 0..d-1.
+
+    GPU arrays are not copied back to check (that would synchronise); their records are still
+    self-consistent, only the outlier choice would be wrong.
+    """
+    if _interop.on_gpu(channels):
+        return
+    rows = np.sort(_interop.to_numpy(channels).reshape(-1, d).astype(np.int64), axis=1)
+    if not np.array_equal(rows, np.broadcast_to(np.arange(d), rows.shape)):
+        raise ValueError(f"channels must hold a permutation of 0..{d - 1} in every row")

@@ -76,6 +76,7 @@ def encode(
             raise ValueError(
                 f"channels must have shape {shape[:-2] + (cfg.d,)}, got {tuple(channels.shape)}"
             )
+        _validate.permutation(channels, cfg.d)
     if check_finite:
         _validate.finite(x, "x")
     module = _backend("encode", backend, x, (cfg,), _interop.dtype_name(x))

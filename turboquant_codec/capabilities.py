@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._ops import OPS
-from .config import HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MSE_BITS, PROD_BITS
+from .config import DTYPES, HEAD_DIM_MULTIPLE, MAX_HEAD_DIM, MSE_BITS, PROD_BITS
 
-DTYPES = ("float16", "bfloat16", "float32")
 ALL_HEAD_DIMS = tuple(range(HEAD_DIM_MULTIPLE, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
 ALL_BITS = {"mse": MSE_BITS, "prod": PROD_BITS}
 

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 
 MODES = ("mse", "prod")
+# Input dtypes the codec accepts (bfloat16 through ml_dtypes on the host).
+DTYPES = ("float16", "bfloat16", "float32")
 # Per-group bits the Lloyd-Max tables cover; prod adds one QJL bit on top of the code bits.
 MSE_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 PROD_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _interop, serialization
+from . import _interop, _validate, serialization
 from .config import CodecConfig
 
 
@@ -102,10 +102,7 @@ class Encoded:
         """
         cfg, records, channels = serialization.loads(data)
         if channels is not None:
-            expected = np.arange(cfg.d)
-            if not np.array_equal(np.sort(channels.reshape(-1, cfg.d), axis=1),
-                                  np.broadcast_to(expected, (channels.size // cfg.d, cfg.d))):
-                raise ValueError("encoded stream holds a channel list that is not a permutation")
+            _validate.permutation(channels, cfg.d)
         return cls(records=records, channels=channels, config=cfg)
 
     def __repr__(self) -> str:
