@@ -96,6 +96,11 @@ def _slices(cfg: CodecConfig) -> list[tuple[Group, GroupTables, slice]]:
 
 # --------------------------------------------------------------------------------------------- ops
 def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tuple[np.ndarray, Any]:
+    """Records (..., n, record_bytes) uint8 of x (..., n, d), and the channel permutation used.
+
+    Per group: y = R x_g / |x_g|, code = number of boundaries strictly below y; prod mode adds the
+    signs of S (y - centroid[code]) and the residual norm.
+    """
     x = np.asarray(x).astype(np.float64)
     if cfg.split and channels is None:
         channels = select_channels(x, cfg)
@@ -135,6 +140,7 @@ def _rotated(records: np.ndarray, g: Group, t: GroupTables) -> np.ndarray:
 
 
 def decode(enc: Encoded) -> np.ndarray:
+    """(..., n, d) float32: per group R^T (|x_g| centroid[code] (+ QJL term)), unpermuted."""
     records = np.asarray(enc.records)
     parts = [_rotated(records, g, t) @ t.rotation for g, t, _ in _slices(enc.config)]
     x = np.concatenate(parts, axis=-1)
@@ -152,6 +158,7 @@ def _scores64(q: np.ndarray, keys: Encoded) -> np.ndarray:
 
 
 def scores(q: np.ndarray, keys: Encoded) -> np.ndarray:
+    """(..., m, n) float32: the query rotated once per group against the dequantised codes."""
     return _scores64(q, keys).astype(np.float32)
 
 
@@ -163,6 +170,7 @@ def attention(
     k_tail: np.ndarray | None,
     v_tail: np.ndarray | None,
 ) -> np.ndarray:
+    """(..., h_q, d) float32: one float64 softmax over compressed and tail tokens, GQA by groups."""
     *lead, h_q, d = q.shape
     h_kv = k.shape[-3]
     qg = np.asarray(q).astype(np.float64).reshape(*lead, h_kv, h_q // h_kv, d)
