@@ -240,6 +240,19 @@ if _IMPORT_ERROR is None:
             sm[dst + idx] = _to_f32(x[row, src], bf16)
 
     @cuda.jit(device=True, inline="always")
+    def _stage_tokens(sm, dst, pitch, width, nk, tail, raw, raw_row, bf16, rec, rec_row, d, g, cent,
+                      meta, qjl_scale, tid):  # pragma: no cover
+        """Stage ``nk`` token rows (raw tail rows or extended rows of records) at ``sm[dst]``."""
+        for idx in range(tid, nk * width, THREADS):
+            j = idx // width
+            c = idx - j * width
+            if tail:
+                val = _to_f32(raw[raw_row + j, c], bf16)
+            else:
+                val = _ext_value(rec, rec_row + j, c, d, g, cent, meta, qjl_scale)
+            sm[dst + j * pitch + c] = val
+
+    @cuda.jit(device=True, inline="always")
     def _group_norms(sm, src, dst, nv, d, g, ngroups, slot, tid):  # pragma: no cover
         """Euclidean norm of each (row, group) of ``sm[src]`` into ``sm[dst + v*2*ngroups + 2*gi + slot]``."""
         for idx in range(tid, nv * ngroups, THREADS):
@@ -440,22 +453,10 @@ if _IMPORT_ERROR is None:
         cuda.syncthreads()
         for j0 in range(start, stop, tk):
             nk = min(tk, stop - j0)
-            for idx in range(tid, nk * wkk, THREADS):
-                j = idx // wkk
-                c = idx - j * wkk
-                if tail:
-                    val = _to_f32(ktail[stream * t + j0 + j, c], bf16t)
-                else:
-                    val = _ext_value(krec, stream * n + j0 + j, c, d, kg, kcent, kmeta, kqs)
-                sm[ks + j * kp + c] = val
-            for idx in range(tid, nk * wvv, THREADS):
-                j = idx // wvv
-                c = idx - j * wvv
-                if tail:
-                    val = _to_f32(vtail[stream * t + j0 + j, c], bf16t)
-                else:
-                    val = _ext_value(vrec, stream * n + j0 + j, c, d, vg, vcent, vmeta, vqs)
-                sm[vs + j * vp + c] = val
+            _stage_tokens(sm, ks, kp, wkk, nk, tail, ktail, stream * t + j0, bf16t, krec,
+                          stream * n + j0, d, kg, kcent, kmeta, kqs, tid)
+            _stage_tokens(sm, vs, vp, wvv, nk, tail, vtail, stream * t + j0, bf16t, vrec,
+                          stream * n + j0, d, vg, vcent, vmeta, vqs, tid)
             cuda.syncthreads()
             for idx in range(tid, groups * tk, THREADS):
                 h = idx // tk
