@@ -92,6 +92,48 @@ def check_correctness() -> list[str]:
     return lines
 
 
+def check_encode() -> list[str]:
+    """Both encode kernels against the NumPy reference, per input dtype and bits (fields as in
+    tests/test_backends.py: codes may differ on at most 1e-3 of coordinates, norms by 1 ulp)."""
+    import torch
+
+    from turboquant_codec.backends import numpy_ref
+    from turboquant_codec.config import CodecConfig
+
+    lines = []
+    rng = np.random.default_rng(int(time.time()))
+    for d in (64, 128):
+        for bits in (2.5, 3.5, 4.0):
+            x32 = rng.standard_normal((4, 3001, d)).astype(np.float32)
+            x32[..., rng.choice(d, 4, replace=False)] *= 8
+            x32 *= rng.uniform(1e-2, 1e2, (4, 3001, 1)).astype(np.float32)
+            for dtype in ("bfloat16", "float16", "float32"):
+                xt = torch.from_numpy(x32).to("cuda", getattr(torch, dtype))
+                host = xt.float().cpu().numpy()
+                ref = tq.encode(host, bits=bits, seed=3, backend="numpy")
+                cfg = CodecConfig(d, bits, seed=3)
+                ch = None if ref.channels is None else cupy_raw._cupy().asarray(ref.channels)
+                worst = {}
+                for path in ("scalar", "auto"):
+                    cupy_raw.ENCODE_PATH = path
+                    rec, _ = cupy_raw.encode(cupy_raw.asarray(xt), cfg, ch)
+                    got = cupy_raw._cupy().asnumpy(rec)
+                    mism = max(float(np.mean(numpy_ref._codes(got, g) != numpy_ref._codes(ref.records, g)))
+                               for g in cfg.groups)
+                    nerr = max(float(np.max(np.abs(numpy_ref._norms(got, g, 0) / np.maximum(
+                        numpy_ref._norms(ref.records, g, 0), 1e-30) - 1))) for g in cfg.groups)
+                    worst[path] = (mism, nerr)
+                cupy_raw.ENCODE_PATH = "auto"
+                ok = all(m <= 1e-3 and e <= 2**-10 for m, e in worst.values())
+                tc = "tc" if cupy_raw.tc_encode_ok(cfg) else "scalar only"
+                lines.append(f"encode check d={d} bits={bits} {dtype} ({tc}): code mismatch tc/auto "
+                             f"{worst['auto'][0]:.1e} scalar {worst['scalar'][0]:.1e}, norm rel err "
+                             f"{worst['auto'][1]:.1e} -> {'OK' if ok else 'FAIL'}")
+                if not ok:
+                    raise SystemExit("\n".join(lines))
+    return lines
+
+
 def main() -> None:
     import cupy as cp
     import torch
@@ -105,6 +147,8 @@ def main() -> None:
     ap.add_argument("--variants", default="",
                     help="extra split-kernel launch shapes 'warps,stages,minblocks ...' timed (and checked) "
                          "after the library default")
+    ap.add_argument("--encode-only", action="store_true",
+                    help="checks, copy bandwidth and encode timings only (no attention)")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
@@ -118,7 +162,11 @@ def main() -> None:
         use_variant(var)
         log += [f"[{_vname(var)}] {line}" for line in check_correctness()]
     use_variant(default)
+    log += check_encode()
     print("\n".join(log), flush=True)
+    if args.encode_only:
+        enc_only(log)
+        return
 
     # Copy bandwidth: 1 GiB device-to-device, read + written.
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
@@ -182,10 +230,15 @@ def main() -> None:
             # Encode throughput with fixed channels (selection excluded): bf16 read + records written.
             kn = cupy_raw.asarray(k)
             chn = cupy_raw.asarray(ke.channels)
-            ms_enc = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
-                           reps=5, batch=2)
             enc_bytes = k.numel() * 2 + kc.nbytes
-            enc_rows.append((b, t, bits, ms_enc, enc_bytes / ms_enc / 1e6, copy_gbs))
+            ms_path = {}
+            for path in ("scalar", "auto"):  # tq_encode vs tq_encode_tc (where tc_encode_ok)
+                cupy_raw.ENCODE_PATH = path
+                ms_path[path] = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
+                                      reps=5, batch=2)
+            cupy_raw.ENCODE_PATH = "auto"
+            ms_enc = ms_path["auto"]
+            enc_rows.append((b, t, bits, ms_enc, enc_bytes / ms_enc / 1e6, copy_gbs, ms_path["scalar"]))
             del ke, ve, native, kc
         del k, v, q
         torch.cuda.empty_cache()
@@ -209,9 +262,11 @@ def main() -> None:
             md.append(f"| {b} | {t} | {bits:g} | " + " | ".join(
                 f"{ms_var[v]:.4f} ({ms_sd / ms_var[v]:.2f}x)" for v in variants) + " |")
     md += ["", "## Encode (bf16 in, records out, channels given)", "",
-           "| B*h_kv | T | bits | ms | GB/s (read+write) | % of copy |", "|---|---|---|---|---|---|"]
-    for b, t, bits, ms, gbs, cgbs in enc_rows:
-        md.append(f"| {b * H_KV} | {t} | {bits:g} | {ms:.3f} | {gbs:.0f} | {100 * gbs / cgbs:.0f}% |")
+           "| B*h_kv | T | bits | tensor-core ms | GB/s (read+write) | % of copy | scalar ms | % of copy |",
+           "|---|---|---|---|---|---|---|---|"]
+    for b, t, bits, ms, gbs, cgbs, ms_sc in enc_rows:
+        md.append(f"| {b * H_KV} | {t} | {bits:g} | {ms:.3f} | {gbs:.0f} | {100 * gbs / cgbs:.0f}% | "
+                  f"{ms_sc:.3f} | {100 * gbs * ms / ms_sc / cgbs:.0f}% |")
     if not numba_ok:
         why = "--no-numba" if args.no_numba else availability("numba_cuda").reason
         md.append(f"\nnumba_cuda not run: {why}")
@@ -221,6 +276,36 @@ def main() -> None:
             fh.write(text)
     print(text)
     sys.stdout.flush()
+
+
+def enc_only(log: list[str]) -> None:
+    """Encode (bf16 in, channels given) of the three attention shapes' K, both kernels, vs copy."""
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = timed(lambda a=src, b=dst: b.copy_(a), reps=10, batch=3)
+    copy_gbs = 2 * src.numel() / ms / 1e6
+    del src, dst
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
+    print("| B*h_kv | T | bits | tensor-core ms | % of copy | scalar ms | % of copy |")
+    for b, t in SHAPES:
+        k = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16)
+        for bits in (3.5, 2.5, 4.0):
+            ke = tq.encode(k, bits=bits, seed=1, backend="cupy_raw")
+            kn, chn = cupy_raw.asarray(k), None if ke.channels is None else cupy_raw.asarray(ke.channels)
+            nbytes = k.numel() * 2 + ke.records.numel()
+            res = {}
+            for path in ("auto", "scalar"):
+                cupy_raw.ENCODE_PATH = path
+                res[path] = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
+                                  reps=5, batch=2)
+            cupy_raw.ENCODE_PATH = "auto"
+            pct = {p: 100 * nbytes / m / 1e6 / copy_gbs for p, m in res.items()}
+            print(f"| {b * H_KV} | {t} | {bits:g} | {res['auto']:.3f} | {pct['auto']:.0f}% | "
+                  f"{res['scalar']:.3f} | {pct['scalar']:.0f}% |", flush=True)
+            del ke
+        del k
 
 
 if __name__ == "__main__":

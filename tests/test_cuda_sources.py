@@ -29,6 +29,10 @@ CASES = {
         "codec", cfg=_C(64, 3.0, "prod"), dtype="float32")),
     "codec-d128-mse1-f16": ("tq_codec.cu", cupy_raw.compile_options(
         "codec", cfg=_C(128, 1.0), dtype="float16")),
+    "codec-d128-mse4-f32": ("tq_codec.cu", cupy_raw.compile_options(
+        "codec", cfg=_C(128, 4.0), dtype="float32")),
+    "codec-d64-mse2.5-f16": ("tq_codec.cu", cupy_raw.compile_options(
+        "codec", cfg=_C(64, 2.5), dtype="float16")),
     "attn-d128-mse3.5-gqa4-f16": ("tq_attention.cu", cupy_raw.compile_options(
         "attention", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), dtype="float16",
         tail_dtype="bfloat16", group=4)),

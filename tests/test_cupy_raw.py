@@ -198,3 +198,144 @@ def test_second_device() -> None:
                            tq.Encoded(enc.records[None], enc.channels[None], enc.config), scale=0.1,
                            backend="cupy_raw")
     assert out.device.id == 1
+
+
+# ------------------------------------------------------------------ tensor-core encode, emulated on the CPU
+def _f32_toward_zero(a: np.ndarray) -> np.ndarray:
+    """float64 -> float32 rounded toward zero (pessimistic model of tensor-core f32 accumulation)."""
+    r = a.astype(np.float32)
+    over = np.abs(r.astype(np.float64)) > np.abs(a)
+    r[over] = np.nextafter(r[over], np.float32(0))
+    return r
+
+
+def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | None = None) -> dict:
+    """NumPy model of ``tq_encode_tc``'s arithmetic, built from the kernel's own fragment table.
+
+    x: (N, d) float16/bfloat16/float32 values; channels: (d,) record order or None. Returns per group
+    {"codes{g}": (N, G) codes, "norm{g}": (N,) float16 norms}. Rotation fragments are read back from
+    ``cupy_raw._tc_table`` through the kernel's index conventions (so the table layout is checked
+    too); every mma adds its 16 exact products to the float32 accumulator rounded toward zero;
+    rsqrt is off by up to 2 ulp (random sign) when ``rng`` is given.
+    """
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.transforms import tables
+
+    dtype = x.dtype.name
+    xp = np.asarray(x).astype(np.float64)
+    if channels is not None:
+        xp = xp[:, np.asarray(channels, np.intp)]
+    words = cupy_raw._tc_table(cfg)
+    out, start, at = {}, 0, 0
+    for g, t in zip(cfg.groups, tables(cfg), strict=True):
+        G, Q = g.dim, g.dim // 4
+        w = words[at: at + G * G].reshape(G // 8, G // 16, 32, 4)
+        at += G * G
+        # Rebuild the scaled hi/lo matrices as the kernel reads them (lane -> n, k conventions).
+        halves = np.stack([w & 0xFFFF, w >> 16], axis=-1).astype(np.uint16).view(np.float16)
+        mats = [np.zeros((G, G)), np.zeros((G, G))]
+        i_map, pos_map = cupy_raw._tc_positions(G)
+        for part in range(2):  # hi: words 0-1, lo: words 2-3
+            vals = halves[:, :, :, 2 * part: 2 * part + 2, :].astype(np.float64)
+            mats[part][i_map, pos_map] = vals
+        xg = xp[:, start: start + G]
+        start += G
+        ss = np.sum(np.square(xg.astype(np.float32), dtype=np.float32), axis=-1, dtype=np.float32)
+        rs = (1.0 / np.sqrt(ss.astype(np.float64))).astype(np.float32)
+        if rng is not None:
+            rs = (rs * (1 + rng.choice([-2.0, 2.0], rs.shape) * 2.0**-24)).astype(np.float32)
+        nr = np.where(ss > 0, ss * rs, 0).astype(np.float32)
+        e = np.floor(np.log2(np.where(nr > 0, nr, 1.0)))
+        sc = np.ones_like(e) if dtype == "float16" else 2.0**-e
+        p2 = 2.0**-cupy_raw.TC_RS_EXP * (np.ones_like(e) if dtype == "float16" else 2.0**e)
+        inv = np.where(ss > 0, (rs * p2), 1.0).astype(np.float32)
+        xs = (xg * sc[:, None]).astype(np.float32)
+        hi = xs.astype(np.float16)
+        lo = (xs - hi.astype(np.float32)).astype(np.float16)
+        parts = [(mats[0], hi), (mats[1], hi)] + ([(mats[0], lo)] if dtype == "float32" else [])
+        acc = np.zeros((len(xg), G), np.float32)
+        for ks in range(G // 16):
+            cols = (np.arange(4)[:, None] * Q + 4 * ks + np.arange(4)[None, :]).reshape(-1)
+            for mat, xv in parts:
+                prod = xv[:, cols].astype(np.float64) @ mat[:, cols].T
+                acc = _f32_toward_zero(acc.astype(np.float64) + prod)
+        y = (acc * inv[:, None]).astype(np.float32)
+        bnd = t.boundaries.astype(np.float32)
+        mid = (1 << (g.code_bits - 1)) - 1
+        nb = np.sum(bnd[None, None, mid + 1:] < np.abs(y)[..., None], axis=-1)
+        out[f"codes{g.index}"] = np.where(y > 0, mid + 1 + nb, mid - nb)
+        out[f"norm{g.index}"] = nr.astype(np.float16)
+    return out
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) -> None:
+    """The tensor-core encode's arithmetic (emulated) meets the parity suite's code tolerance."""
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+
+    cfg = CodecConfig(d, bits)
+    assert cupy_raw.tc_encode_ok(cfg)
+    rng = np.random.default_rng(int(bits * 10) + d)
+    x = kv_like(rng, (1, 400, d)) * rng.uniform(1e-3, 1e3, (1, 400, 1)).astype(np.float32)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        x = x.astype(ml_dtypes.bfloat16)
+    else:
+        x = x.astype(dtype)
+    ref = tq.encode(x.astype(np.float32), bits=bits, seed=11, backend="numpy")
+    got = tc_encode_emulated(x[0], ref.config, None if ref.channels is None else ref.channels[0], rng)
+    for g in ref.config.groups:
+        want = numpy_ref._codes(ref.records, g)[0]
+        assert np.mean(got[f"codes{g.index}"] != want) <= 1e-4
+        np.testing.assert_allclose(got[f"norm{g.index}"].astype(np.float64),
+                                   numpy_ref._norms(ref.records, g, 0)[0], rtol=2**-10)
+
+
+def test_tc_encode_predicate() -> None:
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+
+    assert all(cupy_raw.tc_encode_ok(CodecConfig(d, b)) for d in (64, 128) for b in (2.5, 3.5, 4.0, 1.0))
+    assert not cupy_raw.tc_encode_ok(CodecConfig(128, 3.5, "prod"))  # QJL: scalar kernel
+    assert not cupy_raw.tc_encode_ok(CodecConfig(32, 3.5))  # 16-channel groups
+    assert not cupy_raw.tc_encode_ok(CodecConfig(512, 4.0))  # 512-channel group
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str) -> None:
+    """tq_encode_tc (tensor cores) and tq_encode (scalar) against the reference, every input dtype,
+    odd vector counts (partial tiles), several streams."""
+    import cupy as cp
+    import ml_dtypes
+
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+
+    rng = np.random.default_rng(int(bits * 10) + d)
+    x = kv_like(rng, (3, 1001, d)) * rng.uniform(1e-2, 1e2, (3, 1001, 1)).astype(np.float32)
+    x = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    ref = tq.encode(x.astype(np.float32), bits=bits, seed=6, backend="numpy")
+    cfg = CodecConfig(d, bits, seed=6)
+    assert cupy_raw.tc_encode_ok(cfg)
+    ch = None if ref.channels is None else cp.asarray(ref.channels)
+    try:
+        for path in ("auto", "scalar"):
+            cupy_raw.ENCODE_PATH = path
+            rec, _ = cupy_raw.encode(cupy_raw.asarray(x), cfg, ch)
+            got = cp.asnumpy(rec)
+            for g in cfg.groups:
+                assert np.mean(numpy_ref._codes(got, g) != numpy_ref._codes(ref.records, g)) <= 1e-4, path
+                np.testing.assert_allclose(numpy_ref._norms(got, g, 0), numpy_ref._norms(ref.records, g, 0),
+                                           rtol=2**-10)
+            used = 2 * len(cfg.groups) + sum(g.code_bytes for g in cfg.groups)
+            assert not got[..., used:].any()
+    finally:
+        cupy_raw.ENCODE_PATH = "auto"

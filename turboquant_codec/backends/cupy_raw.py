@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
+# Tensor-core encode (tq_encode_tc): warps per block, 16-vector m-tiles per warp tile (None: 2, or 1
+# for float32 input, whose hi/lo split doubles the fragments), rotation scale exponent (TC_RS_EXP).
+ENC_TC_WARPS = 4
+ENC_TC_MT: int | None = None
+TC_RS_EXP = 8
+# Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
+# Read at every call; the environment variable sets the default.
+ENCODE_PATH = os.environ.get("TQ_CUPY_RAW_ENCODE", "auto")
 # Null device pointer argument (8 bytes, as the kernels expect a pointer).
 _NULL = np.uint64(0)
 
@@ -279,7 +288,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         Also used by ``tests/test_cuda_sources.py`` to compile the same instantiations with nvcc.
     """
     if kind == "codec":
-        return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}"]
+        return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
+                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -325,6 +335,107 @@ def _sm_count(device: int) -> int:
 @functools.cache
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
     return _module(device, "tq_codec.cu", tuple(compile_options("codec", cfg=cfg, dtype=dtype)))
+
+
+# ------------------------------------------------------------------------------------ tensor-core encode
+def tc_encode_ok(cfg: CodecConfig) -> bool:
+    """Whether ``tq_encode_tc`` covers ``cfg`` (any input dtype): mode "mse" (prod's QJL projection
+    stays on the scalar kernel) and every channel group of 32, 64 or 128 channels (whole 16 x 16
+    k-steps, a byte-aligned piece of G/4 codes per thread, fragments that fit in registers)."""
+    return cfg.mode == "mse" and all(g.dim in (32, 64, 128) for g in cfg.groups)
+
+
+def _tc_mt(dtype: str) -> int:
+    return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
+
+
+def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, pos) index maps of the tensor-core encode fragments, each (dim/8, dim/16, 32 lanes, 2
+    registers, 2 halves): mma B element [k][n] of n-tile nt and k-step ks is rotation[i][pos], with
+    n = lane / 4 -> rotated coordinate i = (n / 2) * dim/4 + 2 nt + n % 2, and k = 2 (lane % 4) +
+    half + 8 reg -> record position pos = (lane % 4) * dim/4 + 4 ks + 2 reg + half."""
+    q = dim // 4
+    nt = np.arange(dim // 8)[:, None, None, None, None]
+    ks = np.arange(dim // 16)[None, :, None, None, None]
+    lane = np.arange(32)[None, None, :, None, None]
+    reg = np.arange(2)[None, None, None, :, None]
+    half = np.arange(2)[None, None, None, None, :]
+    n, t = lane // 4, lane % 4
+    i = (n // 2) * q + 2 * nt + n % 2
+    pos = t * q + 4 * ks + 2 * reg + half
+    shape = (dim // 8, dim // 16, 32, 2, 2)
+    return np.broadcast_to(i, shape), np.broadcast_to(pos, shape)
+
+
+def tc_rotation_parts(rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float16 (hi, lo) of rotation * 2**TC_RS_EXP: hi + lo carries ~22 bits of every entry."""
+    scaled = np.asarray(rotation, np.float64) * 2.0**TC_RS_EXP
+    hi = scaled.astype(np.float16)
+    lo = (scaled - hi.astype(np.float64)).astype(np.float16)
+    return hi, lo
+
+
+@functools.cache
+def _tc_table(cfg: CodecConfig) -> np.ndarray:
+    """uint32 fragment table of ``tq_encode_tc``: per group, per (n-tile, k-step, lane) the words
+    {hi b0, hi b1, lo b0, lo b1} (float16 pairs, lower k in bits 0-15); dim^2 words per group."""
+    out = []
+    for g, t in zip(cfg.groups, tables(cfg), strict=True):
+        i, pos = _tc_positions(g.dim)
+        words = []
+        for part in tc_rotation_parts(t.rotation):
+            h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
+            words.append(h[..., 0] | (h[..., 1] << 16))
+        out.append(np.concatenate(words, axis=-1).reshape(-1))  # hi b0, hi b1, lo b0, lo b1
+    return np.concatenate(out).astype(np.uint32)
+
+
+@functools.cache
+def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        return cp.asarray(_tc_table(cfg))
+
+
+def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
+    """Dynamic shared memory of tq_encode_tc (mirrors TC_XBYTES and the record buffers)."""
+    es = 4 if dtype == "float32" else 2
+    nv = 16 * _tc_mt(dtype)
+    return ENC_TC_WARPS * (2 * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
+
+
+@functools.cache
+def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
+    """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
+    cp = _cupy()
+    fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
+    smem = _tc_smem(cfg, dtype)
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    try:
+        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * ENC_TC_WARPS, smem)
+    except Exception:
+        per_sm = 1
+    return max(1, int(per_sm)) * _sm_count(device)
+
+
+def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
+               device: int) -> None:
+    mod = _codec_module(device, cfg, dtype)
+    fn = mod.get_function("tq_encode_tc")
+    tab, _ = _device_tables(device, cfg)
+    tcb = _device_tc_table(device, cfg)
+    smem = _tc_smem(cfg, dtype)
+    blocks = _tc_blocks(device, cfg, dtype)
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    tiles = streams * -(-n // (16 * _tc_mt(dtype)))
+    grid = max(1, min(blocks, -(-tiles // ENC_TC_WARPS)))
+    if ch is not None and ch.data.ptr % 16:
+        ch = ch.copy()
+    fn((grid,), (32 * ENC_TC_WARPS,),
+       (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, tab, rec),
+       shared_mem=smem)
 
 
 # ------------------------------------------------------------------------------------ channels
@@ -376,6 +487,11 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         tab, _ = _device_tables(device, cfg)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
+        if n and ENCODE_PATH != "scalar" and tc_encode_ok(cfg):
+            if xw.data.ptr % 16:  # cp.async reads 16-byte chunks
+                xw = xw.copy()
+            _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
+            return rec, channels
         tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
         mod.get_function("tq_encode")(
             (-(-n // tv), streams),

@@ -87,6 +87,19 @@ __device__ __forceinline__ void enc_matvec(const float* __restrict__ tab, const 
   }
 }
 
+// Euclidean norm, in float64, of the G values col[j * ENC_TVP] (one column of a transposed tile),
+// reduced over the warp: every lane gets it.
+template <int G>
+__device__ __forceinline__ double warp_group_norm(const float* col, int lane) {
+  double a = 0.0;
+  for (int j = lane; j < G; j += 32) {
+    const double e = col[j * ENC_TVP];
+    a += e * e;
+  }
+  for (int o = 16; o; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+  return sqrt(a);
+}
+
 extern "C" __global__ void __launch_bounds__(ENC_THREADS)
     tq_encode(const void* __restrict__ x, const u16* __restrict__ chans, int n,
               const float* __restrict__ tab, u8* __restrict__ rec) {
@@ -111,14 +124,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
     constexpr int g = decltype(gi)::value, G = CC::gdim(g), G0 = CC::gstart(g), NB = (1 << CC::gbits(g)) - 1;
     using Sh = EncShape<G, EV>;
     for (int v = warp; v < EV; v += nw) {
-      double a = 0.0;
-      for (int j = lane; j < G; j += 32) {
-        const double e = xt[(G0 + j) * ENC_TVP + v];
-        a += e * e;
-      }
-      for (int o = 16; o; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+      const double nr = warp_group_norm<G>(xt + G0 * ENC_TVP + v, lane);
       if (lane == 0) {
-        const double nr = sqrt(a);
         nrm[v][0] = nr;
         inv[v] = nr > 0.0 ? static_cast<float>(1.0 / nr) : 1.f;
       }
@@ -145,13 +152,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
     __syncthreads();
     if constexpr (CC::QJL) {
       for (int v = warp; v < EV; v += nw) {
-        double a = 0.0;
-        for (int j = lane; j < G; j += 32) {
-          const double e = rt_[(G0 + j) * ENC_TVP + v];
-          a += e * e;
-        }
-        for (int o = 16; o; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-        if (lane == 0) nrm[v][1] = sqrt(a) * nrm[v][0];
+        const double nr = warp_group_norm<G>(rt_ + G0 * ENC_TVP + v, lane);
+        if (lane == 0) nrm[v][1] = nr * nrm[v][0];
       }
       if (tid < Sh::SETS * G) {
         const int i = tid % G, vs = (tid / G) * Sh::VPT;
@@ -204,6 +206,270 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
   u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
   const u32* src = reinterpret_cast<const u32*>(&recs[0][0]);
   for (int k = tid; k < nv * R / 4; k += ENC_THREADS) dst[k] = src[k];
+}
+
+// ----------------------------------------------------------------------- tensor-core encode (mse)
+// tq_encode_tc: persistent grid, ENC_WARPS independent warps per block. A warp owns tiles of
+// TC_NV = 16 * ENC_MT vectors of one stream (tiles numbered across streams), double-buffered with
+// cp.async (raw input rows, channel order as stored). Per channel group the rotation is
+// D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
+//   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
+//       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
+//   B = the rotation, scaled by 2^TC_RS_EXP and split into float16 hi + lo parts (hi*x + lo*x:
+//       float32-level products), pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0,
+//       lo_b1} per lane, k-step and n-tile (cupy_raw._tc_table), read through L1;
+//   x: float16 inputs are exact in float16; bfloat16 and float32 are first scaled by 2^-e (e the
+//       exponent of the group norm, so no float16 overflow or underflow loss), float32 is split
+//       into hi + lo as well (three mma per step instead of two).
+// Output column n of n-tile nt is rotated coordinate i = (n / 2) * G/4 + 2 nt + n % 2, so each
+// thread ends with G/4 consecutive codes of its rows: a byte-aligned piece of the code stream.
+// Codes: y = acc / (2^TC_RS_EXP * scale * |x_g|), compared against the positive half of the
+// (symmetric) boundaries with |y|, then folded by the sign of y. Records are assembled in a per-warp
+// shared buffer and written out as 32-bit words. Configurations it covers: tc_encode_ok (host).
+#ifndef ENC_MT
+#define ENC_MT 2
+#endif
+#ifndef ENC_WARPS
+#define ENC_WARPS 4
+#endif
+#define TC_RS_EXP 8
+
+constexpr int TC_ES = IN_KIND == TQ_F32 ? 4 : 2;              // input bytes per value
+constexpr int TC_NV = 16 * ENC_MT;                            // vectors per warp tile
+constexpr int TC_STRIDE = CC::D * TC_ES + 16;                 // staged row bytes (bank skew)
+constexpr int TC_XBYTES = 2 * TC_NV * TC_STRIDE;              // double buffer per warp
+// uint4 offset of group g's fragment table: G^2/4 uint4 per group.
+__host__ __device__ constexpr int tc_gtab(int g) { return g == 0 ? 0 : CC::gdim(0) * CC::gdim(0) / 4; }
+
+// Store the first NB bytes of words w at byte offset off of shared memory, in the widest units the
+// compile-time alignment allows (ALIGN divides off).
+template <int NB, int ALIGN, int NW>
+__device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
+  if constexpr (NB % 4 == 0 && ALIGN % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < NB / 4; ++k) reinterpret_cast<u32*>(p)[k] = w[k];
+  } else if constexpr (NB % 2 == 0 && ALIGN % 2 == 0) {
+#pragma unroll
+    for (int k = 0; k < NB / 2; ++k) reinterpret_cast<u16*>(p)[k] = static_cast<u16>(w[k / 2] >> (16 * (k % 2)));
+  } else {
+#pragma unroll
+    for (int k = 0; k < NB; ++k) p[k] = static_cast<u8>(w[k / 4] >> (8 * (k % 4)));
+  }
+}
+
+// 0xffffffff where a < b, else 0 (one FSET; the masks then sum three at a time in IADD3).
+__device__ __forceinline__ u32 tc_lt_mask(float a, float b) {
+  u32 r;
+  asm("set.lt.u32.f32 %0, %1, %2;" : "=r"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// One channel group of one warp tile: xs = staged rows, ch = the stream's channels (or null),
+// stg = the tile's record buffer.
+template <int g>
+__device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restrict__ ch,
+                                                const uint4* __restrict__ tcb, const float* __restrict__ tab,
+                                                u8* stg, int lane) {
+  constexpr int G = CC::gdim(g), G0 = CC::gstart(g), KS = G / 16, NT = G / 8, Q = G / 4;
+  constexpr int B = CC::gbits(g), MID = (1 << (B - 1)) - 1;  // MID positive boundaries
+  constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
+  constexpr bool F32 = IN_KIND == TQ_F32;
+  const int r = lane >> 2, t = lane & 3;
+  // Byte offsets (within a staged row) of this thread's Q record positions.
+  u32 off[Q];
+  if (ch) {
+    const uint4* c4 = reinterpret_cast<const uint4*>(ch + G0 + t * Q);
+#pragma unroll
+    for (int k = 0; k < Q / 8; ++k) {
+      const uint4 w = __ldg(c4 + k);
+      const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) off[8 * k + e] = ((ws[e / 2] >> (16 * (e % 2))) & 0xffffu) * TC_ES;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < Q; ++j) off[j] = (G0 + t * Q + j) * TC_ES;
+  }
+  // Gather: raw values of rows 16m + 8h + r at positions t*Q + 4ks + 2q + {0, 1}; one address per
+  // position, rows at immediate offsets.
+  u32 ah[ENC_MT][2][KS][2];                       // float16 pairs (hi part)
+  u32 al[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2];   // lo part (float32 input)
+  float fv[F32 ? ENC_MT : 1][2][F32 ? KS : 1][4];  // float32 input values
+  float ss[ENC_MT][2];
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m) ss[m][0] = ss[m][1] = 0.f;
+  const u8* rbase = xs + r * TC_STRIDE;
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int p = 4 * ks + 2 * q;
+      const u8* p0 = rbase + off[p];
+      const u8* p1 = rbase + off[p + 1];
+#pragma unroll
+      for (int m = 0; m < ENC_MT; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int ro = (16 * m + 8 * h) * TC_STRIDE;
+          if constexpr (F32) {
+            const float f0 = *reinterpret_cast<const float*>(p0 + ro);
+            const float f1 = *reinterpret_cast<const float*>(p1 + ro);
+            fv[m][h][ks][2 * q] = f0;
+            fv[m][h][ks][2 * q + 1] = f1;
+            ss[m][h] = fmaf(f0, f0, fmaf(f1, f1, ss[m][h]));
+          } else {
+            const u32 v0 = *reinterpret_cast<const u16*>(p0 + ro);
+            const u32 v1 = *reinterpret_cast<const u16*>(p1 + ro);
+            const u32 w = v0 | (v1 << 16);
+            ah[m][h][ks][q] = w;
+            float f0, f1;
+            if constexpr (IN_KIND == TQ_F16) {
+              f0 = h2f(static_cast<u16>(v0));
+              f1 = h2f(static_cast<u16>(v1));
+            } else {
+              f0 = __uint_as_float(w << 16);
+              f1 = __uint_as_float(w & 0xffff0000u);
+            }
+            ss[m][h] = fmaf(f0, f0, fmaf(f1, f1, ss[m][h]));
+          }
+        }
+      }
+    }
+  }
+  // Group norms (the 4 lanes of a row hold its Q-position pieces), scale, 1/denominator, norms out.
+  float inv[ENC_MT][2];
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float a = ss[m][h];
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      // rsqrt (MUFU, <= 2 ulp): no division or square-root slow paths in the loop.
+      const float rs = rsqrtf(a), nr = a > 0.f ? a * rs : 0.f;
+      // sc = 2^-e with 2^e the power of two at or below the norm (1 for float16 input: exact as
+      // is); inv = 1 / (nr * sc * 2^TC_RS_EXP) by exact power-of-two products.
+      const u32 eb = __float_as_uint(nr) & 0x7f800000u;
+      const float sc = IN_KIND == TQ_F16 ? 1.f : __uint_as_float((254u << 23) - eb);
+      const float p2 = IN_KIND == TQ_F16 ? 1.f / (1 << TC_RS_EXP) : __uint_as_float(eb) * (1.f / (1 << TC_RS_EXP));
+      inv[m][h] = a > 0.f ? rs * p2 : 1.f;
+      if (t == 0) *reinterpret_cast<u16*>(stg + (16 * m + 8 * h + r) * R + CC::gnorm(g)) = f2h(nr);
+      if constexpr (IN_KIND == TQ_BF16) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const u32 w = ah[m][h][ks][q];
+            ah[m][h][ks][q] = pack_h2(__uint_as_float(w << 16) * sc, __uint_as_float(w & 0xffff0000u) * sc);
+          }
+      } else if constexpr (F32) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const float f0 = fv[m][h][ks][2 * q] * sc, f1 = fv[m][h][ks][2 * q + 1] * sc;
+            const u32 hw = pack_h2(f0, f1);
+            ah[m][h][ks][q] = hw;
+            al[m][h][ks][q] = pack_h2(f0 - h2f(static_cast<u16>(hw & 0xffffu)), f1 - h2f(static_cast<u16>(hw >> 16)));
+          }
+      }
+    }
+  }
+  float pb[MID > 0 ? MID : 1];
+#pragma unroll
+  for (int k = 0; k < MID; ++k) pb[k] = __ldg(tab + CC::gbnd(g) + MID + 1 + k);
+  u32 cw[ENC_MT][2][NW];
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < NW; ++k) cw[m][h][k] = 0u;
+  const uint4* bt = tcb + tc_gtab(g) + lane;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float acc[ENC_MT][4];
+#pragma unroll
+    for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const uint4 b = __ldg(bt + (nt * KS + ks) * 32);
+#pragma unroll
+      for (int m = 0; m < ENC_MT; ++m) {
+        mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.x, b.y);
+        mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.z, b.w);
+        if constexpr (F32)
+          mma16816(acc[m], al[m][0][ks][0], al[m][1][ks][0], al[m][0][ks][1], al[m][1][ks][1], b.x, b.y);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < ENC_MT; ++m) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
+        const float y = acc[m][e] * inv[m][h];
+        const float ay = fabsf(y);
+        u32 neg = 0;  // -(number of positive boundaries below |y|), from all-ones set masks
+#pragma unroll
+        for (int k = 0; k < MID; ++k) neg += tc_lt_mask(pb[k], ay);
+        const u32 c = y > 0.f ? MID + 1 - neg : MID + neg;
+        cw[m][h][wi] |= c << sh;
+        if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
+      }
+    }
+  }
+  // Code pieces into the record buffer: CB bytes at gcode + t * CB of each row.
+  constexpr int AL = (CC::gcode(g) % 4 == 0 && CB % 4 == 0) ? 4 : (CC::gcode(g) % 2 == 0 && CB % 2 == 0) ? 2 : 1;
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      tc_store_bytes<CB, AL>(stg + (16 * m + 8 * h + r) * R + CC::gcode(g) + t * CB, cw[m][h]);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
+    tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
+                 const uint4* __restrict__ tcb, const float* __restrict__ tab, u8* __restrict__ rec) {
+  constexpr int D = CC::D, R = CC::R, CH = D * TC_ES / 16, ROWB = D * TC_ES;
+  extern __shared__ __align__(16) u8 tc_smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  u8* xbuf = tc_smem + warp * TC_XBYTES;
+  u8* stg = tc_smem + ENC_WARPS * TC_XBYTES + warp * TC_NV * R;
+  // Padding bytes are never written below: zero once.
+  for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
+  const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
+  auto issue = [&](int tl, int buf) {
+    const int s = tl / T, v0 = (tl - s * T) * TC_NV, nv = min(TC_NV, n - v0);
+    const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * ROWB;
+    u8* dst = xbuf + buf * (TC_NV * TC_STRIDE);
+#pragma unroll 4
+    for (int k = lane; k < TC_NV * CH; k += 32) {
+      const int v = k / CH, c = k - v * CH;
+      const bool ok = v < nv;
+      cp_async16(dst + v * TC_STRIDE + c * 16, src + (ok ? v : 0) * ROWB + c * 16, ok ? 16 : 0);
+    }
+  };
+  int tile = blockIdx.x * ENC_WARPS + warp;
+  if (tile < total) issue(tile, 0);
+  cp_async_commit();
+  for (int it = 0; tile < total; tile += step, ++it) {
+    if (tile + step < total) issue(tile + step, (it + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
+    const u8* xs = xbuf + (it & 1) * (TC_NV * TC_STRIDE);
+    const u16* ch = chans ? chans + static_cast<u64>(s) * D : nullptr;
+    static_for<0, CC::NG>([&](auto gi) { tc_encode_group<decltype(gi)::value>(xs, ch, tcb, tab, stg, lane); });
+    __syncwarp();
+    u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
+    const u32* src = reinterpret_cast<const u32*>(stg);
+    for (int k = lane; k < nv * R / 4; k += 32) dst[k] = src[k];
+    __syncwarp();
+  }
+  cp_async_wait<0>();
 }
 
 // Expanded field values of one record: vals[foff(f) + i] = table value of code i of field f,
