@@ -5,7 +5,10 @@
 3. Decode attention, 32 query / 8 KV heads, d=128, K and V compressed (mse) at 3.5 and 2.5 bits, at
    (B=8, T=32k), (B=1, T=128k), (B=32, T=8k): cupy_raw vs torch SDPA in bf16 (best of the flash and
    cuDNN kernels) vs the numba_cuda backend when available. Achieved GB/s of compressed bytes.
-4. Encode throughput (bf16 in, records out; GB/s read + written) vs copy bandwidth.
+4. Encode throughput (bf16 in, records out; GB/s read + written) vs copy bandwidth: the tensor-core
+   kernel (tq_encode_tc) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
+   after checking both against the reference for every input dtype at d=64/128, 2.5/3.5/4 bits.
+   ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits).
 
 Timing: CUDA events around each call after warm-up (kernels compiled outside timed regions), median
 of repeats; inputs far larger than L2. Prints a table last and writes markdown (``--out``).
@@ -158,7 +161,7 @@ def main() -> None:
     default = (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS)
     variants = [default] + [tuple(int(x) for x in v.split(",")) for v in args.variants.split()]
     log = [f"card: {card}"]
-    for var in variants:
+    for var in [] if args.encode_only else variants:
         use_variant(var)
         log += [f"[{_vname(var)}] {line}" for line in check_correctness()]
     use_variant(default)
