@@ -168,6 +168,6 @@ def test_cuda_ops_match_cpu(dtype: torch.dtype) -> None:
     out = tt.attention(qa.cuda(), records.cuda(), channels.cuda(), records.cuda(), channels.cuda(),
                        k_codec=codec, v_codec=codec, scale=0.125)
     want = tt.attention(qa, records, channels, records, channels, k_codec=codec, v_codec=codec, scale=0.125)
-    # cupy_raw's fused kernel multiplies on tensor cores in half precision: measured on an H200,
-    # at most 2e-4 absolute off the float64 reference (numba_cuda passes 1e-4).
+    # cupy_raw's fused kernel multiplies on tensor cores with float16 hi/lo operand splits (this
+    # case, with peaked softmaxes, failed at 8e-4 when K's table remainders were dropped).
     torch.testing.assert_close(out.cpu(), want, rtol=1e-3, atol=5e-4)

@@ -41,15 +41,15 @@ from ..transforms import tables
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("tq_codec.cu", "tq_attention.cu")
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-# Warps per attention block and cp.async ring depth: 8 x 4 tiles of ~2 KB keeps ~64 KB per block in
-# flight; 8 warps share one copy of the per-lane replicated pair tables (up to ~80 KB). Two blocks
-# per SM (16 warps) caps registers at 128 per thread.
-ATTN_WARPS = 8
+# Warps per attention block and cp.async ring depth: one block of 16 warps per SM shares one copy
+# of the per-lane replicated pair tables (~80 KB with the K lo halves) and keeps 16 x 4 tiles of
+# ~2 KB in flight; 16 warps per SM cap registers at 128 per thread. Configurations whose tables
+# and ring overflow shared memory get fewer stages (attention_stages).
+ATTN_WARPS = 16
 ATTN_STAGES = 4
-ATTN_MINBLOCKS = 2
-# Partials per SM the split kernel aims for: enough resident warps to hide latency, few enough
-# that the partial traffic (G * fdims floats per warp) stays small next to the records.
-WARPS_PER_SM = 16
+ATTN_MINBLOCKS = 1
+# Opt-in shared memory per block on sm_90 (H100/H200).
+SMEM_LIMIT = 227 * 1024
 TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
@@ -228,19 +228,25 @@ def _centroid_scale(cfg: CodecConfig, group: int) -> float:
 
 @functools.cache
 def _lut_values(cfg: CodecConfig) -> np.ndarray:
-    """Per field (group by group, codes before signs) its PAIR table, concatenated, as uint32 words:
-    entry ``e0 | e1 << bits`` holds float16(s * value[e0]) in bits 0-15 and float16(s * value[e1]) in
-    bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so one lookup yields
-    one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
+    """Per field (group by group, codes before signs) its PAIR table, concatenated: (entries, 2)
+    uint32, column 0 the float16 values hi = float16(s * value), column 1 their remainders
+    lo = float16(s * value - hi). Entry ``e0 | e1 << bits`` holds code e0's half in bits 0-15 and
+    e1's in bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so one lookup
+    yields one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=False):
         fields = [(t.centroids.astype(np.float64) * _centroid_scale(cfg, g.index), g.code_bits)]
         if g.qjl:
             fields.append((np.array([-1.0, 1.0]), 1))
         for vals, bits in fields:
-            h = vals.astype(np.float16).view(np.uint16).astype(np.uint32)
+            hi = vals.astype(np.float16)
+            lo = (vals - hi.astype(np.float64)).astype(np.float16)
             idx = np.arange(1 << (2 * bits))
-            out.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
+            cols = []
+            for half in (hi, lo):
+                h = half.view(np.uint16).astype(np.uint32)
+                cols.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
+            out.append(np.stack(cols, axis=1))
     return np.concatenate(out).astype(np.uint32)
 
 
@@ -298,7 +304,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         f"-DGQ={params['group']}",
         f"-DKV_SAME_LUT={int(_same_lut(params['k_cfg'], params['v_cfg']))}",
         f"-DNWARPS={ATTN_WARPS}",
-        f"-DSTAGES={ATTN_STAGES}",
+        f"-DSTAGES={attention_stages(params['k_cfg'], params['v_cfg'])}",
         f"-DMINBLOCKS={ATTN_MINBLOCKS}",
     ]
 
@@ -556,21 +562,26 @@ def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype
     return _module(device, "tq_attention.cu", tuple(opts))
 
 
+def attention_stages(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
+    """cp.async ring depth of the split kernel: ATTN_STAGES, or fewer where shared memory is short."""
+    for stages in range(ATTN_STAGES, 1, -1):
+        if _split_smem(k_cfg, v_cfg, stages) <= SMEM_LIMIT:
+            return stages
+    raise ValueError(f"attention tables of {k_cfg} / {v_cfg} do not fit {SMEM_LIMIT} B of shared memory")
+
+
 @functools.cache
-def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int) -> int:
+def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int | None = None) -> int:
     """Dynamic shared memory of tq_attn_split (mirrors the carve-up at the top of the kernel)."""
 
     def lutn(cfg: CodecConfig) -> int:
         return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
 
-    vnf = len(v_cfg.groups) * (2 if v_cfg.mode == "prod" else 1)
-    nt = -(-group // 8)
-    pbuf = ATTN_WARPS * vnf * nt * 8 * 24 * 2
-    pbuf = -(-pbuf // 16) * 16
     tile_k, tile_v = TILE * k_cfg.record_bytes + 32, TILE * v_cfg.record_bytes + 32
     stage = -(-(tile_k + tile_v) // 16) * 16
-    luts = lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else lutn(v_cfg))
-    return 4 * 32 * luts + pbuf + ATTN_WARPS * ATTN_STAGES * stage
+    # K tables: hi and lo pairs (2 x 4 B per entry and lane); V shares the hi pairs or has its own.
+    luts = 8 * 32 * lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else 4 * 32 * lutn(v_cfg))
+    return luts + ATTN_WARPS * (stages or attention_stages(k_cfg, v_cfg)) * stage
 
 
 def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
@@ -583,12 +594,21 @@ def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
 def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
     """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
 
-    Partials per stream are rounded up to whole blocks of ``ATTN_WARPS`` warps (no idle warps)."""
+    Partials per stream come in whole blocks of ``ATTN_WARPS`` warps. The number of blocks per
+    stream is the smallest that fills the GPU's resident block slots to >= 90% in whole waves
+    (a last, partly filled wave leaves SMs idle), else the best-filling one; warps keep >= 4 tiles.
+    """
     ntiles = max(1, -(-n // TILE))
-    want = max(1, -(-WARPS_PER_SM * _sm_count(device) // batch_heads))
-    want = -(-want // ATTN_WARPS) * ATTN_WARPS
-    parts = min(ntiles, want)
-    per_warp = -(-ntiles // parts)
+    slots = _sm_count(device) * ATTN_MINBLOCKS
+    most = max(1, min(64, ntiles // (4 * ATTN_WARPS)))
+
+    def fill(m: int) -> float:
+        blocks = batch_heads * m
+        return blocks / (-(-blocks // slots) * slots)
+
+    good = [m for m in range(1, most + 1) if fill(m) >= 0.9 and batch_heads * m >= 0.9 * slots]
+    m = good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
+    per_warp = -(-ntiles // (m * ATTN_WARPS))
     return per_warp, -(-ntiles // per_warp)
 
 
@@ -653,7 +673,7 @@ def attention(
         part_acc = cp.empty((bh, max(nparts, 1), group, vqd), cp.float32)
         if nparts:
             split = mod.get_function("tq_attn_split")
-            smem = _split_smem(k.config, v.config, group)
+            smem = _split_smem(k.config, v.config)
             if smem > 48 * 1024:
                 split.max_dynamic_shared_size_bytes = smem
             split(

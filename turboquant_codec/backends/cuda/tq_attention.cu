@@ -21,14 +21,18 @@
 //   one contiguous quarter of the field's code stream; the query B fragment uses the same map.
 //   Value product, per V field: A = decoded codes transposed (16 dims x 16 tokens): rows gid, gid+8
 //   of m-tile i are dims gid*G/8 + 2i and +1, so each lane decodes one contiguous eighth.
+//   P (scores' accumulator layout: tokens x heads) becomes the value product's B operand by one
+//   8x8 register transpose (movmatrix) per row half: no shared-memory round trip.
 // Code values come from per-lane replicated PAIR tables in shared memory (entry e of lane L at word
 // 32*e + L, so lookups never conflict on banks): entry e0 | e1 << bits holds the float16 values of
-// codes e0 (bits 0-15) and e1 (bits 16-31), one lookup per mma register. Code tables hold
-// s * centroid with s in [1, 2) chosen on the host to minimise float16 rounding (max relative error
-// ~1e-4 at 4 bits, ~2e-5 at 3 bits; plain float16 centroids put outputs ~2.5x outside float32
-// parity, measured by NumPy emulation); 1/s joins the per-token norm. Products then run as
-// c*q_hi + c*q_lo for scores (the query needs its lo half) and c*P for values (P, in [0, 1] times a
-// norm, stays float16). K and V share one table copy when their codebooks coincide (KV_SAME_LUT).
+// codes e0 (bits 0-15) and e1 (bits 16-31), one lookup per mma register; the index arrives
+// pre-shifted to the entry stride (bits_scaled), so a lookup is shift, mask|lane, load. Code tables
+// hold s * centroid with s in [1, 2) chosen on the host to minimise float16 rounding (1/s joins the
+// per-token norm). Precision: scores run as c_hi*q_hi + c_hi*q_lo + c_lo*q_hi (K tables carry
+// the float16 remainders c_lo: with peaked softmaxes a 1e-4 relative score error moves outputs
+// by ~1e-3), values as c_hi*P_hi + c_hi*P_lo (P' = p * norm split in float16 hi + lo; the table's
+// own ~1e-4 relative error reaches outputs only as a relative error of the same size). K and V share
+// the hi tables when their codebooks coincide (KV_SAME_LUT).
 #include "tq_common.cuh"
 
 TQ_CODEC(KC, K)
@@ -48,9 +52,16 @@ TQ_CODEC(VC, V)
 #define TILE_BYTES_K (TILE * K_R + 32)  // + 16 B misalignment slack + 16 B over-read padding
 #define TILE_BYTES_V (TILE * V_R + 32)
 #define STAGE_BYTES (((TILE_BYTES_K + TILE_BYTES_V) + 15) / 16 * 16)
-#define PSTRIDE 24  // halves per row of the transposed P buffer (16 used; 48 B spreads banks)
 
 constexpr float LOG2E = 1.4426950408889634f;
+
+// 2^x for x <= 0 (softmax weights), results below 2^-126 flushed to zero: exp2f's denormal
+// rescaling costs four extra instructions per call and changes nothing a float16 P' can hold.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 
 // ------------------------------------------------------------------------------------ prep
 extern "C" __global__ void tq_attn_prep(const void* __restrict__ q, const u16* __restrict__ kch,
@@ -102,21 +113,28 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                   float* __restrict__ part_acc, int n, int tiles_per_warp, int nparts) {
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
+  // Tables: K hi pairs, K lo pairs (same layout, KLO words further, so a lookup of both halves
+  // shares one address register), then V hi pairs unless V shares K's. Lane L's copy of entry e
+  // is word 32e + L.
+  constexpr int KLO = 32 * KC::lutn();
   u32* klut = reinterpret_cast<u32*>(smem);
 #if KV_SAME_LUT
   u32* vlut = klut;
-  u16* pbuf_all = reinterpret_cast<u16*>(klut + 32 * KC::lutn());
+  u8* ring_all = reinterpret_cast<u8*>(klut + 2 * KLO);
 #else
-  u32* vlut = klut + 32 * KC::lutn();
-  u16* pbuf_all = reinterpret_cast<u16*>(vlut + 32 * VC::lutn());
+  u32* vlut = klut + 2 * KLO;
+  u8* ring_all = reinterpret_cast<u8*>(vlut + 32 * VC::lutn());
 #endif
-  u8* ring_all = reinterpret_cast<u8*>(pbuf_all) + ((NWARPS * VNF * NT * 8 * PSTRIDE * 2 + 15) / 16 * 16);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, t = lane & 3;
-  for (int i = threadIdx.x; i < 32 * KC::lutn(); i += blockDim.x) klut[i] = klutv[i >> 5];
+  const u32 lane4 = static_cast<u32>(lane) << 2;  // byte offset of this lane's copy of an entry
+  for (int i = threadIdx.x; i < KLO; i += blockDim.x) {
+    klut[i] = klutv[2 * (i >> 5)];
+    klut[KLO + i] = klutv[2 * (i >> 5) + 1];
+  }
 #if !KV_SAME_LUT
-  for (int i = threadIdx.x; i < 32 * VC::lutn(); i += blockDim.x) vlut[i] = vlutv[i >> 5];
+  for (int i = threadIdx.x; i < 32 * VC::lutn(); i += blockDim.x) vlut[i] = vlutv[2 * (i >> 5)];
 #else
   (void)vlutv;
 #endif
@@ -128,7 +146,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   const int ntiles = (n + TILE - 1) / TILE;
   const int tile0 = p * tiles_per_warp;
   const int my_tiles = max(0, min(tiles_per_warp, ntiles - tile0));
-  u16* pbuf = pbuf_all + warp * (VNF * NT * 8 * PSTRIDE);
   u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
 
   // Query fragments (hi, lo) for every K field and k-step, in registers for the whole run.
@@ -176,38 +193,51 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       l_run[nt][e] = 0.f;
     }
 
-  const u64 row_bytes_k = static_cast<u64>(n) * K_R, row_bytes_v = static_cast<u64>(n) * V_R;
-  const u8* kbase = krec + static_cast<u64>(bh) * row_bytes_k;
-  const u8* vbase = vrec + static_cast<u64>(bh) * row_bytes_v;
-  // Records of a tile start at byte (tile*16*R) of the stream; the copy starts at the 16-byte
-  // boundary below, so the tile sits at offset `mis` (a multiple of 4) in the stage buffer.
+  // Records of tile T start at byte T * TILE * R of the stream. TILE * R is a multiple of 16, so
+  // the 16-byte aligned copy window moves by exactly TILE * R per tile and every tile sits at the
+  // stream's fixed misalignment `mis` (a multiple of 4) in its stage buffer. Each lane copies
+  // chunks lane, lane + 32, ... of the window. Tiles below `safe` copy whole chunks with no bounds
+  // arithmetic (the window's last chunk may run into the next tile's records, never past the
+  // stream); later tiles clamp at the stream's end and zero-fill the rest.
+  struct Stream {
+    const u8* src;  // this lane's first chunk of the warp's first window
+    long long end;  // bytes from the aligned stream start to the stream's end
+    int mis;        // offset of the tile's first record in its window
+    int safe;       // tiles [0, safe) of the stream copy with no clamping
+  };
+  auto stream_of = [&](const u8* rec, auto rec_bytes) {
+    constexpr int R = decltype(rec_bytes)::value, CHUNKS = (TILE * R + 12 + 15) / 16;
+    const u8* base = rec + static_cast<u64>(bh) * n * R;
+    const int mis = static_cast<int>(reinterpret_cast<u64>(base) & 15);
+    const long long end = static_cast<long long>(n) * R + mis;
+    const int safe = end >= 16 * CHUNKS ? static_cast<int>((end - 16 * CHUNKS) / (TILE * R)) + 1 : 0;
+    return Stream{base - mis + static_cast<long long>(tile0) * TILE * R + 16 * lane, end, mis, safe};
+  };
+  const Stream ks = stream_of(krec, Int<K_R>{}), vs = stream_of(vrec, Int<V_R>{});
+  const u32 ring_lane = smem_addr(ring) + 16 * lane;
+  auto copy_tile = [&](const Stream& sm, auto rec_bytes, int it, u32 dst) {
+    constexpr int R = decltype(rec_bytes)::value, CHUNKS = (TILE * R + 12 + 15) / 16;
+    const u8* src = sm.src + static_cast<long long>(it) * TILE * R;
+    if (tile0 + it < sm.safe) {
+#pragma unroll
+      for (int k = 0; k < (CHUNKS + 31) / 32; ++k)
+        if (lane + 32 * k < CHUNKS) cp_async16_full(dst + 512 * k, src + 512 * k);
+    } else {
+      // Past-the-end bytes are zero-filled (no read; source clamped in bounds): stale shared
+      // memory could hold NaN norms, and 0 * NaN would poison the sums.
+      const long long left = sm.end - static_cast<long long>(tile0 + it) * TILE * R - 16 * lane;
+#pragma unroll
+      for (int k = 0; k < (CHUNKS + 31) / 32; ++k)
+        if (lane + 32 * k < CHUNKS) {
+          const int nb = static_cast<int>(max(0ll, min(16ll, left - 512 * k)));
+          cp_async16_shared(dst + 512 * k, nb ? src + 512 * k : sm.src - 16 * lane, nb);
+        }
+    }
+  };
   auto issue = [&](int it) {
-    u8* st = ring + (it % STAGES) * STAGE_BYTES;
-    const u64 tok0 = static_cast<u64>(tile0 + it) * TILE;
-    {
-      const u8* s = kbase + tok0 * K_R;
-      const u8* a = reinterpret_cast<const u8*>(reinterpret_cast<u64>(s) & ~15ull);
-      const long long end = static_cast<long long>(kbase + row_bytes_k - a);
-      const long long full = static_cast<long long>(s - a) + TILE * K_R;
-      const long long stop = min(end, full);
-      // Whole tile copied, past-the-end tokens zero-filled (no read; source clamped in bounds):
-      // stale shared memory could hold NaN norms, and 0 * NaN would poison the sums.
-      for (int c = lane; c * 16 < full; c += 32) {
-        const int nb = static_cast<int>(max(0ll, min(16ll, stop - c * 16)));
-        cp_async16(st + c * 16, nb ? a + c * 16 : a, nb);
-      }
-    }
-    {
-      const u8* s = vbase + tok0 * V_R;
-      const u8* a = reinterpret_cast<const u8*>(reinterpret_cast<u64>(s) & ~15ull);
-      const long long end = static_cast<long long>(vbase + row_bytes_v - a);
-      const long long full = static_cast<long long>(s - a) + TILE * V_R;
-      const long long stop = min(end, full);
-      for (int c = lane; c * 16 < full; c += 32) {
-        const int nb = static_cast<int>(max(0ll, min(16ll, stop - c * 16)));
-        cp_async16(st + TILE_BYTES_K + c * 16, nb ? a + c * 16 : a, nb);
-      }
-    }
+    const u32 st = ring_lane + (it % STAGES) * STAGE_BYTES;
+    copy_tile(ks, Int<K_R>{}, it, st);
+    copy_tile(vs, Int<V_R>{}, it, st + TILE_BYTES_K);
   };
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -219,9 +249,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     cp_async_wait<STAGES - 2>();
     __syncwarp();
     const u8* st = ring + (it % STAGES) * STAGE_BYTES;
-    const u64 tok0 = static_cast<u64>(tile0 + it) * TILE;
-    const u8* kt = st + (reinterpret_cast<u64>(kbase + tok0 * K_R) & 15);
-    const u8* vt = st + TILE_BYTES_K + (reinterpret_cast<u64>(vbase + tok0 * V_R) & 15);
+    const int left = n - (tile0 + it) * TILE;  // tokens of the stream from this tile on
+    const u8* kt = st + ks.mis;
+    const u8* vt = st + TILE_BYTES_K + vs.mis;
 
     // ---- scores: s[nt][c] for tokens (gid, gid+8) x heads (nt*8 + 2t + {0,1})
     float s[NT][4];
@@ -232,7 +262,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     static_for<0, KNF>([&](auto fi) {
       constexpr int f = decltype(fi)::value, G = KC::fdim(f), B = KC::fbits(f);
       constexpr int SEGB = (G / 4) * B, NWD = (SEGB + 31) / 32, S0 = KC::foff(f) / 16;
-      const u32* lut = klut + 32 * KC::flut(f) + lane;
+      const u32* lut = klut + 32 * KC::flut(f);
       u32 w0[NWD], w1[NWD];
       load_stream<NWD>(kt + gid * K_R, KC::fbitoff(f) + t * SEGB, w0);
       load_stream<NWD>(kt + (gid + 8) * K_R, KC::fbitoff(f) + t * SEGB, w1);
@@ -246,15 +276,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
           for (int k = 0; k < 4; ++k) c[a][nt][k] = 0.f;
       static_for<0, G / 16>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
-        // One pair-table lookup per register: codes 4j,4j+1 (and 4j+2,4j+3) are adjacent bits.
-        const u32 a0 = lut[32 * bits_at<(4 * j) * B, 2 * B>(w0)];
-        const u32 a1 = lut[32 * bits_at<(4 * j) * B, 2 * B>(w1)];
-        const u32 a2 = lut[32 * bits_at<(4 * j + 2) * B, 2 * B>(w0)];
-        const u32 a3 = lut[32 * bits_at<(4 * j + 2) * B, 2 * B>(w1)];
+        // One pair-table lookup per register (hi and lo halves): codes 4j,4j+1 (and 4j+2,4j+3)
+        // are adjacent bits. Products c_hi q_hi + c_hi q_lo + c_lo q_hi: float32-level scores.
+        const u32 o0 = bits_scaled<(4 * j) * B, 2 * B, 7>(w0) | lane4;
+        const u32 o1 = bits_scaled<(4 * j) * B, 2 * B, 7>(w1) | lane4;
+        const u32 o2 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w0) | lane4;
+        const u32 o3 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w1) | lane4;
+        const u32 h0 = lds_at(lut, o0), h1 = lds_at(lut, o1), h2 = lds_at(lut, o2), h3 = lds_at(lut, o3);
+        const u32* lo = lut + KLO;
+        const u32 l0 = lds_at(lo, o0), l1 = lds_at(lo, o1), l2 = lds_at(lo, o2), l3 = lds_at(lo, o3);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          mma16816(c[(j & 1) * 2][nt], a0, a1, a2, a3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
-          mma16816(c[(j & 1) * 2 + 1][nt], a0, a1, a2, a3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
+          mma16816(c[(j & 1) * 2][nt], h0, h1, h2, h3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
+          mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
+          mma16816(c[(j & 1) * 2 + 1][nt], l0, l1, l2, l3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
         }
       });
       const float sc0 = rec_half(kt + gid * K_R, KC::fscale(f)) * KC::pfactor(f);
@@ -272,7 +307,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     });
 
     // ---- online softmax (log2 domain); p[nt][e][r]: head 2t+e, token gid + 8r
-    const bool valid0 = tok0 + gid < static_cast<u64>(n), valid1 = tok0 + gid + 8 < static_cast<u64>(n);
+    const bool valid0 = gid < left, valid1 = gid + 8 < left;
     float pr[NT][2][2], al[NT][2];
     bool grew = false;
 #pragma unroll
@@ -287,9 +322,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float mnew = fmaxf(m_run[nt][e], mx);
         const float msafe = mnew == -TQ_INF ? 0.f : mnew;
-        const float alpha = exp2f(m_run[nt][e] - msafe);
-        pr[nt][e][0] = exp2f(x0 - msafe);
-        pr[nt][e][1] = exp2f(x1 - msafe);
+        const float alpha = fast_exp2(m_run[nt][e] - msafe);
+        pr[nt][e][0] = fast_exp2(x0 - msafe);
+        pr[nt][e][1] = fast_exp2(x1 - msafe);
         l_run[nt][e] = l_run[nt][e] * alpha + pr[nt][e][0] + pr[nt][e][1];
         m_run[nt][e] = mnew;
         al[nt][e] = alpha;
@@ -308,52 +343,57 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
           }
     }
 
-    // ---- P' = p * per-token value scale, transposed through shared memory: pbuf[f][head][token]
+    // ---- values: acc[dims x heads] += codes^T[dims x tokens] * P'[tokens x heads], with
+    //      P' = p * per-token value scale split into float16 hi + lo (float32-level products).
     static_for<0, VNF>([&](auto fi) {
-      constexpr int f = decltype(fi)::value;
-      const float sc0 = rec_half(vt + gid * V_R, VC::fscale(f)) * VC::pfactor(f);
-      const float sc1 = rec_half(vt + (gid + 8) * V_R, VC::fscale(f)) * VC::pfactor(f);
-      u16* pb = pbuf + f * (NT * 8 * PSTRIDE);
+      constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
+      constexpr int SEG = G / 8, NWD = (SEG * B + 31) / 32, M0 = VC::foff(f) / 16;
+      const float sc[2] = {rec_half(vt + gid * V_R, VC::fscale(f)) * VC::pfactor(f),
+                           rec_half(vt + (gid + 8) * V_R, VC::fscale(f)) * VC::pfactor(f)};
+      const bool valid[2] = {valid0, valid1};
+      // B operand (tokens x heads): the score fragment holds token rows (gid, gid+8) x heads
+      // (2t, 2t+1); an 8x8 transpose per row half gives lane (head gid) x tokens (2t, 2t+1).
+      u32 bhi[NT][2], blo[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          u16* r = pb + (nt * 8 + 2 * t + e) * PSTRIDE;
-          r[gid] = f2h(valid0 ? pr[nt][e][0] * sc0 : 0.f);
-          r[gid + 8] = f2h(valid1 ? pr[nt][e][1] * sc1 : 0.f);
+        for (int r = 0; r < 2; ++r) {
+          const float x0 = valid[r] ? pr[nt][0][r] * sc[r] : 0.f;
+          const float x1 = valid[r] ? pr[nt][1][r] * sc[r] : 0.f;
+          const u32 hi = pack_h2(x0, x1);
+          const u32 lo = pack_h2(x0 - h2f(static_cast<u16>(hi)), x1 - h2f(static_cast<u16>(hi >> 16)));
+          bhi[nt][r] = transpose8x8(hi);
+          blo[nt][r] = transpose8x8(lo);
         }
-    });
-    __syncwarp();
-
-    // ---- values: acc[dims x heads] += codes^T[dims x tokens] * P'[tokens x heads]
-    static_for<0, VNF>([&](auto fi) {
-      constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
-      constexpr int SEGB = (G / 8) * B, NWD = (SEGB + 31) / 32, M0 = VC::foff(f) / 16;
-      const u32* lut = vlut + 32 * VC::flut(f) + lane;
+      // Lane decodes one contiguous eighth of the field (dims gid*SEG ..) for tokens 2t, 2t+1,
+      // 2t+8, 2t+9. pair_codes interleaves two tokens' codes of one dim into pair-table indices.
+      const u32* lut = vlut + 32 * VC::flut(f);
       u32 w[4][NWD];
       const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
-      for (int r = 0; r < 4; ++r) load_stream<NWD>(vt + rows[r] * V_R, VC::fbitoff(f) + gid * SEGB, w[r]);
-      const u16* pb = pbuf + f * (NT * 8 * PSTRIDE);
-      u32 b[NT][2];
+      for (int r = 0; r < 4; ++r) load_stream<NWD>(vt + rows[r] * V_R, VC::fbitoff(f) + gid * SEG * B, w[r]);
+      constexpr int CH = (32 / B) & ~1;  // codes per interleaved chunk (even: whole dim pairs)
+      static_for<0, (SEG + CH - 1) / CH>([&](auto ci) {
+        constexpr int C0 = decltype(ci)::value * CH, LEN = (SEG - C0 < CH ? SEG - C0 : CH) * B;
+        u32 e01, o01, e23, o23;
+        pair_codes<B>(chunk_at<C0 * B, LEN>(w[0]), chunk_at<C0 * B, LEN>(w[1]), e01, o01);
+        pair_codes<B>(chunk_at<C0 * B, LEN>(w[2]), chunk_at<C0 * B, LEN>(w[3]), e23, o23);
+        static_for<0, LEN / B / 2>([&](auto ki) {
+          constexpr int k = decltype(ki)::value, i = C0 / 2 + k;
+          // Rows gid, gid+8 of m-tile i: dims 2i, 2i+1 of the lane's eighth.
+          const u32 a0 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e01) | lane4);
+          const u32 a1 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o01) | lane4);
+          const u32 a2 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e23) | lane4);
+          const u32 a3 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o23) | lane4);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        b[nt][0] = *reinterpret_cast<const u32*>(pb + (nt * 8 + gid) * PSTRIDE + 2 * t);
-        b[nt][1] = *reinterpret_cast<const u32*>(pb + (nt * 8 + gid) * PSTRIDE + 2 * t + 8);
-      }
-      static_for<0, G / 16>([&](auto ii) {
-        constexpr int i = decltype(ii)::value;
-        // One pair-table lookup per register: the same dim of tokens (2t, 2t+1) or (2t+8, 2t+9).
-        constexpr int P0 = (2 * i) * B, P1 = (2 * i + 1) * B;
-        const u32 a0 = lut[32 * (bits_at<P0, B>(w[0]) | (bits_at<P0, B>(w[1]) << B))];
-        const u32 a1 = lut[32 * (bits_at<P1, B>(w[0]) | (bits_at<P1, B>(w[1]) << B))];
-        const u32 a2 = lut[32 * (bits_at<P0, B>(w[2]) | (bits_at<P0, B>(w[3]) << B))];
-        const u32 a3 = lut[32 * (bits_at<P1, B>(w[2]) | (bits_at<P1, B>(w[3]) << B))];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mma16816(acc[M0 + i][nt], a0, a1, a2, a3, b[nt][0], b[nt][1]);
+          for (int nt = 0; nt < NT; ++nt) {
+            mma16816(acc[M0 + i][nt], a0, a1, a2, a3, bhi[nt][0], bhi[nt][1]);
+            mma16816(acc[M0 + i][nt], a0, a1, a2, a3, blo[nt][0], blo[nt][1]);
+          }
+        });
       });
     });
-    __syncwarp();
+    __syncwarp();  // every lane is done with this stage before it is refilled
     if (it + STAGES - 1 < my_tiles) issue(it + STAGES - 1);
     cp_async_commit();
   }

@@ -119,6 +119,61 @@ __device__ __forceinline__ u32 code_at(const u8* rec, int bitpos, int bits) {
   return v;
 }
 
+// Bits [pos, pos+len) of an LSB-first stream, already shifted left by SH (the byte stride of one
+// entry of a per-lane replicated table is 32 lanes x 2^(SH-5) bytes), so that a table address is
+// one OR with the lane's byte offset: two ALU ops per lookup instead of extract, scale, add.
+template <int POS, int LEN, int SH>
+__device__ __forceinline__ u32 bits_scaled(const u32* w) {
+  constexpr int W = POS >> 5, O = POS & 31;
+  constexpr u32 MASK = ((1u << LEN) - 1u) << SH;
+  if constexpr (O + LEN <= 32) {
+    if constexpr (O >= SH) return (w[W] >> (O - SH)) & MASK;
+    else return (w[W] << (SH - O)) & MASK;
+  } else {
+    return __funnelshift_r(w[W], w[W + 1], O - SH) & MASK;
+  }
+}
+
+// Shared-memory words at byte offset `off` of `base` (per-lane table lookups).
+__device__ __forceinline__ u32 lds_at(const u32* base, u32 off) {
+  return *reinterpret_cast<const u32*>(reinterpret_cast<const u8*>(base) + off);
+}
+
+// Bits [pos, pos+len) of a stream, len <= 32, pos compile-time (bits_at without the 25-bit limit).
+template <int POS, int LEN>
+__device__ __forceinline__ u32 chunk_at(const u32* w) {
+  constexpr int W = POS >> 5, O = POS & 31;
+  u32 v;
+  if constexpr (O + LEN <= 32) v = w[W] >> O;
+  else v = __funnelshift_r(w[W], w[W + 1], O);
+  if constexpr (LEN == 32) return v;
+  else return v & ((1u << LEN) - 1u);
+}
+
+// Interleave the B-bit codes of two streams a, b into 2B-bit pair indices (a code in the low
+// half): even = pairs of codes 0, 2, 4, ... and odd = pairs of codes 1, 3, 5, ..., field k at bit
+// 2kB. One shift and one bit-select (LOP3) each, for up to 32/B codes at a time.
+__host__ __device__ constexpr u32 even_fields_mask(int b) {
+  u32 m = 0;
+  for (int k = 0; 2 * k * b < 32; ++k) m |= ((1u << b) - 1u) << (2 * k * b);
+  return m;
+}
+template <int B>
+__device__ __forceinline__ void pair_codes(u32 a, u32 b, u32& even, u32& odd) {
+  constexpr u32 M = even_fields_mask(B);
+  even = (a & M) | ((b << B) & ~M);
+  odd = ((a >> B) & M) | (b & ~M);
+}
+
+// Transpose an 8x8 matrix of 16-bit values held as mma fragments (lane: row lane/4, columns
+// 2(lane%4), +1): turns a score accumulator row into the B operand of the next product in
+// registers, without a round trip through shared memory.
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+  u32 r;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
+
 // D(16x8, f32) += A(16x16, f16, row) * B(16x8, f16, col).
 __device__ __forceinline__ void mma16816(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
                                          u32 b1) {
@@ -139,6 +194,13 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(src_bytes));
+}
+// The same at a shared-space address (smem_addr), and the whole 16 bytes with no bounds check.
+__device__ __forceinline__ void cp_async16_shared(u32 dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
