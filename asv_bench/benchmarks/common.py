@@ -52,6 +52,41 @@ def scaled(n: int, smoke: int = 64) -> int:
     return min(n, smoke) if SMOKE else n
 
 
+def _reusing(make: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """``make(rng, shape, ...)`` that hands back, read-only, the array an identical call (same
+    generator state, shape and arguments) already made in this process, and leaves ``rng`` in the
+    state that call left it in: the same data and the same generator stream, without drawing again.
+    """
+    cache: dict[tuple[Any, ...], tuple[np.ndarray, Any]] = {}
+
+    def reused(rng: np.random.Generator, shape: tuple[int, ...], *args: Any, **kwargs: Any) -> np.ndarray:
+        state = json.dumps(rng.bit_generator.state, sort_keys=True)
+        key = (state, tuple(shape), args, tuple(sorted(kwargs.items())))
+        if key in cache:
+            out, after = cache[key]
+            rng.bit_generator.state = after
+            return out
+        out = make(rng, shape, *args, **kwargs)
+        out.setflags(write=False)
+        cache[key] = (out, rng.bit_generator.state)
+        while len(cache) > 4:  # one benchmark process needs at most three (Quality: q, k, v)
+            del cache[next(iter(cache))]
+        return out
+
+    return reused
+
+
+# TQ_ASV_REUSE_DATA=1 (gpu_run.sh): this asv_runner re-runs ``setup`` before every timed sample
+# (asv#966: each sample sees freshly set-up state), so each sample redrew its KV data: ~1.5-3 s of
+# host RNG per 8 x 65536 x 128 array, against a GPU call of ~1 ms. Reusing the drawn arrays makes a
+# sample cost an upload and an encode, so GPU runs can afford medians of several samples. Off by
+# default: the kept arrays would raise the host peak RSS that ``peakmem_*`` reports for the CPU
+# reference. Defined here, not in the benchmarks, so benchmark versions (a hash of their source) and
+# the recorded history stay valid.
+if os.environ.get("TQ_ASV_REUSE_DATA") == "1":
+    kv_like = _reusing(kv_like)  # noqa: F811
+
+
 # Fewer, shorter samples than asv's defaults: the whole suite takes minutes on a 2-core CPU.
 TIMING = {"repeat": (1, 3, 1.5), "warmup_time": 0.05, "sample_time": 0.02, "min_run_count": 1}
 
