@@ -6,9 +6,12 @@
    (B=8, T=32k), (B=1, T=128k), (B=32, T=8k): cupy_raw vs torch SDPA in bf16 (best of the flash and
    cuDNN kernels) vs the numba_cuda backend when available. Achieved GB/s of compressed bytes.
 4. Encode throughput (bf16 in, records out; GB/s read + written) vs copy bandwidth: the tensor-core
-   kernel (tq_encode_tc) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
-   after checking both against the reference for every input dtype at d=64/128, 2.5/3.5/4 bits.
-   ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits).
+   kernel (tq_encode_tc2) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
+   after checking them (and tq_encode_tc, "tc1") against the reference for every input dtype at
+   d=64/128, 2.5/3.5/4 bits.
+   ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits)
+   of tq_encode_tc2 ("tc"), the previous double-buffered tq_encode_tc ("tc1") and the scalar
+   kernel; ``--enc-variants 'warps,mt,minb ...'`` also times tq_encode_tc2 tilings.
 
 Timing: CUDA events around each call after warm-up (kernels compiled outside timed regions), median
 of repeats; inputs far larger than L2. Prints a table last and writes markdown (``--out``).
@@ -117,7 +120,7 @@ def check_encode() -> list[str]:
                 cfg = CodecConfig(d, bits, seed=3)
                 ch = None if ref.channels is None else cupy_raw._cupy().asarray(ref.channels)
                 worst = {}
-                for path in ("scalar", "auto"):
+                for path in ("scalar", "tc1", "auto"):
                     cupy_raw.ENCODE_PATH = path
                     rec, _ = cupy_raw.encode(cupy_raw.asarray(xt), cfg, ch)
                     got = cupy_raw._cupy().asnumpy(rec)
@@ -130,7 +133,8 @@ def check_encode() -> list[str]:
                 ok = all(m <= 1e-3 and e <= 2**-10 for m, e in worst.values())
                 tc = "tc" if cupy_raw.tc_encode_ok(cfg) else "scalar only"
                 lines.append(f"encode check d={d} bits={bits} {dtype} ({tc}): code mismatch tc/auto "
-                             f"{worst['auto'][0]:.1e} scalar {worst['scalar'][0]:.1e}, norm rel err "
+                             f"{worst['auto'][0]:.1e} tc1 {worst['tc1'][0]:.1e} scalar "
+                             f"{worst['scalar'][0]:.1e}, norm rel err "
                              f"{worst['auto'][1]:.1e} -> {'OK' if ok else 'FAIL'}")
                 if not ok:
                     raise SystemExit("\n".join(lines))
@@ -152,6 +156,9 @@ def main() -> None:
                          "after the library default")
     ap.add_argument("--encode-only", action="store_true",
                     help="checks, copy bandwidth and encode timings only (no attention)")
+    ap.add_argument("--enc-variants", default="",
+                    help="with --encode-only: extra tq_encode_tc2 tilings 'warps,mt,minb ...' timed "
+                         "(mt 0: the library default; minb 0: no register cap)")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
@@ -168,7 +175,7 @@ def main() -> None:
     log += check_encode()
     print("\n".join(log), flush=True)
     if args.encode_only:
-        enc_only(log)
+        enc_only(log, args.enc_variants)
         return
 
     # Copy bandwidth: 1 GiB device-to-device, read + written.
@@ -281,8 +288,9 @@ def main() -> None:
     sys.stdout.flush()
 
 
-def enc_only(log: list[str]) -> None:
-    """Encode (bf16 in, channels given) of the three attention shapes' K, both kernels, vs copy."""
+def enc_only(log: list[str], variants: str = "") -> None:
+    """Encode (bf16 in, channels given) of the three attention shapes' K vs copy: tq_encode_tc2
+    ("tc", default), tq_encode_tc ("tc1", previous), scalar, and optional tq_encode_tc2 tilings."""
     import torch
 
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
@@ -291,22 +299,37 @@ def enc_only(log: list[str]) -> None:
     copy_gbs = 2 * src.numel() / ms / 1e6
     del src, dst
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    print("| B*h_kv | T | bits | tensor-core ms | % of copy | scalar ms | % of copy |")
+    default = (cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB)
+    extra = [tuple(int(v) for v in spec.split(",")) for spec in variants.split()]
+
+    def use(w: int, mt: int | None, minb: int) -> None:
+        cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB = w, mt or None, minb
+
+    print("| B*h_kv | T | bits | tc2 ms | % of copy | tc1 ms | % of copy | scalar ms | % of copy |"
+          + "".join(f" tc2 {w},{mt},{mb} ms | % |" for w, mt, mb in extra))
     for b, t in SHAPES:
         k = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16)
         for bits in (3.5, 2.5, 4.0):
             ke = tq.encode(k, bits=bits, seed=1, backend="cupy_raw")
             kn, chn = cupy_raw.asarray(k), None if ke.channels is None else cupy_raw.asarray(ke.channels)
             nbytes = k.numel() * 2 + ke.records.numel()
+            ref = cupy_raw._cupy().asnumpy(ke.records)
             res = {}
-            for path in ("auto", "scalar"):
+            runs = [(p, default) for p in ("auto", "tc1", "scalar")] + [("auto", v) for v in extra]
+            for i, (path, var) in enumerate(runs):
+                use(*var)
                 cupy_raw.ENCODE_PATH = path
-                res[path] = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
-                                  reps=5, batch=2)
+                fn = lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn)  # noqa: E731
+                if i >= 3:  # a tiling variant: same records as the default kernel before timing
+                    got = cupy_raw._cupy().asnumpy(fn()[0])
+                    if np.mean(got != ref) > 1e-4:
+                        raise SystemExit(f"tq_encode_tc2 variant {var} records differ")
+                res[i] = timed(fn, reps=5, batch=2)
+            use(*default)
             cupy_raw.ENCODE_PATH = "auto"
-            pct = {p: 100 * nbytes / m / 1e6 / copy_gbs for p, m in res.items()}
-            print(f"| {b * H_KV} | {t} | {bits:g} | {res['auto']:.3f} | {pct['auto']:.0f}% | "
-                  f"{res['scalar']:.3f} | {pct['scalar']:.0f}% |", flush=True)
+            pct = {i: 100 * nbytes / m / 1e6 / copy_gbs for i, m in res.items()}
+            print(f"| {b * H_KV} | {t} | {bits:g} | " + " | ".join(
+                f"{res[i]:.3f} | {pct[i]:.0f}%" for i in range(len(runs))) + " |", flush=True)
             del ke
         del k
 

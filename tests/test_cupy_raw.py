@@ -311,8 +311,9 @@ def test_tc_encode_predicate() -> None:
 @pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str) -> None:
-    """tq_encode_tc (tensor cores) and tq_encode (scalar) against the reference, every input dtype,
-    odd vector counts (partial tiles), several streams."""
+    """tq_encode_tc2 (tensor cores, default), tq_encode_tc (its double-buffered predecessor) and
+    tq_encode (scalar) against the reference, every input dtype, odd vector counts (partial tiles),
+    several streams."""
     import cupy as cp
     import ml_dtypes
 
@@ -327,7 +328,7 @@ def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str)
     assert cupy_raw.tc_encode_ok(cfg)
     ch = None if ref.channels is None else cp.asarray(ref.channels)
     try:
-        for path in ("auto", "scalar"):
+        for path in ("auto", "tc1", "scalar"):
             cupy_raw.ENCODE_PATH = path
             rec, _ = cupy_raw.encode(cupy_raw.asarray(x), cfg, ch)
             got = cp.asnumpy(rec)
