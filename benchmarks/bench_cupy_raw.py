@@ -11,7 +11,7 @@
    d=64/128, 2.5/3.5/4 bits.
    ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits)
    of tq_encode_tc2 ("tc"), the previous double-buffered tq_encode_tc ("tc1") and the scalar
-   kernel; ``--enc-variants 'warps,mt,minb ...'`` also times tq_encode_tc2 tilings.
+   kernel; ``--enc-variants 'warps,mt,minb[,bsearch] ...'`` also times tq_encode_tc2 tilings.
 
 Timing: CUDA events around each call after warm-up (kernels compiled outside timed regions), median
 of repeats; inputs far larger than L2. Prints a table last and writes markdown (``--out``).
@@ -157,8 +157,9 @@ def main() -> None:
     ap.add_argument("--encode-only", action="store_true",
                     help="checks, copy bandwidth and encode timings only (no attention)")
     ap.add_argument("--enc-variants", default="",
-                    help="with --encode-only: extra tq_encode_tc2 tilings 'warps,mt,minb ...' timed "
-                         "(mt 0: the library default; minb 0: no register cap)")
+                    help="with --encode-only: extra tq_encode_tc2 tilings 'warps,mt,minb[,bsearch] ...' "
+                         "timed (mt 0: the library default; minb 0: no register cap; bsearch 1: codes by "
+                         "binary search)")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
@@ -299,14 +300,16 @@ def enc_only(log: list[str], variants: str = "") -> None:
     copy_gbs = 2 * src.numel() / ms / 1e6
     del src, dst
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    default = (cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB)
-    extra = [tuple(int(v) for v in spec.split(",")) for spec in variants.split()]
+    default = (cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB,
+               int(cupy_raw.ENC_TC2_BSEARCH))
+    extra = [(*(int(v) for v in spec.split(",")), 0)[:4] for spec in variants.split()]
 
-    def use(w: int, mt: int | None, minb: int) -> None:
+    def use(w: int, mt: int | None, minb: int, bsearch: int) -> None:
         cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB = w, mt or None, minb
+        cupy_raw.ENC_TC2_BSEARCH = bool(bsearch)
 
     print("| B*h_kv | T | bits | tc2 ms | % of copy | tc1 ms | % of copy | scalar ms | % of copy |"
-          + "".join(f" tc2 {w},{mt},{mb} ms | % |" for w, mt, mb in extra))
+          + "".join(f" tc2 {w},{mt},{mb},{bs} ms | % |" for w, mt, mb, bs in extra))
     for b, t in SHAPES:
         k = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16)
         for bits in (3.5, 2.5, 4.0):

@@ -67,6 +67,9 @@ TC_RS_EXP = 8
 ENC_TC2_WARPS = 2
 ENC_TC2_MT: int | None = None
 ENC_TC2_MINB = 0
+# tq_encode_tc2 codes by binary search over the boundaries (ENC2_BSEARCH: fewer instructions, more
+# registers; same codes).
+ENC_TC2_BSEARCH = False
 # Which encode kernel runs: "auto" or "tc" (tq_encode_tc2 where tc_encode_ok), "tc1" (the
 # double-buffered tq_encode_tc, kept for comparison), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
@@ -306,7 +309,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
                 f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}",
                 f"-DENC2_WARPS={ENC_TC2_WARPS}", f"-DENC2_MT={_tc2_mt(params['cfg'], params['dtype'])}",
-                f"-DENC2_MINB={ENC_TC2_MINB}"]
+                f"-DENC2_MINB={ENC_TC2_MINB}", f"-DENC2_BSEARCH={int(ENC_TC2_BSEARCH)}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -437,7 +440,7 @@ def _tc_smem(cfg: CodecConfig, dtype: str, v2: bool = True) -> int:
 
 def _tc_launch_key() -> tuple[Any, ...]:
     """The module-level tiling knobs the encode kernels are compiled with (a cache key)."""
-    return (ENC_TC_WARPS, ENC_TC_MT, ENC_TC2_WARPS, ENC_TC2_MT, ENC_TC2_MINB)
+    return (ENC_TC_WARPS, ENC_TC_MT, ENC_TC2_WARPS, ENC_TC2_MT, ENC_TC2_MINB, ENC_TC2_BSEARCH)
 
 
 @functools.cache
