@@ -316,7 +316,7 @@ def enc_only(log: list[str], variants: str = "") -> None:
             ke = tq.encode(k, bits=bits, seed=1, backend="cupy_raw")
             kn, chn = cupy_raw.asarray(k), None if ke.channels is None else cupy_raw.asarray(ke.channels)
             nbytes = k.numel() * 2 + ke.records.numel()
-            ref = cupy_raw._cupy().asnumpy(ke.records)
+            ref = cupy_raw._cupy().asnumpy(cupy_raw.asarray(ke.records))
             res = {}
             runs = [(p, default) for p in ("auto", "tc1", "scalar")] + [("auto", v) for v in extra]
             for i, (path, var) in enumerate(runs):
