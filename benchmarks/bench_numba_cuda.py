@@ -164,7 +164,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench_numba_cuda.md")
     parser.add_argument("--attention-only", action="store_true", help="skip encode/decode (short runs)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated indices into VARIANTS to time (default: all; 0 = default)")
     args = parser.parse_args()
+    global VARIANTS
+    if args.variants is not None:
+        VARIANTS = [VARIANTS[int(i)] for i in args.variants.split(",")]
     print(nc.availability(), torch.cuda.get_device_name())
     codecs = () if args.attention_only else ((3.5, "mse"), (4.0, "mse"), (3.5, "prod"))
     checks = [check_codec(CodecConfig(D, b, m, 7)) for b, m in codecs]
