@@ -330,6 +330,17 @@ def enc_only(log: list[str], variants: str = "") -> None:
                 res[i] = timed(fn, reps=5, batch=2)
             use(*default)
             cupy_raw.ENCODE_PATH = "auto"
+            if (b, t) == SHAPES[0]:  # what NVRTC built on this machine: registers, local bytes, warps/SM
+                dev = k.device.index
+                for v2 in (True, False):
+                    name, warps, _, _ = cupy_raw._tc_kernel(ke.config, "bfloat16", v2)
+                    f = cupy_raw._codec_module(dev, ke.config, "bfloat16").get_function(name)
+                    blocks = cupy_raw._tc_blocks(dev, ke.config, "bfloat16", v2, cupy_raw._tc_launch_key())
+                    per_sm = blocks // cupy_raw._sm_count(dev)
+                    smem = cupy_raw._tc_smem(ke.config, "bfloat16", v2)
+                    print(f"  bits={bits:g} {name}: {getattr(f, 'num_regs', '?')} registers, "
+                          f"{getattr(f, 'local_size_bytes', '?')} local "
+                          f"bytes, {smem} B shared/block, {warps * per_sm} warps/SM", flush=True)
             pct = {i: 100 * nbytes / m / 1e6 / copy_gbs for i, m in res.items()}
             print(f"| {b * H_KV} | {t} | {bits:g} | " + " | ".join(
                 f"{res[i]:.3f} | {pct[i]:.0f}%" for i in range(len(runs))) + " |", flush=True)
