@@ -48,6 +48,8 @@ _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 ATTN_WARPS = 16
 ATTN_STAGES = 4
 ATTN_MINBLOCKS = 1
+# Threads of tq_attn_reduce: its warps split a stream's partials (hundreds at B=1, T=128k).
+REDUCE_THREADS = 256
 # Opt-in shared memory per block on sm_90 (H100/H200).
 SMEM_LIMIT = 227 * 1024
 TILE = 16
@@ -631,7 +633,7 @@ def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
     """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
 
     Partials per stream come in whole blocks of ``ATTN_WARPS`` warps. The number of blocks per
-    stream is the smallest that fills the GPU's resident block slots to >= 90% in whole waves
+    stream is the smallest that fills the GPU's resident block slots to >= 95% in whole waves
     (a last, partly filled wave leaves SMs idle), else the best-filling one; warps keep >= 4 tiles.
     """
     ntiles = max(1, -(-n // TILE))
@@ -642,7 +644,7 @@ def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
         blocks = batch_heads * m
         return blocks / (-(-blocks // slots) * slots)
 
-    good = [m for m in range(1, most + 1) if fill(m) >= 0.9 and batch_heads * m >= 0.9 * slots]
+    good = [m for m in range(1, most + 1) if fill(m) >= 0.95 and batch_heads * m >= 0.95 * slots]
     m = good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
     per_warp = -(-ntiles // (m * ATTN_WARPS))
     return per_warp, -(-ntiles // per_warp)
@@ -720,13 +722,13 @@ def attention(
                 shared_mem=smem,
             )
         out = cp.empty((*lead, h_q, d), cp.float32)
-        rsmem = 4 * (nparts + vqd + 3 * d + 32)
+        rsmem = 4 * (nparts + vqd + 3 * d + 64 + REDUCE_THREADS // 32 * vqd)
         reduce = mod.get_function("tq_attn_reduce")
         if rsmem > 48 * 1024:
             reduce.max_dynamic_shared_size_bytes = rsmem
         reduce(
             (rows,),
-            (128,),
+            (REDUCE_THREADS,),
             (part_m, part_l, part_acc, np.int32(nparts), q32,
              ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
              np.float32(scale), vtab, vch if vch is not None else _NULL, out),

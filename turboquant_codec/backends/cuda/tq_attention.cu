@@ -11,7 +11,7 @@
 //                   K read), keeps an online softmax per head, and accumulates V in the rotated
 //                   domain with a second product (dims x tokens against tokens x heads).
 //                   Writes per-warp partials: max m, sum l (log2 domain) and acc (G, V fdims).
-//   tq_attn_reduce  grid (B*h_q), block 128: merges the P partials, adds the uncompressed tail
+//   tq_attn_reduce  grid (B*h_q), block 256: merges the P partials, adds the uncompressed tail
 //                   tokens to the same softmax, applies S^T to the QJL accumulators (prod values),
 //                   un-rotates once per query, scatters through the value channels.
 //
@@ -48,6 +48,10 @@ TQ_CODEC(VC, V)
 #define STAGES 4  // cp.async ring depth per warp: ~4 KB in flight per warp hides DRAM latency
 #endif
 #define NT ((GQ + 7) / 8)  // n-tiles of 8 query heads
+// Up to 4 query heads per KV head: one n-tile's columns 0-3 carry the heads' hi halves and columns
+// 4-7 their lo halves (query in the score product, P' in the value product), so a single mma
+// does the work of two; partner columns h and h + 4 are summed across lanes t and t ^ 2.
+#define PACK (GQ <= 4)
 #define TILE 16            // tokens per tile (the mma M / K extent)
 #define TILE_BYTES_K (TILE * K_R + 32)  // + 16 B misalignment slack + 16 B over-read padding
 #define TILE_BYTES_V (TILE * V_R + 32)
@@ -129,12 +133,17 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, t = lane & 3;
   const u32 lane4 = static_cast<u32>(lane) << 2;  // byte offset of this lane's copy of an entry
-  for (int i = threadIdx.x; i < KLO; i += blockDim.x) {
-    klut[i] = klutv[2 * (i >> 5)];
-    klut[KLO + i] = klutv[2 * (i >> 5) + 1];
+  // Warp w fills entries w, w + NWARPS, ...: one broadcast load per entry and warp, unrolled so
+  // that the loads of several entries are in flight at once (the tables come from L2).
+#pragma unroll 4
+  for (int e = warp; e < KC::lutn(); e += NWARPS) {
+    const uint2 v = reinterpret_cast<const uint2*>(klutv)[e];
+    klut[32 * e + lane] = v.x;
+    klut[KLO + 32 * e + lane] = v.y;
   }
 #if !KV_SAME_LUT
-  for (int i = threadIdx.x; i < 32 * VC::lutn(); i += blockDim.x) vlut[i] = vlutv[2 * (i >> 5)];
+#pragma unroll 4
+  for (int e = warp; e < VC::lutn(); e += NWARPS) vlut[32 * e + lane] = vlutv[2 * e];
 #else
   (void)vlutv;
 #endif
@@ -148,9 +157,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   const int my_tiles = max(0, min(tiles_per_warp, ntiles - tile0));
   u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
 
-  // Query fragments (hi, lo) for every K field and k-step, in registers for the whole run.
-  constexpr int KSTEPS = KQD / 16;
-  u32 qf[KSTEPS][NT][4];
+  // Query fragments for every K field and k-step, in registers for the whole run: (hi, lo) B
+  // fragments, or with PACK one fragment whose column gid is head gid & 3, half gid >> 2.
+  constexpr int KSTEPS = KQD / 16, QW = PACK ? 2 : 4;
+  u32 qf[KSTEPS][NT][QW];
   float qsc[NT][2];
   static_for<0, KNF>([&](auto fi) {
     constexpr int f = decltype(fi)::value, G = KC::fdim(f), S0 = KC::foff(f) / 16;
@@ -158,21 +168,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     for (int j = 0; j < G / 16; ++j)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int h = nt * 8 + gid;
+        const int h = PACK ? gid & 3 : nt * 8 + gid, half = PACK ? gid >> 2 : 0;
         const int dim = KC::foff(f) + t * (G / 4) + 4 * j;
-        const u16* base = qh + (static_cast<u64>(bh) * GQ + h) * 2 * KQD;
+        const u16* base = qh + ((static_cast<u64>(bh) * GQ + h) * 2 + half) * KQD;
         const bool ok = h < GQ;
-        qf[S0 + j][nt][0] = ok ? *reinterpret_cast<const u32*>(base + dim) : 0u;
-        qf[S0 + j][nt][1] = ok ? *reinterpret_cast<const u32*>(base + dim + 2) : 0u;
-        qf[S0 + j][nt][2] = ok ? *reinterpret_cast<const u32*>(base + KQD + dim) : 0u;
-        qf[S0 + j][nt][3] = ok ? *reinterpret_cast<const u32*>(base + KQD + dim + 2) : 0u;
+#pragma unroll
+        for (int w = 0; w < QW; ++w)  // (hi k, hi k+8[, lo k, lo k+8])
+          qf[S0 + j][nt][w] = ok ? *reinterpret_cast<const u32*>(base + (w >> 1) * KQD + dim + 2 * (w & 1)) : 0u;
       }
   });
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const int h = nt * 8 + 2 * t + e;
+      const int h = PACK ? (2 * t + e) & 3 : nt * 8 + 2 * t + e;
       qsc[nt][e] = h < GQ ? qscale[static_cast<u64>(bh) * GQ + h] : 0.f;
     }
 
@@ -277,19 +286,26 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       static_for<0, G / 16>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
         // One pair-table lookup per register (hi and lo halves): codes 4j,4j+1 (and 4j+2,4j+3)
-        // are adjacent bits. Products c_hi q_hi + c_hi q_lo + c_lo q_hi: float32-level scores.
+        // are adjacent bits. Products c_hi q_hi + c_hi q_lo + c_lo q_hi (+ c_lo q_lo with PACK):
+        // float32-level scores.
         const u32 o0 = bits_scaled<(4 * j) * B, 2 * B, 7>(w0) | lane4;
         const u32 o1 = bits_scaled<(4 * j) * B, 2 * B, 7>(w1) | lane4;
         const u32 o2 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w0) | lane4;
         const u32 o3 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w1) | lane4;
         const u32 h0 = lds_at(lut, o0), h1 = lds_at(lut, o1), h2 = lds_at(lut, o2), h3 = lds_at(lut, o3);
-        const u32* lo = lut + KLO;
-        const u32 l0 = lds_at(lo, o0), l1 = lds_at(lo, o1), l2 = lds_at(lo, o2), l3 = lds_at(lo, o3);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           mma16816(c[(j & 1) * 2][nt], h0, h1, h2, h3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
-          mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
-          mma16816(c[(j & 1) * 2 + 1][nt], l0, l1, l2, l3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
+          if constexpr (!PACK)
+            mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
+        }
+        // QJL sign values (+-1) are exact in float16: their lo halves are zero.
+        if constexpr (!KC::fsign(f)) {
+          const u32* lo = lut + KLO;
+          const u32 l0 = lds_at(lo, o0), l1 = lds_at(lo, o1), l2 = lds_at(lo, o2), l3 = lds_at(lo, o3);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(c[(j & 1) * 2 + 1][nt], l0, l1, l2, l3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
         }
       });
       const float sc0 = rec_half(kt + gid * K_R, KC::fscale(f)) * KC::pfactor(f);
@@ -305,6 +321,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
         s[nt][3] = fmaf(sc1, cs[3], s[nt][3]);
       }
     });
+    if constexpr (PACK) {  // column h (q_hi) + column h + 4 (q_lo): both lanes get the full score
+#pragma unroll
+      for (int k = 0; k < 4; ++k) s[0][k] += __shfl_xor_sync(0xffffffffu, s[0][k], 2);
+    }
 
     // ---- online softmax (log2 domain); p[nt][e][r]: head 2t+e, token gid + 8r
     const bool valid0 = gid < left, valid1 = gid + 8 < left;
@@ -351,8 +371,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       const float sc[2] = {rec_half(vt + gid * V_R, VC::fscale(f)) * VC::pfactor(f),
                            rec_half(vt + (gid + 8) * V_R, VC::fscale(f)) * VC::pfactor(f)};
       const bool valid[2] = {valid0, valid1};
-      // B operand (tokens x heads): the score fragment holds token rows (gid, gid+8) x heads
-      // (2t, 2t+1); an 8x8 transpose per row half gives lane (head gid) x tokens (2t, 2t+1).
+      // B operand (tokens x heads): the score fragment holds token rows (gid, gid+8) x columns
+      // (2t, 2t+1); an 8x8 transpose per row half gives lane (column gid) x tokens (2t, 2t+1).
+      // Without PACK, hi and lo halves are two operands; with PACK, lanes t >= 2 (columns 4-7)
+      // hold the lo halves of the heads whose hi halves lanes t - 2 hold.
       u32 bhi[NT][2], blo[NT][2];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -362,8 +384,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
           const float x1 = valid[r] ? pr[nt][1][r] * sc[r] : 0.f;
           const u32 hi = pack_h2(x0, x1);
           const u32 lo = pack_h2(x0 - h2f(static_cast<u16>(hi)), x1 - h2f(static_cast<u16>(hi >> 16)));
-          bhi[nt][r] = transpose8x8(hi);
-          blo[nt][r] = transpose8x8(lo);
+          if constexpr (PACK) {
+            bhi[nt][r] = transpose8x8(t >= 2 ? lo : hi);
+          } else {
+            bhi[nt][r] = transpose8x8(hi);
+            blo[nt][r] = transpose8x8(lo);
+          }
         }
       // Lane decodes one contiguous eighth of the field (dims gid*SEG ..) for tokens 2t, 2t+1,
       // 2t+8, 2t+9. pair_codes interleaves two tokens' codes of one dim into pair-table indices.
@@ -388,7 +414,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
             mma16816(acc[M0 + i][nt], a0, a1, a2, a3, bhi[nt][0], bhi[nt][1]);
-            mma16816(acc[M0 + i][nt], a0, a1, a2, a3, blo[nt][0], blo[nt][1]);
+            if constexpr (!PACK) mma16816(acc[M0 + i][nt], a0, a1, a2, a3, blo[nt][0], blo[nt][1]);
           }
         });
       });
@@ -398,6 +424,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     cp_async_commit();
   }
   cp_async_wait<0>();
+  if constexpr (PACK) {  // column h (P'_hi products) + column h + 4 (P'_lo products)
+#pragma unroll
+    for (int i = 0; i < VTILES; ++i)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][0][k] += __shfl_xor_sync(0xffffffffu, acc[i][0][k], 2);
+  }
 
   // ---- partials: rows (bh, p, head); acc element (m-tile i of field f, row gid[+8]) is value dim
   //      foff(f) + gid*G/8 + 2*(i - M0) [+1]
@@ -431,7 +463,22 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 }
 
 // ------------------------------------------------------------------------------------ reduce
-// Dynamic shared memory: w[nparts] | y[VQD] | z[D] | tail acc[D] | q[D] | logits[32].
+// op over all threads of the block (blockDim.x a multiple of 32); every thread gets the result.
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* red, Op op) {
+  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // red may still be read by a previous reduction
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) v = op(v, red[i]);
+  return v;
+}
+
+// Dynamic shared memory: w[nparts] | y[VQD] | z[D] | tail acc[D] | q[D] | logits[32] | red[32] |
+// per-warp partial sums yw[nwarps][VQD]. Partials are merged in parallel (threads over parts for
+// the max and the weights, warps over parts for the accumulators): at B=1, T=128k a stream has
+// hundreds of partials, and a serial loop over them cost as much as the split kernel's tail.
 extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                           const float* __restrict__ part_acc, int nparts,
                                           const float* __restrict__ q32, const void* __restrict__ k_tail,
@@ -446,23 +493,42 @@ extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, cons
   float* ta = z + D;
   float* qo = ta + D;
   float* lg = qo + D;
+  float* red = lg + 32;
+  float* yw = red + 32;
   const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const u64 prow0 = static_cast<u64>(bh) * nparts * GQ + h;  // partial p of this row: prow0 + p * GQ
 
   float M = -TQ_INF;
-  for (int p = 0; p < nparts; ++p) M = fmaxf(M, part_m[(static_cast<u64>(bh) * nparts + p) * GQ + h]);
+  for (int p = threadIdx.x; p < nparts; p += blockDim.x) M = fmaxf(M, part_m[prow0 + static_cast<u64>(p) * GQ]);
+  M = block_reduce(M, red, [](float a, float b) { return fmaxf(a, b); });
   const float Ms = M == -TQ_INF ? 0.f : M;
   float L = 0.f;
-  for (int p = 0; p < nparts; ++p) {
-    const u64 pr = (static_cast<u64>(bh) * nparts + p) * GQ + h;
+  for (int p = threadIdx.x; p < nparts; p += blockDim.x) {
+    const u64 pr = prow0 + static_cast<u64>(p) * GQ;
     const float wp = exp2f(part_m[pr] - Ms);
     L += wp * part_l[pr];
-    if (threadIdx.x == 0) w[p] = wp;
+    w[p] = wp;
   }
+  L = block_reduce(L, red, [](float a, float b) { return a + b; });
+  constexpr int YPL = (VQD + 31) / 32;  // accumulator columns per lane
+  float ya[YPL];
+#pragma unroll
+  for (int k = 0; k < YPL; ++k) ya[k] = 0.f;
+  for (int p = warp; p < nparts; p += nw) {
+    const float* src = part_acc + (prow0 + static_cast<u64>(p) * GQ) * VQD;
+    const float wp = w[p];
+#pragma unroll
+    for (int k = 0; k < YPL; ++k)
+      if (lane + 32 * k < VQD) ya[k] = fmaf(wp, src[lane + 32 * k], ya[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < YPL; ++k)
+    if (lane + 32 * k < VQD) yw[warp * VQD + lane + 32 * k] = ya[k];
   __syncthreads();
   for (int j = threadIdx.x; j < VQD; j += blockDim.x) {
     float a = 0.f;
-    for (int p = 0; p < nparts; ++p) a = fmaf(w[p], part_acc[((static_cast<u64>(bh) * nparts + p) * GQ + h) * VQD + j], a);
+    for (int v = 0; v < nw; ++v) a += yw[v * VQD + j];
     y[j] = a;
   }
   for (int i = threadIdx.x; i < D; i += blockDim.x) {

@@ -1,0 +1,83 @@
+"""Host-side planning of cupy_raw's fused attention, checked without a GPU: the pair tables' float16
+hi/lo halves, the shared-memory budget of every configuration the capability table admits, and the
+split of a batch over the SMs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from turboquant_codec.backends import cupy_raw
+from turboquant_codec.capabilities import ALL_BITS, CAPABILITIES
+from turboquant_codec.config import CodecConfig
+from turboquant_codec.transforms import tables
+
+SUPPORT = CAPABILITIES["attention"]["cupy_raw"]
+CONFIGS = [
+    CodecConfig(d, bits, mode)
+    for d in SUPPORT.head_dims
+    for mode, widths in (SUPPORT.bits or ALL_BITS).items()
+    for bits in widths
+]
+H100_SMS = 132
+
+
+def _halves(words: np.ndarray) -> np.ndarray:
+    """uint32 pair words -> (entries, 2) float64 values of the two float16 halves (low first)."""
+    h = np.stack([words & 0xFFFF, words >> 16], axis=-1).astype(np.uint16)
+    return h.view(np.float16).astype(np.float64)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c.d}-{c.mode}{c.bits:g}")
+def test_pair_tables_hold_scaled_centroids_to_float32_precision(cfg: CodecConfig) -> None:
+    lut = cupy_raw._lut_values(cfg)
+    assert lut.dtype == np.uint32 and lut.shape[1] == 2
+    start = 0
+    for g, t in zip(cfg.groups, tables(cfg), strict=True):
+        fields = [(t.centroids * cupy_raw._centroid_scale(cfg, g.index), g.code_bits)]
+        if g.qjl:
+            fields.append((np.array([-1.0, 1.0]), 1))
+        for want, bits in fields:
+            n = 1 << (2 * bits)
+            hi, lo = _halves(lut[start:start + n, 0]), _halves(lut[start:start + n, 1])
+            idx = np.arange(n)
+            pair = np.stack([want[idx & ((1 << bits) - 1)], want[idx >> bits]], axis=-1)
+            np.testing.assert_array_equal(hi, pair.astype(np.float16).astype(np.float64))
+            # hi + lo carries ~22 significant bits (lo rounds to float16: half an ulp of lo, or half
+            # the subnormal spacing 2**-24 where lo is tiny): the kernel's products are float32-level.
+            np.testing.assert_allclose(hi + lo, pair, rtol=2.0**-21, atol=2.0**-25)
+            start += n
+    assert start == len(lut)
+
+
+@pytest.mark.parametrize("v_cfg", CONFIGS, ids=lambda c: f"v-d{c.d}-{c.mode}{c.bits:g}")
+def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
+    for k_cfg in (c for c in CONFIGS if c.d == v_cfg.d):
+        stages = cupy_raw.attention_stages(k_cfg, v_cfg)
+        assert 2 <= stages <= cupy_raw.ATTN_STAGES
+        assert cupy_raw._split_smem(k_cfg, v_cfg, stages) <= cupy_raw.SMEM_LIMIT
+        if stages < cupy_raw.ATTN_STAGES:
+            assert cupy_raw._split_smem(k_cfg, v_cfg, stages + 1) > cupy_raw.SMEM_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("batch_heads", "n"),
+    [(64, 32768), (8, 131072), (256, 8192), (1, 1), (3, 17), (16, 1000), (40, 65536), (1024, 4096)],
+)
+def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.MonkeyPatch,
+                                                          batch_heads: int, n: int) -> None:
+    monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: H100_SMS)
+    cupy_raw.attention_plan.cache_clear()
+    try:
+        per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0)
+    finally:
+        cupy_raw.attention_plan.cache_clear()
+    ntiles = -(-n // cupy_raw.TILE)
+    assert per_warp >= 1 and parts >= 1
+    assert (parts - 1) * per_warp < ntiles <= parts * per_warp  # every tile once, no empty partial
+    blocks = batch_heads * -(-parts // cupy_raw.ATTN_WARPS)
+    slots = H100_SMS * cupy_raw.ATTN_MINBLOCKS
+    if ntiles >= 64 * 4 * cupy_raw.ATTN_WARPS and batch_heads <= slots:
+        # Long enough for any of the plan's 1..64 blocks per stream (>= 4 tiles per warp): whole
+        # waves, at least 95% of the resident block slots busy.
+        assert blocks / (-(-blocks // slots) * slots) >= 0.95
