@@ -6,12 +6,9 @@
    (B=8, T=32k), (B=1, T=128k), (B=32, T=8k): cupy_raw vs torch SDPA in bf16 (best of the flash and
    cuDNN kernels) vs the numba_cuda backend when available. Achieved GB/s of compressed bytes.
 4. Encode throughput (bf16 in, records out; GB/s read + written) vs copy bandwidth: the tensor-core
-   kernel (tq_encode_tc2) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
-   after checking them (and tq_encode_tc, "tc1") against the reference for every input dtype at
-   d=64/128, 2.5/3.5/4 bits.
-   ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits)
-   of tq_encode_tc2 ("tc"), the previous double-buffered tq_encode_tc ("tc1") and the scalar
-   kernel; ``--enc-variants 'warps,mt,minb[,bsearch] ...'`` also times tq_encode_tc2 tilings.
+   kernel (tq_encode_tc) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
+   after checking both against the reference for every input dtype at d=64/128, 2.5/3.5/4 bits.
+   ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits).
 
 Timing: CUDA events around each call after warm-up (kernels compiled outside timed regions), median
 of repeats; inputs far larger than L2. Prints a table last and writes markdown (``--out``).
@@ -120,7 +117,7 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
                 cfg = CodecConfig(d, bits, seed=3)
                 ch = None if ref.channels is None else cupy_raw._cupy().asarray(ref.channels)
                 worst = {}
-                for path in ("scalar", "tc1", "auto"):
+                for path in ("scalar", "auto"):
                     cupy_raw.ENCODE_PATH = path
                     rec, _ = cupy_raw.encode(cupy_raw.asarray(xt), cfg, ch)
                     got = cupy_raw._cupy().asnumpy(rec)
@@ -133,8 +130,7 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
                 ok = all(m <= 1e-3 and e <= 2**-10 for m, e in worst.values())
                 tc = "tc" if cupy_raw.tc_encode_ok(cfg) else "scalar only"
                 lines.append(f"encode check d={d} bits={bits} {dtype} ({tc}): code mismatch tc/auto "
-                             f"{worst['auto'][0]:.1e} tc1 {worst['tc1'][0]:.1e} scalar "
-                             f"{worst['scalar'][0]:.1e}, norm rel err "
+                             f"{worst['auto'][0]:.1e} scalar {worst['scalar'][0]:.1e}, norm rel err "
                              f"{worst['auto'][1]:.1e} -> {'OK' if ok else 'FAIL'}")
                 if not ok:
                     raise SystemExit("\n".join(lines))
@@ -156,10 +152,6 @@ def main() -> None:
                          "after the library default")
     ap.add_argument("--encode-only", action="store_true",
                     help="checks, copy bandwidth and encode timings only (no attention)")
-    ap.add_argument("--enc-variants", default="",
-                    help="with --encode-only: extra tq_encode_tc2 tilings 'warps,mt,minb[,bsearch] ...' "
-                         "timed (mt 0: the library default; minb 0: no register cap; bsearch 1: codes by "
-                         "binary search)")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
@@ -176,7 +168,7 @@ def main() -> None:
     log += check_encode((128,) if args.encode_only else (64, 128))  # --encode-only: timed d
     print("\n".join(log), flush=True)
     if args.encode_only:
-        enc_only(log, args.enc_variants)
+        enc_only(log)
         return
 
     # Copy bandwidth: 1 GiB device-to-device, read + written.
@@ -289,9 +281,8 @@ def main() -> None:
     sys.stdout.flush()
 
 
-def enc_only(log: list[str], variants: str = "") -> None:
-    """Encode (bf16 in, channels given) of the three attention shapes' K vs copy: tq_encode_tc2
-    ("tc", default), tq_encode_tc ("tc1", previous), scalar, and optional tq_encode_tc2 tilings."""
+def enc_only(log: list[str]) -> None:
+    """Encode (bf16 in, channels given) of the three attention shapes' K, both kernels, vs copy."""
     import torch
 
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
@@ -300,50 +291,22 @@ def enc_only(log: list[str], variants: str = "") -> None:
     copy_gbs = 2 * src.numel() / ms / 1e6
     del src, dst
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s (read + write)")
-    default = (cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB,
-               int(cupy_raw.ENC_TC2_BSEARCH))
-    extra = [(*(int(v) for v in spec.split(",")), 0)[:4] for spec in variants.split()]
-
-    def use(w: int, mt: int | None, minb: int, bsearch: int) -> None:
-        cupy_raw.ENC_TC2_WARPS, cupy_raw.ENC_TC2_MT, cupy_raw.ENC_TC2_MINB = w, mt or None, minb
-        cupy_raw.ENC_TC2_BSEARCH = bool(bsearch)
-
-    print("| B*h_kv | T | bits | tc2 ms | % of copy | tc1 ms | % of copy | scalar ms | % of copy |"
-          + "".join(f" tc2 {w},{mt},{mb},{bs} ms | % |" for w, mt, mb, bs in extra))
+    print("| B*h_kv | T | bits | tensor-core ms | % of copy | scalar ms | % of copy |")
     for b, t in SHAPES:
         k = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16)
         for bits in (3.5, 2.5, 4.0):
             ke = tq.encode(k, bits=bits, seed=1, backend="cupy_raw")
             kn, chn = cupy_raw.asarray(k), None if ke.channels is None else cupy_raw.asarray(ke.channels)
             nbytes = k.numel() * 2 + ke.records.numel()
-            ref = cupy_raw._cupy().asnumpy(cupy_raw.asarray(ke.records))
             res = {}
-            runs = [(p, default) for p in ("auto", "tc1", "scalar")] + [("auto", v) for v in extra]
-            for i, (path, var) in enumerate(runs):
-                use(*var)
+            for path in ("auto", "scalar"):
                 cupy_raw.ENCODE_PATH = path
-                fn = lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn)  # noqa: E731
-                if i >= 3:  # a tiling variant: same records as the default kernel before timing
-                    got = cupy_raw._cupy().asnumpy(fn()[0])
-                    if np.mean(got != ref) > 1e-4:
-                        raise SystemExit(f"tq_encode_tc2 variant {var} records differ")
-                res[i] = timed(fn, reps=5, batch=2)
-            use(*default)
+                res[path] = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
+                                  reps=5, batch=2)
             cupy_raw.ENCODE_PATH = "auto"
-            if (b, t) == SHAPES[0]:  # what NVRTC built on this machine: registers, local bytes, warps/SM
-                dev = k.device.index
-                for v2 in (True, False):
-                    name, warps, _, _ = cupy_raw._tc_kernel(ke.config, "bfloat16", v2)
-                    f = cupy_raw._codec_module(dev, ke.config, "bfloat16").get_function(name)
-                    blocks = cupy_raw._tc_blocks(dev, ke.config, "bfloat16", v2, cupy_raw._tc_launch_key())
-                    per_sm = blocks // cupy_raw._sm_count(dev)
-                    smem = cupy_raw._tc_smem(ke.config, "bfloat16", v2)
-                    print(f"  bits={bits:g} {name}: {getattr(f, 'num_regs', '?')} registers, "
-                          f"{getattr(f, 'local_size_bytes', '?')} local "
-                          f"bytes, {smem} B shared/block, {warps * per_sm} warps/SM", flush=True)
-            pct = {i: 100 * nbytes / m / 1e6 / copy_gbs for i, m in res.items()}
-            print(f"| {b * H_KV} | {t} | {bits:g} | " + " | ".join(
-                f"{res[i]:.3f} | {pct[i]:.0f}%" for i in range(len(runs))) + " |", flush=True)
+            pct = {p: 100 * nbytes / m / 1e6 / copy_gbs for p, m in res.items()}
+            print(f"| {b * H_KV} | {t} | {bits:g} | {res['auto']:.3f} | {pct['auto']:.0f}% | "
+                  f"{res['scalar']:.3f} | {pct['scalar']:.0f}% |", flush=True)
             del ke
         del k
 

@@ -295,48 +295,6 @@ def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) 
                                    numpy_ref._norms(ref.records, g, 0)[0], rtol=2**-10)
 
 
-def tc_code_bsearch_emulated(y: np.ndarray, pb: np.ndarray, bits: int) -> np.ndarray:
-    """NumPy model of tq_codec.cu's tc_code_bsearch (tq_encode_tc2 with ENC2_BSEARCH): binary
-    search over the positive boundaries pb (float32, ascending), selects as the kernel makes them."""
-    ay = np.abs(y)
-    r = np.full(y.shape, 1 << (bits - 1), np.uint32)
-    if bits == 2:
-        r += ay > pb[0]
-    elif bits == 3:
-        p1 = ay > pb[1]
-        r += np.where(p1, 2, 0).astype(np.uint32)
-        r += ay > np.where(p1, pb[2], pb[0])
-    elif bits == 4:
-        p2 = ay > pb[3]
-        r += np.where(p2, 4, 0).astype(np.uint32)
-        p1 = ay > np.where(p2, pb[5], pb[1])
-        r += np.where(p1, 2, 0).astype(np.uint32)
-        r += ay > np.where(p1, np.where(p2, pb[6], pb[2]), np.where(p2, pb[4], pb[0]))
-    return np.where(y > 0, r, r ^ np.uint32((1 << bits) - 1))
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_tc_code_bsearch_equals_linear_count(bits: int) -> None:
-    """Binary-search codes == the linear boundary count of tq_encode_tc (and the emulation above)
-    for random y, y exactly at +-boundaries and their float32 neighbours, +-0, +-inf and NaN."""
-    from turboquant_codec.config import CodecConfig
-    from turboquant_codec.transforms import tables
-
-    cfg = CodecConfig(128, float(bits))
-    g = cfg.groups[0]
-    assert g.code_bits == bits
-    bnd = tables(cfg)[0].boundaries.astype(np.float32)
-    mid = (1 << (bits - 1)) - 1
-    pb = bnd[mid + 1:]
-    rng = np.random.default_rng(bits)
-    edge = np.concatenate([pb, np.nextafter(pb, np.float32(np.inf)), np.nextafter(pb, np.float32(0))])
-    y = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 0.2, edge, -edge,
-                        np.array([0.0, -0.0, np.inf, -np.inf, np.nan], np.float32)]).astype(np.float32)
-    nb = np.sum(pb[None, :] < np.abs(y)[:, None], axis=-1)
-    want = np.where(y > 0, mid + 1 + nb, mid - nb)
-    np.testing.assert_array_equal(tc_code_bsearch_emulated(y, pb, bits), want)
-
-
 def test_tc_encode_predicate() -> None:
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
@@ -353,9 +311,8 @@ def test_tc_encode_predicate() -> None:
 @pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str) -> None:
-    """tq_encode_tc2 (tensor cores, default), tq_encode_tc (its double-buffered predecessor) and
-    tq_encode (scalar) against the reference, every input dtype, odd vector counts (partial tiles),
-    several streams."""
+    """tq_encode_tc (tensor cores) and tq_encode (scalar) against the reference, every input dtype,
+    odd vector counts (partial tiles), several streams."""
     import cupy as cp
     import ml_dtypes
 
@@ -370,11 +327,8 @@ def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str)
     assert cupy_raw.tc_encode_ok(cfg)
     ch = None if ref.channels is None else cp.asarray(ref.channels)
     try:
-        # "bsearch": tq_encode_tc2 compiled with ENC2_BSEARCH (one dtype: one more module each).
-        runs = ["auto", "tc1", "scalar"] + (["bsearch"] if dtype == "bfloat16" else [])
-        for path in runs:
-            cupy_raw.ENC_TC2_BSEARCH = path == "bsearch"
-            cupy_raw.ENCODE_PATH = "auto" if path == "bsearch" else path
+        for path in ("auto", "scalar"):
+            cupy_raw.ENCODE_PATH = path
             rec, _ = cupy_raw.encode(cupy_raw.asarray(x), cfg, ch)
             got = cp.asnumpy(rec)
             for g in cfg.groups:
@@ -385,4 +339,3 @@ def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str)
             assert not got[..., used:].any()
     finally:
         cupy_raw.ENCODE_PATH = "auto"
-        cupy_raw.ENC_TC2_BSEARCH = False

@@ -61,19 +61,7 @@ ENC_TV, ENC_TV_PROD = 32, 16
 ENC_TC_WARPS = 4
 ENC_TC_MT: int | None = None
 TC_RS_EXP = 8
-# tq_encode_tc2 (the default tensor-core encode: one tile buffer per warp, next tile's loads issued
-# once the last group's values are in registers; ~half the shared memory per warp of tq_encode_tc,
-# so 12-16 warps per SM instead of 8): warps per block, m-tiles per warp tile (None: 2, or 1 for
-# float32 input or a 128-channel group, whose fragments would not fit ~128 registers), min blocks
-# per SM for __launch_bounds__ (0: none; a register cap spills).
-ENC_TC2_WARPS = 2
-ENC_TC2_MT: int | None = None
-ENC_TC2_MINB = 0
-# tq_encode_tc2 codes by binary search over the boundaries (ENC2_BSEARCH: fewer instructions, more
-# registers; same codes).
-ENC_TC2_BSEARCH = False
-# Which encode kernel runs: "auto" or "tc" (tq_encode_tc2 where tc_encode_ok), "tc1" (the
-# double-buffered tq_encode_tc, kept for comparison), "scalar" (tq_encode always).
+# Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
 ENCODE_PATH = os.environ.get("TQ_CUPY_RAW_ENCODE", "auto")
 # Null device pointer argument (8 bytes, as the kernels expect a pointer).
@@ -309,9 +297,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     """
     if kind == "codec":
         return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}",
-                f"-DENC2_WARPS={ENC_TC2_WARPS}", f"-DENC2_MT={_tc2_mt(params['cfg'], params['dtype'])}",
-                f"-DENC2_MINB={ENC_TC2_MINB}", f"-DENC2_BSEARCH={int(ENC_TC2_BSEARCH)}"]
+                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -371,19 +357,6 @@ def _tc_mt(dtype: str) -> int:
     return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
 
 
-def _tc2_mt(cfg: CodecConfig, dtype: str) -> int:
-    if ENC_TC2_MT is not None:
-        return ENC_TC2_MT
-    return 1 if dtype == "float32" or any(g.dim > 64 for g in cfg.groups) else 2
-
-
-def _tc_kernel(cfg: CodecConfig, dtype: str, v2: bool) -> tuple[str, int, int, int]:
-    """(kernel name, warps per block, vectors per warp tile, tile buffers per warp)."""
-    if v2:
-        return "tq_encode_tc2", ENC_TC2_WARPS, 16 * _tc2_mt(cfg, dtype), 1
-    return "tq_encode_tc", ENC_TC_WARPS, 16 * _tc_mt(dtype), 2
-
-
 def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(i, pos) index maps of the tensor-core encode fragments, each (dim/8, dim/16, 32 lanes, 2
     registers, 2 halves): mma B element [k][n] of n-tile nt and k-step ks is rotation[i][pos], with
@@ -432,52 +405,43 @@ def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
         return cp.asarray(_tc_table(cfg))
 
 
-def _tc_smem(cfg: CodecConfig, dtype: str, v2: bool = True) -> int:
-    """Dynamic shared memory of tq_encode_tc2 / tq_encode_tc (mirrors tc_encode_body: tile
-    buffers of TC_STRIDE-byte rows and the record buffers)."""
+def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
+    """Dynamic shared memory of tq_encode_tc (mirrors TC_XBYTES and the record buffers)."""
     es = 4 if dtype == "float32" else 2
-    _, warps, nv, stages = _tc_kernel(cfg, dtype, v2)
-    return warps * (stages * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
-
-
-def _tc_launch_key() -> tuple[Any, ...]:
-    """The module-level tiling knobs the encode kernels are compiled with (a cache key)."""
-    return (ENC_TC_WARPS, ENC_TC_MT, ENC_TC2_WARPS, ENC_TC2_MT, ENC_TC2_MINB, ENC_TC2_BSEARCH)
+    nv = 16 * _tc_mt(dtype)
+    return ENC_TC_WARPS * (2 * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
 
 
 @functools.cache
-def _tc_blocks(device: int, cfg: CodecConfig, dtype: str, v2: bool, key: tuple[Any, ...]) -> int:
-    """Resident blocks of the tensor-core encode kernel on the whole device (the persistent grid);
-    ``key``: _tc_launch_key() (the knobs it was compiled with)."""
+def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
+    """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
     cp = _cupy()
-    name, warps, _, _ = _tc_kernel(cfg, dtype, v2)
-    fn = _codec_module(device, cfg, dtype).get_function(name)
-    smem = _tc_smem(cfg, dtype, v2)
+    fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
+    smem = _tc_smem(cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     try:
-        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * warps, smem)
+        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * ENC_TC_WARPS, smem)
     except Exception:
         per_sm = 1
     return max(1, int(per_sm)) * _sm_count(device)
 
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
-               device: int, v2: bool = True) -> None:
+               device: int) -> None:
     mod = _codec_module(device, cfg, dtype)
-    name, warps, nv, _ = _tc_kernel(cfg, dtype, v2)
-    fn = mod.get_function(name)
+    fn = mod.get_function("tq_encode_tc")
     tab, _ = _device_tables(device, cfg)
     tcb = _device_tc_table(device, cfg)
-    smem = _tc_smem(cfg, dtype, v2)
-    blocks = _tc_blocks(device, cfg, dtype, v2, _tc_launch_key())
+    smem = _tc_smem(cfg, dtype)
+    blocks = _tc_blocks(device, cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = streams * -(-n // nv)
-    grid = max(1, min(blocks, -(-tiles // warps)))
+    tiles = streams * -(-n // (16 * _tc_mt(dtype)))
+    grid = max(1, min(blocks, -(-tiles // ENC_TC_WARPS)))
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()
-    fn((grid,), (32 * warps,),
+    fn((grid,), (32 * ENC_TC_WARPS,),
        (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, tab, rec),
        shared_mem=smem)
 
@@ -534,7 +498,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         if n and ENCODE_PATH != "scalar" and tc_encode_ok(cfg):
             if xw.data.ptr % 16:  # cp.async reads 16-byte chunks
                 xw = xw.copy()
-            _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device, v2=ENCODE_PATH != "tc1")
+            _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
             return rec, channels
         tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
         mod.get_function("tq_encode")(

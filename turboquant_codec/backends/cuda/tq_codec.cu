@@ -210,12 +210,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 
 // ----------------------------------------------------------------------- tensor-core encode (mse)
 // tq_encode_tc: persistent grid, ENC_WARPS independent warps per block. A warp owns tiles of
-// 16 * ENC_MT vectors of one stream (tiles numbered across streams), double-buffered with
-// cp.async (raw input rows, channel order as stored). tq_encode_tc2 (the default; tq_encode_tc is
-// kept for comparison): the same arithmetic with one tile buffer per warp (ENC2_* tiling), whose
-// next tile is requested as soon as the last group's values are gathered into registers; half the
-// shared memory per warp, so 14-18 warps per SM at d=128 instead of 8 (see tc_encode_body).
-// Per channel group the rotation is
+// TC_NV = 16 * ENC_MT vectors of one stream (tiles numbered across streams), double-buffered with
+// cp.async (raw input rows, channel order as stored). Per channel group the rotation is
 // D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
 //   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
 //       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
@@ -236,26 +232,12 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 #ifndef ENC_WARPS
 #define ENC_WARPS 4
 #endif
-// tq_encode_tc2 (single-stage tiles, see tc_encode_body): warps per block, m-tiles, min blocks per
-// SM for __launch_bounds__ (0: none; a cap makes ptxas spill, cupy_raw.ENC_TC2_MINB).
-#ifndef ENC2_WARPS
-#define ENC2_WARPS 2
-#endif
-#ifndef ENC2_MT
-#define ENC2_MT 2
-#endif
-#ifndef ENC2_MINB
-#define ENC2_MINB 0
-#endif
-// 1: codes by binary search over the boundaries (tc_code_bsearch: ~17% fewer instructions per
-// vector at 3.5 bits, but ptxas then takes ~146 registers instead of 128: fewer warps per SM).
-#ifndef ENC2_BSEARCH
-#define ENC2_BSEARCH 0
-#endif
 #define TC_RS_EXP 8
 
 constexpr int TC_ES = IN_KIND == TQ_F32 ? 4 : 2;              // input bytes per value
+constexpr int TC_NV = 16 * ENC_MT;                            // vectors per warp tile
 constexpr int TC_STRIDE = CC::D * TC_ES + 16;                 // staged row bytes (bank skew)
+constexpr int TC_XBYTES = 2 * TC_NV * TC_STRIDE;              // double buffer per warp
 // uint4 offset of group g's fragment table: G^2/4 uint4 per group.
 __host__ __device__ constexpr int tc_gtab(int g) { return g == 0 ? 0 : CC::gdim(0) * CC::gdim(0) / 4; }
 
@@ -282,39 +264,12 @@ __device__ __forceinline__ u32 tc_lt_mask(float a, float b) {
   return r;
 }
 
-// Code of y against the MID = 2^(B-1) - 1 positive boundaries pb (sorted ascending; the negative
-// half mirrors them): cnt = #{k : pb[k] < |y|}, code = y > 0 ? MID + 1 + cnt : MID - cnt, i.e.
-// (2^(B-1) + cnt) with all B bits flipped unless y > 0. cnt by a branch-free binary search: B-1
-// compares, the next boundary picked by FSEL, bits of cnt by predicated adds (vs MID compares,
-// MID selects and adds of the linear count). Same result for every y, NaN included (no compare
-// true: cnt 0, code MID).
-template <int B>
-__device__ __forceinline__ u32 tc_code_bsearch(float y, const float* pb) {
-  const float ay = fabsf(y);
-  u32 r = 1u << (B - 1);
-  if constexpr (B == 2) {
-    r += ay > pb[0] ? 1u : 0u;
-  } else if constexpr (B == 3) {
-    const bool p1 = ay > pb[1];
-    r += p1 ? 2u : 0u;
-    r += ay > (p1 ? pb[2] : pb[0]) ? 1u : 0u;
-  } else if constexpr (B == 4) {
-    const bool p2 = ay > pb[3];
-    r += p2 ? 4u : 0u;
-    const bool p1 = ay > (p2 ? pb[5] : pb[1]);
-    r += p1 ? 2u : 0u;
-    const float lo = p2 ? pb[4] : pb[0], hi = p2 ? pb[6] : pb[2];
-    r += ay > (p1 ? hi : lo) ? 1u : 0u;
-  }
-  return y > 0.f ? r : r ^ ((1u << B) - 1u);
-}
-
 // One channel group of one warp tile: xs = staged rows, ch = the stream's channels (or null),
 // stg = the tile's record buffer.
-template <int g, int MT, bool BSEARCH, class Hook>
+template <int g>
 __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restrict__ ch,
                                                 const uint4* __restrict__ tcb, const float* __restrict__ tab,
-                                                u8* stg, int lane, Hook&& after_gather) {
+                                                u8* stg, int lane) {
   constexpr int G = CC::gdim(g), G0 = CC::gstart(g), KS = G / 16, NT = G / 8, Q = G / 4;
   constexpr int B = CC::gbits(g), MID = (1 << (B - 1)) - 1;  // MID positive boundaries
   constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
@@ -337,12 +292,12 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
   }
   // Gather: raw values of rows 16m + 8h + r at positions t*Q + 4ks + 2q + {0, 1}; one address per
   // position, rows at immediate offsets.
-  u32 ah[MT][2][KS][2];                       // float16 pairs (hi part)
-  u32 al[F32 ? MT : 1][2][F32 ? KS : 1][2];   // lo part (float32 input)
-  float fv[F32 ? MT : 1][2][F32 ? KS : 1][4];  // float32 input values
-  float ss[MT][2];
+  u32 ah[ENC_MT][2][KS][2];                       // float16 pairs (hi part)
+  u32 al[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2];   // lo part (float32 input)
+  float fv[F32 ? ENC_MT : 1][2][F32 ? KS : 1][4];  // float32 input values
+  float ss[ENC_MT][2];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) ss[m][0] = ss[m][1] = 0.f;
+  for (int m = 0; m < ENC_MT; ++m) ss[m][0] = ss[m][1] = 0.f;
   const u8* rbase = xs + r * TC_STRIDE;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
@@ -352,7 +307,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
       const u8* p0 = rbase + off[p];
       const u8* p1 = rbase + off[p + 1];
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
+      for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int ro = (16 * m + 8 * h) * TC_STRIDE;
@@ -381,11 +336,10 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
       }
     }
   }
-  after_gather();  // xs no longer read by this group (single-stage kernel: next tile's loads go out)
   // Group norms (the 4 lanes of a row hold its Q-position pieces), scale, 1/denominator, norms out.
-  float inv[MT][2];
+  float inv[ENC_MT][2];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float a = ss[m][h];
@@ -424,9 +378,9 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
   float pb[MID > 0 ? MID : 1];
 #pragma unroll
   for (int k = 0; k < MID; ++k) pb[k] = __ldg(tab + CC::gbnd(g) + MID + 1 + k);
-  u32 cw[MT][2][NW];
+  u32 cw[ENC_MT][2][NW];
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int m = 0; m < ENC_MT; ++m)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
@@ -434,16 +388,16 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
   const uint4* bt = tcb + tc_gtab(g) + lane;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    float acc[MT][4];
+    float acc[ENC_MT][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int m = 0; m < ENC_MT; ++m)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
       const uint4 b = __ldg(bt + (nt * KS + ks) * 32);
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
+      for (int m = 0; m < ENC_MT; ++m) {
         mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.x, b.y);
         mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.z, b.w);
         if constexpr (F32)
@@ -451,21 +405,16 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
       }
     }
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
+    for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
         const float y = acc[m][e] * inv[m][h];
         const float ay = fabsf(y);
-        u32 c;
-        if constexpr (BSEARCH && B >= 2 && B <= 4) {
-          c = tc_code_bsearch<B>(y, pb);
-        } else {
-          u32 neg = 0;  // -(number of positive boundaries below |y|), from all-ones set masks
+        u32 neg = 0;  // -(number of positive boundaries below |y|), from all-ones set masks
 #pragma unroll
-          for (int k = 0; k < MID; ++k) neg += tc_lt_mask(pb[k], ay);
-          c = y > 0.f ? MID + 1 - neg : MID + neg;
-        }
+        for (int k = 0; k < MID; ++k) neg += tc_lt_mask(pb[k], ay);
+        const u32 c = y > 0.f ? MID + 1 - neg : MID + neg;
         cw[m][h][wi] |= c << sh;
         if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
       }
@@ -474,81 +423,46 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
   // Code pieces into the record buffer: CB bytes at gcode + t * CB of each row.
   constexpr int AL = (CC::gcode(g) % 4 == 0 && CB % 4 == 0) ? 4 : (CC::gcode(g) % 2 == 0 && CB % 2 == 0) ? 2 : 1;
 #pragma unroll
-  for (int m = 0; m < MT; ++m)
+  for (int m = 0; m < ENC_MT; ++m)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       tc_store_bytes<CB, AL>(stg + (16 * m + 8 * h + r) * R + CC::gcode(g) + t * CB, cw[m][h]);
 }
 
-// Kernel body: MT m-tiles per warp tile, STAGES = 2 (double-buffered tiles, tq_encode_tc) or 1
-// (one tile buffer per warp, tq_encode_tc2: the next tile's cp.async go out as soon as the last
-// group's values are in registers, overlapping that group's mma/quantise and the record copy-out;
-// half the shared memory per warp, so more warps per SM hide the latencies instead).
-template <int MT, int STAGES, int WARPS>
-__device__ __forceinline__ void tc_encode_body(const void* __restrict__ x, const u16* __restrict__ chans, int n,
-                                               int streams, const uint4* __restrict__ tcb,
-                                               const float* __restrict__ tab, u8* __restrict__ rec, u8* smem) {
+extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
+    tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
+                 const uint4* __restrict__ tcb, const float* __restrict__ tab, u8* __restrict__ rec) {
   constexpr int D = CC::D, R = CC::R, CH = D * TC_ES / 16, ROWB = D * TC_ES;
-  constexpr int NV = 16 * MT, XB = STAGES * NV * TC_STRIDE;
+  extern __shared__ __align__(16) u8 tc_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  u8* xbuf = smem + warp * XB;
-  u8* stg = smem + WARPS * XB + warp * NV * R;
+  u8* xbuf = tc_smem + warp * TC_XBYTES;
+  u8* stg = tc_smem + ENC_WARPS * TC_XBYTES + warp * TC_NV * R;
   // Padding bytes are never written below: zero once.
-  for (int k = lane; k < NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
-  const int T = (n + NV - 1) / NV, total = streams * T, step = gridDim.x * WARPS;
+  for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
+  const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
   auto issue = [&](int tl, int buf) {
-    const int s = tl / T, v0 = (tl - s * T) * NV, nv = min(NV, n - v0);
+    const int s = tl / T, v0 = (tl - s * T) * TC_NV, nv = min(TC_NV, n - v0);
     const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * ROWB;
-    u8* dst = xbuf + buf * (NV * TC_STRIDE);
-    if constexpr (STAGES == 1 && 32 % CH == 0 && NV % (32 / CH) == 0) {
-      // Fixed 16-byte chunk per lane, rows stepping by 32 / CH: one address increment per copy.
-      constexpr int RP = 32 / CH;
-      const int c = lane % CH, vl = lane / CH;
-      const u8* sp = src + vl * ROWB + c * 16;
-      u8* dp = dst + vl * TC_STRIDE + c * 16;
-#pragma unroll 1
-      for (int i = 0; i < NV / RP; ++i) {
-        const bool ok = vl + RP * i < nv;
-        cp_async16(dp + RP * i * TC_STRIDE, ok ? sp + RP * i * ROWB : src, ok ? 16 : 0);
-      }
-    } else {
+    u8* dst = xbuf + buf * (TC_NV * TC_STRIDE);
 #pragma unroll 4
-      for (int k = lane; k < NV * CH; k += 32) {
-        const int v = k / CH, c = k - v * CH;
-        const bool ok = v < nv;
-        cp_async16(dst + v * TC_STRIDE + c * 16, src + (ok ? v : 0) * ROWB + c * 16, ok ? 16 : 0);
-      }
+    for (int k = lane; k < TC_NV * CH; k += 32) {
+      const int v = k / CH, c = k - v * CH;
+      const bool ok = v < nv;
+      cp_async16(dst + v * TC_STRIDE + c * 16, src + (ok ? v : 0) * ROWB + c * 16, ok ? 16 : 0);
     }
   };
-  int tile = blockIdx.x * WARPS + warp;
+  int tile = blockIdx.x * ENC_WARPS + warp;
   if (tile < total) issue(tile, 0);
   cp_async_commit();
   for (int it = 0; tile < total; tile += step, ++it) {
-    if constexpr (STAGES == 2) {
-      if (tile + step < total) issue(tile + step, (it + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    if (tile + step < total) issue(tile + step, (it + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncwarp();
-    const int s = tile / T, v0 = (tile - s * T) * NV, nv = min(NV, n - v0);
-    u32 xo = STAGES == 2 ? (it & 1) * (NV * TC_STRIDE) : 0u;
-    // One buffer: an opaque 0 keeps the compiler from hoisting loop-invariant gather addresses
-    // (channels null) out of the tile loop, where they would hold registers across it.
-    if constexpr (STAGES == 1) asm volatile("" : "+r"(xo));
-    const u8* xs = xbuf + xo;
+    const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
+    const u8* xs = xbuf + (it & 1) * (TC_NV * TC_STRIDE);
     const u16* ch = chans ? chans + static_cast<u64>(s) * D : nullptr;
-    static_for<0, CC::NG>([&](auto gi) {
-      constexpr int g = decltype(gi)::value;
-      tc_encode_group<g, MT, STAGES == 1 && ENC2_BSEARCH>(xs, ch, tcb, tab, stg, lane, [&]() {
-        if constexpr (STAGES == 1 && g == CC::NG - 1) {
-          __syncwarp();  // every lane's reads of the buffer are done
-          if (tile + step < total) issue(tile + step, 0);
-          cp_async_commit();
-        }
-      });
-    });
+    static_for<0, CC::NG>([&](auto gi) { tc_encode_group<decltype(gi)::value>(xs, ch, tcb, tab, stg, lane); });
     __syncwarp();
     u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
     const u32* src = reinterpret_cast<const u32*>(stg);
@@ -556,25 +470,6 @@ __device__ __forceinline__ void tc_encode_body(const void* __restrict__ x, const
     __syncwarp();
   }
   cp_async_wait<0>();
-}
-
-extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
-    tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
-                 const uint4* __restrict__ tcb, const float* __restrict__ tab, u8* __restrict__ rec) {
-  extern __shared__ __align__(16) u8 tc_smem[];
-  tc_encode_body<ENC_MT, 2, ENC_WARPS>(x, chans, n, streams, tcb, tab, rec, tc_smem);
-}
-
-#if ENC2_MINB > 0
-#define TC2_BOUNDS __launch_bounds__(32 * ENC2_WARPS, ENC2_MINB)
-#else
-#define TC2_BOUNDS __launch_bounds__(32 * ENC2_WARPS)
-#endif
-extern "C" __global__ void TC2_BOUNDS
-    tq_encode_tc2(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
-                  const uint4* __restrict__ tcb, const float* __restrict__ tab, u8* __restrict__ rec) {
-  extern __shared__ __align__(16) u8 tc_smem[];
-  tc_encode_body<ENC2_MT, 1, ENC2_WARPS>(x, chans, n, streams, tcb, tab, rec, tc_smem);
 }
 
 // Expanded field values of one record: vals[foff(f) + i] = table value of code i of field f,
