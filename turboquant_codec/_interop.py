@@ -70,7 +70,10 @@ def like(result: Any, ref: Any) -> Any:
     if lib == "cupy":
         import cupy
 
-        return cupy.asarray(result)
+        if isinstance(result, cupy.ndarray):
+            return result  # computed on ref's device; cupy.asarray would copy it to the current one
+        with cupy.cuda.Device(ref.device.id):
+            return cupy.asarray(result)
     if lib == "numba":
         from numba import cuda
 
