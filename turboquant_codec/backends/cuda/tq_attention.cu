@@ -67,6 +67,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return r;
 }
 
+// op over all threads of the block (blockDim.x a multiple of 32); every thread gets the result.
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* red, Op op) {
+  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // red may still be read by a previous reduction
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) v = op(v, red[i]);
+  return v;
+}
+
 // ------------------------------------------------------------------------------------ prep
 extern "C" __global__ void tq_attn_prep(const void* __restrict__ q, const u16* __restrict__ kch,
                                         const float* __restrict__ ktab, float scale,
@@ -91,11 +103,7 @@ extern "C" __global__ void tq_attn_prep(const void* __restrict__ q, const u16* _
   // hi/lo split neither overflows nor loses precision, whatever the query's magnitude.
   float amax = 0.f;
   for (int i = threadIdx.x; i < QD; i += blockDim.x) amax = fmaxf(amax, fabsf(qf[i] * scale * LOG2E));
-  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
-  __syncthreads();
-  amax = 0.f;
-  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) amax = fmaxf(amax, red[w]);
+  amax = block_reduce(amax, red, [](float a, float b) { return fmaxf(a, b); });
   int ex = 0;
   if (amax > 0.f) frexpf(amax, &ex);
   const float e = ldexpf(1.f, -ex), inv = ldexpf(1.f, ex);
@@ -402,8 +410,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       static_for<0, (SEG + CH - 1) / CH>([&](auto ci) {
         constexpr int C0 = decltype(ci)::value * CH, LEN = (SEG - C0 < CH ? SEG - C0 : CH) * B;
         u32 e01, o01, e23, o23;
-        pair_codes<B>(chunk_at<C0 * B, LEN>(w[0]), chunk_at<C0 * B, LEN>(w[1]), e01, o01);
-        pair_codes<B>(chunk_at<C0 * B, LEN>(w[2]), chunk_at<C0 * B, LEN>(w[3]), e23, o23);
+        pair_codes<B>(bits_at<C0 * B, LEN>(w[0]), bits_at<C0 * B, LEN>(w[1]), e01, o01);
+        pair_codes<B>(bits_at<C0 * B, LEN>(w[2]), bits_at<C0 * B, LEN>(w[3]), e23, o23);
         static_for<0, LEN / B / 2>([&](auto ki) {
           constexpr int k = decltype(ki)::value, i = C0 / 2 + k;
           // Rows gid, gid+8 of m-tile i: dims 2i, 2i+1 of the lane's eighth.
@@ -463,18 +471,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 }
 
 // ------------------------------------------------------------------------------------ reduce
-// op over all threads of the block (blockDim.x a multiple of 32); every thread gets the result.
-template <class Op>
-__device__ __forceinline__ float block_reduce(float v, float* red, Op op) {
-  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();  // red may still be read by a previous reduction
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = red[0];
-  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) v = op(v, red[i]);
-  return v;
-}
-
 // Dynamic shared memory: w[nparts] | y[VQD] | z[D] | tail acc[D] | q[D] | logits[32] | red[32] |
 // per-warp partial sums yw[nwarps][VQD]. Partials are merged in parallel (threads over parts for
 // the max and the weights, warps over parts for the accumulators): at B=1, T=128k a stream has

@@ -60,13 +60,6 @@ __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
   return r;
 }
 
-// Two table entries (hi, lo) float16 pairs -> the hi halves and the lo halves as mma registers
-// (element 0 in bits 0-15).
-__device__ __forceinline__ void split_pair(u32 e0, u32 e1, u32& hi, u32& lo) {
-  hi = __byte_perm(e0, e1, 0x5410);
-  lo = __byte_perm(e0, e1, 0x7632);
-}
-
 template <int KIND>
 __device__ __forceinline__ float load_float(const void* p, u64 i) {
   if constexpr (KIND == TQ_F32) {
@@ -83,17 +76,16 @@ __device__ __forceinline__ float rec_half(const u8* rec, int off) {
   return h2f(*reinterpret_cast<const u16*>(rec + off));
 }
 
-// Bits [pos, pos+len) of an LSB-first stream held in words w[] (pos, len compile-time, len <= 25
-// so that one funnel shift covers a straddling code).
+// Bits [pos, pos+len) of an LSB-first stream held in words w[] (pos, len <= 32 compile-time; one
+// funnel shift covers a span straddling two words, w[W + 1] is read only then).
 template <int POS, int LEN>
 __device__ __forceinline__ u32 bits_at(const u32* w) {
   constexpr int W = POS >> 5, O = POS & 31;
-  constexpr u32 MASK = (1u << LEN) - 1u;
-  if constexpr (O + LEN <= 32) {
-    return (w[W] >> O) & MASK;
-  } else {
-    return __funnelshift_r(w[W], w[W + 1], O) & MASK;
-  }
+  u32 v;
+  if constexpr (O + LEN <= 32) v = w[W] >> O;
+  else v = __funnelshift_r(w[W], w[W + 1], O);
+  if constexpr (LEN == 32) return v;
+  else return v & ((1u << LEN) - 1u);
 }
 
 // NW words of a bit stream starting at run-time bit `start` of a 4-byte aligned record,
@@ -139,17 +131,6 @@ __device__ __forceinline__ u32 lds_at(const u32* base, u32 off) {
   return *reinterpret_cast<const u32*>(reinterpret_cast<const u8*>(base) + off);
 }
 
-// Bits [pos, pos+len) of a stream, len <= 32, pos compile-time (bits_at without the 25-bit limit).
-template <int POS, int LEN>
-__device__ __forceinline__ u32 chunk_at(const u32* w) {
-  constexpr int W = POS >> 5, O = POS & 31;
-  u32 v;
-  if constexpr (O + LEN <= 32) v = w[W] >> O;
-  else v = __funnelshift_r(w[W], w[W + 1], O);
-  if constexpr (LEN == 32) return v;
-  else return v & ((1u << LEN) - 1u);
-}
-
 // Interleave the B-bit codes of two streams a, b into 2B-bit pair indices (a code in the low
 // half): even = pairs of codes 0, 2, 4, ... and odd = pairs of codes 1, 3, 5, ..., field k at bit
 // 2kB. One shift and one bit-select (LOP3) each, for up to 32/B codes at a time.
@@ -190,15 +171,16 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
   return r;
 }
 
-// 16-byte global->shared copy; bytes past `src_bytes` (0..16) are zero-filled.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(src_bytes));
-}
-// The same at a shared-space address (smem_addr), and the whole 16 bytes with no bounds check.
+// 16-byte global->shared copy to a shared-space address (smem_addr); bytes past `src_bytes` (0..16)
+// are zero-filled.
 __device__ __forceinline__ void cp_async16_shared(u32 dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
+// The same at a generic pointer into shared memory.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  cp_async16_shared(smem_addr(dst), src, src_bytes);
+}
+// The whole 16 bytes, no bounds check.
 __device__ __forceinline__ void cp_async16_full(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
 }
