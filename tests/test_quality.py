@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import turboquant_codec as tq
-from turboquant_codec.codebooks import lloyd_max
+from turboquant_codec.codebooks import codec_codebook, lloyd_max
 
 from .conftest import unit_vectors
 
@@ -40,6 +40,18 @@ def test_exact_density_codebook_close_to_gaussian(bits: int) -> None:
     assert exact.distortion < gauss.distortion
     assert np.all(np.diff(exact.centroids) > 0)
     np.testing.assert_allclose(exact.centroids, -exact.centroids[::-1], atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [16, 64, 128, 256])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_codec_codebook_is_lloyd_max_on_the_float16_grid(bits: int, d: int) -> None:
+    exact, book = lloyd_max(bits, d), codec_codebook(bits, d)
+    scaled = book.centroids * np.sqrt(d)
+    np.testing.assert_allclose(scaled, scaled.astype(np.float16).astype(np.float64), rtol=1e-15)
+    np.testing.assert_allclose(book.centroids, exact.centroids, rtol=2.0**-11)
+    np.testing.assert_allclose(book.boundaries, 0.5 * (book.centroids[1:] + book.centroids[:-1]), rtol=1e-15)
+    # Off the optimum by at most 2**-11: the distortion moves by second-order amounts only.
+    assert book.distortion == pytest.approx(exact.distortion, rel=3e-6)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])

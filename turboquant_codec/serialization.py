@@ -2,7 +2,7 @@
 
     offset  size  field
     0       4     magic b"TQKV"
-    4       2     format version (uint16), currently 1
+    4       2     format version (uint16), currently 2
     6       2     head dimension d (uint16)
     8       1     2 * bits (uint8)
     9       1     mode (0 = mse, 1 = prod)
@@ -13,6 +13,10 @@
     ...           channels: prod(lead) * d uint16 (outlier group first), when present
     ...           records: prod(lead) * n * record_bytes bytes (see ``config`` for one record)
     end-4   4     CRC-32 of every preceding byte
+
+Version 2 decodes with the float16-grid codebooks of ``codebooks.codec_codebook``; version 1 streams
+(exact Lloyd-Max centroids, up to 2**-11 apart from those) are refused rather than decoded with
+centroids they were not written for.
 
 The records are the very bytes the array API and the paged caches hold, so a stream written by any
 backend on any machine decodes to the same values.
@@ -28,7 +32,7 @@ import numpy as np
 from .config import MODES, CodecConfig
 
 MAGIC = b"TQKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEAD = struct.Struct("<4sHHBBQB")
 _CRC = struct.Struct("<I")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codebooks import lloyd_max
+from .codebooks import codec_codebook
 from .config import CodecConfig
 
 # Distinguishes the streams of different purposes under one seed.
@@ -100,7 +100,7 @@ def tables(cfg: CodecConfig) -> tuple[GroupTables, ...]:
     """The tables of every group of ``cfg``, built once per configuration."""
     out = []
     for g in cfg.groups:
-        book = lloyd_max(g.code_bits, g.dim)
+        book = codec_codebook(g.code_bits, g.dim)
         out.append(
             GroupTables(
                 rotation=haar_rotation(cfg.seed, g.index, g.dim),

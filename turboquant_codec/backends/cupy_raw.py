@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,14 @@ CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("tq_codec.cu", "tq_attention.cu")
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 # Warps per attention block and cp.async ring depth: one block of 16 warps per SM shares one copy
-# of the per-lane replicated pair tables (~80 KB with the K lo halves) and keeps 16 x 4 tiles of
+# of the per-lane replicated pair tables (40 KB at 3.5 bits, at most ~66 KB) and keeps 16 x 4 tiles of
 # ~2 KB in flight; 16 warps per SM cap registers at 128 per thread. Configurations whose tables
 # and ring overflow shared memory get fewer stages (attention_stages).
 ATTN_WARPS = 16
 ATTN_STAGES = 4
 ATTN_MINBLOCKS = 1
-# Threads of tq_attn_reduce: its warps split a stream's partials (hundreds at B=1, T=128k).
+# Threads of tq_attn_reduce: its warps split a stream's partials (one per split block) and the
+# un-rotation's rows.
 REDUCE_THREADS = 256
 # Opt-in shared memory per block on sm_90 (H100/H200).
 SMEM_LIMIT = 227 * 1024
@@ -178,8 +180,14 @@ def _stream(device: int) -> Any:
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         ts = torch.cuda.current_stream(device)
         if ts.cuda_stream != 0:
-            return cp.cuda.ExternalStream(ts.cuda_stream, device)
+            return _external_stream(ts.cuda_stream, device)
     return current
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, device: int) -> Any:
+    """CuPy's wrapper of a torch stream (a handle only: reusing it for a recycled pointer is safe)."""
+    return _cupy().cuda.ExternalStream(ptr, device)
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -211,44 +219,31 @@ def _layout(cfg: CodecConfig) -> tuple[np.ndarray, dict[str, int]]:
 
 @functools.cache
 def _centroid_scale(cfg: CodecConfig, group: int) -> float:
-    """Factor s in [1, 2) for group ``group``'s centroid table that minimises the largest relative
-    float16 rounding error of s * centroid (a grid of 2**16 candidates).
+    """Factor s = sqrt(g) / 2**k in [1, 2) for group ``group``'s centroid table.
 
-    The attention kernel multiplies float16 table values on tensor cores; plain float16 centroids
-    (relative error up to 2**-11) put outputs up to ~2.5x outside float32 parity (NumPy emulation),
-    while the best s brings the error to ~1e-4 (4-bit), ~2.4e-5 (3-bit), ~1e-6 (2-bit) and the
-    outputs back inside it with a single float16 product. 1/s joins the per-token norm scale.
+    Codec centroids are float16 values divided by sqrt(g) (``codebooks.codec_codebook``), so
+    s * centroid is a float16 value times 2**-k: the attention kernel's float16 tensor-core operands
+    hold every centroid exactly. 1/s joins the per-token norm scale.
     """
-    c = tables(cfg)[group].centroids.astype(np.float64)
-    s = 1.0 + np.arange(1 << 16, dtype=np.float64) / (1 << 16)
-    sc = s[:, None] * c[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        err = np.abs(sc.astype(np.float16).astype(np.float64) - sc) / np.abs(sc)
-    err = np.nan_to_num(err, nan=0.0)
-    return float(s[int(np.argmin(err.max(1)))])
+    root = math.sqrt(cfg.groups[group].dim)
+    return root / 2.0 ** math.floor(math.log2(root))
 
 
 @functools.cache
 def _lut_values(cfg: CodecConfig) -> np.ndarray:
-    """Per field (group by group, codes before signs) its PAIR table, concatenated: (entries, 2)
-    uint32, column 0 the float16 values hi = float16(s * value), column 1 their remainders
-    lo = float16(s * value - hi). Entry ``e0 | e1 << bits`` holds code e0's half in bits 0-15 and
-    e1's in bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so one lookup
-    yields one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
+    """Per field (group by group, codes before signs) its PAIR table, concatenated: (entries,)
+    uint32 of float16 pairs. Entry ``e0 | e1 << bits`` holds float16(s * value) of code e0 in bits
+    0-15 and of e1 in bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so
+    one lookup yields one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=False):
-        fields = [(t.centroids.astype(np.float64) * _centroid_scale(cfg, g.index), g.code_bits)]
+        fields = [(t.centroids * _centroid_scale(cfg, g.index), g.code_bits)]
         if g.qjl:
             fields.append((np.array([-1.0, 1.0]), 1))
         for vals, bits in fields:
-            hi = vals.astype(np.float16)
-            lo = (vals - hi.astype(np.float64)).astype(np.float16)
+            h = vals.astype(np.float16).view(np.uint16).astype(np.uint32)
             idx = np.arange(1 << (2 * bits))
-            cols = []
-            for half in (hi, lo):
-                h = half.view(np.uint16).astype(np.uint32)
-                cols.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
-            out.append(np.stack(cols, axis=1))
+            out.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
     return np.concatenate(out).astype(np.uint32)
 
 
@@ -581,9 +576,17 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int | None = Non
 
     tile_k, tile_v = TILE * k_cfg.record_bytes + 32, TILE * v_cfg.record_bytes + 32
     stage = -(-(tile_k + tile_v) // 16) * 16
-    # K tables: hi and lo pairs (2 x 4 B per entry and lane); V shares the hi pairs or has its own.
-    luts = 8 * 32 * lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else 4 * 32 * lutn(v_cfg))
+    # Pair tables, 4 B per entry and lane: K's, and V's unless V shares them.
+    luts = 4 * 32 * (lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
     return luts + ATTN_WARPS * (stages or attention_stages(k_cfg, v_cfg)) * stage
+
+
+def _merge_smem(v_cfg: CodecConfig, group: int) -> int:
+    """Shared memory of tq_attn_split's closing merge (mirrors its wm | wl | wacc carve-up)."""
+    heads = min(group, 8)
+    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
+    row = vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
+    return 4 * ATTN_WARPS * heads * (2 + row)
 
 
 def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
@@ -612,6 +615,40 @@ def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
     m = good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
     per_warp = -(-ntiles // (m * ATTN_WARPS))
     return per_warp, -(-ntiles // per_warp)
+
+
+@dataclass(frozen=True)
+class _AttentionLaunch:
+    """What one attention call launches, fixed by the configurations and sizes (built once: a
+    decode step then only allocates its scratch and launches)."""
+
+    prep: Any
+    split: Any
+    reduce: Any
+    per_warp: int  # tiles per split warp
+    nparts: int    # split warps per KV stream with tiles
+    nblocks: int   # split blocks per KV stream: one partial each
+    split_smem: int
+    reduce_smem: int
+    tables: tuple[Any, Any, Any, Any]  # K table buffer, K pair tables, V table buffer, V pair tables
+
+
+@functools.lru_cache(maxsize=1024)
+def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
+                      group: int, bh: int, n: int) -> _AttentionLaunch:
+    mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group)
+    per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
+    nblocks = -(-nparts // ATTN_WARPS)
+    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
+    split_smem = max(_split_smem(k_cfg, v_cfg), _merge_smem(v_cfg, group))
+    reduce_smem = 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
+    split, reduce = mod.get_function("tq_attn_split"), mod.get_function("tq_attn_reduce")
+    for fn, smem in ((split, split_smem), (reduce, reduce_smem)):
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
+    return _AttentionLaunch(mod.get_function("tq_attn_prep"), split, reduce, per_warp, nparts, nblocks,
+                            split_smem, reduce_smem,
+                            (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg)))
 
 
 def attention(
@@ -654,9 +691,8 @@ def attention(
         else:
             ktw = vtw = None
             tail_dtype, t_len = "float32", 0
-        mod = _attention_module(device, k.config, v.config, dtype, tail_dtype, group)
-        ktab, klut = _device_tables(device, k.config)
-        vtab, vlut = _device_tables(device, v.config)
+        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, bh, n)
+        ktab, klut, vtab, vlut = plan.tables
         kch = None if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
         vch = None if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
         kqd = d * (2 if k.config.mode == "prod" else 1)
@@ -666,36 +702,27 @@ def attention(
         q32 = cp.empty((rows, d), cp.float32)
         qh = cp.empty((rows, 2, kqd), cp.uint16)
         qscale = cp.empty((rows,), cp.float32)
-        mod.get_function("tq_attn_prep")(
+        plan.prep(
             (rows,), (128,), (qw, kch if kch is not None else _NULL, ktab, np.float32(scale), q32, qh, qscale)
         )
-        per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
-        part_m = cp.empty((bh, max(nparts, 1), group), cp.float32)
+        part_m = cp.empty((bh, max(plan.nblocks, 1), group), cp.float32)
         part_l = cp.empty_like(part_m)
-        part_acc = cp.empty((bh, max(nparts, 1), group, vqd), cp.float32)
-        if nparts:
-            split = mod.get_function("tq_attn_split")
-            smem = _split_smem(k.config, v.config)
-            if smem > 48 * 1024:
-                split.max_dynamic_shared_size_bytes = smem
-            split(
-                (-(-nparts // ATTN_WARPS), bh),
+        part_acc = cp.empty((bh, max(plan.nblocks, 1), group, vqd), cp.float32)
+        if plan.nparts:
+            plan.split(
+                (plan.nblocks, bh),
                 (32 * ATTN_WARPS,),
                 (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc,
-                 np.int32(n), np.int32(per_warp), np.int32(nparts)),
-                shared_mem=smem,
+                 np.int32(n), np.int32(plan.per_warp), np.int32(plan.nparts)),
+                shared_mem=plan.split_smem,
             )
         out = cp.empty((*lead, h_q, d), cp.float32)
-        rsmem = 4 * (nparts + vqd + 3 * d + 64 + REDUCE_THREADS // 32 * vqd)
-        reduce = mod.get_function("tq_attn_reduce")
-        if rsmem > 48 * 1024:
-            reduce.max_dynamic_shared_size_bytes = rsmem
-        reduce(
+        plan.reduce(
             (rows,),
             (REDUCE_THREADS,),
-            (part_m, part_l, part_acc, np.int32(nparts), q32,
+            (part_m, part_l, part_acc, np.int32(plan.nblocks), q32,
              ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
              np.float32(scale), vtab, vch if vch is not None else _NULL, out),
-            shared_mem=rsmem,
+            shared_mem=plan.reduce_smem,
         )
         return out

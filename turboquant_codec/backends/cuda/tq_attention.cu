@@ -9,8 +9,9 @@
 //                   cp.async ring, computes scores with m16n8k16 tensor-core products (tokens x
 //                   dims against dims x query heads: all GQ query heads of the group share each
 //                   K read), keeps an online softmax per head, and accumulates V in the rotated
-//                   domain with a second product (dims x tokens against tokens x heads).
-//                   Writes per-warp partials: max m, sum l (log2 domain) and acc (G, V fdims).
+//                   domain with a second product (dims x tokens against tokens x heads). The
+//                   block's warps then merge their softmax states in shared memory and write one
+//                   partial per block: max m, sum l (log2 domain) and acc (G, V fdims).
 //   tq_attn_reduce  grid (B*h_q), block 256: merges the P partials, adds the uncompressed tail
 //                   tokens to the same softmax, applies S^T to the QJL accumulators (prod values),
 //                   un-rotates once per query, scatters through the value channels.
@@ -27,12 +28,12 @@
 // 32*e + L, so lookups never conflict on banks): entry e0 | e1 << bits holds the float16 values of
 // codes e0 (bits 0-15) and e1 (bits 16-31), one lookup per mma register; the index arrives
 // pre-shifted to the entry stride (bits_scaled), so a lookup is shift, mask|lane, load. Code tables
-// hold s * centroid with s in [1, 2) chosen on the host to minimise float16 rounding (1/s joins the
-// per-token norm). Precision: scores run as c_hi*q_hi + c_hi*q_lo + c_lo*q_hi (K tables carry
-// the float16 remainders c_lo: with peaked softmaxes a 1e-4 relative score error moves outputs
-// by ~1e-3), values as c_hi*P_hi + c_hi*P_lo (P' = p * norm split in float16 hi + lo; the table's
-// own ~1e-4 relative error reaches outputs only as a relative error of the same size). K and V share
-// the hi tables when their codebooks coincide (KV_SAME_LUT).
+// hold s * centroid with s = sqrt(g) / 2^k in [1, 2): codec centroids are float16 values over
+// sqrt(g) (codebooks.codec_codebook), so every table value is exact in float16 and 1/s joins the
+// per-token norm. Precision: scores run as c*q_hi + c*q_lo, values as c*P_hi + c*P_lo (query and
+// P' = p * norm split into float16 hi + lo): float32-level products with one lookup per register
+// (with peaked softmaxes a 1e-4 relative score error would move outputs by ~1e-3). K and V share
+// one table when their codebooks coincide (KV_SAME_LUT).
 #include "tq_common.cuh"
 
 TQ_CODEC(KC, K)
@@ -125,16 +126,14 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                   float* __restrict__ part_acc, int n, int tiles_per_warp, int nparts) {
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
-  // Tables: K hi pairs, K lo pairs (same layout, KLO words further, so a lookup of both halves
-  // shares one address register), then V hi pairs unless V shares K's. Lane L's copy of entry e
-  // is word 32e + L.
-  constexpr int KLO = 32 * KC::lutn();
+  // Tables: K pairs, then V pairs unless V shares K's. Lane L's copy of entry e is word 32e + L.
+  // After the main loop the whole buffer is reused for the block's merge (merge_bytes).
   u32* klut = reinterpret_cast<u32*>(smem);
 #if KV_SAME_LUT
   u32* vlut = klut;
-  u8* ring_all = reinterpret_cast<u8*>(klut + 2 * KLO);
+  u8* ring_all = reinterpret_cast<u8*>(klut + 32 * KC::lutn());
 #else
-  u32* vlut = klut + 2 * KLO;
+  u32* vlut = klut + 32 * KC::lutn();
   u8* ring_all = reinterpret_cast<u8*>(vlut + 32 * VC::lutn());
 #endif
 
@@ -144,25 +143,21 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   // Warp w fills entries w, w + NWARPS, ...: one broadcast load per entry and warp, unrolled so
   // that the loads of several entries are in flight at once (the tables come from L2).
 #pragma unroll 4
-  for (int e = warp; e < KC::lutn(); e += NWARPS) {
-    const uint2 v = reinterpret_cast<const uint2*>(klutv)[e];
-    klut[32 * e + lane] = v.x;
-    klut[KLO + 32 * e + lane] = v.y;
-  }
+  for (int e = warp; e < KC::lutn(); e += NWARPS) klut[32 * e + lane] = klutv[e];
 #if !KV_SAME_LUT
 #pragma unroll 4
-  for (int e = warp; e < VC::lutn(); e += NWARPS) vlut[32 * e + lane] = vlutv[2 * e];
+  for (int e = warp; e < VC::lutn(); e += NWARPS) vlut[32 * e + lane] = vlutv[e];
 #else
   (void)vlutv;
 #endif
   __syncthreads();
 
   const int bh = blockIdx.y;
+  // Warps past the last partial run no tiles but still join the block's merge.
   const int p = blockIdx.x * NWARPS + warp;
-  if (p >= nparts) return;
   const int ntiles = (n + TILE - 1) / TILE;
   const int tile0 = p * tiles_per_warp;
-  const int my_tiles = max(0, min(tiles_per_warp, ntiles - tile0));
+  const int my_tiles = p < nparts ? max(0, min(tiles_per_warp, ntiles - tile0)) : 0;
   u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
 
   // Query fragments for every K field and k-step, in registers for the whole run: (hi, lo) B
@@ -283,7 +278,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       u32 w0[NWD], w1[NWD];
       load_stream<NWD>(kt + gid * K_R, KC::fbitoff(f) + t * SEGB, w0);
       load_stream<NWD>(kt + (gid + 8) * K_R, KC::fbitoff(f) + t * SEGB, w1);
-      // Four independent accumulators per n-tile (k-step parity x query hi/lo): no serial mma chain.
+      // Independent accumulators per n-tile (k-step parity x query hi/lo): no serial mma chain.
       float c[4][NT][4];
 #pragma unroll
       for (int a = 0; a < 4; ++a)
@@ -293,9 +288,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
           for (int k = 0; k < 4; ++k) c[a][nt][k] = 0.f;
       static_for<0, G / 16>([&](auto ji) {
         constexpr int j = decltype(ji)::value;
-        // One pair-table lookup per register (hi and lo halves): codes 4j,4j+1 (and 4j+2,4j+3)
-        // are adjacent bits. Products c_hi q_hi + c_hi q_lo + c_lo q_hi (+ c_lo q_lo with PACK):
-        // float32-level scores.
+        // One pair-table lookup per register: codes 4j,4j+1 (and 4j+2,4j+3) are adjacent bits.
+        // Products c q_hi + c q_lo (one mma with PACK): float32-level scores.
         const u32 o0 = bits_scaled<(4 * j) * B, 2 * B, 7>(w0) | lane4;
         const u32 o1 = bits_scaled<(4 * j) * B, 2 * B, 7>(w1) | lane4;
         const u32 o2 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w0) | lane4;
@@ -306,14 +300,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
           mma16816(c[(j & 1) * 2][nt], h0, h1, h2, h3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
           if constexpr (!PACK)
             mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
-        }
-        // QJL sign values (+-1) are exact in float16: their lo halves are zero.
-        if constexpr (!KC::fsign(f)) {
-          const u32* lo = lut + KLO;
-          const u32 l0 = lds_at(lo, o0), l1 = lds_at(lo, o1), l2 = lds_at(lo, o2), l3 = lds_at(lo, o3);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-            mma16816(c[(j & 1) * 2 + 1][nt], l0, l1, l2, l3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
         }
       });
       const float sc0 = rec_half(kt + gid * K_R, KC::fscale(f)) * KC::pfactor(f);
@@ -439,42 +425,72 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
       for (int k = 0; k < 4; ++k) acc[i][0][k] += __shfl_xor_sync(0xffffffffu, acc[i][0][k], 2);
   }
 
-  // ---- partials: rows (bh, p, head); acc element (m-tile i of field f, row gid[+8]) is value dim
-  //      foff(f) + gid*G/8 + 2*(i - M0) [+1]
+  // ---- merge the block's warps, one n-tile (up to 8 heads) per round: each warp stores its state
+  //      (m, l, acc per head) over the tables and ring, now unused, then the block writes one
+  //      partial per head, rows (bh, blockIdx.x, head). acc element (m-tile i of field f, row
+  //      gid[+8]) is value dim foff(f) + gid*G/8 + 2*(i - M0) [+1].
+  // Rows of WS floats hold dim at dim + dim/16 and WS = 4 (mod 16): the lanes' stores (dims
+  // gid*G/8 + 2i of heads 2t + e) and the merge's loads spread over the banks.
+  constexpr int HR = GQ < 8 ? GQ : 8;  // heads per round
+  constexpr int WS = VQD + VQD / 16 + (20 - (VQD + VQD / 16) % 16) % 16;
+  float* wm = reinterpret_cast<float*>(smem);  // [NWARPS][HR]
+  float* wl = wm + NWARPS * HR;                 // [NWARPS][HR]
+  float* wacc = wl + NWARPS * HR;               // [NWARPS][HR][WS]
+  const u64 prow0 = (static_cast<u64>(bh) * gridDim.x + blockIdx.x) * GQ;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt) {
+    __syncthreads();  // the tables and ring (or the previous round's states) are no longer read
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       float l = l_run[nt][e];
       l += __shfl_xor_sync(0xffffffffu, l, 4);
       l += __shfl_xor_sync(0xffffffffu, l, 8);
       l += __shfl_xor_sync(0xffffffffu, l, 16);
-      const int h = nt * 8 + 2 * t + e;
-      if (h < GQ) {
-        const u64 prow = (static_cast<u64>(bh) * nparts + p) * GQ + h;
+      const int hr = 2 * t + e;
+      if (nt * 8 + hr < GQ) {
         if (gid == 0) {
-          part_m[prow] = m_run[nt][e];
-          part_l[prow] = l;
+          wm[warp * HR + hr] = m_run[nt][e];
+          wl[warp * HR + hr] = l;
         }
-        float* dst = part_acc + prow * VQD;
+        float* dst = wacc + (warp * HR + hr) * WS;
         static_for<0, VNF>([&](auto fi) {
           constexpr int f = decltype(fi)::value, G = VC::fdim(f), M0 = VC::foff(f) / 16;
 #pragma unroll
           for (int i = 0; i < G / 16; ++i) {
             const int dim = VC::foff(f) + gid * (G / 8) + 2 * i;
-            dst[dim] = acc[M0 + i][nt][e];
-            dst[dim + 1] = acc[M0 + i][nt][2 + e];
+            dst[dim + dim / 16] = acc[M0 + i][nt][e];
+            dst[dim + 1 + dim / 16] = acc[M0 + i][nt][2 + e];  // dim even: same 16-dim run
           }
         });
       }
     }
+    __syncthreads();
+    const int heads = min(HR, GQ - nt * 8);
+    for (int i = threadIdx.x; i < heads * (VQD + 1); i += NWARPS * 32) {
+      const int hr = i % heads, dim = i / heads - 1;  // dim -1: the row's m and l
+      float mx = -TQ_INF;
+#pragma unroll
+      for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, wm[w * HR + hr]);
+      const float ms = mx == -TQ_INF ? 0.f : mx;
+      float a = 0.f;
+#pragma unroll
+      for (int w = 0; w < NWARPS; ++w)
+        a = fmaf(exp2f(wm[w * HR + hr] - ms), dim < 0 ? wl[w * HR + hr] : wacc[(w * HR + hr) * WS + dim + dim / 16], a);
+      const u64 prow = prow0 + nt * 8 + hr;
+      if (dim < 0) {
+        part_m[prow] = mx;
+        part_l[prow] = a;
+      } else {
+        part_acc[prow * VQD + dim] = a;
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------ reduce
 // Dynamic shared memory: w[nparts] | y[VQD] | z[D] | tail acc[D] | q[D] | logits[32] | red[32] |
-// per-warp partial sums yw[nwarps][VQD]. Partials are merged in parallel (threads over parts for
-// the max and the weights, warps over parts for the accumulators): at B=1, T=128k a stream has
-// hundreds of partials, and a serial loop over them cost as much as the split kernel's tail.
+// per-warp partial sums yw[nwarps][VQD]. Partials (one per split block) are merged in parallel
+// (threads over parts for the max and the weights, warps over parts for the accumulators).
 extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                           const float* __restrict__ part_acc, int nparts,
                                           const float* __restrict__ q32, const void* __restrict__ k_tail,
@@ -563,28 +579,19 @@ extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, cons
   }
 
   // Rotated domain -> record channel order: z_g = y_code + S^T y_sign, x_g = rotation^T z_g.
-  static_for<0, VC::NG>([&](auto gi) {
+  for_group_rows<VC>([&](auto gi, int i) {
     constexpr int g = decltype(gi)::value, G = VC::gdim(g), fc = g * (1 + VC::QJL);
-    for (int i = threadIdx.x; i < G; i += blockDim.x) {
-      float a = y[VC::foff(fc) + i];
-      if constexpr (VC::QJL) {
-        const float* S = vtab + VC::gproj(g);
-        for (int j = 0; j < G; ++j) a = fmaf(S[j * G + i], y[VC::foff(fc + 1) + j], a);
-      }
-      z[VC::gstart(g) + i] = a;
-    }
+    float a = y[VC::foff(fc) + i];
+    if constexpr (VC::QJL) a += dot_column<G>(vtab + VC::gproj(g), y + VC::foff(fc + 1), i);
+    z[VC::gstart(g) + i] = a;
   });
   __syncthreads();
   const float invL = 1.f / L;
-  static_for<0, VC::NG>([&](auto gi) {
+  for_group_rows<VC>([&](auto gi, int i) {
     constexpr int g = decltype(gi)::value, G = VC::gdim(g);
-    const float* Rm = vtab + VC::grot(g);
-    for (int i = threadIdx.x; i < G; i += blockDim.x) {
-      float a = 0.f;
-      for (int j = 0; j < G; ++j) a = fmaf(Rm[j * G + i], z[VC::gstart(g) + j], a);
-      const int pos = VC::gstart(g) + i;
-      const int ch = vch ? vch[static_cast<u64>(bh) * D + pos] : pos;
-      out[static_cast<u64>(row) * D + ch] = (a + ta[ch]) * invL;
-    }
+    const float a = dot_column<G>(vtab + VC::grot(g), z + VC::gstart(g), i);
+    const int pos = VC::gstart(g) + i;
+    const int ch = vch ? vch[static_cast<u64>(bh) * D + pos] : pos;
+    out[static_cast<u64>(row) * D + ch] = (a + ta[ch]) * invL;
   });
 }

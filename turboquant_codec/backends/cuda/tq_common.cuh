@@ -238,31 +238,43 @@ __device__ __forceinline__ void cp_async_wait() {
     TQ_HD int lutn() { return flut(nf()); }                                                     \
   };
 
+// Calls f(Int<g>, i) for every row i of every channel group g, the rows of all groups spread over
+// the block's threads at once (position gstart(g) + i goes to thread position % blockDim.x).
+template <class Cd, class F>
+__device__ __forceinline__ void for_group_rows(F f) {
+  for (int p = threadIdx.x; p < Cd::D; p += blockDim.x)
+    static_for<0, Cd::NG>([&](auto gi) {
+      constexpr int g = decltype(gi)::value;
+      if (p >= Cd::gstart(g) && p < Cd::gstart(g) + Cd::gdim(g)) f(gi, p - Cd::gstart(g));
+    });
+}
+
+// sum_j mt[j * G + i] * x[j]: row i of M x for a G x G matrix M stored transposed (consecutive
+// threads read consecutive words). Unrolled so that 32 loads of the L2-resident table are in
+// flight per thread: a rolled loop waits out the L2 latency once per term.
+template <int G>
+__device__ __forceinline__ float dot_column(const float* __restrict__ mt, const float* x, int i) {
+  float a = 0.f;
+#pragma unroll 32
+  for (int j = 0; j < G; ++j) a = fmaf(mt[j * G + i], x[j], a);
+  return a;
+}
+
 // Rotate (and for prod project) one vector already in record channel order:
 // out[foff(code field of g) + i] = sum_j rot[i][j] x[gstart(g) + j]  (rotation @ x_g), and
 // out[foff(sign field of g) + i] = sum_j proj[i][j] out_code[j]     (S @ rotated).
-// Transposed tables are read so that consecutive threads (consecutive i) load consecutive words.
 template <class Cd>
 __device__ void rotate_fields(const float* __restrict__ tab, const float* x, float* out) {
-  static_for<0, Cd::NG>([&](auto gi) {
-    constexpr int g = decltype(gi)::value;
-    constexpr int G = Cd::gdim(g);
-    constexpr int fc = g * (1 + Cd::QJL);
-    const float* rt = tab + Cd::grott(g);
-    for (int i = threadIdx.x; i < G; i += blockDim.x) {
-      float acc = 0.f;
-      for (int j = 0; j < G; ++j) acc = fmaf(rt[j * G + i], x[Cd::gstart(g) + j], acc);
-      out[Cd::foff(fc) + i] = acc;
-    }
-    if constexpr (Cd::QJL) {
-      __syncthreads();
-      const float* st = tab + Cd::gprojt(g);
-      for (int i = threadIdx.x; i < G; i += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < G; ++j) acc = fmaf(st[j * G + i], out[Cd::foff(fc) + j], acc);
-        out[Cd::foff(fc + 1) + i] = acc;
-      }
-    }
+  for_group_rows<Cd>([&](auto gi, int i) {
+    constexpr int g = decltype(gi)::value, G = Cd::gdim(g), fc = g * (1 + Cd::QJL);
+    out[Cd::foff(fc) + i] = dot_column<G>(tab + Cd::grott(g), x + Cd::gstart(g), i);
   });
+  if constexpr (Cd::QJL) {
+    __syncthreads();
+    for_group_rows<Cd>([&](auto gi, int i) {
+      constexpr int g = decltype(gi)::value, G = Cd::gdim(g), fc = g * (1 + Cd::QJL);
+      out[Cd::foff(fc + 1) + i] = dot_column<G>(tab + Cd::gprojt(g), out + Cd::foff(fc), i);
+    });
+  }
   __syncthreads();
 }
