@@ -58,10 +58,12 @@ TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
-# Tensor-core encode (tq_encode_tc): warps per block, 16-vector m-tiles per warp tile (None: 2, or 1
-# for float32 input, whose hi/lo split doubles the fragments), rotation scale exponent (TC_RS_EXP).
+# Tensor-core encode (tq_encode_tc): warps per block and 16-vector m-tiles per warp tile. One m-tile
+# halves a warp's staging buffers, so ~20 warps fit an SM instead of 8: at 3.5 bits on an H100 that
+# ran 0.68 instead of 0.78 ms for 2M vectors (latency, not issue, bounds the kernel). Rotation scale
+# exponent: TC_RS_EXP.
 ENC_TC_WARPS = 4
-ENC_TC_MT: int | None = None
+ENC_TC_MT = 1
 TC_RS_EXP = 8
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
@@ -292,7 +294,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     """
     if kind == "codec":
         return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}"]
+                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={ENC_TC_MT}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -348,10 +350,6 @@ def tc_encode_ok(cfg: CodecConfig) -> bool:
     return cfg.mode == "mse" and all(g.dim in (32, 64, 128) for g in cfg.groups)
 
 
-def _tc_mt(dtype: str) -> int:
-    return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
-
-
 def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(i, pos) index maps of the tensor-core encode fragments, each (dim/8, dim/16, 32 lanes, 2
     registers, 2 halves): mma B element [k][n] of n-tile nt and k-step ks is rotation[i][pos], with
@@ -403,23 +401,32 @@ def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
 def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
     """Dynamic shared memory of tq_encode_tc (mirrors TC_XBYTES and the record buffers)."""
     es = 4 if dtype == "float32" else 2
-    nv = 16 * _tc_mt(dtype)
+    nv = 16 * ENC_TC_MT
     return ENC_TC_WARPS * (2 * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
 
 
 @functools.cache
 def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
     """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
-    cp = _cupy()
     fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
     smem = _tc_smem(cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-    try:
-        per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 32 * ENC_TC_WARPS, smem)
-    except Exception:
-        per_sm = 1
-    return max(1, int(per_sm)) * _sm_count(device)
+    return _resident_blocks(fn, 32 * ENC_TC_WARPS, smem, device) * _sm_count(device)
+
+
+def _resident_blocks(fn: Any, threads: int, smem: int, device: int) -> int:
+    """Blocks of ``fn`` one SM holds at once: the tightest of its register, shared-memory and
+    thread limits (CuPy exposes no occupancy query; the driver reserves 1 KB per block)."""
+    attrs = _cupy().cuda.Device(device).attributes
+    warps = -(-threads // 32)
+    regs_per_warp = -(-int(fn.num_regs) * 32 // 256) * 256  # allocated per warp in units of 256
+    limits = (
+        attrs["MaxRegistersPerMultiprocessor"] // (regs_per_warp * warps),
+        attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + int(fn.shared_size_bytes) + 1024),
+        attrs["MaxThreadsPerMultiProcessor"] // threads,
+    )
+    return max(1, min(limits))
 
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
@@ -432,7 +439,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     blocks = _tc_blocks(device, cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = streams * -(-n // (16 * _tc_mt(dtype)))
+    tiles = streams * -(-n // (16 * ENC_TC_MT))
     grid = max(1, min(blocks, -(-tiles // ENC_TC_WARPS)))
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()
