@@ -33,6 +33,18 @@ def test_non_finite_query(x: np.ndarray) -> None:
         tq.scores(q, enc)
 
 
+def test_attention_checks_the_query_unless_told_not_to(x: np.ndarray) -> None:
+    enc = tq.encode(x)  # 2 KV heads of 10 tokens
+    q = x[:, 0].copy()  # one query head per KV head
+    q[0, 5] = np.inf
+    with pytest.raises(ValueError, match="q holds 1 NaN/Inf"):
+        tq.attention(q, enc, enc, scale=0.125)
+    out = tq.attention(q, enc, enc, scale=0.125, check_finite=False)
+    # The unchecked query reaches the softmax: its row is non-finite, the clean row is untouched.
+    assert not np.isfinite(out[0]).all()
+    np.testing.assert_allclose(out[1], tq.attention(q[1:], *(tq.encode(x[1:]),) * 2, scale=0.125)[0])
+
+
 @pytest.mark.parametrize(
     ("shape", "dtype", "message"),
     [

@@ -150,6 +150,7 @@ def attention(
     k_tail: Any = None,
     v_tail: Any = None,
     backend: str = "auto",
+    check_finite: bool = True,
 ) -> Any:
     """Decode attention over compressed keys/values plus optional uncompressed tail tokens.
 
@@ -167,6 +168,9 @@ def attention(
         Uncompressed most recent tokens; both or neither.
     backend : str
         See ``encode``.
+    check_finite : bool
+        Reject a query holding NaN/Inf (a synchronisation on GPU: pass False in a decode loop or
+        under CUDA-graph capture, where a non-finite query then gives non-finite outputs).
 
     Returns
     -------
@@ -196,7 +200,8 @@ def attention(
             raise ValueError(f"k_tail has shape {tuple(k_tail.shape)} but v_tail has {tuple(v_tail.shape)}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    _validate.finite(q, "q")
+    if check_finite:
+        _validate.finite(q, "q")
     module = _backend(
         "attention", backend, k_enc.records, (k_enc.config, v_enc.config), _interop.dtype_name(q)
     )

@@ -298,8 +298,10 @@ def _attention_op(
     k_enc = _encoded(k_records, _channels_in(k_channels, k_cfg), k_cfg)
     v_enc = _encoded(v_records, _channels_in(v_channels, v_cfg), v_cfg)
     if q.is_cuda:
+        # No finiteness check on the GPU: it would synchronise (and break CUDA-graph capture); a
+        # non-finite query gives non-finite outputs, as with SDPA.
         out = tq.attention(_gpu(q), k_enc, v_enc, scale=scale, k_tail=_gpu(k_tail), v_tail=_gpu(v_tail),
-                           backend="auto")
+                           backend="auto", check_finite=False)
     else:
         tails = [None if t is None else _host(t) for t in (k_tail, v_tail)]
         out = tq.attention(_host(q), k_enc, v_enc, scale=scale, k_tail=tails[0], v_tail=tails[1],

@@ -58,12 +58,13 @@ TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
-# Tensor-core encode (tq_encode_tc): warps per block and 16-vector m-tiles per warp tile. One m-tile
-# halves a warp's staging buffers, so ~20 warps fit an SM instead of 8: at 3.5 bits on an H100 that
-# ran 0.68 instead of 0.78 ms for 2M vectors (latency, not issue, bounds the kernel). Rotation scale
-# exponent: TC_RS_EXP.
+# Tensor-core encode (tq_encode_tc): warps per block and 16-vector m-tiles per warp tile (None: 2, or
+# 1 for float32 input, whose hi/lo split doubles the fragments). Measured on an H100 (2M bf16 vectors
+# d=128, 3.5 bits): 4 x 2 (2 blocks, 8 warps per SM) 0.63 ms, as fast as 8 x 1 (16 warps) and faster
+# than 4 x 1 (20 warps, 0.72 ms), whose staging buffers leave L1 too little room for the rotation
+# fragments. Rotation scale exponent: TC_RS_EXP.
 ENC_TC_WARPS = 4
-ENC_TC_MT = 1
+ENC_TC_MT: int | None = None
 TC_RS_EXP = 8
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
@@ -294,7 +295,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     """
     if kind == "codec":
         return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={ENC_TC_MT}"]
+                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -401,8 +402,12 @@ def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
 def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
     """Dynamic shared memory of tq_encode_tc (mirrors TC_XBYTES and the record buffers)."""
     es = 4 if dtype == "float32" else 2
-    nv = 16 * ENC_TC_MT
+    nv = 16 * _tc_mt(dtype)
     return ENC_TC_WARPS * (2 * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
+
+
+def _tc_mt(dtype: str) -> int:
+    return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
 
 
 @functools.cache
@@ -439,7 +444,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     blocks = _tc_blocks(device, cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-    tiles = streams * -(-n // (16 * ENC_TC_MT))
+    tiles = streams * -(-n // (16 * _tc_mt(dtype)))
     grid = max(1, min(blocks, -(-tiles // ENC_TC_WARPS)))
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()

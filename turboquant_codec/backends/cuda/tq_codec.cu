@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // (symmetric) boundaries with |y|, then folded by the sign of y. Records are assembled in a per-warp
 // shared buffer and written out as 32-bit words. Configurations it covers: tc_encode_ok (host).
 #ifndef ENC_MT
-#define ENC_MT 1
+#define ENC_MT 2
 #endif
 #ifndef ENC_WARPS
 #define ENC_WARPS 4
