@@ -5,7 +5,10 @@ same bytes as each encode/decode (bytes read + bytes written), and bf16
 ``torch.nn.functional.scaled_dot_product_attention`` decode at B=8, T=32768, 32 query / 8 KV heads,
 d=128. Timing: ``triton.testing.do_bench`` medians after warm-up, on random data.
 
-Usage: ``python benchmarks/bench_numba_cuda.py [--out results.md]``; prints the table last.
+Usage: ``python benchmarks/bench_numba_cuda.py [--out results.md] [--attention-only]``; prints the
+table last. ``--attention-only`` (~2 minutes with Numba JIT) skips encode/decode and times every
+attention kernel variant of ``VARIANTS`` at 3.5 and 4 bits, each checked against the float64 NumPy
+reference first, with SDPA measured in the same run.
 """
 
 from __future__ import annotations
@@ -67,23 +70,24 @@ def check_codec(cfg: CodecConfig) -> str:
     return f"codes differ {mismatch:.2e}, decode max rel err {err:.1e}"
 
 
-def check_attention() -> str:
+def check_attention(bits: float = 3.5) -> float:
+    """Max relative error of the current attention kernel against the float64 NumPy reference."""
     rng = np.random.default_rng(0)
     k = rng.standard_normal((1, H_KV, 2048, D)).astype(np.float32)
     v = rng.standard_normal((1, H_KV, 2048, D)).astype(np.float32)
     q = rng.standard_normal((1, H_Q, D)).astype(np.float32)
-    k_enc, v_enc = tq.encode(k, bits=3.5, seed=1), tq.encode(v, bits=3.5, seed=2)
+    k_enc, v_enc = tq.encode(k, bits=bits, seed=1), tq.encode(v, bits=bits, seed=2)
     want = tq.attention(q, k_enc, v_enc, scale=D**-0.5, backend="numpy")
 
     def dev(e: tq.Encoded) -> tq.Encoded:
-        return tq.Encoded(torch.from_numpy(e.records).cuda(),
-                          torch.from_numpy(e.channels.astype(np.int32)).cuda(), e.config)
+        ch = None if e.channels is None else torch.from_numpy(e.channels.astype(np.int32)).cuda()
+        return tq.Encoded(torch.from_numpy(e.records).cuda(), ch, e.config)
 
     got = tq.attention(torch.from_numpy(q).cuda(), dev(k_enc), dev(v_enc), scale=D**-0.5,
                        backend="numba_cuda").cpu().numpy()
     err = float(np.abs(got - want).max() / np.abs(want).max())
-    assert err <= 1e-4, err
-    return f"attention max rel err {err:.1e}"
+    assert err <= 1e-4, (bits, err)
+    return err
 
 
 def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
@@ -102,7 +106,14 @@ def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
         print(rows[-1], flush=True)
 
 
+def _set_variant(variant: dict) -> None:
+    nc.ATTN_PREFETCH = variant["prefetch"]
+    nc.ATTN_MAX_REGISTERS = variant["max_registers"]
+    nc._fast_attention_kernel.cache_clear()
+
+
 def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
+    """Every variant of ``VARIANTS``: reference check, registers, median time; SDPA in the same run."""
     kb = kv((B, H_KV, T, D), torch.bfloat16, 3)
     vb = kv((B, H_KV, T, D), torch.bfloat16, 4)
     q = kv((B, H_Q, D), torch.bfloat16, 5)
@@ -112,58 +123,61 @@ def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
                          e.config) for e in (k_enc, v_enc))
     qa = nc.asarray(q)
     scale = D**-0.5
-    variants = {}
-    for cap in (None,) if ATTN_CAPS is None else ATTN_CAPS:  # register cap: occupancy vs spills
-        nc.ATTN_MAX_REGISTERS = cap
-        nc._fast_attention_kernel.cache_clear()
-        nc.attention(qa, nk, nv, scale, None, None)  # compile, then read its registers
-        nc.attention(qa, nk, nv, scale, None, None)
-        kern, _ = nc._fast_attention_kernel(k_enc.config, v_enc.config, H_Q // H_KV)
-        regs = kern.get_regs_per_thread()
-        regs = max(regs.values()) if isinstance(regs, dict) else regs
-        variants[cap] = (median_ms(lambda: nc.attention(qa, nk, nv, scale, None, None)), regs)
-        print(f"attention {bits:g}b max_registers={cap}: {variants[cap][0]:.4f} ms, {regs} regs", flush=True)
-    best = min(variants, key=lambda c: variants[c][0])
-    nc.ATTN_MAX_REGISTERS = best
-    nc._fast_attention_kernel.cache_clear()
-    nc.attention(qa, nk, nv, scale, None, None)
-    ours = median_ms(lambda: nc.attention(qa, nk, nv, scale, None, None))
     q4 = q.view(B, H_Q, 1, D)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
         q4, kb, vb, scale=scale, enable_gqa=True))
-    # Sanity: our output against SDPA over the decoded K/V would need a decode; compare with SDPA on
-    # the originals instead (quantisation error only, a loose plausibility check).
+    read = 2 * B * H_KV * T * k_enc.config.record_bytes
+    for variant in VARIANTS:
+        _set_variant(variant)
+        err = check_attention(bits)  # compiles this variant, checks it against the float64 reference
+        nc.attention(qa, nk, nv, scale, None, None)
+        kern, warps = nc._fast_attention_kernel(k_enc.config, v_enc.config, H_Q // H_KV)
+        regs = kern.get_regs_per_thread()
+        regs = max(regs.values()) if isinstance(regs, dict) else regs
+        ours = median_ms(lambda: nc.attention(qa, nk, nv, scale, None, None))
+        name = f"prefetch={variant['prefetch']} max_registers={variant['max_registers']}"
+        rows.append((f"attention mse {bits:g}b B={B} T={T} {H_Q}/{H_KV} heads d={D} ({name})",
+                     f"{ours:.3f}", f"SDPA bf16 {sdpa:.3f}", f"{read / ours / 1e6:.0f} GB/s records",
+                     f"**{sdpa / ours:.2f}x SDPA** ({regs} regs, {warps} warps/block, ref err {err:.1e})"))
+        print(rows[-1], flush=True)
+    # Plausibility (not correctness): the default variant against SDPA on the uncompressed K/V.
+    _set_variant(VARIANTS[0])
     out = torch.as_tensor(_interop.like(nc.attention(qa, nk, nv, scale, None, None), q), device="cuda")
     ref = torch.nn.functional.scaled_dot_product_attention(q4, kb, vb, scale=scale, enable_gqa=True)
     cos = torch.nn.functional.cosine_similarity(out.float().reshape(-1, D), ref.float().reshape(-1, D)).min()
-    read = 2 * B * H_KV * T * k_enc.config.record_bytes
-    rows.append((f"attention mse {bits:g}b B={B} T={T} {H_Q}/{H_KV} heads d={D}", f"{ours:.3f}",
-                 f"SDPA bf16 {sdpa:.3f}", f"{read / ours / 1e6:.0f} GB/s records",
-                 f"{sdpa / ours:.2f}x SDPA (min cos {cos:.3f}; max_registers={best}, "
-                 f"{variants[best][1]} regs)"))
-    print(rows[-1], flush=True)
+    print(f"attention {bits:g}b: min cos vs SDPA on the raw K/V {cos:.3f}", flush=True)
 
 
-# Register caps of the warp attention kernel to try (None: only the compiler's choice).
-ATTN_CAPS: tuple[int | None, ...] | None = (128, None)
+# Warp attention variants timed against each other (the first is the module default). Registers
+# per thread set the resident warps per SM (65536 / (32 * regs), in blocks of 4 warps): the
+# compiler's choice is 95 (3.5b) / 72 (4b) without prefetch, ~128 with it; a cap of 72 spills
+# nothing (28 warps per SM), 64 spills a little at 3.5 bits (32 warps per SM).
+VARIANTS: list[dict] = [
+    {"prefetch": False, "max_registers": None},
+    {"prefetch": True, "max_registers": None},
+    {"prefetch": False, "max_registers": 72},
+    {"prefetch": False, "max_registers": 64},
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench_numba_cuda.md")
     parser.add_argument("--attention-only", action="store_true", help="skip encode/decode (short runs)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated indices into VARIANTS to time (default: all; 0 = default)")
     args = parser.parse_args()
-    global ATTN_CAPS
-    if args.attention_only:
-        ATTN_CAPS = None
+    global VARIANTS
+    if args.variants is not None:
+        VARIANTS = [VARIANTS[int(i)] for i in args.variants.split(",")]
     print(nc.availability(), torch.cuda.get_device_name())
     codecs = () if args.attention_only else ((3.5, "mse"), (4.0, "mse"), (3.5, "prod"))
     checks = [check_codec(CodecConfig(D, b, m, 7)) for b, m in codecs]
-    checks.append(check_attention())
+    checks.append(f"attention max rel err {check_attention():.1e}")
     rows: list[tuple[str, ...]] = []
     for bits, mode in codecs:
         bench_codec(CodecConfig(D, bits, mode, 7), rows)
-    for bits in (3.5,) if args.attention_only else (3.5, 4.0):
+    for bits in (3.5, 4.0):
         bench_attention(bits, rows)
     head = ("op", "median ms", "baseline ms", "throughput", "ratio")
     lines = [f"card: {torch.cuda.get_device_name()}", "", "checks: " + "; ".join(checks), "",

@@ -56,14 +56,15 @@ SCRIPT = textwrap.dedent(
         ptx, _ = cuda.compile_ptx(getattr(nc, name).py_func, sig, cc=(9, 0))
         assert ".target sm_90" in ptx, name
         print("ok", name, len(ptx))
-    # The warp attention kernels are built per (K config, V config, GQA group): compile a spread.
+    # The warp attention kernels are built per (K config, V config, GQA group): compile a spread
+    # that covers split and single groups, QJL signs on either side and 1, 4 and 8 heads. Each one
+    # is fully unrolled code that costs NVVM ~2 CPU minutes, hence three, not every pairing.
     from turboquant_codec.config import CodecConfig as C
     u32_1 = T.uint32[::1]
     warp_sig = (f32_2, u32_1, u32_1, i, i, i, f32, f32_2, f32_2, f32_2, f32_2, f32_3)
     built = 0
-    for kc, vc, heads in [(C(128, 3.5), C(128, 3.5), 4), (C(128, 4), C(128, 4), 8),
-                          (C(64, 3, "prod"), C(64, 2.5), 1), (C(128, 3.5, "prod"), C(128, 3.5, "prod"), 4),
-                          (C(256, 2.5), C(256, 4), 2), (C(32, 2), C(32, 3.5, "prod"), 2)]:
+    for kc, vc, heads in [(C(128, 3.5), C(128, 3.5), 4), (C(64, 3, "prod"), C(64, 2.5), 1),
+                          (C(32, 2), C(32, 3.5, "prod"), 8)]:
         kern, _ = nc._fast_attention_kernel(kc, vc, heads)
         ptx, _ = cuda.compile_ptx(kern.py_func, warp_sig, cc=(9, 0))
         assert ".target sm_90" in ptx and ".f64" not in ptx and ".local" not in ptx, (kc, vc, heads)
@@ -82,4 +83,4 @@ def test_every_kernel_compiles_to_sm90_ptx() -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "compiled 16 warp 6" in proc.stdout, proc.stdout
+    assert "compiled 16 warp 3" in proc.stdout, proc.stdout

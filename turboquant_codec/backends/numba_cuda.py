@@ -48,7 +48,7 @@ from ..transforms import tables as host_tables
 
 try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
     from numba import config as _nb_config
-    from numba import cuda, float32, int32, int64, uint32
+    from numba import cuda, float32, int32, int64, uint32, uint64
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the installed numpy/numba pair
@@ -66,6 +66,8 @@ MAX_CENTROIDS = 16
 SMEM_LIMIT = 48 * 1024
 # Attention blocks wanted per KV stream batch: a few per SM of an H100 (132 SMs) hides latency.
 TARGET_BLOCKS = 4 * 132
+# 2**-25: the float16 exponent bias plus 10 fraction bits (``_half_at``).
+POW2_M25 = np.float32(2.0**-25)
 # Initial running max of the online softmax.
 NEG_INF = -math.inf
 # Key tiles of attention: one warp-width of keys per step when shared memory allows.
@@ -76,6 +78,9 @@ TILE = 32
 WARPS_PER_SM = 32
 # Register cap of the warp attention kernel (None: the compiler's choice); the benchmark tries both.
 ATTN_MAX_REGISTERS: int | None = None
+# Warp attention: load the next key tile's record words into registers while working on this one
+# (hides global latency, costs ~KWORDS+VWORDS registers); the benchmark times both.
+ATTN_PREFETCH = False
 
 
 def _simulated() -> bool:
@@ -609,34 +614,105 @@ if _IMPORT_ERROR is None:
                 v += cuda.shfl_xor_sync(0xFFFFFFFF, v, 16 >> s)
             return v
 
+    # Array indices below are wrapped in uint64(): Numba adds a negative-index wraparound test to
+    # every signed index, and those selects keep LLVM from merging 4 heads' loads into one
+    # ld.shared.v4 and from folding constant offsets into the load's immediate.
     @cuda.jit(device=True, inline="always")
     def _window(words, at, shift):  # pragma: no cover
         """32 bits of the LSB-first stream starting ``shift`` (< 32) bits into word ``at``."""
-        w = int64(words[at]) | (int64(words[at + 1]) << 32)
+        w = int64(words[uint64(at)]) | (int64(words[uint64(at + 1)]) << 32)
         return w >> shift
 
     @cuda.jit(device=True, inline="always")
     def _half_at(words, base, slot):  # pragma: no cover
         """float32 value of the ``slot``-th float16 of a staged record (norms lead the record)."""
-        w = int64(words[base + (slot >> 1)]) >> (16 * (slot & 1))
-        return _f16_value(w & 0xFF, (w >> 8) & 0xFF)
+        h = int32(words[uint64(base + (slot >> 1))] >> (16 * (slot & 1))) & 0xFFFF
+        e = (h >> 10) & 0x1F
+        mant = (h & 0x3FF) | (0x400 if e else 0)
+        # (mant) * 2**(max(e, 1) - 25): two exact float products, no ldexp (norms are finite)
+        return float32(mant) * (float32(int32(1) << max(e, 1)) * POW2_M25)
 
     @cuda.jit(device=True, inline="always")
-    def _key_part(ks, kb, qs, tab, part, nheads, tab0, bits, byte0, col0, count):  # pragma: no cover
-        """``part[h] = sum_i q_ext[h, col0 + i] * tab[tab0 + code_i]`` over ``count`` codes of
-        ``bits`` bits starting at byte ``byte0`` of the staged key record at word ``kb``; codes are
-        read 8 at a time (8 * bits <= 32 bits from one two-word window)."""
-        mask = (1 << bits) - 1
+    def _fill_table(tab, off, cent, gi, sign, tid):  # pragma: no cover
+        """Value table of one record part at ``tab[off:off+16]``: the 16 centroids of group ``gi``
+        or, with ``sign``, the QJL sign values -1, +1 (code 0, 1). 16 entries in 16 consecutive
+        banks: lanes looking up different codes never conflict (same code: broadcast)."""
+        if tid < 16:
+            if sign:
+                tab[off + tid] = float32(2 * tid - 1) if tid < 2 else float32(0.0)
+            else:
+                tab[off + tid] = cent[gi, tid]
+
+    # One key code, then explicit doublings up to 32 codes: LLVM will not fully unroll a 32-code
+    # loop, and only unrolled code turns every word index, shift and query offset into an immediate.
+    @cuda.jit(device=True, inline="always")
+    def _code1(ks, wb, qs, qb, tab, part, nheads, bits, o):  # pragma: no cover
+        """The code at bit ``o`` from word ``wb``: ``part[h] += qs[qb + h] * tab[code]``."""
+        x = tab[uint64(_window(ks, wb + (o >> 5), o & 31) & ((1 << bits) - 1))]
+        for h in range(nheads):
+            part[h] += qs[uint64(qb + h)] * x
+
+    def _doubled(codes: Any, n: int) -> Any:
+        """Device function running ``codes`` (``n`` consecutive codes) twice: ``2n`` codes."""
+
+        @cuda.jit(device=True, inline="always")
+        def twice(ks, wb, qs, qb, tab, part, nheads, bits, o):  # pragma: no cover
+            codes(ks, wb, qs, qb, tab, part, nheads, bits, o)
+            codes(ks, wb, qs, qb + n * nheads, tab, part, nheads, bits, o + n * bits)
+
+        return twice
+
+    _codes16 = _doubled(_doubled(_doubled(_doubled(_code1, 1), 2), 4), 8)
+    _codes32 = _doubled(_codes16, 16)
+
+    @cuda.jit(device=True, inline="always")
+    def _key_part(ks, kb, qs, tab, part, nheads, bits, bit0, col0, count, chunk):  # pragma: no cover
+        """``part[h] = sum_i q_ext[h, col0 + i] * tab[code_i]`` over ``count`` codes of ``bits`` bits
+        starting at bit ``bit0`` of the staged key record at word ``kb``. A chunk of ``chunk`` (32,
+        or 16 = all) codes spans whole words, so within it every word index and shift is a
+        compile-time constant."""
         for h in range(nheads):
             part[h] = float32(0.0)
-        for oc in range(count // 8):
-            o = byte0 + oc * bits
-            win = _window(ks, kb + (o >> 2), (o & 3) * 8)
-            cb = (col0 + oc * 8) * nheads
-            for k in range(8):
-                x = tab[tab0 + ((win >> (k * bits)) & mask)]
-                for h in range(nheads):
-                    part[h] += qs[cb + k * nheads + h] * x
+        for ci in range(count // chunk):
+            wb = kb + (bit0 >> 5) + ci * (chunk * bits // 32)
+            qb = (col0 + ci * chunk) * nheads
+            if chunk == 32:
+                _codes32(ks, wb, qs, qb, tab, part, nheads, bits, bit0 & 31)
+            else:
+                _codes16(ks, wb, qs, qb, tab, part, nheads, bits, bit0 & 31)
+
+    @cuda.jit(device=True, inline="always")
+    def _value_key(vs, at, vsh, ps, pb, vt, vflag, acc, ph, nheads, cpl, vb,
+                   vmask):  # pragma: no cover
+        """``acc[h*cpl + u] += w_h * vt[vflag | code_u]`` for this lane's ``cpl`` codes of one staged V
+        record (``vsh`` bits into word ``at``), weights ``w_h = ps[pb + h]``. ``vflag`` (0, 16, 32)
+        selects the part's table; OR instead of add lets shift, mask and table select fold into
+        one shift and one 3-input logic op."""
+        win = uint32(_window(vs, at, vsh) & 0xFFFFFFFF)  # 32-bit shifts below
+        for h in range(nheads):
+            ph[h] = ps[uint64(pb + h)]
+        for u in range(cpl):
+            x = vt[uint64(((win >> (u * vb)) & vmask) | vflag)]
+            for h in range(nheads):
+                acc[h * cpl + u] += ph[h] * x
+
+    @cuda.jit(device=True, inline="always")
+    def _load_words(dst, src, w0, nwords, valid, lane):  # pragma: no cover
+        """Words ``w0 + r*32 + lane`` of a tile's records into registers; 0 past ``valid`` words."""
+        for r in range(nwords):
+            idx = r * WARP + lane
+            dst[r] = src[uint64(w0 + idx)] if uint32(idx) < uint32(valid) else uint32(0)  # 32-bit test
+
+    @cuda.jit(device=True, inline="always")
+    def _store_words(dst, base, pitch, src, nwords, lane):  # pragma: no cover
+        """The registers of ``_load_words`` into the warp's staged tile: key ``j`` at ``j*pitch``."""
+        for r in range(nwords):
+            idx = r * WARP + lane
+            if pitch == nwords:  # records back to back (odd word count: still conflict-free)
+                dst[uint64(base + idx)] = src[r]
+            else:
+                j = idx // nwords
+                dst[uint64(base + j * pitch + idx - j * nwords)] = src[r]
 
 
 def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> dict[str, Any] | None:
@@ -646,7 +722,7 @@ def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> di
         return None
     kqjl, vqjl = kcfg.mode == "prod", vcfg.mode == "prod"
     wk, wv = (2 * d if kqjl else d), (2 * d if vqjl else d)
-    if wv % WARP:
+    if wv % WARP or kcfg.groups[0].dim % 16:  # key chunks of 32 or 16 codes
         return None
     cpl = wv // WARP
     vbits = max(g.code_bits for g in vcfg.groups)
@@ -659,21 +735,23 @@ def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> di
     def record(cfg: CodecConfig, qjl: bool) -> dict[str, Any]:
         gs = cfg.groups
         words = cfg.record_bytes // 4
-        pitch = words + 1 if (words + 1) % 2 else words + 2  # room for the window's 2nd word; odd
+        pitch = words if words % 2 else words + 1  # odd: lane j reading key j hits 32 banks
         return dict(ng=len(gs), g=gs[0].dim, bits=pad([g.code_bits for g in gs]),
                     co=pad([g.code_offset for g in gs]), so=pad([max(g.sign_offset, 0) for g in gs]),
                     npg=2 if qjl else 1, words=words, pitch=pitch, qjl=qjl,
-                    qs=np.float32(host_tables(cfg)[0].qjl_scale))
+                    qs=np.float32(host_tables(cfg)[0].qjl_scale),
+                    chunk=32 if gs[0].dim % 32 == 0 else 16)
 
     k, v = record(kcfg, kqjl), record(vcfg, vqjl)
     slots = len(vcfg.groups) * v["npg"]
     per_warp = 4 * (TILE * (k["pitch"] + v["pitch"] + slots * heads) + WARP)
-    fixed = 4 * (wk * heads + 2 * 34)
+    fixed = 4 * (wk * heads + 3 * 16 + 48 + 2)  # queries, K's and V's value tables, window slack
     choices = (1,) if _simulated() else (4, 2, 1)  # the simulator's warp stand-ins need 1 warp
     warps = next((w for w in choices if fixed + w * per_warp <= SMEM_LIMIT), 0)
     if not warps:
         return None
-    return dict(d=d, heads=heads, wk=wk, wv=wv, cpl=cpl, k=k, v=v, warps=warps)
+    return dict(d=d, heads=heads, wk=wk, wv=wv, cpl=cpl, k=k, v=v, warps=warps,
+                prefetch=ATTN_PREFETCH)
 
 
 @functools.lru_cache(maxsize=64)
@@ -689,16 +767,30 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
     """The warp-per-(stream, split) attention kernel, specialised to ``spec`` (all constants).
 
     Block (split block, stream) of ``WARPS`` warps; warp ``w`` owns split ``blockIdx.x*WARPS + w``.
-    Per 32-key tile: the warp stages K and V records into shared memory (the next tile's words are
-    already loaded into registers), lane ``j`` scores key ``j`` for every head of the GQA group
-    (centroid lookups times the block-shared rotated queries), the online softmax runs per head with
-    warp-shuffle reductions, then lane ``l`` accumulates V's extended rotated coordinates
-    ``l*CPL .. l*CPL+CPL-1`` for every head in registers. Writes the same partials as
+    Shared by the block: the rotated queries ``qs[c*G + h]`` (column-major over the GQA group, so
+    one ``ld.shared.v4`` reads 4 heads) and the 16-entry value tables (``_fill_table``). Per warp:
+    the staged tile of 32 K records and 32 V records (key ``j`` at word ``j*pitch``, odd pitch so
+    lane ``j`` reading key ``j`` hits 32 banks), and the V weights ``ps[(j*NSL + s)*G + h]``.
+
+    Per 32-key tile: the warp stages the K and V words (loaded at the tile's start, or with
+    ``prefetch`` one tile ahead into registers; keys past the split end are zero words, so every
+    loop runs a constant 32 keys), lane ``j`` scores key ``j`` for every head (``_key_part``: code
+    shifts and query offsets are immediates), the online softmax runs per head with warp-shuffle
+    reductions and leaves ``p * norm`` per key and V scale slot in ``ps``, then lane ``l``
+    accumulates V's extended rotated coordinates ``l*CPL .. l*CPL+CPL-1`` for every head in
+    registers (``_value_key``, 4 keys per loop step). Writes the same partials as
     ``_attention_kernel`` (running max, sum, accumulator), merged by ``_combine_rows_kernel``.
+
+    Why single-code tables (one 4-byte load per code) and not pair tables (one 8-byte load per two
+    codes, ~10% fewer instructions, tried): a 16-entry table sits in 16 banks, so a warp's lookups
+    are one shared-memory wavefront; a 256-entry pair table puts lanes with different codes in
+    the same bank (~3-way per half warp, ~6 wavefronts per load), and shared-memory wavefronts,
+    not issue slots, would then bound the kernel.
     """
     D, G, WK, WV, CPL, WARPS = (spec[s] for s in ("d", "heads", "wk", "wv", "cpl", "warps"))
+    PREFETCH = spec["prefetch"]
     K, V = spec["k"], spec["v"]
-    KNG, KG = K["ng"], K["g"]
+    KNG, KG, KCH = K["ng"], K["g"], K["chunk"]
     KB0, KB1, KCO0, KCO1, KSO0, KSO1 = (K["bits"][0], K["bits"][1], K["co"][0], K["co"][1],
                                         K["so"][0], K["so"][1])
     KNPG, KWORDS, KP, KQJL, KQS = K["npg"], K["words"], K["pitch"], K["qjl"], K["qs"]
@@ -707,12 +799,13 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
     QS = WK * G
     NACC = G * CPL
     NSL = VNG * VNPG  # V scale slots per key: per group |x_g| (and gamma_g * qjl_scale)
-    KS_N, VS_N = WARPS * TILE * KP, WARPS * TILE * VP  # shared array sizes must be plain constants
+    # Shared array sizes must be plain constants; +1 word: the last key's two-word window.
+    KS_N, VS_N = WARPS * TILE * KP + 1, WARPS * TILE * VP + 1
     PS_N, RED_N = WARPS * TILE * NSL * G, WARPS * WARP
+    NT = WARPS * WARP
     # 16-byte aligned query and weight rows let LLVM load 4 heads with one ld.shared.v4.
     ALIGN = None if _simulated() else 16
     NEG = np.float32(NEG_INF)
-    ONE = np.float32(1.0)
 
     options: dict[str, Any] = {}
     if ATTN_MAX_REGISTERS is not None:
@@ -722,8 +815,12 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
     def kernel(qext, krec, vrec, n, chunk, nsplit, scale, kcent, vcent,
                m_part, l_part, acc_part):  # pragma: no cover
         qs = cuda.shared.array(QS, float32, alignment=ALIGN)
-        kc = cuda.shared.array(34, float32)  # 2 groups x 16 centroids, then -1, +1 for QJL signs
-        vc = cuda.shared.array(34, float32)
+        # Value tables: K's per record part (so each part's lookups address from offset 0), V's
+        # in one array (group 0 at 0, group 1 at 16, QJL signs at 32: a lane's part by OR).
+        kt0 = cuda.shared.array(16, float32)
+        kt1 = cuda.shared.array(16, float32)
+        kts = cuda.shared.array(16, float32)
+        vt = cuda.shared.array(48, float32)
         ks = cuda.shared.array(KS_N, uint32)
         vs = cuda.shared.array(VS_N, uint32)
         ps = cuda.shared.array(PS_N, float32, alignment=ALIGN)
@@ -733,17 +830,19 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
         warp = tid >> 5
         stream = cuda.blockIdx.y
         qrow0 = stream * G
-        for idx in range(tid, QS, WARPS * WARP):
+        for idx in range(tid, QS, NT):
             c = idx // G
             qs[idx] = qext[qrow0 + idx - c * G, c]
-        if tid < 32:
-            kc[tid] = kcent[tid >> 4, tid & 15] if tid < 16 * KNG else float32(0.0)
-            vc[tid] = vcent[tid >> 4, tid & 15] if tid < 16 * VNG else float32(0.0)
-        if tid == 0:
-            kc[32] = -ONE
-            kc[33] = ONE
-            vc[32] = -ONE
-            vc[33] = ONE
+        _fill_table(kt0, 0, kcent, 0, False, tid)
+        _fill_table(vt, 0, vcent, 0, False, tid)
+        if KNG == 2:
+            _fill_table(kt1, 0, kcent, 1, False, tid)
+        if VNG == 2:
+            _fill_table(vt, 16, vcent, 1, False, tid)
+        if KQJL:
+            _fill_table(kts, 0, kcent, 0, True, tid)
+        if VQJL:
+            _fill_table(vt, 32, vcent, 0, True, tid)
         cuda.syncthreads()
         split = cuda.blockIdx.x * WARPS + warp
         if split >= nsplit:
@@ -761,13 +860,13 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
             vgi = c0 // VG
             vb = VBITS[vgi]
             vbit = VCO[vgi] * 8 + (c0 - vgi * VG) * vb
-            vtab = vgi * 16
+            vflag = 16 * vgi
             vslot = vgi * VNPG
         else:
             vgi = (c0 - D) // VG
             vb = 1
             vbit = VSO[vgi] * 8 + (c0 - D - vgi * VG)
-            vtab = 32
+            vflag = 32
             vslot = vgi * VNPG + 1
         vwi = vbit >> 5
         vsh = vbit & 31
@@ -776,50 +875,39 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
         m = cuda.local.array(G, float32)
         lsum = cuda.local.array(G, float32)
         corr = cuda.local.array(G, float32)
+        prob = cuda.local.array(G, float32)
         vsc = cuda.local.array(4, float32)
         sc = cuda.local.array(G, float32)
         part = cuda.local.array(G, float32)
         ph = cuda.local.array(G, float32)
         acc = cuda.local.array(NACC, float32)
-        kpre = cuda.local.array(KWORDS, uint32)
-        vpre = cuda.local.array(VWORDS, uint32)
+        kw = cuda.local.array(KWORDS, uint32)
+        vw = cuda.local.array(VWORDS, uint32)
         for h in range(G):
             m[h] = NEG
             lsum[h] = float32(0.0)
         for i in range(NACC):
             acc[i] = float32(0.0)
 
-        nk = min(TILE, stop - start)
         kw0 = (stream * n + start) * KWORDS
         vw0 = (stream * n + start) * VWORDS
-        for r in range(KWORDS):
-            idx = r * WARP + lane
-            kpre[r] = krec[kw0 + idx] if idx < nk * KWORDS else 0
-        for r in range(VWORDS):
-            idx = r * WARP + lane
-            vpre[r] = vrec[vw0 + idx] if idx < nk * VWORDS else 0
-
+        if PREFETCH:
+            nk = min(TILE, stop - start)
+            _load_words(kw, krec, kw0, KWORDS, nk * KWORDS, lane)
+            _load_words(vw, vrec, vw0, VWORDS, nk * VWORDS, lane)
         for j0 in range(start, stop, TILE):
             nk = min(TILE, stop - j0)
-            for r in range(KWORDS):
-                idx = r * WARP + lane
-                if idx < nk * KWORDS:
-                    j = idx // KWORDS
-                    ks[kso + j * KP + idx - j * KWORDS] = kpre[r]
-            for r in range(VWORDS):
-                idx = r * WARP + lane
-                if idx < nk * VWORDS:
-                    j = idx // VWORDS
-                    vs[vso + j * VP + idx - j * VWORDS] = vpre[r]
-            nxt = min(TILE, stop - j0 - TILE)  # keys of the next tile (<= 0: none)
+            if not PREFETCH:
+                _load_words(kw, krec, kw0, KWORDS, nk * KWORDS, lane)
+                _load_words(vw, vrec, vw0, VWORDS, nk * VWORDS, lane)
+            _store_words(ks, kso, KP, kw, KWORDS, lane)
+            _store_words(vs, vso, VP, vw, VWORDS, lane)
             kw0 += TILE * KWORDS
             vw0 += TILE * VWORDS
-            for r in range(KWORDS):
-                idx = r * WARP + lane
-                kpre[r] = krec[kw0 + idx] if idx < nxt * KWORDS else 0
-            for r in range(VWORDS):
-                idx = r * WARP + lane
-                vpre[r] = vrec[vw0 + idx] if idx < nxt * VWORDS else 0
+            if PREFETCH:  # the next tile's words travel while this tile is worked on
+                nxt = max(0, min(TILE, stop - j0 - TILE))
+                _load_words(kw, krec, kw0, KWORDS, nxt * KWORDS, lane)
+                _load_words(vw, vrec, vw0, VWORDS, nxt * VWORDS, lane)
             _syncwarp()
 
             # Scores: lane j <-> key j of the tile.
@@ -827,29 +915,28 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
             for s in range(NSL):  # V scales of this key: p * scale is what the V lanes need
                 val = _half_at(vs, vso + lane * VP, s)
                 vsc[s] = val * VQS if (VQJL and (s & 1)) else val
-            for h in range(G):
-                sc[h] = float32(0.0)
-            _key_part(ks, kb, qs, kc, part, G, 0, KB0, KCO0, 0, KG)
+            _key_part(ks, kb, qs, kt0, part, G, KB0, KCO0 * 8, 0, KG, KCH)
             nrm = _half_at(ks, kb, 0)
             for h in range(G):
-                sc[h] += part[h] * nrm
+                sc[h] = part[h] * nrm
             if KNG == 2:
-                _key_part(ks, kb, qs, kc, part, G, 16, KB1, KCO1, KG, KG)
+                _key_part(ks, kb, qs, kt1, part, G, KB1, KCO1 * 8, KG, KG, KCH)
                 nrm = _half_at(ks, kb, KNPG)
                 for h in range(G):
                     sc[h] += part[h] * nrm
             if KQJL:
-                _key_part(ks, kb, qs, kc, part, G, 32, 1, KSO0, D, KG)
+                _key_part(ks, kb, qs, kts, part, G, 1, KSO0 * 8, D, KG, KCH)
                 nrm = _half_at(ks, kb, 1) * KQS
                 for h in range(G):
                     sc[h] += part[h] * nrm
                 if KNG == 2:
-                    _key_part(ks, kb, qs, kc, part, G, 32, 1, KSO1, D + KG, KG)
+                    _key_part(ks, kb, qs, kts, part, G, 1, KSO1 * 8, D + KG, KG, KCH)
                     nrm = _half_at(ks, kb, 3) * KQS
                     for h in range(G):
                         sc[h] += part[h] * nrm
 
-            # Online softmax per head; the running max is warp-uniform.
+            # Online softmax per head; the running max is warp-uniform. Keys past the split end
+            # (zero words) get weight 0.
             for h in range(G):
                 logit = sc[h] * scale if lane < nk else NEG
                 mnew = max(m[h], _warp_max(logit, red, ro, lane))
@@ -858,23 +945,22 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
                 lsum[h] = lsum[h] * cr + p
                 m[h] = mnew
                 corr[h] = cr
-                for s in range(NSL):
-                    ps[pso + (lane * NSL + s) * G + h] = p * vsc[s]
+                prob[h] = p
+            for s in range(NSL):  # heads innermost: one 16-byte store per 4 heads
+                for h in range(G):
+                    ps[uint64(pso + (lane * NSL + s) * G + h)] = prob[h] * vsc[s]
             for h in range(G):
                 for u in range(CPL):
                     acc[h * CPL + u] *= corr[h]
             _syncwarp()
 
-            # Values: lane l <-> extended columns l*CPL .. l*CPL+CPL-1.
-            for j in range(nk):
-                win = _window(vs, vso + j * VP + vwi, vsh)
-                pb = pso + (j * NSL + vslot) * G
-                for h in range(G):
-                    ph[h] = ps[pb + h]
-                for u in range(CPL):
-                    x = vc[vtab + ((win >> (u * vb)) & vmask)]
-                    for h in range(G):
-                        acc[h * CPL + u] += ph[h] * x
+            # Values: lane l <-> extended columns l*CPL .. l*CPL+CPL-1, two codes per table load.
+            for j in range(0, TILE, 4):  # 4 keys per step: their offsets become immediates
+                vb0 = vso + j * VP + vwi
+                pb0 = pso + (j * NSL + vslot) * G
+                for jj in range(4):
+                    _value_key(vs, vb0 + jj * VP, vsh, ps, pb0 + jj * NSL * G, vt, vflag, acc, ph, G,
+                               CPL, vb, vmask)
             _syncwarp()
 
         for h in range(G):
