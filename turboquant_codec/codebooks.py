@@ -115,7 +115,7 @@ def lloyd_max(bits: int, d: int | None = None) -> Codebook:
     cuts = np.concatenate([[u[0]], edges, [u[-1]]])
     m = np.diff(np.interp(cuts, u, mass))
     centroids = np.diff(np.interp(cuts, u, moment)) / np.maximum(m, 1e-300)
-    return _codebook(bits, d, u, f, centroids, 0.5 * (centroids[1:] + centroids[:-1]))
+    return _codebook(bits, d, u, f, centroids, edges)
 
 
 @functools.cache

@@ -648,6 +648,8 @@ class _AttentionLaunch:
 @functools.lru_cache(maxsize=1024)
 def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
                       group: int, bh: int, n: int) -> _AttentionLaunch:
+    """The launch plan of ``attention`` for ``bh`` KV streams of ``n`` tokens (cached: building it
+    costs tens of microseconds of Python, as much as the kernels at small batches)."""
     mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group)
     per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
     nblocks = -(-nparts // ATTN_WARPS)

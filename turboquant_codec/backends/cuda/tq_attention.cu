@@ -127,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
   // Tables: K pairs, then V pairs unless V shares K's. Lane L's copy of entry e is word 32e + L.
-  // After the main loop the whole buffer is reused for the block's merge (merge_bytes).
+  // After the main loop the whole buffer is reused for the block's merge (cupy_raw._merge_smem).
   u32* klut = reinterpret_cast<u32*>(smem);
 #if KV_SAME_LUT
   u32* vlut = klut;
