@@ -63,8 +63,7 @@ def use_variant(var: tuple[int, int, int]) -> None:
     if (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS) == var:
         return
     cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS = var
-    for fn in (cupy_raw._attention_module, cupy_raw._split_smem, cupy_raw.attention_plan,
-               cupy_raw._attention_launch):
+    for fn in (cupy_raw._attention_module, cupy_raw._split_smem, cupy_raw._attention_launch):
         fn.cache_clear()
 
 

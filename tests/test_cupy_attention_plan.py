@@ -68,11 +68,7 @@ def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
 def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.MonkeyPatch,
                                                           batch_heads: int, n: int) -> None:
     monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: H100_SMS)
-    cupy_raw.attention_plan.cache_clear()
-    try:
-        per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0)
-    finally:
-        cupy_raw.attention_plan.cache_clear()
+    per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0)
     ntiles = -(-n // cupy_raw.TILE)
     assert per_warp >= 1 and parts >= 1
     assert (parts - 1) * per_warp < ntiles <= parts * per_warp  # every tile once, no empty partial
@@ -82,3 +78,27 @@ def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.Mo
         # Long enough for any of the plan's 1..64 blocks per stream (>= 4 tiles per warp): whole
         # waves, at least 95% of the resident block slots busy.
         assert blocks / (-(-blocks // slots) * slots) >= 0.95
+    # At most MAX_BLOCKS_PER_STREAM partials per stream: the reduce's shared memory is sized for it.
+    assert -(-parts // cupy_raw.ATTN_WARPS) <= cupy_raw.MAX_BLOCKS_PER_STREAM
+
+
+# H100 per-SM limits: registers, shared memory (bytes), threads.
+H100_SM = (65536, 233472, 2048)
+
+
+@pytest.mark.parametrize(
+    ("regs", "smem", "threads", "blocks"),
+    [
+        # tq_encode_tc at 112 registers, 4 / 8 / 2 warps x 2 m-tiles of bf16 staging: shared memory
+        # bounds them (the H100 ran 264, 132 and 660 blocks on 132 SMs).
+        (112, 77312, 128, 2),
+        (112, 154624, 256, 1),
+        (112, 38656, 64, 5),
+        (64, 0, 256, 4),     # registers bound: 8 warps x 2048 of 65536
+        (16, 0, 1024, 2),    # threads bound
+        (255, 0, 512, 1),    # over every limit: still one block
+    ],
+    ids=["enc-4w", "enc-8w", "enc-2w", "regs", "threads", "floor"],
+)
+def test_resident_blocks_takes_the_tightest_sm_limit(regs: int, smem: int, threads: int, blocks: int) -> None:
+    assert cupy_raw.resident_blocks(regs, smem, threads, *H100_SM) == blocks

@@ -417,20 +417,35 @@ def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
     smem = _tc_smem(cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
-    return _resident_blocks(fn, 32 * ENC_TC_WARPS, smem, device) * _sm_count(device)
-
-
-def _resident_blocks(fn: Any, threads: int, smem: int, device: int) -> int:
-    """Blocks of ``fn`` one SM holds at once: the tightest of its register, shared-memory and
-    thread limits (CuPy exposes no occupancy query; the driver reserves 1 KB per block)."""
     attrs = _cupy().cuda.Device(device).attributes
-    warps = -(-threads // 32)
-    regs_per_warp = -(-int(fn.num_regs) * 32 // 256) * 256  # allocated per warp in units of 256
-    limits = (
-        attrs["MaxRegistersPerMultiprocessor"] // (regs_per_warp * warps),
-        attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + int(fn.shared_size_bytes) + 1024),
-        attrs["MaxThreadsPerMultiProcessor"] // threads,
-    )
+    per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * ENC_TC_WARPS,
+                             attrs["MaxRegistersPerMultiprocessor"],
+                             attrs["MaxSharedMemoryPerMultiprocessor"],
+                             attrs["MaxThreadsPerMultiProcessor"])
+    return per_sm * _sm_count(device)
+
+
+def resident_blocks(regs: int, smem: int, threads: int, sm_regs: int, sm_smem: int, sm_threads: int) -> int:
+    """Blocks of a kernel one SM holds at once (CuPy exposes no occupancy query).
+
+    Parameters
+    ----------
+    regs : int
+        Registers per thread; allocated per warp in units of 256.
+    smem : int
+        Shared memory per block, static plus dynamic; the driver reserves 1 KB more per block.
+    threads : int
+        Threads per block.
+    sm_regs, sm_smem, sm_threads : int
+        The SM's registers, shared memory and threads (device attributes).
+
+    Returns
+    -------
+    int
+        The tightest of the three limits, at least 1.
+    """
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    limits = (sm_regs // (regs_per_warp * -(-threads // 32)), sm_smem // (smem + 1024), sm_threads // threads)
     return max(1, min(limits))
 
 
@@ -607,61 +622,68 @@ def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
     return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
-@functools.cache
+# Split blocks per KV stream at most (so at most this many partials per stream for the reduce).
+MAX_BLOCKS_PER_STREAM = 64
+
+
 def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
     """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
 
     Partials per stream come in whole blocks of ``ATTN_WARPS`` warps. The number of blocks per
     stream is the smallest that fills the GPU's resident block slots to >= 95% in whole waves
     (a last, partly filled wave leaves SMs idle), else the best-filling one; warps keep >= 4 tiles.
+    O(1) per call once the block count of (``batch_heads``, cap) is known: a decode loop's ``n``
+    changes every step.
     """
     ntiles = max(1, -(-n // TILE))
-    slots = _sm_count(device) * ATTN_MINBLOCKS
-    most = max(1, min(64, ntiles // (4 * ATTN_WARPS)))
+    most = max(1, min(MAX_BLOCKS_PER_STREAM, ntiles // (4 * ATTN_WARPS)))
+    m = _blocks_per_stream(batch_heads, most, _sm_count(device) * ATTN_MINBLOCKS)
+    per_warp = -(-ntiles // (m * ATTN_WARPS))
+    return per_warp, -(-ntiles // per_warp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks_per_stream(batch_heads: int, most: int, slots: int) -> int:
+    """``attention_plan``'s block count per stream, 1..``most``, for ``slots`` resident blocks."""
 
     def fill(m: int) -> float:
         blocks = batch_heads * m
         return blocks / (-(-blocks // slots) * slots)
 
     good = [m for m in range(1, most + 1) if fill(m) >= 0.95 and batch_heads * m >= 0.95 * slots]
-    m = good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
-    per_warp = -(-ntiles // (m * ATTN_WARPS))
-    return per_warp, -(-ntiles // per_warp)
+    return good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
+
+
+def _reduce_smem(v_cfg: CodecConfig, nblocks: int) -> int:
+    """Dynamic shared memory of tq_attn_reduce (mirrors its carve-up) for ``nblocks`` partials."""
+    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
+    return 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
 
 
 @dataclass(frozen=True)
 class _AttentionLaunch:
-    """What one attention call launches, fixed by the configurations and sizes (built once: a
-    decode step then only allocates its scratch and launches)."""
+    """The kernels of one attention configuration with their shared-memory sizes and tables, built
+    once: a call then only plans its split (``attention_plan``), allocates scratch and launches."""
 
     prep: Any
     split: Any
     reduce: Any
-    per_warp: int  # tiles per split warp
-    nparts: int    # split warps per KV stream with tiles
-    nblocks: int   # split blocks per KV stream: one partial each
     split_smem: int
-    reduce_smem: int
     tables: tuple[Any, Any, Any, Any]  # K table buffer, K pair tables, V table buffer, V pair tables
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
-                      group: int, bh: int, n: int) -> _AttentionLaunch:
-    """The launch plan of ``attention`` for ``bh`` KV streams of ``n`` tokens (cached: building it
-    costs tens of microseconds of Python, as much as the kernels at small batches)."""
+                      group: int) -> _AttentionLaunch:
+    """``attention``'s kernels for one configuration (cached: looking them up and setting their
+    attributes costs tens of microseconds of Python, as much as the kernels at small batches)."""
     mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group)
-    per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
-    nblocks = -(-nparts // ATTN_WARPS)
-    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
     split_smem = max(_split_smem(k_cfg, v_cfg), _merge_smem(v_cfg, group))
-    reduce_smem = 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
     split, reduce = mod.get_function("tq_attn_split"), mod.get_function("tq_attn_reduce")
-    for fn, smem in ((split, split_smem), (reduce, reduce_smem)):
+    for fn, smem in ((split, split_smem), (reduce, _reduce_smem(v_cfg, MAX_BLOCKS_PER_STREAM))):
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
-    return _AttentionLaunch(mod.get_function("tq_attn_prep"), split, reduce, per_warp, nparts, nblocks,
-                            split_smem, reduce_smem,
+    return _AttentionLaunch(mod.get_function("tq_attn_prep"), split, reduce, split_smem,
                             (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg)))
 
 
@@ -705,8 +727,10 @@ def attention(
         else:
             ktw = vtw = None
             tail_dtype, t_len = "float32", 0
-        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, bh, n)
+        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
         ktab, klut, vtab, vlut = plan.tables
+        per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
+        nblocks = -(-nparts // ATTN_WARPS)  # one partial per split block
         kch = None if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
         vch = None if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
         kqd = d * (2 if k.config.mode == "prod" else 1)
@@ -719,24 +743,24 @@ def attention(
         plan.prep(
             (rows,), (128,), (qw, kch if kch is not None else _NULL, ktab, np.float32(scale), q32, qh, qscale)
         )
-        part_m = cp.empty((bh, max(plan.nblocks, 1), group), cp.float32)
+        part_m = cp.empty((bh, max(nblocks, 1), group), cp.float32)
         part_l = cp.empty_like(part_m)
-        part_acc = cp.empty((bh, max(plan.nblocks, 1), group, vqd), cp.float32)
-        if plan.nparts:
+        part_acc = cp.empty((bh, max(nblocks, 1), group, vqd), cp.float32)
+        if nparts:
             plan.split(
-                (plan.nblocks, bh),
+                (nblocks, bh),
                 (32 * ATTN_WARPS,),
                 (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc,
-                 np.int32(n), np.int32(plan.per_warp), np.int32(plan.nparts)),
+                 np.int32(n), np.int32(per_warp), np.int32(nparts)),
                 shared_mem=plan.split_smem,
             )
         out = cp.empty((*lead, h_q, d), cp.float32)
         plan.reduce(
             (rows,),
             (REDUCE_THREADS,),
-            (part_m, part_l, part_acc, np.int32(plan.nblocks), q32,
+            (part_m, part_l, part_acc, np.int32(nblocks), q32,
              ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
              np.float32(scale), vtab, vch if vch is not None else _NULL, out),
-            shared_mem=plan.reduce_smem,
+            shared_mem=_reduce_smem(v.config, nblocks),
         )
         return out
