@@ -1,9 +1,10 @@
 """Every Numba CUDA kernel compiles to PTX for sm_90 (H100/H200) without a GPU.
 
 The suite runs under Numba's CUDA simulator, which never types the kernels; so the compilation runs
-in a subprocess with ``NUMBA_ENABLE_CUDASIM`` unset, over the argument types the host code passes
-(Python ints -> int64, bools -> boolean, floats -> float64, C-contiguous device arrays). A kernel
-added to the module without a signature here fails the test.
+in subprocesses (the module's kernels and each warp attention configuration, concurrently) with
+``NUMBA_ENABLE_CUDASIM`` unset, over the argument types the host code passes (Python ints -> int64,
+bools -> boolean, floats -> float64, C-contiguous device arrays). A kernel added to the module
+without a signature here fails the test.
 """
 
 from __future__ import annotations
@@ -50,28 +51,31 @@ SCRIPT = textwrap.dedent(
     missing = sorted(set(kernels) - set(signatures(INPUTS[0])))
     if missing:
         sys.exit(f"kernels without a PTX signature in the test: {missing}")
-    # Kernels that read no float input compile once; the others once per input dtype.
-    todo = sorted({(name, sig) for x in INPUTS for name, sig in signatures(x).items()}, key=str)
-    for name, sig in todo:
-        ptx, _ = cuda.compile_ptx(getattr(nc, name).py_func, sig, cc=(9, 0))
-        assert ".target sm_90" in ptx, name
-        print("ok", name, len(ptx))
-    # The warp attention kernels are built per (K config, V config, GQA group): compile a spread
-    # that covers split and single groups, QJL signs on either side and 1, 4 and 8 heads. Each one
-    # is fully unrolled code that costs NVVM ~2 CPU minutes, hence three, not every pairing.
-    from turboquant_codec.config import CodecConfig as C
-    u32_1 = T.uint32[::1]
-    warp_sig = (f32_2, u32_1, u32_1, i, i, i, f32, f32_2, f32_2, f32_2, f32_2, f32_3)
-    built = 0
-    for kc, vc, heads in [(C(128, 3.5), C(128, 3.5), 4), (C(64, 3, "prod"), C(64, 2.5), 1),
-                          (C(32, 2), C(32, 3.5, "prod"), 8)]:
-        kern, _ = nc._fast_attention_kernel(kc, vc, heads)
+    part = sys.argv[1]
+    if part == "kernels":
+        # Kernels that read no float input compile once; the others once per input dtype.
+        todo = sorted({(name, sig) for x in INPUTS for name, sig in signatures(x).items()}, key=str)
+        for name, sig in todo:
+            ptx, _ = cuda.compile_ptx(getattr(nc, name).py_func, sig, cc=(9, 0))
+            assert ".target sm_90" in ptx, name
+        print("compiled", len(todo))
+    else:
+        # A warp attention kernel, built per (K config, V config, GQA group).
+        from turboquant_codec.config import CodecConfig as C
+        u32_1 = T.uint32[::1]
+        warp_sig = (f32_2, u32_1, u32_1, i, i, i, f32, f32_2, f32_2, f32_2, f32_2, f32_3)
+        k_bits, k_mode, v_bits, v_mode, d, heads = part.split(",")
+        kc, vc = C(int(d), float(k_bits), k_mode), C(int(d), float(v_bits), v_mode)
+        kern, _ = nc._fast_attention_kernel(kc, vc, int(heads))
         ptx, _ = cuda.compile_ptx(kern.py_func, warp_sig, cc=(9, 0))
-        assert ".target sm_90" in ptx and ".f64" not in ptx and ".local" not in ptx, (kc, vc, heads)
-        built += 1
-    print("compiled", len(todo), "warp", built)
+        assert ".target sm_90" in ptx and ".f64" not in ptx and ".local" not in ptx, part
+        print("compiled warp", part)
     """
 )
+# The warp attention configurations compiled: split and single groups, QJL signs on K and on V, 1,
+# 4 and 8 heads. Each is fully unrolled code costing NVVM ~2 CPU minutes, hence three, not every
+# pairing; they compile concurrently with the module's kernels (separate processes).
+WARP_CONFIGS = ["3.5,mse,3.5,mse,128,4", "3,prod,2.5,mse,64,1", "2,mse,3.5,prod,32,8"]
 
 
 def test_every_kernel_compiles_to_sm90_ptx() -> None:
@@ -80,7 +84,18 @@ def test_every_kernel_compiles_to_sm90_ptx() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "compiled 16 warp 3" in proc.stdout, proc.stdout
+    procs = {
+        part: subprocess.Popen([sys.executable, "-c", SCRIPT, part], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for part in ["kernels", *WARP_CONFIGS]
+    }
+    try:
+        for part, proc in procs.items():
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, part + "\n" + out[-3000:] + err[-6000:]
+            want = "compiled 16" if part == "kernels" else f"compiled warp {part}"
+            assert want in out, (part, out)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
