@@ -250,6 +250,12 @@ def _lut_values(cfg: CodecConfig) -> np.ndarray:
     return np.concatenate(out).astype(np.uint32)
 
 
+def _fdims(cfg: CodecConfig) -> int:
+    """Width of ``cfg``'s rotated domain: the code fields, plus as many QJL sign fields in prod mode
+    (``fdims()`` of tq_common.cuh)."""
+    return cfg.d * (2 if cfg.mode == "prod" else 1)
+
+
 def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
     """``-D`` options describing ``cfg``'s record and table layout to the C++ (tq_common.cuh)."""
     _, offs = _layout(cfg)
@@ -565,8 +571,7 @@ def scores(q: Any, keys: Encoded) -> Any:
         mod = _codec_module(device, cfg, dtype)
         tab, _ = _device_tables(device, cfg)
         ch = None if keys.channels is None else cp.ascontiguousarray(keys.channels, dtype=cp.uint16)
-        fdims = d * (2 if cfg.mode == "prod" else 1)
-        qf = cp.empty((streams * m, fdims), cp.float32)
+        qf = cp.empty((streams * m, _fdims(cfg)), cp.float32)
         mod.get_function("tq_qrot")(
             (streams * m,), (128,), (qw, ch if ch is not None else _NULL, np.int32(m), tab, qf)
         )
@@ -611,7 +616,7 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int | None = Non
 def _merge_smem(v_cfg: CodecConfig, group: int) -> int:
     """Shared memory of tq_attn_split's closing merge (mirrors its wm | wl | wacc carve-up)."""
     heads = min(group, 8)
-    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
+    vqd = _fdims(v_cfg)
     row = vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
     return 4 * ATTN_WARPS * heads * (2 + row)
 
@@ -656,7 +661,7 @@ def _blocks_per_stream(batch_heads: int, most: int, slots: int) -> int:
 
 def _reduce_smem(v_cfg: CodecConfig, nblocks: int) -> int:
     """Dynamic shared memory of tq_attn_reduce (mirrors its carve-up) for ``nblocks`` partials."""
-    vqd = v_cfg.d * (2 if v_cfg.mode == "prod" else 1)
+    vqd = _fdims(v_cfg)
     return 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
 
 
@@ -733,8 +738,7 @@ def attention(
         nblocks = -(-nparts // ATTN_WARPS)  # one partial per split block
         kch = None if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
         vch = None if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
-        kqd = d * (2 if k.config.mode == "prod" else 1)
-        vqd = d * (2 if v.config.mode == "prod" else 1)
+        kqd, vqd = _fdims(k.config), _fdims(v.config)
         rows = bh * group
 
         q32 = cp.empty((rows, d), cp.float32)
