@@ -50,6 +50,9 @@ try:  # numba-cuda must never break ``import turboquant_codec``: report the fail
     from numba import config as _nb_config
     from numba import cuda, float32, int32, int64, uint32, uint64
 
+    from . import numba_launch
+    from .numba_launch import DeviceView
+
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the installed numpy/numba pair
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -88,6 +91,18 @@ def _simulated() -> bool:
     return bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
 
 
+def _view(x: Any) -> Any:
+    """A GPU array as kernels here take it: a ``DeviceView`` (the simulator's own arrays there)."""
+    return x if x is None or _simulated() else DeviceView.of(x)
+
+
+def _empty(shape: tuple[int, ...], dtype: Any, device: int) -> Any:
+    """A new output array on ``device`` (stream-ordered pool memory; Numba's arrays in the simulator)."""
+    if _simulated():
+        return cuda.device_array(shape, dtype)
+    return numba_launch.empty(shape, dtype, device)
+
+
 def availability() -> Availability:
     """Whether Numba CUDA can run here, with the reason when it cannot."""
     if _IMPORT_ERROR is not None:
@@ -104,13 +119,17 @@ def availability() -> Availability:
 
 
 def asarray(x: Any) -> Any:
-    """A Numba device array over ``x``: zero-copy for GPU arrays, a device copy for host arrays.
+    """A GPU array over ``x``: zero-copy for GPU arrays, a device copy for host arrays.
 
-    bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the host) comes back as
-    a uint16 array of the same bits, which every kernel here reads as bfloat16.
+    On a GPU, arrays come back as ``numba_launch.DeviceView`` (a pointer, shape and dtype: cheap to
+    make and to launch with), host copies as Numba device arrays; under the simulator, as its
+    device arrays. bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the
+    host) comes back as uint16 of the same bits, which every kernel here reads as bfloat16.
     """
-    if hasattr(x, "__cuda_array_interface__"):
-        iface = x.__cuda_array_interface__
+    iface = getattr(x, "__cuda_array_interface__", None)  # a property: torch builds it per read
+    if iface is not None:
+        if not _simulated():
+            return DeviceView.of(x, iface)
         if iface["typestr"] in ("<V2", "|V2"):
             return cuda.as_cuda_array(_Relabelled(iface, "<u2"))
         return cuda.as_cuda_array(x)
@@ -1057,8 +1076,12 @@ class _Tables:
         return 2 * d if self.qjl else d
 
 
+def _upload(host: np.ndarray) -> Any:
+    return _view(cuda.to_device(np.ascontiguousarray(host)))
+
+
 def _stack(mats: list[np.ndarray]) -> Any:
-    return cuda.to_device(np.ascontiguousarray(np.stack(mats).astype(np.float32)))
+    return _upload(np.stack(mats).astype(np.float32))
 
 
 @functools.lru_cache(maxsize=128)
@@ -1081,9 +1104,9 @@ def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
         rot_t=_stack([t.rotation.T for t in host]),
         proj=_stack(proj),
         proj_t=_stack([p.T for p in proj]),
-        cent=cuda.to_device(cent),
-        bnd=cuda.to_device(bnd),
-        meta=cuda.to_device(meta),
+        cent=_upload(cent),
+        bnd=_upload(bnd),
+        meta=_upload(meta),
         g=groups[0].dim,
         ngroups=len(groups),
         qjl=qjl,
@@ -1095,13 +1118,20 @@ def _device_id(arr: Any) -> int:
     """Ordinal of the GPU holding ``arr`` (the current device under the simulator or on failure)."""
     if _simulated() or arr is None:
         return 0 if _simulated() else int(cuda.get_current_device().id)
+    if _gpu_count() == 1:
+        return 0
     try:
         from numba.cuda.cudadrv import driver
 
-        ptr = arr.__cuda_array_interface__["data"][0]
+        ptr = arr.ptr if isinstance(arr, DeviceView) else arr.__cuda_array_interface__["data"][0]
         return int(driver.get_device_ordinal(ptr))  # type: ignore[attr-defined]
     except Exception:
         return int(cuda.get_current_device().id)
+
+
+@functools.cache
+def _gpu_count() -> int:
+    return len(cuda.gpus)
 
 
 class _on_device:
@@ -1126,19 +1156,19 @@ def _rows(a: Any, cols: int) -> Any:
     """A C-contiguous device array viewed as (rows, cols)."""
     if not a.is_c_contiguous():
         raise ValueError("numba_cuda needs C-contiguous arrays; make a contiguous copy first")
-    return a.reshape(int(np.prod(a.shape)) // cols, cols)
+    return a.reshape(math.prod(a.shape) // cols, cols)
 
 
 @functools.cache
 def _placeholder(dtype: str, cols: int, device: int) -> Any:
     """A zero (1, cols) device array standing in for an absent input (uploaded once per device)."""
-    return cuda.to_device(np.zeros((1, cols), dtype))
+    return _upload(np.zeros((1, cols), dtype))
 
 
-def _channels(channels: Any, d: int) -> tuple[Any, bool]:
+def _channels(channels: Any, d: int, device: int) -> tuple[Any, bool]:
     """(streams, d) channel table, or a 1x1 placeholder when channels are in natural order."""
     if channels is None:
-        return _placeholder("uint16", 1, _device_id(None)), False
+        return _placeholder("uint16", 1, device), False
     return _rows(channels, d), True
 
 
@@ -1156,8 +1186,8 @@ def _tile(per_row_floats: int, fixed_floats: int = 0, cap: int = 32) -> int:
     return rows
 
 
-def _launch(kernel: Any, blocks: Any, smem_floats: int, *args: Any) -> None:
-    kernel[blocks, THREADS, 0, 4 * smem_floats](*args)
+def _launch(kernel: Any, device: int, blocks: Any, smem_floats: int, *args: Any) -> None:
+    numba_launch.launch(kernel, device, blocks, THREADS, 4 * smem_floats, *args)
 
 
 def _blocks(rows: int, tile: int) -> int:
@@ -1169,7 +1199,7 @@ def _blocks(rows: int, tile: int) -> int:
 ENERGY_CHUNK = 1024
 
 
-def _select_channels(x2: Any, streams: int, n: int, cfg: CodecConfig) -> Any:
+def _select_channels(x2: Any, streams: int, n: int, cfg: CodecConfig, device: int) -> Any:
     """``numpy_ref.select_channels`` with the float64 sums on the GPU and the ranking on the host.
 
     Partial sums over fixed chunks are added on the host in a fixed order, so the choice is
@@ -1177,14 +1207,14 @@ def _select_channels(x2: Any, streams: int, n: int, cfg: CodecConfig) -> Any:
     """
     d = cfg.d
     chunks = max(1, -(-n // ENERGY_CHUNK))
-    partial = cuda.device_array((streams, chunks, d), np.float64)
+    partial = _empty((streams, chunks, d), np.float64, device)
     grid = (-(-d // THREADS), chunks, streams)
-    _energy_kernel[grid, THREADS](x2, _is_bf16(x2), n, ENERGY_CHUNK, partial)
+    numba_launch.launch(_energy_kernel, device, grid, THREADS, 0, x2, _is_bf16(x2), n, ENERGY_CHUNK, partial)
     energy = partial.copy_to_host().sum(axis=1) / n
     order = np.argsort(-energy, axis=-1, kind="stable")
     top = np.sort(order[:, : cfg.outlier_dim], axis=-1)
     rest = np.sort(order[:, cfg.outlier_dim :], axis=-1)
-    return cuda.to_device(np.concatenate([top, rest], axis=-1).astype(np.uint16))
+    return _upload(np.concatenate([top, rest], axis=-1).astype(np.uint16))
 
 
 # --------------------------------------------------------------------------------------------- ops
@@ -1202,21 +1232,22 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
     -------
     records, channels : device arrays
     """
+    x, channels = _view(x), _view(channels)
     *lead, n, d = x.shape
-    streams = int(np.prod(lead, dtype=np.int64))
+    streams = math.prod(lead)
     rows = streams * n
     with _on_device(x) as dev:
-        rec = cuda.device_array((*lead, n, cfg.record_bytes), np.uint8)
+        rec = _empty((*lead, n, cfg.record_bytes), np.uint8, dev)
         if rows == 0:
             return rec, channels
         x2 = _rows(x, d)
         if cfg.split and channels is None:
-            channels = _select_channels(x2, streams, n, cfg).reshape(*lead, d)
+            channels = _select_channels(x2, streams, n, cfg, dev).reshape(*lead, d)
         t = _device_tables(cfg, dev)
-        chans, has_ch = _channels(channels, d)
+        chans, has_ch = _channels(channels, d, dev)
         tile = _tile(3 * d + 2 * t.ngroups)
         overflow = cuda.to_device(np.zeros(1, np.int32))
-        _launch(_encode_kernel, _blocks(rows, tile), tile * (3 * d + 2 * t.ngroups),
+        _launch(_encode_kernel, dev, _blocks(rows, tile), tile * (3 * d + 2 * t.ngroups),
                 x2, _is_bf16(x2), chans, has_ch, n, _rows(rec, cfg.record_bytes), overflow, tile,
                 t.rot_t, t.proj_t, t.cent, t.bnd, t.meta, t.g, t.ngroups, t.qjl)
         bad = int(overflow.copy_to_host()[0])
@@ -1240,32 +1271,34 @@ def decode(enc: Encoded) -> Any:
     Numba device array, float32
     """
     cfg = enc.config
-    *lead, n, _ = enc.records.shape
+    records, channels = _view(enc.records), _view(enc.channels)
+    *lead, n, _ = records.shape
     d = cfg.d
-    with _on_device(enc.records) as dev:
-        out = cuda.device_array((*lead, n, d), np.float32)
-        rows = int(np.prod(lead, dtype=np.int64)) * n
+    with _on_device(records) as dev:
+        out = _empty((*lead, n, d), np.float32, dev)
+        rows = math.prod(lead) * n
         if rows == 0:
             return out
         t = _device_tables(cfg, dev)
-        chans, has_ch = _channels(enc.channels, d)
+        chans, has_ch = _channels(channels, d, dev)
         per_row = t.width(d) + d
         tile = _tile(per_row)
-        _launch(_decode_kernel, _blocks(rows, tile), tile * per_row,
-                _rows(enc.records, cfg.record_bytes), chans, has_ch, n, _rows(out, d), tile,
+        _launch(_decode_kernel, dev, _blocks(rows, tile), tile * per_row,
+                _rows(records, cfg.record_bytes), chans, has_ch, n, _rows(out, d), tile,
                 t.rot, t.proj, t.cent, t.meta, t.g, t.qjl, t.qjl_scale)
     return out
 
 
-def _rotate_queries(q2: Any, channels: Any, per_stream: int, cfg: CodecConfig, t: _Tables) -> Any:
+def _rotate_queries(q2: Any, channels: Any, per_stream: int, cfg: CodecConfig, t: _Tables,
+                    device: int) -> Any:
     """(rows, W) float32 queries in the keys' extended rotated domain (one pass per query)."""
     d = cfg.d
     width = t.width(d)
-    out = cuda.device_array((q2.shape[0], width), np.float32)
-    chans, has_ch = _channels(channels, d)
+    out = _empty((q2.shape[0], width), np.float32, device)
+    chans, has_ch = _channels(channels, d, device)
     per_row = d + width
     tile = _tile(per_row, cap=VPT)  # few rows: one tile of VPT rows per block spreads them out
-    _launch(_query_kernel, _blocks(q2.shape[0], tile), tile * per_row,
+    _launch(_query_kernel, device, _blocks(q2.shape[0], tile), tile * per_row,
             q2, _is_bf16(q2), chans, has_ch, per_stream, out, tile, t.rot_t, t.proj_t, t.g, t.qjl)
     return out
 
@@ -1283,19 +1316,20 @@ def scores(q: Any, keys: Encoded) -> Any:
     Numba device array, float32
     """
     cfg = keys.config
+    q, records, channels = _view(q), _view(keys.records), _view(keys.channels)
     *lead, m, d = q.shape
-    n = tuple(keys.records.shape)[-2]
-    streams = int(np.prod(lead, dtype=np.int64))
-    with _on_device(keys.records) as dev:
-        out = cuda.device_array((*lead, m, n), np.float32)
+    n = tuple(records.shape)[-2]
+    streams = math.prod(lead)
+    with _on_device(records) as dev:
+        out = _empty((*lead, m, n), np.float32, dev)
         if streams * m * n == 0:
             return out
         t = _device_tables(cfg, dev)
-        qext = _rotate_queries(_rows(q, d), keys.channels, m, cfg, t)
+        qext = _rotate_queries(_rows(q, d), channels, m, cfg, t, dev)
         width = t.width(d)
         tile = _tile(width + 1)
-        _launch(_scores_kernel, (_blocks(n, tile), streams), tile * (width + 1),
-                qext, _rows(keys.records, cfg.record_bytes), out.reshape(streams, m, n), tile, d,
+        _launch(_scores_kernel, dev, (_blocks(n, tile), streams), tile * (width + 1),
+                qext, _rows(records, cfg.record_bytes), out.reshape(streams, m, n), tile, d,
                 t.cent, t.meta, t.g, t.qjl_scale)
     return out
 
@@ -1309,24 +1343,25 @@ def _splits(tokens: int, streams: int, split_tokens: int | None, tk: int) -> tup
     return max(1, -(-tokens // chunk)), chunk
 
 
-def _resident_warps(kernel: Any, warps: int, device: int) -> int:
-    """Warps of ``kernel`` the GPU holds at once (its register use per SM), for the split count."""
-    try:
-        dev = cuda.get_current_device()
-        sms = int(dev.MULTIPROCESSOR_COUNT)
-        regs = kernel.get_regs_per_thread() if kernel.overloads else 64
-        regs = max(regs.values()) if isinstance(regs, dict) else int(regs)
-        per_warp = -(-regs * WARP // 256) * 256
-        return sms * max(1, min(WARPS_PER_SM, 65536 // per_warp) // warps * warps)
-    except Exception:
+@functools.cache
+def _sm_count(device: int) -> int:
+    return 132 if _simulated() else int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def _resident_warps(regs: int | None, warps: int, device: int) -> int:
+    """Warps of a kernel using ``regs`` registers per thread the GPU holds at once, for the split
+    count (the simulator's answer: an H100's 132 SMs at ``WARPS_PER_SM``)."""
+    if regs is None:
         return 132 * WARPS_PER_SM
+    per_warp = -(-regs * WARP // 256) * 256
+    return _sm_count(device) * max(1, min(WARPS_PER_SM, 65536 // per_warp) // warps * warps)
 
 
 @functools.lru_cache(maxsize=32)
 def _scratch(rows: int, nsp: int, width: int, device: int) -> tuple[Any, Any, Any]:
     """Split partials (max, sum, accumulator), reused across calls (one stream orders them)."""
-    return (cuda.device_array((rows, nsp), np.float32), cuda.device_array((rows, nsp), np.float32),
-            cuda.device_array((rows, nsp, width), np.float32))
+    return (_empty((rows, nsp), np.float32, device), _empty((rows, nsp), np.float32, device),
+            _empty((rows, nsp, width), np.float32, device))
 
 
 def attention(
@@ -1354,30 +1389,37 @@ def attention(
     -------
     Numba device array (*lead, h_q, d), float32
     """
+    q, krec, vrec = _view(q), _view(k.records), _view(v.records)
+    k_tail, v_tail = _view(k_tail), _view(v_tail)
     *lead, h_q, d = q.shape
-    h_kv, n = tuple(k.records.shape)[-3:-1]
+    h_kv, n = tuple(krec.shape)[-3:-1]
     groups = h_q // h_kv
-    batch = int(np.prod(lead, dtype=np.int64))
+    batch = math.prod(lead)
     t = 0 if k_tail is None else int(tuple(k_tail.shape)[-2])
-    with _on_device(k.records) as dev:
-        out = cuda.device_array((*lead, h_q, d), np.float32)
+    with _on_device(krec) as dev:
+        out = _empty((*lead, h_q, d), np.float32, dev)
         rows = batch * h_q
         if rows == 0:
             return out
         kt, vt = _device_tables(k.config, dev), _device_tables(v.config, dev)
         wk, wv = kt.width(d), vt.width(d)
         q2 = _rows(q, d)
-        qext = _rotate_queries(q2, k.channels, groups, k.config, kt)
+        qext = _rotate_queries(q2, _view(k.channels), groups, k.config, kt, dev)
         streams = batch * h_kv
         fixed = groups * (wk + wv + 3)
         tk = next((s for s in KEY_TILES if fixed + s * (wk + wv + 2 + groups) <= SMEM_LIMIT // 4), 0)
         fast = _fast_attention_kernel(k.config, v.config, groups)
         if fast is None and tk == 0:
             raise ValueError("too many query heads per KV head for the numba_cuda attention tiles")
+        krec, vrec = _rows(krec, k.config.record_bytes), _rows(vrec, v.config.record_bytes)
         if fast is not None:
             kernel, warps = fast
+            kw = krec.reshape(krec.size).view(np.uint32)
+            vw = vrec.reshape(vrec.size).view(np.uint32)
             if split_tokens is None:
-                want = -(-2 * _resident_warps(kernel, warps, dev) // max(streams, 1))
+                regs = numba_launch.registers(kernel, dev, qext, kw, vw, n, 0, 0, np.float32(scale),
+                                              kt.cent, vt.cent, *_scratch(rows, 1, max(wv, d), dev))
+                want = -(-2 * _resident_warps(regs, warps, dev) // max(streams, 1))
                 split_tokens = -(-n // max(want, 1))
             nsplit, chunk = _splits(n, streams, split_tokens, TILE)
         else:
@@ -1388,23 +1430,20 @@ def attention(
             ktail2, vtail2 = _rows(k_tail, d), _rows(v_tail, d)
         else:
             ktail2 = vtail2 = _placeholder("float32", d, dev)
-        krec, vrec = _rows(k.records, k.config.record_bytes), _rows(v.records, v.config.record_bytes)
         if fast is not None:
-            kw = krec.reshape(krec.size).view(np.uint32)
-            vw = vrec.reshape(vrec.size).view(np.uint32)
-            kernel[(-(-nsplit // warps), streams), warps * WARP](
-                qext, kw, vw, n, chunk, nsplit, np.float32(scale), kt.cent, vt.cent,
-                m_part, l_part, acc_part)
+            numba_launch.launch(kernel, dev, (-(-nsplit // warps), streams), warps * WARP, 0,
+                                qext, kw, vw, n, chunk, nsplit, np.float32(scale), kt.cent, vt.cent,
+                                m_part, l_part, acc_part)
         if fast is None or t:
             first = nsplit if fast is not None else 0
             smem = fixed + tk * (wk + wv + 2 + groups)
-            _launch(_attention_kernel, (nsp - first, h_kv, batch), smem,
+            _launch(_attention_kernel, dev, (nsp - first, h_kv, batch), smem,
                     qext, q2, _is_bf16(q2), krec, vrec, ktail2, vtail2, _is_bf16(ktail2), n, t, chunk,
                     nsplit, first, groups, np.float32(scale), tk, d, wk, wv,
                     kt.cent, kt.meta, kt.g, kt.qjl_scale, vt.cent, vt.meta, vt.g, vt.qjl_scale,
                     m_part, l_part, acc_part)
-        chans, has_ch = _channels(v.channels, d)
-        _launch(_combine_rows_kernel, rows, nsp + 1 + wv + d,
+        chans, has_ch = _channels(_view(v.channels), d, dev)
+        _launch(_combine_rows_kernel, dev, rows, nsp + 1 + wv + d,
                 m_part, l_part, acc_part, nsplit, chans, has_ch, groups, _rows(out, d),
                 vt.rot, vt.proj, vt.g, vt.qjl)
     return out
