@@ -188,6 +188,34 @@ def test_gpu_attention_realistic(groups: int, d: int, dtype: str) -> None:
     assert np.all(np.abs(s_got - s_want) <= bound + RTOL32 * np.abs(s_want))
 
 
+@needs_gpu
+@pytest.mark.gpu
+def test_second_device() -> None:
+    """Inputs on cuda:1 are computed there (kernels loaded and outputs allocated on that GPU) and
+    agree with the reference, while cuda:0 stays the current device."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("one GPU only")
+    rng = np.random.default_rng(12)
+    d = 64
+    k, v = kv_like(rng, (2, 2, 300, d)), rng.standard_normal((2, 2, 300, d)).astype(np.float32)
+    q = rng.standard_normal((2, 4, d)).astype(np.float32)
+    on1 = [torch.from_numpy(a).to("cuda:1") for a in (k, v, q)]
+    assert torch.cuda.current_device() == 0
+    k_enc = tq.encode(on1[0], bits=3.5, seed=3, backend=NAME)
+    v_enc = tq.encode(on1[1], bits=3.5, seed=4, backend=NAME)
+    assert k_enc.records.device.index == 1 and k_enc.channels.device.index == 1
+    back = tq.decode(k_enc, backend=NAME)
+    out = tq.attention(on1[2], k_enc, v_enc, scale=d**-0.5, backend=NAME)
+    assert back.device.index == 1 and out.device.index == 1
+    host = [tq.Encoded(e.records.cpu().numpy(), e.channels.cpu().numpy(), e.config) for e in (k_enc, v_enc)]
+    _fields_match(host[0].records, tq.encode(k, bits=3.5, seed=3, channels=host[0].channels, backend="numpy"))
+    want = tq.attention(q, *host, scale=d**-0.5, backend="numpy")
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=ATTN_RTOL, atol=ATTN_RTOL * np.sqrt(d))
+    np.testing.assert_allclose(back.cpu().numpy(), tq.decode(host[0], backend="numpy"), rtol=RTOL32,
+                               atol=RTOL32 * float(np.linalg.norm(k, axis=-1).max()))
+
+
 @needs_backend
 @pytest.mark.parametrize("kv", [((3.5, "mse"), (3.5, "prod")), ((4, "prod"), (2, "mse"))],
                          ids=["k-mse3.5-v-prod3.5", "k-prod4-v-mse2"])

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _interop
 from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
@@ -1115,18 +1116,27 @@ def _device_tables(cfg: CodecConfig, device: int) -> _Tables:
 
 
 def _device_id(arr: Any) -> int:
-    """Ordinal of the GPU holding ``arr`` (the current device under the simulator or on failure)."""
+    """Ordinal of the GPU holding ``arr`` (the current device under the simulator, for None, or for
+    an array without memory).
+
+    Asked of the array's library where it knows (torch, CuPy, cuda.core buffers): on a 2-GPU H200
+    host, ``cuPointerGetAttribute(DEVICE_ORDINAL)`` answered 0 for a torch tensor on cuda:1.
+    """
     if _simulated() or arr is None:
         return 0 if _simulated() else int(cuda.get_current_device().id)
     if _gpu_count() == 1:
         return 0
-    try:
-        from numba.cuda.cudadrv import driver
-
-        ptr = arr.ptr if isinstance(arr, DeviceView) else arr.__cuda_array_interface__["data"][0]
-        return int(driver.get_device_ordinal(ptr))  # type: ignore[attr-defined]
-    except Exception:
-        return int(cuda.get_current_device().id)
+    owner = arr.owner if isinstance(arr, DeviceView) else arr
+    lib = _interop.library_of(owner)
+    if lib == "torch":
+        return int(owner.device.index)
+    if lib == "cupy":
+        return int(owner.device.id)
+    if hasattr(owner, "device_id"):  # a cuda.core Buffer: this backend's outputs
+        return int(owner.device_id)
+    ptr = arr.ptr if isinstance(arr, DeviceView) else arr.__cuda_array_interface__["data"][0]
+    ordinal = numba_launch.device_of(ptr)
+    return int(cuda.get_current_device().id) if ordinal is None else ordinal
 
 
 @functools.cache

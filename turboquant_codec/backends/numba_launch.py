@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from cuda.bindings import driver as _cu
 from cuda.core import Device, LaunchConfig, Stream
 from cuda.core import launch as core_launch
 from numba import config as _nb_config
@@ -128,11 +129,23 @@ class DeviceView:
                 "strides": None, "version": 3}
 
 
+def device_of(ptr: int) -> int | None:
+    """Ordinal of the GPU holding device address ``ptr`` (None for a null pointer, as empty arrays
+    may have)."""
+    if not ptr:
+        return None
+    err, ordinal = _cu.cuPointerGetAttribute(_cu.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                             ptr)
+    if err != _cu.CUresult.CUDA_SUCCESS:
+        raise ValueError(f"cannot tell which GPU holds address {ptr:#x}: {err.name}")
+    return int(ordinal)
+
+
 def empty(shape: tuple[int, ...], dtype: Any, device: int) -> DeviceView:
-    """Uninitialised GPU memory on ``device`` from cuda.core's stream-ordered pool (legacy stream)."""
-    dev = _device(device)
+    """Uninitialised GPU memory on ``device`` (the current one) from cuda.core's stream-ordered pool,
+    ordered on its legacy default stream."""
     nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
-    buf = dev.allocate(nbytes, stream=_legacy_stream())
+    buf = _device(device).allocate(nbytes, stream=_legacy_stream(device))
     return DeviceView(int(buf.handle), shape, dtype, buf)
 
 
@@ -148,14 +161,16 @@ def _device(ordinal: int) -> Any:
     return dev
 
 
-_STREAM: list[Any] = []
+_STREAMS: dict[int, Any] = {}
 
 
-def _legacy_stream() -> Any:
-    """The legacy default stream (handle 0), where Numba launches by default."""
-    if not _STREAM:
-        _STREAM.append(Stream.from_handle(0))
-    return _STREAM[0]
+def _legacy_stream(device: int) -> Any:
+    """The legacy default stream (handle 0, where Numba launches by default) of ``device``, wrapped
+    while that device is current."""
+    stream = _STREAMS.get(device)
+    if stream is None:
+        stream = _STREAMS[device] = Stream.from_handle(0)
+    return stream
 
 
 def _packer(ty: Any) -> Callable[[list[Any], Any], None]:
@@ -235,5 +250,5 @@ def launch(kernel: Any, device: int, grid: Any, block: int, smem_bytes: int, *ar
     params: list[Any] = []
     for pack, a in zip(packers, args, strict=True):
         pack(params, a)
-    core_launch(_legacy_stream(), LaunchConfig(grid=grid, block=block, shmem_size=smem_bytes), handle,
+    core_launch(_legacy_stream(device), LaunchConfig(grid=grid, block=block, shmem_size=smem_bytes), handle,
                 *params)
