@@ -5,6 +5,9 @@ Layout owned here
 Inputs are viewed as 2-D row arrays: ``x`` (*lead, n, d) -> (rows, d), records -> (rows, record_bytes);
 row ``r`` belongs to stream ``r // rows_per_stream`` (its channel permutation). bfloat16 inputs travel
 as their uint16 bit patterns (``asarray`` re-labels them; every float op widens them in-kernel).
+On a GPU, arrays travel as ``numba_launch.DeviceView`` and kernels are launched by
+``numba_launch.launch`` (Numba's own launch path costs more than the attention kernels run);
+outputs come from cuda.core's stream-ordered pool.
 
 Per configuration and device, ``_tables`` uploads float32 copies of the host tables of
 ``transforms.tables`` stacked over groups, ``(groups, g, g)``: ``rot`` (R), ``rot_t`` (R^T), ``proj``
