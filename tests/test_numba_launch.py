@@ -49,6 +49,8 @@ def test_of_reads_the_interface_and_relabels_bfloat16() -> None:
     dense = DeviceView.of(_Foreign((2, 3), "<f4", strides=(12, 4)))  # explicit C strides are fine
     assert dense.params[-2:] == (12, 4)
     assert DeviceView.of(dense) is dense
+    scalar = DeviceView.of(_Foreign((), "<f4", strides=()))
+    assert scalar.params == (0, 0, 1, 4, 4096)
     back = dense.__cuda_array_interface__
     assert back["shape"] == (2, 3) and back["typestr"] == "<f4" and back["data"][0] == 4096
 

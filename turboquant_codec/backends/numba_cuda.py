@@ -1236,7 +1236,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
 
     Parameters
     ----------
-    x : Numba device array, float16/float32, or uint16 holding bfloat16
+    x : GPU array (``asarray``), float16/float32, or uint16 holding bfloat16
     cfg : CodecConfig
     channels : device array (*lead, d) uint16 or None
         None with half-integer bits: chosen per stream as ``numpy_ref.select_channels``.
@@ -1277,11 +1277,11 @@ def decode(enc: Encoded) -> Any:
     Parameters
     ----------
     enc : Encoded
-        Records and channels as Numba device arrays.
+        Records and channels as GPU arrays (``asarray``).
 
     Returns
     -------
-    Numba device array, float32
+    DeviceView (Numba device array under the simulator), float32
     """
     cfg = enc.config
     records, channels = _view(enc.records), _view(enc.channels)
@@ -1321,12 +1321,12 @@ def scores(q: Any, keys: Encoded) -> Any:
 
     Parameters
     ----------
-    q : Numba device array (*lead, m, d)
+    q : GPU array (*lead, m, d)
     keys : Encoded (*lead, n, d)
 
     Returns
     -------
-    Numba device array, float32
+    DeviceView (Numba device array under the simulator), float32
     """
     cfg = keys.config
     q, records, channels = _view(q), _view(keys.records), _view(keys.channels)
@@ -1390,17 +1390,17 @@ def attention(
 
     Parameters
     ----------
-    q : Numba device array (*lead, h_q, d)
+    q : GPU array (*lead, h_q, d)
     k, v : Encoded (*lead, h_kv, n, d)
     scale : float
-    k_tail, v_tail : Numba device arrays (*lead, h_kv, t, d) or None
+    k_tail, v_tail : GPU arrays (*lead, h_kv, t, d) or None
     split_tokens : int, optional
         Tokens per split of the sequence (rounded up to whole key tiles); by default enough splits
         to fill the GPU twice over.
 
     Returns
     -------
-    Numba device array (*lead, h_q, d), float32
+    DeviceView (Numba device array under the simulator) (*lead, h_q, d), float32
     """
     q, krec, vrec = _view(q), _view(k.records), _view(v.records)
     k_tail, v_tail = _view(k_tail), _view(v_tail)
@@ -1430,6 +1430,8 @@ def attention(
             kw = krec.reshape(krec.size).view(np.uint32)
             vw = vrec.reshape(vrec.size).view(np.uint32)
             if split_tokens is None:
+                # Registers depend on argument types only: one-split partials stand in for the
+                # real ones, whose shape waits on the split count chosen here.
                 regs = numba_launch.registers(kernel, dev, qext, kw, vw, n, 0, 0, np.float32(scale),
                                               kt.cent, vt.cent, *_scratch(rows, 1, max(wv, d), dev))
                 want = -(-2 * _resident_warps(regs, warps, dev) // max(streams, 1))

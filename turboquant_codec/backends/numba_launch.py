@@ -90,7 +90,7 @@ class DeviceView:
         strides = iface.get("strides")
         if strides is not None and any(
             extent > 1 and stride != want
-            for extent, stride, want in zip(shape, strides, view.params[-len(shape):], strict=True)
+            for extent, stride, want in zip(shape, strides, view.params[5 + len(shape):], strict=True)
         ):
             raise ValueError(f"numba_cuda needs C-contiguous arrays, got strides {tuple(strides)} "
                              f"for shape {shape}; make a contiguous copy first")
