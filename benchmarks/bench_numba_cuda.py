@@ -26,6 +26,7 @@ from timing import timed
 
 import turboquant_codec as tq
 from turboquant_codec.backends import numba_cuda as nc
+from turboquant_codec.backends import numba_warp_attention as nw
 from turboquant_codec.backends import numpy_ref
 from turboquant_codec.config import CodecConfig
 
@@ -127,9 +128,9 @@ def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
 
 
 def _set_variant(variant: dict) -> None:
-    nc.ATTN_PREFETCH = variant["prefetch"]
-    nc.ATTN_MAX_REGISTERS = variant["max_registers"]
-    nc._fast_attention_kernel.cache_clear()
+    nw.ATTN_PREFETCH = variant["prefetch"]
+    nw.ATTN_MAX_REGISTERS = variant["max_registers"]
+    nw.fast_attention_kernel.cache_clear()
 
 
 def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
@@ -163,7 +164,7 @@ def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:
         _set_variant(variant)
         err = check_attention(bits)  # compiles this variant, checks it against the float64 reference
         ours_call()
-        kern, warps = nc._fast_attention_kernel(k_enc.config, v_enc.config, H_Q // H_KV)
+        kern, warps = nw.fast_attention_kernel(k_enc.config, v_enc.config, H_Q // H_KV)
         regs = kern.get_regs_per_thread()
         regs = max(regs.values()) if isinstance(regs, dict) else regs
         ours, ours_gpu = timed(ours_call), gpu_ms(ours_call)

@@ -222,7 +222,7 @@ def test_second_device() -> None:
 def test_warp_attention_tiles_and_splits(kv) -> None:
     """The warp kernel: several 32-key tiles per split (last one partial), several splits, QJL
     columns on either side, GQA group of 2, no tail (the warp kernel alone writes the partials)."""
-    from turboquant_codec.backends import numba_cuda
+    from turboquant_codec.backends import numba_cuda, numba_warp_attention
 
     (kb, km), (vb, vm) = kv
     rng = np.random.default_rng(8)
@@ -231,7 +231,7 @@ def test_warp_attention_tiles_and_splits(kv) -> None:
     q = (rng.standard_normal((1, 2, d)) * 2).astype(np.float32)
     k_enc = tq.encode(k, bits=kb, mode=km, seed=1, backend="numpy")
     v_enc = tq.encode(v, bits=vb, mode=vm, seed=2, backend="numpy")
-    assert numba_cuda._fast_attention_kernel(k_enc.config, v_enc.config, 2) is not None
+    assert numba_warp_attention.fast_attention_kernel(k_enc.config, v_enc.config, 2) is not None
     want = tq.attention(q, k_enc, v_enc, scale=0.3, backend="numpy")
 
     def dev(e: tq.Encoded) -> tq.Encoded:
