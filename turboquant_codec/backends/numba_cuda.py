@@ -42,7 +42,6 @@ from ..encoded import Encoded
 from ..transforms import tables as host_tables
 
 try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
-    from numba import config as _nb_config
     from numba import cuda
 
     from . import numba_kernels as nk
@@ -67,7 +66,7 @@ WARPS_PER_SM = 32
 
 def _simulated() -> bool:
     """Whether Numba runs kernels in its CUDA simulator (NUMBA_ENABLE_CUDASIM=1 at import)."""
-    return bool(getattr(_nb_config, "ENABLE_CUDASIM", False))
+    return numba_launch.simulated()
 
 
 def _view(x: Any) -> Any:
