@@ -188,6 +188,25 @@ def test_gpu_attention_realistic(groups: int, d: int, dtype: str) -> None:
     assert np.all(np.abs(s_got - s_want) <= bound + RTOL32 * np.abs(s_want))
 
 
+@needs_backend
+def test_device_of_an_input_comes_from_its_library(monkeypatch) -> None:
+    """On a multi-GPU host the GPU of an input is asked of its library (the driver's pointer query
+    answered 0 for a torch tensor on cuda:1), whichever object the view wraps."""
+    from types import SimpleNamespace
+
+    from turboquant_codec.backends import numba_cuda
+    from turboquant_codec.backends.numba_launch import DeviceView
+
+    monkeypatch.setattr(numba_cuda, "_simulated", lambda: False)
+    monkeypatch.setattr(numba_cuda, "_gpu_count", lambda: 4)
+    torch_like = type("Tensor", (), {"__module__": "torch", "device": SimpleNamespace(index=3)})()
+    cupy_like = type("ndarray", (), {"__module__": "cupy", "device": SimpleNamespace(id=2)})()
+    buffer_like = SimpleNamespace(device_id=1)
+    for owner, want in ((torch_like, 3), (cupy_like, 2), (buffer_like, 1)):
+        assert numba_cuda._device_id(DeviceView(4096, (2, 3), np.float32, owner)) == want
+        assert numba_cuda._device_id(DeviceView(4096, (6,), np.uint8, owner).reshape(2, 3)) == want
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_second_device() -> None:
