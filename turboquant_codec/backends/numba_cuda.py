@@ -496,10 +496,11 @@ def attention(
             kw = krec.reshape(krec.size).view(np.uint32)
             vw = vrec.reshape(vrec.size).view(np.uint32)
             if split_tokens is None:
-                # Registers depend on argument types only: one-split partials stand in for the
-                # real ones, whose shape waits on the split count chosen here.
+                # Registers depend on argument types only: 1-element placeholders stand in for the
+                # partials, whose shape waits on the split count chosen here.
+                p2 = _placeholder("float32", 1, dev)
                 regs = numba_launch.registers(kernel, dev, qext, kw, vw, n, 0, 0, np.float32(scale),
-                                              kt.cent, vt.cent, *_scratch(rows, 1, max(wv, d), dev))
+                                              kt.cent, vt.cent, p2, p2, p2.reshape(1, 1, 1))
                 want = -(-2 * _resident_warps(regs, warps, dev) // max(streams, 1))
                 split_tokens = -(-n // max(want, 1))
             nsplit, chunk = _splits(n, streams, split_tokens, TILE)
