@@ -259,13 +259,43 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
             for mat, xv in parts:
                 prod = xv[:, cols].astype(np.float64) @ mat[:, cols].T
                 acc = _f32_toward_zero(acc.astype(np.float64) + prod)
-        y = (acc * inv[:, None]).astype(np.float32)
-        bnd = t.boundaries.astype(np.float32)
-        mid = (1 << (g.code_bits - 1)) - 1
-        nb = np.sum(bnd[None, None, mid + 1:] < np.abs(y)[..., None], axis=-1)
-        out[f"codes{g.index}"] = np.where(y > 0, mid + 1 + nb, mid - nb)
+        # The kernel compares the exact product acc * inv (fused multiply-adds), through its bins.
+        out[f"codes{g.index}"] = tc_bin_codes(acc.astype(np.float64) * inv[:, None], t.boundaries)
         out[f"norm{g.index}"] = nr.astype(np.float16)
     return out
+
+
+def tc_bin_codes(y: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+    """Codes of ``y`` (float64) through ``cupy_raw.tc_bins``, with the kernel's index arithmetic."""
+    from turboquant_codec.backends import cupy_raw
+
+    shift, bins = cupy_raw.tc_bins(boundaries)
+    n = len(bins)
+    at = (np.floor(y * 2.0**shift).astype(np.int64) + n // 2) % n
+    return bins[at, 1].astype(np.int64) + (y > bins[at, 0].view(np.float32))
+
+
+@pytest.mark.parametrize("bits", [1.0, 2.5, 3.5, 4.0])
+@pytest.mark.parametrize("d", [64, 128])
+def test_tc_bins_count_boundaries_below(d: int, bits: float) -> None:
+    """Bin lookup + one comparison = the number of boundaries strictly below y, for random y over
+    the whole unit-vector range, every boundary and its float32 neighbours, and every bin edge."""
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+    from turboquant_codec.transforms import tables
+
+    rng = np.random.default_rng(int(bits * 10) + d)
+    for t in tables(CodecConfig(d, bits)):
+        b = t.boundaries.astype(np.float32)
+        shift, bins = cupy_raw.tc_bins(b)
+        assert len(bins) * 2.0**-shift >= 4  # covers |y| < 2
+        edges = (np.arange(len(bins)) - len(bins) // 2) * 2.0**-shift
+        y = np.concatenate([
+            rng.uniform(-1.0, 1.0, 20000), rng.normal(0, 1 / np.sqrt(t.rotation.shape[0]), 20000),
+            b, np.nextafter(b, np.float32(-1)), np.nextafter(b, np.float32(1)), edges[np.abs(edges) <= 1],
+            [-1.0, 1.0, 0.0]]).astype(np.float32).astype(np.float64)
+        want = np.searchsorted(b.astype(np.float64), y, side="left")
+        np.testing.assert_array_equal(tc_bin_codes(y, b), want)
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -59,10 +59,12 @@ TILE = 16
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
 # Tensor-core encode (tq_encode_tc): warps per block and 16-vector m-tiles per warp tile (None: 2, or
-# 1 for float32 input, whose hi/lo split doubles the fragments). Measured on an H100 (2M bf16 vectors
-# d=128, 3.5 bits): 4 x 2 (2 blocks, 8 warps per SM) 0.63 ms, as fast as 8 x 1 (16 warps) and faster
-# than 4 x 1 (20 warps, 0.72 ms), whose staging buffers leave L1 too little room for the rotation
-# fragments. Rotation scale exponent: TC_RS_EXP.
+# 1 for float32 input, whose hi/lo split doubles the fragments). Measured on an H200 (2M bf16
+# vectors d=128, bin-table codes; ms at 3.5 / 2.5 / 4 bits): 4 warps x 2 m-tiles 0.480 / 0.428 /
+# 0.782, 4 x 3 0.502 / 0.489 / 0.655, 6 x 2 0.503 / 0.467 / 0.839, 8 x 1 0.541 / 0.554 / 0.835: the
+# staging buffers share the SM's memory with L1, which holds the rotation fragments, so more warps
+# per SM lose as much as they gain (4 x 3 needs 255 registers and spills at 4 bits). Rotation scale
+# exponent: TC_RS_EXP.
 ENC_TC_WARPS = 4
 ENC_TC_MT: int | None = None
 TC_RS_EXP = 8
@@ -301,7 +303,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     """
     if kind == "codec":
         return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}"]
+                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}",
+                *_tc_bin_macros(params["cfg"])]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -313,6 +316,14 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         f"-DSTAGES={attention_stages(params['k_cfg'], params['v_cfg'])}",
         f"-DMINBLOCKS={ATTN_MINBLOCKS}",
     ]
+
+
+def _tc_bin_macros(cfg: CodecConfig) -> list[str]:
+    """``-DTC_BIN_SHIFT{g}``, ``-DTC_BIN_N{g}`` of both group slots (the second repeats a lone group)."""
+    bins = list(_tc_group_bins(cfg))
+    bins += bins[-1:] * (2 - len(bins))
+    return [opt for g, (shift, b) in enumerate(bins)
+            for opt in (f"-DTC_BIN_SHIFT{g}={shift}", f"-DTC_BIN_N{g}={len(b)}")]
 
 
 @functools.cache
@@ -385,8 +396,9 @@ def tc_rotation_parts(rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.cache
 def _tc_table(cfg: CodecConfig) -> np.ndarray:
-    """uint32 fragment table of ``tq_encode_tc``: per group, per (n-tile, k-step, lane) the words
-    {hi b0, hi b1, lo b0, lo b1} (float16 pairs, lower k in bits 0-15); dim^2 words per group."""
+    """uint32 table of ``tq_encode_tc``: per group, per (n-tile, k-step, lane) the fragment words
+    {hi b0, hi b1, lo b0, lo b1} (float16 pairs, lower k in bits 0-15), dim^2 words per group; then
+    per group its bin table (``tc_bins``), 2 words per bin."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         i, pos = _tc_positions(g.dim)
@@ -395,7 +407,30 @@ def _tc_table(cfg: CodecConfig) -> np.ndarray:
             h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
             words.append(h[..., 0] | (h[..., 1] << 16))
         out.append(np.concatenate(words, axis=-1).reshape(-1))  # hi b0, hi b1, lo b0, lo b1
+    out += [b.reshape(-1) for _, b in _tc_group_bins(cfg)]
     return np.concatenate(out).astype(np.uint32)
+
+
+def tc_bins(boundaries: np.ndarray) -> tuple[int, np.ndarray]:
+    """(shift, bins) of the tensor-core encode's code lookup for one group's sorted ``boundaries``.
+
+    Rotated coordinates y (unit-vector units, |y| <= 1) fall in bins of width w = 2**-shift, no wider
+    than the narrowest gap between boundaries, so a bin holds at most one boundary; bin
+    ``floor(y / w) + n / 2`` (n bins cover [-2, 2)) is a pair of uint32 words {float32 bits of the
+    boundary inside it, or +inf; the number of boundaries below the bin}, and the code, the number of
+    boundaries strictly below y, is the second word plus (y > the first). One shared-memory lookup
+    and one comparison per code, where a comparison chain costs one per boundary.
+    """
+    b = np.asarray(boundaries, np.float32)
+    gap = float(np.min(np.diff(b))) if b.size > 1 else 1.0
+    shift = max(0, math.ceil(-math.log2(gap)))
+    n = 4 << shift
+    lo = (np.arange(n, dtype=np.float64) - n // 2) * 2.0**-shift
+    first = np.searchsorted(b, lo, side="left")  # boundaries below each bin
+    inside = np.searchsorted(b, lo + 2.0**-shift, side="left") - first
+    assert inside.max() <= 1, "a bin holds two boundaries"
+    bnd = np.where(inside == 1, b[np.minimum(first, b.size - 1)], np.float32(np.inf)).astype(np.float32)
+    return shift, np.stack([bnd.view(np.uint32), first.astype(np.uint32)], axis=-1)
 
 
 @functools.cache
@@ -405,11 +440,18 @@ def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
         return cp.asarray(_tc_table(cfg))
 
 
+@functools.cache
+def _tc_group_bins(cfg: CodecConfig) -> tuple[tuple[int, np.ndarray], ...]:
+    return tuple(tc_bins(t.boundaries) for t in tables(cfg))
+
+
 def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
-    """Dynamic shared memory of tq_encode_tc (mirrors TC_XBYTES and the record buffers)."""
+    """Dynamic shared memory of tq_encode_tc (mirrors its layout: TC_BINBYTES, then per warp two
+    staged tiles, two channel lists and the record buffer)."""
     es = 4 if dtype == "float32" else 2
     nv = 16 * _tc_mt(dtype)
-    return ENC_TC_WARPS * (2 * nv * (cfg.d * es + 16) + nv * cfg.record_bytes)
+    bins = sum(8 * len(b) for _, b in _tc_group_bins(cfg))
+    return bins + ENC_TC_WARPS * (2 * nv * cfg.d * es + 2 * 2 * cfg.d + nv * cfg.record_bytes)
 
 
 def _tc_mt(dtype: str) -> int:
@@ -459,7 +501,6 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
                device: int) -> None:
     mod = _codec_module(device, cfg, dtype)
     fn = mod.get_function("tq_encode_tc")
-    tab, _ = _device_tables(device, cfg)
     tcb = _device_tc_table(device, cfg)
     smem = _tc_smem(cfg, dtype)
     blocks = _tc_blocks(device, cfg, dtype)
@@ -470,7 +511,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()
     fn((grid,), (32 * ENC_TC_WARPS,),
-       (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, tab, rec),
+       (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, rec),
        shared_mem=smem)
 
 

@@ -211,7 +211,9 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // ----------------------------------------------------------------------- tensor-core encode (mse)
 // tq_encode_tc: persistent grid, ENC_WARPS independent warps per block. A warp owns tiles of
 // TC_NV = 16 * ENC_MT vectors of one stream (tiles numbered across streams), double-buffered with
-// cp.async (raw input rows, channel order as stored). Per channel group the rotation is
+// cp.async: the raw input rows, channel order as stored, unpadded with their 16-byte chunks swizzled
+// (chunk c of row v at c ^ (v % TC_SW): the 8 rows a gather reads hit 8 bank quads), and the
+// stream's channel list. Per channel group the rotation is
 // D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
 //   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
 //       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
@@ -223,9 +225,10 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 //       into hi + lo as well (three mma per step instead of two).
 // Output column n of n-tile nt is rotated coordinate i = (n / 2) * G/4 + 2 nt + n % 2, so each
 // thread ends with G/4 consecutive codes of its rows: a byte-aligned piece of the code stream.
-// Codes: y = acc / (2^TC_RS_EXP * scale * |x_g|), compared against the positive half of the
-// (symmetric) boundaries with |y|, then folded by the sign of y. Records are assembled in a per-warp
-// shared buffer and written out as 32-bit words. Configurations it covers: tc_encode_ok (host).
+// Codes: y = acc / (2^TC_RS_EXP * |x_g|) (unit-vector units), then the number of boundaries below
+// y from a bin table in shared memory (cupy_raw.tc_bins: bin floor(y 2^TC_BIN_SHIFTg) holds at most
+// one boundary). Records are assembled in a per-warp shared buffer and written out as 32-bit words.
+// Configurations it covers: tc_encode_ok (host).
 #ifndef ENC_MT
 #define ENC_MT 2
 #endif
@@ -236,10 +239,17 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 
 constexpr int TC_ES = IN_KIND == TQ_F32 ? 4 : 2;              // input bytes per value
 constexpr int TC_NV = 16 * ENC_MT;                            // vectors per warp tile
-constexpr int TC_STRIDE = CC::D * TC_ES + 16;                 // staged row bytes (bank skew)
-constexpr int TC_XBYTES = 2 * TC_NV * TC_STRIDE;              // double buffer per warp
-// uint4 offset of group g's fragment table: G^2/4 uint4 per group.
-__host__ __device__ constexpr int tc_gtab(int g) { return g == 0 ? 0 : CC::gdim(0) * CC::gdim(0) / 4; }
+constexpr int TC_ROWB = CC::D * TC_ES;                        // staged row bytes
+constexpr int TC_SW = TC_ROWB / 16 < 8 ? TC_ROWB / 16 : 8;    // rows of one swizzle period
+constexpr int TC_XBYTES = TC_NV * TC_ROWB;                    // one staged tile
+constexpr int TC_CBYTES = CC::D * 2;                          // one staged channel list
+// uint4 offset of group g's fragment table (G^2/4 uint4 per group); g = NG: the bin tables.
+__host__ __device__ constexpr int tc_gtab(int g) {
+  return g == 0 ? 0 : tc_gtab(g - 1) + CC::gdim(g - 1) * CC::gdim(g - 1) / 4;
+}
+// Bin tables (float2 {boundary, boundaries below}), group 0 then 1, at the start of shared memory.
+__host__ __device__ constexpr int tc_bin_n(int g) { return g == 0 ? TC_BIN_N0 : TC_BIN_N1; }
+constexpr int TC_BINBYTES = 8 * (tc_bin_n(0) + (CC::NG > 1 ? tc_bin_n(1) : 0));
 
 // Store the first NB bytes of words w at byte offset off of shared memory, in the widest units the
 // compile-time alignment allows (ALIGN divides off).
@@ -257,38 +267,34 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
   }
 }
 
-// 0xffffffff where a < b, else 0 (one FSET; the masks then sum three at a time in IADD3).
-__device__ __forceinline__ u32 tc_lt_mask(float a, float b) {
-  u32 r;
-  asm("set.lt.u32.f32 %0, %1, %2;" : "=r"(r) : "f"(a), "f"(b));
-  return r;
-}
-
 // One channel group of one warp tile: xs = staged rows, ch = the stream's channels (or null),
 // stg = the tile's record buffer.
 template <int g>
-__device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restrict__ ch,
-                                                const uint4* __restrict__ tcb, const float* __restrict__ tab,
-                                                u8* stg, int lane) {
+__device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, const uint4* __restrict__ tcb,
+                                                const float2* bins, u8* stg, int lane) {
   constexpr int G = CC::gdim(g), G0 = CC::gstart(g), KS = G / 16, NT = G / 8, Q = G / 4;
-  constexpr int B = CC::gbits(g), MID = (1 << (B - 1)) - 1;  // MID positive boundaries
+  constexpr int B = CC::gbits(g), NB = tc_bin_n(g);
+  constexpr float BIN_SCALE = static_cast<float>(1 << (g == 0 ? TC_BIN_SHIFT0 : TC_BIN_SHIFT1));
+  constexpr float BIN_BIAS = 1048576.f + NB / 2;  // 2^20: the sum's ulp is 1/8
   constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
   constexpr bool F32 = IN_KIND == TQ_F32;
   const int r = lane >> 2, t = lane & 3;
-  // Byte offsets (within a staged row) of this thread's Q record positions.
+  // Byte offsets (within a staged row, swizzled for this thread's rows: all = r mod TC_SW) of
+  // this thread's Q record positions.
+  const u32 swz = static_cast<u32>(r % TC_SW) << 4;
   u32 off[Q];
   if (ch) {
     const uint4* c4 = reinterpret_cast<const uint4*>(ch + G0 + t * Q);
 #pragma unroll
     for (int k = 0; k < Q / 8; ++k) {
-      const uint4 w = __ldg(c4 + k);
+      const uint4 w = c4[k];
       const u32 ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-      for (int e = 0; e < 8; ++e) off[8 * k + e] = ((ws[e / 2] >> (16 * (e % 2))) & 0xffffu) * TC_ES;
+      for (int e = 0; e < 8; ++e) off[8 * k + e] = (((ws[e / 2] >> (16 * (e % 2))) & 0xffffu) * TC_ES) ^ swz;
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < Q; ++j) off[j] = (G0 + t * Q + j) * TC_ES;
+    for (int j = 0; j < Q; ++j) off[j] = ((G0 + t * Q + j) * TC_ES) ^ swz;
   }
   // Gather: raw values of rows 16m + 8h + r at positions t*Q + 4ks + 2q + {0, 1}; one address per
   // position, rows at immediate offsets.
@@ -298,7 +304,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
   float ss[ENC_MT][2];
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m) ss[m][0] = ss[m][1] = 0.f;
-  const u8* rbase = xs + r * TC_STRIDE;
+  const u8* rbase = xs + r * TC_ROWB;
 #pragma unroll
   for (int ks = 0; ks < KS; ++ks) {
 #pragma unroll
@@ -310,7 +316,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
       for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int ro = (16 * m + 8 * h) * TC_STRIDE;
+          const int ro = (16 * m + 8 * h) * TC_ROWB;
           if constexpr (F32) {
             const float f0 = *reinterpret_cast<const float*>(p0 + ro);
             const float f1 = *reinterpret_cast<const float*>(p1 + ro);
@@ -375,9 +381,9 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
       }
     }
   }
-  float pb[MID > 0 ? MID : 1];
+  float bscale[ENC_MT][2];
 #pragma unroll
-  for (int k = 0; k < MID; ++k) pb[k] = __ldg(tab + CC::gbnd(g) + MID + 1 + k);
+  for (int m = 0; m < ENC_MT; ++m) bscale[m][0] = inv[m][0] * BIN_SCALE, bscale[m][1] = inv[m][1] * BIN_SCALE;
   u32 cw[ENC_MT][2][NW];
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m)
@@ -409,12 +415,13 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
-        const float y = acc[m][e] * inv[m][h];
-        const float ay = fabsf(y);
-        u32 neg = 0;  // -(number of positive boundaries below |y|), from all-ones set masks
-#pragma unroll
-        for (int k = 0; k < MID; ++k) neg += tc_lt_mask(pb[k], ay);
-        const u32 c = y > 0.f ? MID + 1 - neg : MID + neg;
+        // y = acc * inv, kept exact in both fused steps: its bin is floor(y 2^shift) + NB/2, read
+        // off the bits of 2^20 + NB/2 + y 2^shift rounded toward zero to eighths (bits 3.. hold
+        // it, already a float2 index times 8; the mask keeps a NaN from non-finite input inside
+        // the table); y > boundary is the sign of boundary - y.
+        const u32 at = __float_as_uint(__fmaf_rz(acc[m][e], bscale[m][h], BIN_BIAS)) & (8 * NB - 8);
+        const float2 e2 = *reinterpret_cast<const float2*>(reinterpret_cast<const u8*>(bins) + at);
+        const u32 c = __float_as_uint(e2.y) + (__float_as_uint(fmaf(-acc[m][e], inv[m][h], e2.x)) >> 31);
         cw[m][h][wi] |= c << sh;
         if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
       }
@@ -431,25 +438,32 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* __restr
 
 extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
     tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
-                 const uint4* __restrict__ tcb, const float* __restrict__ tab, u8* __restrict__ rec) {
-  constexpr int D = CC::D, R = CC::R, CH = D * TC_ES / 16, ROWB = D * TC_ES;
+                 const uint4* __restrict__ tcb, u8* __restrict__ rec) {
+  constexpr int D = CC::D, R = CC::R, CH = TC_ROWB / 16;
   extern __shared__ __align__(16) u8 tc_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  u8* xbuf = tc_smem + warp * TC_XBYTES;
-  u8* stg = tc_smem + ENC_WARPS * TC_XBYTES + warp * TC_NV * R;
+  const uint4* bsrc = tcb + tc_gtab(CC::NG);
+  for (int k = threadIdx.x; k < TC_BINBYTES / 16; k += 32 * ENC_WARPS) reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(bsrc + k);
+  const float2* bins = reinterpret_cast<const float2*>(tc_smem);
+  u8* xbuf = tc_smem + TC_BINBYTES + warp * 2 * TC_XBYTES;
+  u16* cbuf = reinterpret_cast<u16*>(tc_smem + TC_BINBYTES + ENC_WARPS * 2 * TC_XBYTES + warp * 2 * TC_CBYTES);
+  u8* stg = tc_smem + TC_BINBYTES + ENC_WARPS * 2 * (TC_XBYTES + TC_CBYTES) + warp * TC_NV * R;
   // Padding bytes are never written below: zero once.
   for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
+  __syncthreads();
   const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
   auto issue = [&](int tl, int buf) {
     const int s = tl / T, v0 = (tl - s * T) * TC_NV, nv = min(TC_NV, n - v0);
-    const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * ROWB;
-    u8* dst = xbuf + buf * (TC_NV * TC_STRIDE);
+    const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * TC_ROWB;
+    u8* dst = xbuf + buf * TC_XBYTES;
 #pragma unroll 4
     for (int k = lane; k < TC_NV * CH; k += 32) {
       const int v = k / CH, c = k - v * CH;
       const bool ok = v < nv;
-      cp_async16(dst + v * TC_STRIDE + c * 16, src + (ok ? v : 0) * ROWB + c * 16, ok ? 16 : 0);
+      cp_async16(dst + v * TC_ROWB + ((c ^ (v % TC_SW)) << 4), src + (ok ? v : 0) * TC_ROWB + c * 16, ok ? 16 : 0);
     }
+    if (chans && lane < TC_CBYTES / 16)
+      cp_async16(cbuf + buf * D + lane * 8, chans + static_cast<u64>(s) * D + lane * 8, 16);
   };
   int tile = blockIdx.x * ENC_WARPS + warp;
   if (tile < total) issue(tile, 0);
@@ -460,9 +474,12 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
     cp_async_wait<1>();
     __syncwarp();
     const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
-    const u8* xs = xbuf + (it & 1) * (TC_NV * TC_STRIDE);
-    const u16* ch = chans ? chans + static_cast<u64>(s) * D : nullptr;
-    static_for<0, CC::NG>([&](auto gi) { tc_encode_group<decltype(gi)::value>(xs, ch, tcb, tab, stg, lane); });
+    const u8* xs = xbuf + (it & 1) * TC_XBYTES;
+    const u16* ch = chans ? cbuf + (it & 1) * D : nullptr;
+    static_for<0, CC::NG>([&](auto gi) {
+      constexpr int g = decltype(gi)::value;
+      tc_encode_group<g>(xs, ch, tcb, bins + (g == 0 ? 0 : tc_bin_n(0)), stg, lane);
+    });
     __syncwarp();
     u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
     const u32* src = reinterpret_cast<const u32*>(stg);
