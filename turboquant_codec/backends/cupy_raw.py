@@ -58,15 +58,18 @@ TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
-# Tensor-core encode (tq_encode_tc): warps per block and 16-vector m-tiles per warp tile (None: 2, or
-# 1 for float32 input, whose hi/lo split doubles the fragments). Measured on an H200 (2M bf16
-# vectors d=128, bin-table codes; ms at 3.5 / 2.5 / 4 bits): 4 warps x 2 m-tiles 0.480 / 0.428 /
-# 0.782, 4 x 3 0.502 / 0.489 / 0.655, 6 x 2 0.503 / 0.467 / 0.839, 8 x 1 0.541 / 0.554 / 0.835: the
-# staging buffers share the SM's memory with L1, which holds the rotation fragments, so more warps
-# per SM lose as much as they gain (4 x 3 needs 255 registers and spills at 4 bits). Rotation scale
-# exponent: TC_RS_EXP.
-ENC_TC_WARPS = 4
+# Tensor-core encode (tq_encode_tc): warps of its one block per SM (None: as many as its shared memory
+# holds, at most ENC_TC_MAX_WARPS) and 16-vector m-tiles per warp tile (None: 2, or 1 for float32
+# input, whose hi/lo split doubles the fragments). Rotation scale exponent: TC_RS_EXP.
+ENC_TC_WARPS: int | None = None
 ENC_TC_MT: int | None = None
+# 12 warps leave it 168 registers per thread, no spills; 14 and 16 warps cap it at 128 and spill
+# (H200, 2M bf16 vectors d=128, 3.5 bits: 0.367 ms at 12 warps, 0.409 at 14, 0.411 at 16, 0.442 at
+# 10; the double-buffered kernel before it, 8 warps per SM: 0.486).
+ENC_TC_MAX_WARPS = 12
+# Shared memory a block may opt into on sm_90 (227 KB); compile_options' default, where no device is
+# at hand (tests/test_cuda_sources.py).
+SM90_SMEM_OPTIN = 227 * 1024
 TC_RS_EXP = 8
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
@@ -293,8 +296,9 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     ----------
     kind : {"codec", "attention"}
     **params
-        codec: ``cfg``, ``dtype``. attention: ``k_cfg``, ``v_cfg``, ``dtype`` (query), ``tail_dtype``,
-        ``group`` (query heads per KV head).
+        codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
+        which sets the encode's warps per block; default: sm_90's). attention: ``k_cfg``,
+        ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group`` (query heads per KV head).
 
     Returns
     -------
@@ -302,9 +306,10 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         Also used by ``tests/test_cuda_sources.py`` to compile the same instantiations with nvcc.
     """
     if kind == "codec":
-        return [*_codec_macros("C", params["cfg"]), f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-                f"-DENC_WARPS={ENC_TC_WARPS}", f"-DENC_MT={_tc_mt(params['dtype'])}",
-                *_tc_bin_macros(params["cfg"])]
+        cfg, dtype = params["cfg"], params["dtype"]
+        warps = _tc_warps(cfg, dtype, params.get("smem_optin", SM90_SMEM_OPTIN))
+        return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
+                f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_bin_macros(cfg)]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -356,8 +361,14 @@ def _sm_count(device: int) -> int:
 
 
 @functools.cache
+def _smem_optin(device: int) -> int:
+    return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
+
+
+@functools.cache
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
-    return _module(device, "tq_codec.cu", tuple(compile_options("codec", cfg=cfg, dtype=dtype)))
+    opts = compile_options("codec", cfg=cfg, dtype=dtype, smem_optin=_smem_optin(device))
+    return _module(device, "tq_codec.cu", tuple(opts))
 
 
 # ------------------------------------------------------------------------------------ tensor-core encode
@@ -445,13 +456,29 @@ def _tc_group_bins(cfg: CodecConfig) -> tuple[tuple[int, np.ndarray], ...]:
     return tuple(tc_bins(t.boundaries) for t in tables(cfg))
 
 
-def _tc_smem(cfg: CodecConfig, dtype: str) -> int:
-    """Dynamic shared memory of tq_encode_tc (mirrors its layout: TC_BINBYTES, then per warp two
-    staged tiles, two channel lists and the record buffer)."""
+def _tc_smem_parts(cfg: CodecConfig, dtype: str) -> tuple[int, int]:
+    """Dynamic shared memory of tq_encode_tc (mirrors its layout): (bin and fragment tables, per warp:
+    its staged tile, channel list and record buffer)."""
     es = 4 if dtype == "float32" else 2
     nv = 16 * _tc_mt(dtype)
-    bins = sum(8 * len(b) for _, b in _tc_group_bins(cfg))
-    return bins + ENC_TC_WARPS * (2 * nv * cfg.d * es + 2 * 2 * cfg.d + nv * cfg.record_bytes)
+    tables_ = sum(8 * len(b) for _, b in _tc_group_bins(cfg)) + sum(4 * g.dim**2 for g in cfg.groups)
+    return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
+
+
+def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int) -> int:
+    fixed, per_warp = _tc_smem_parts(cfg, dtype)
+    fit = (smem_optin - fixed) // per_warp
+    if ENC_TC_WARPS is None:
+        return max(1, min(ENC_TC_MAX_WARPS, fit))
+    if not 1 <= ENC_TC_WARPS <= fit:
+        raise ValueError(f"ENC_TC_WARPS={ENC_TC_WARPS}: tq_encode_tc fits 1 to {fit} warps per block "
+                         f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)")
+    return ENC_TC_WARPS
+
+
+def _tc_smem(cfg: CodecConfig, dtype: str, warps: int) -> int:
+    fixed, per_warp = _tc_smem_parts(cfg, dtype)
+    return fixed + warps * per_warp
 
 
 def _tc_mt(dtype: str) -> int:
@@ -462,11 +489,12 @@ def _tc_mt(dtype: str) -> int:
 def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
     """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
     fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
-    smem = _tc_smem(cfg, dtype)
+    warps = _tc_warps(cfg, dtype, _smem_optin(device))
+    smem = _tc_smem(cfg, dtype, warps)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     attrs = _cupy().cuda.Device(device).attributes
-    per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * ENC_TC_WARPS,
+    per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
                              attrs["MaxRegistersPerMultiprocessor"],
                              attrs["MaxSharedMemoryPerMultiprocessor"],
                              attrs["MaxThreadsPerMultiProcessor"])
@@ -502,15 +530,16 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     mod = _codec_module(device, cfg, dtype)
     fn = mod.get_function("tq_encode_tc")
     tcb = _device_tc_table(device, cfg)
-    smem = _tc_smem(cfg, dtype)
+    warps = _tc_warps(cfg, dtype, _smem_optin(device))
+    smem = _tc_smem(cfg, dtype, warps)
     blocks = _tc_blocks(device, cfg, dtype)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     tiles = streams * -(-n // (16 * _tc_mt(dtype)))
-    grid = max(1, min(blocks, -(-tiles // ENC_TC_WARPS)))
+    grid = max(1, min(blocks, -(-tiles // warps)))
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()
-    fn((grid,), (32 * ENC_TC_WARPS,),
+    fn((grid,), (32 * warps,),
        (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, rec),
        shared_mem=smem)
 

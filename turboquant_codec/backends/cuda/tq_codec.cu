@@ -209,17 +209,19 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 }
 
 // ----------------------------------------------------------------------- tensor-core encode (mse)
-// tq_encode_tc: persistent grid, ENC_WARPS independent warps per block. A warp owns tiles of
-// TC_NV = 16 * ENC_MT vectors of one stream (tiles numbered across streams), double-buffered with
-// cp.async: the raw input rows, channel order as stored, unpadded with their 16-byte chunks swizzled
-// (chunk c of row v at c ^ (v % TC_SW): the 8 rows a gather reads hit 8 bank quads), and the
-// stream's channel list. Per channel group the rotation is
+// tq_encode_tc: persistent grid, one block of ENC_WARPS independent warps per SM, sharing the bin
+// and fragment tables in shared memory. A warp owns tiles of TC_NV = 16 * ENC_MT vectors of one
+// stream (tiles numbered across streams), staged by cp.async: the raw input rows, channel order as
+// stored, unpadded with their 16-byte chunks swizzled (chunk c of row v at c ^ (v % TC_SW): the 8
+// rows a gather reads hit 8 bank quads), and the stream's channel list. A tile's values go to
+// registers (tc_gather) before its rotation and codes (tc_rotate), so one staging buffer per warp
+// takes the next tile meanwhile. Per channel group the rotation is
 // D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
 //   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
 //       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
 //   B = the rotation, scaled by 2^TC_RS_EXP and split into float16 hi + lo parts (hi*x + lo*x:
 //       float32-level products), pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0,
-//       lo_b1} per lane, k-step and n-tile (cupy_raw._tc_table), read through L1;
+//       lo_b1} per lane, k-step and n-tile (cupy_raw._tc_table), copied to shared memory;
 //   x: float16 inputs are exact in float16; bfloat16 and float32 are first scaled by 2^-e (e the
 //       exponent of the group norm, so no float16 overflow or underflow loss), float32 is split
 //       into hi + lo as well (three mma per step instead of two).
@@ -267,16 +269,23 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
   }
 }
 
-// One channel group of one warp tile: xs = staged rows, ch = the stream's channels (or null),
-// stg = the tile's record buffer.
+// One channel group's share of a warp tile, held in registers between its two phases: the vectors
+// as mma A fragments (float16 pairs; float32 input adds its lo parts) and 1 / (2^TC_RS_EXP |x_g|)
+// per row.
 template <int g>
-__device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, const uint4* __restrict__ tcb,
-                                                const float2* bins, u8* stg, int lane) {
-  constexpr int G = CC::gdim(g), G0 = CC::gstart(g), KS = G / 16, NT = G / 8, Q = G / 4;
-  constexpr int B = CC::gbits(g), NB = tc_bin_n(g);
-  constexpr float BIN_SCALE = static_cast<float>(1 << (g == 0 ? TC_BIN_SHIFT0 : TC_BIN_SHIFT1));
-  constexpr float BIN_BIAS = 1048576.f + NB / 2;  // 2^20: the sum's ulp is 1/8
-  constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
+struct TcFrag {
+  static constexpr int KS = CC::gdim(g) / 16;
+  static constexpr bool F32 = IN_KIND == TQ_F32;
+  u32 ah[ENC_MT][2][KS][2];
+  u32 al[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2];
+  float inv[ENC_MT][2];
+};
+
+// Phase 1 of a group: gather its values from the staged tile xs through the channel list ch (or
+// null), norms into the record buffer stg, fragments and scales into f.
+template <int g>
+__device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, int lane, TcFrag<g>& f) {
+  constexpr int G = CC::gdim(g), G0 = CC::gstart(g), KS = G / 16, Q = G / 4, R = CC::R;
   constexpr bool F32 = IN_KIND == TQ_F32;
   const int r = lane >> 2, t = lane & 3;
   // Byte offsets (within a staged row, swizzled for this thread's rows: all = r mod TC_SW) of
@@ -298,8 +307,8 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
   }
   // Gather: raw values of rows 16m + 8h + r at positions t*Q + 4ks + 2q + {0, 1}; one address per
   // position, rows at immediate offsets.
-  u32 ah[ENC_MT][2][KS][2];                       // float16 pairs (hi part)
-  u32 al[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2];   // lo part (float32 input)
+  u32(&ah)[ENC_MT][2][KS][2] = f.ah;
+  u32(&al)[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2] = f.al;
   float fv[F32 ? ENC_MT : 1][2][F32 ? KS : 1][4];  // float32 input values
   float ss[ENC_MT][2];
 #pragma unroll
@@ -343,7 +352,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
     }
   }
   // Group norms (the 4 lanes of a row hold its Q-position pieces), scale, 1/denominator, norms out.
-  float inv[ENC_MT][2];
+  float(&inv)[ENC_MT][2] = f.inv;
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
@@ -381,6 +390,23 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
       }
     }
   }
+}
+
+// Phase 2 of a group: rotation on the tensor cores (fragment table bt in shared memory), codes from
+// the group's bins, code bytes into the record buffer stg.
+template <int g>
+__device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, const float2* bins, u8* stg,
+                                          int lane) {
+  constexpr int G = CC::gdim(g), KS = G / 16, NT = G / 8, Q = G / 4;
+  constexpr int B = CC::gbits(g), NB = tc_bin_n(g);
+  constexpr float BIN_SCALE = static_cast<float>(1 << (g == 0 ? TC_BIN_SHIFT0 : TC_BIN_SHIFT1));
+  constexpr float BIN_BIAS = 1048576.f + NB / 2;  // 2^20: the sum's ulp is 1/8
+  constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
+  constexpr bool F32 = IN_KIND == TQ_F32;
+  const int r = lane >> 2, t = lane & 3;
+  const auto& ah = f.ah;
+  const auto& al = f.al;
+  const auto& inv = f.inv;
   float bscale[ENC_MT][2];
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m) bscale[m][0] = inv[m][0] * BIN_SCALE, bscale[m][1] = inv[m][1] * BIN_SCALE;
@@ -391,7 +417,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int k = 0; k < NW; ++k) cw[m][h][k] = 0u;
-  const uint4* bt = tcb + tc_gtab(g) + lane;
+  bt += tc_gtab(g) + lane;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float acc[ENC_MT][4];
@@ -401,7 +427,7 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
       for (int e = 0; e < 4; ++e) acc[m][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      const uint4 b = __ldg(bt + (nt * KS + ks) * 32);
+      const uint4 b = bt[(nt * KS + ks) * 32];
 #pragma unroll
       for (int m = 0; m < ENC_MT; ++m) {
         mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.x, b.y);
@@ -436,57 +462,64 @@ __device__ __forceinline__ void tc_encode_group(const u8* xs, const u16* ch, con
       tc_store_bytes<CB, AL>(stg + (16 * m + 8 * h + r) * R + CC::gcode(g) + t * CB, cw[m][h]);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS)
+extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
                  const uint4* __restrict__ tcb, u8* __restrict__ rec) {
   constexpr int D = CC::D, R = CC::R, CH = TC_ROWB / 16;
+  constexpr int TABBYTES = 16 * tc_gtab(CC::NG);
   extern __shared__ __align__(16) u8 tc_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const uint4* bsrc = tcb + tc_gtab(CC::NG);
-  for (int k = threadIdx.x; k < TC_BINBYTES / 16; k += 32 * ENC_WARPS) reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(bsrc + k);
+  // Block-wide: bins then fragment tables (their order in tcb is the reverse).
+  for (int k = threadIdx.x; k < TC_BINBYTES / 16; k += 32 * ENC_WARPS)
+    reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(tcb + tc_gtab(CC::NG) + k);
+  for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS)
+    reinterpret_cast<uint4*>(tc_smem + TC_BINBYTES)[k] = __ldg(tcb + k);
   const float2* bins = reinterpret_cast<const float2*>(tc_smem);
-  u8* xbuf = tc_smem + TC_BINBYTES + warp * 2 * TC_XBYTES;
-  u16* cbuf = reinterpret_cast<u16*>(tc_smem + TC_BINBYTES + ENC_WARPS * 2 * TC_XBYTES + warp * 2 * TC_CBYTES);
-  u8* stg = tc_smem + TC_BINBYTES + ENC_WARPS * 2 * (TC_XBYTES + TC_CBYTES) + warp * TC_NV * R;
+  const uint4* tab = reinterpret_cast<const uint4*>(tc_smem + TC_BINBYTES);
+  u8* wbase = tc_smem + TC_BINBYTES + TABBYTES + warp * (TC_XBYTES + TC_CBYTES + TC_NV * R);
+  u8* xs = wbase;
+  u16* cbuf = reinterpret_cast<u16*>(wbase + TC_XBYTES);
+  u8* stg = wbase + TC_XBYTES + TC_CBYTES;
   // Padding bytes are never written below: zero once.
   for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
   __syncthreads();
   const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
-  auto issue = [&](int tl, int buf) {
+  auto issue = [&](int tl) {
     const int s = tl / T, v0 = (tl - s * T) * TC_NV, nv = min(TC_NV, n - v0);
     const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * TC_ROWB;
-    u8* dst = xbuf + buf * TC_XBYTES;
 #pragma unroll 4
     for (int k = lane; k < TC_NV * CH; k += 32) {
       const int v = k / CH, c = k - v * CH;
       const bool ok = v < nv;
-      cp_async16(dst + v * TC_ROWB + ((c ^ (v % TC_SW)) << 4), src + (ok ? v : 0) * TC_ROWB + c * 16, ok ? 16 : 0);
+      cp_async16(xs + v * TC_ROWB + ((c ^ (v % TC_SW)) << 4), src + (ok ? v : 0) * TC_ROWB + c * 16, ok ? 16 : 0);
     }
     if (chans && lane < TC_CBYTES / 16)
-      cp_async16(cbuf + buf * D + lane * 8, chans + static_cast<u64>(s) * D + lane * 8, 16);
+      cp_async16(cbuf + lane * 8, chans + static_cast<u64>(s) * D + lane * 8, 16);
+    cp_async_commit();
   };
   int tile = blockIdx.x * ENC_WARPS + warp;
-  if (tile < total) issue(tile, 0);
-  cp_async_commit();
-  for (int it = 0; tile < total; tile += step, ++it) {
-    if (tile + step < total) issue(tile + step, (it + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+  if (tile < total) issue(tile);
+  for (; tile < total; tile += step) {
+    cp_async_wait<0>();
     __syncwarp();
     const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
-    const u8* xs = xbuf + (it & 1) * TC_XBYTES;
-    const u16* ch = chans ? cbuf + (it & 1) * D : nullptr;
-    static_for<0, CC::NG>([&](auto gi) {
-      constexpr int g = decltype(gi)::value;
-      tc_encode_group<g>(xs, ch, tcb, bins + (g == 0 ? 0 : tc_bin_n(0)), stg, lane);
-    });
+    const u16* ch = chans ? cbuf : nullptr;
+    // Every group's values into registers first, so the staging buffer takes the next tile while
+    // the tensor cores and the code lookups work.
+    TcFrag<0> f0;
+    TcFrag<CC::NG - 1> f1;  // unused with one group
+    tc_gather<0>(xs, ch, stg, lane, f0);
+    static_for<1, CC::NG>([&](auto gi) { tc_gather<decltype(gi)::value>(xs, ch, stg, lane, f1); });
+    __syncwarp();
+    if (tile + step < total) issue(tile + step);
+    tc_rotate<0>(f0, tab, bins, stg, lane);
+    static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bins + tc_bin_n(0), stg, lane); });
     __syncwarp();
     u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
     const u32* src = reinterpret_cast<const u32*>(stg);
     for (int k = lane; k < nv * R / 4; k += 32) dst[k] = src[k];
     __syncwarp();
   }
-  cp_async_wait<0>();
 }
 
 // Expanded field values of one record: vals[foff(f) + i] = table value of code i of field f,
