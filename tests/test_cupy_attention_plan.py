@@ -89,16 +89,18 @@ H100_SM = (65536, 233472, 2048)
 @pytest.mark.parametrize(
     ("regs", "smem", "threads", "blocks"),
     [
-        # tq_encode_tc at 112 registers, 4 / 8 / 2 warps x 2 m-tiles of bf16 staging: shared memory
-        # bounds them (the H100 ran 264, 132 and 660 blocks on 132 SMs).
+        # The double-buffered tq_encode_tc at 112 registers, 4 / 8 / 2 warps x 2 m-tiles of bf16
+        # staging: shared memory bounds them (the H100 ran 264, 132 and 660 blocks on 132 SMs).
         (112, 77312, 128, 2),
         (112, 154624, 256, 1),
         (112, 38656, 64, 5),
+        # Today's, 12 warps at 168 registers with its tables (d=128, 3.5 bits): one block per SM.
+        (168, 159232, 384, 1),
         (64, 0, 256, 4),     # registers bound: 8 warps x 2048 of 65536
         (16, 0, 1024, 2),    # threads bound
         (255, 0, 512, 1),    # over every limit: still one block
     ],
-    ids=["enc-4w", "enc-8w", "enc-2w", "regs", "threads", "floor"],
+    ids=["enc-4w", "enc-8w", "enc-2w", "enc-12w", "regs", "threads", "floor"],
 )
 def test_resident_blocks_takes_the_tightest_sm_limit(regs: int, smem: int, threads: int, blocks: int) -> None:
     assert cupy_raw.resident_blocks(regs, smem, threads, *H100_SM) == blocks
