@@ -433,13 +433,14 @@ def tc_bins(boundaries: np.ndarray) -> tuple[int, np.ndarray]:
     and one comparison per code, where a comparison chain costs one per boundary.
     """
     b = np.asarray(boundaries, np.float32)
-    gap = float(np.min(np.diff(b))) if b.size > 1 else 1.0
+    gap = float(np.min(np.diff(b.astype(np.float64)))) if b.size > 1 else 1.0
     shift = max(0, math.ceil(-math.log2(gap)))
     n = 4 << shift
     lo = (np.arange(n, dtype=np.float64) - n // 2) * 2.0**-shift
     first = np.searchsorted(b, lo, side="left")  # boundaries below each bin
     inside = np.searchsorted(b, lo + 2.0**-shift, side="left") - first
-    assert inside.max() <= 1, "a bin holds two boundaries"
+    if inside.max() > 1:  # cannot happen for sorted, distinct boundaries; a guard for the table
+        raise ValueError(f"bins of width 2**-{shift} hold two boundaries: {b}")
     bnd = np.where(inside == 1, b[np.minimum(first, b.size - 1)], np.float32(np.inf)).astype(np.float32)
     return shift, np.stack([bnd.view(np.uint32), first.astype(np.uint32)], axis=-1)
 
@@ -453,6 +454,7 @@ def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
 
 @functools.cache
 def _tc_group_bins(cfg: CodecConfig) -> tuple[tuple[int, np.ndarray], ...]:
+    """``tc_bins`` of each channel group's boundaries."""
     return tuple(tc_bins(t.boundaries) for t in tables(cfg))
 
 
