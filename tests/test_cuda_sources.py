@@ -1,6 +1,7 @@
 """Every CUDA source of the CuPy backend compiles for sm_90 with nvcc, warnings as errors.
 
-Runs without a GPU: ``nvcc -cubin -arch=sm_90 -Werror all-warnings`` over the same ``-D`` options
+Runs without a GPU: ``nvcc -cubin -arch=sm_90 -Werror all-warnings`` (sm_90a for the cases named so,
+whose encode uses warpgroup mma) over the same ``-D`` options
 (record layout, dtypes, query heads per KV head) the RawModule compiles at run time, for a spread of
 configurations. Skipped only where nvcc is absent and ``CI`` is not "true" (on CI it must run).
 """
@@ -25,6 +26,11 @@ _C = CodecConfig
 CASES = {
     "codec-d128-mse3.5-bf16": ("tq_codec.cu", cupy_raw.compile_options(
         "codec", cfg=_C(128, 3.5), dtype="bfloat16")),
+    # sm_90a: the encode's warpgroup-mma path (both group widths of its n32 / n64 products).
+    "codec-d128-mse4-bf16-sm90a": ("tq_codec.cu", cupy_raw.compile_options(
+        "codec", cfg=_C(128, 4.0), dtype="bfloat16", wgmma=True)),
+    "codec-d64-mse2.5-f32-sm90a": ("tq_codec.cu", cupy_raw.compile_options(
+        "codec", cfg=_C(64, 2.5), dtype="float32", wgmma=True)),
     "codec-d64-prod3-f32": ("tq_codec.cu", cupy_raw.compile_options(
         "codec", cfg=_C(64, 3.0, "prod"), dtype="float32")),
     "codec-d128-mse1-f16": ("tq_codec.cu", cupy_raw.compile_options(
@@ -46,7 +52,9 @@ CASES = {
 
 
 def _compile(source: str, options: list[str], out: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+    # sm_90a as the backend builds it (NVRTC -arch=sm_90a) for the cases named so.
+    arch = "-gencode=arch=compute_90a,code=sm_90a" if out.stem.endswith("-sm90a") else "-arch=sm_90"
+    cmd = [NVCC, "-cubin", arch, "-std=c++17", "-Werror", "all-warnings",
            f"-I{cupy_raw.CUDA_DIR}", *options, "-o", str(out), str(cupy_raw.CUDA_DIR / source)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 

@@ -325,25 +325,31 @@ def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) 
                                    numpy_ref._norms(ref.records, g, 0)[0], rtol=2**-10)
 
 
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("bits", [2.5, 4.0])
-def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str) -> None:
-    """The encode's warps per block: as many as its shared memory holds (at most ENC_TC_MAX_WARPS);
-    a forced count that does not fit is refused with the numbers, not left to a launch failure."""
+def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str, wgmma: bool) -> None:
+    """The encode's warps per block: as many as its shared memory holds (at most ENC_TC_MAX_WARPS,
+    whole warpgroups for wgmma); a forced count that does not fit is refused with the numbers, not
+    left to a launch failure."""
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
-    cfg, optin = CodecConfig(128, bits), cupy_raw.SM90_SMEM_OPTIN
-    warps = cupy_raw._tc_warps(cfg, dtype, optin)
-    assert 1 <= warps <= cupy_raw.ENC_TC_MAX_WARPS
+    cfg, optin, unit = CodecConfig(128, bits), cupy_raw.SM90_SMEM_OPTIN, 4 if wgmma else 1
+    warps = cupy_raw._tc_warps(cfg, dtype, optin, wgmma)
+    assert unit <= warps <= cupy_raw.ENC_TC_MAX_WARPS and warps % unit == 0
     fixed, per_warp = cupy_raw._tc_smem_parts(cfg, dtype)
     assert cupy_raw._tc_smem(cfg, dtype, warps) == fixed + warps * per_warp <= optin
-    small = fixed + 3 * per_warp  # a device with room for 3 warps
-    assert cupy_raw._tc_warps(cfg, dtype, small) == min(3, cupy_raw.ENC_TC_MAX_WARPS)
-    monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", 4)
-    with pytest.raises(ValueError, match="ENC_TC_WARPS=4.*fits 1 to 3 warps"):
-        cupy_raw._tc_warps(cfg, dtype, small)
-    assert cupy_raw._tc_warps(cfg, dtype, optin) == 4
+    small = fixed + 5 * per_warp  # a device with room for 5 warps
+    assert cupy_raw._tc_warps(cfg, dtype, small, wgmma) == (4 if wgmma else 5)
+    monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", 6)
+    with pytest.raises(ValueError, match="ENC_TC_WARPS=6.*fits 1 to 5 warps"):
+        cupy_raw._tc_warps(cfg, dtype, small, wgmma)
+    if wgmma:
+        with pytest.raises(ValueError, match="whole warpgroups"):
+            cupy_raw._tc_warps(cfg, dtype, optin, wgmma)
+    else:
+        assert cupy_raw._tc_warps(cfg, dtype, optin, wgmma) == 6
 
 
 def test_tc_encode_predicate() -> None:

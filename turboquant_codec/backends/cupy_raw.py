@@ -70,6 +70,11 @@ ENC_TC_MAX_WARPS = 12
 # Shared memory a block may opt into on sm_90 (227 KB); compile_options' default, where no device is
 # at hand (tests/test_cuda_sources.py).
 SM90_SMEM_OPTIN = 227 * 1024
+# Whether the codec kernels are built for sm_90a, where tq_encode_tc rotates with warpgroup mma
+# (wgmma: each rotation fragment read from shared memory once per 64 vectors by the tensor cores)
+# instead of mma.sync: None = on every compute capability 9.0 device; False = mma.sync everywhere.
+# Environment: TQ_CUPY_RAW_WGMMA=0 or 1 sets it.
+ENC_TC_WGMMA: bool | None = {"0": False, "1": True}.get(os.environ.get("TQ_CUPY_RAW_WGMMA", ""))
 TC_RS_EXP = 8
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
@@ -297,7 +302,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     kind : {"codec", "attention"}
     **params
         codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
-        which sets the encode's warps per block; default: sm_90's). attention: ``k_cfg``,
+        which sets the encode's warps per block; default: sm_90's) and ``wgmma`` (warps in whole
+        warpgroups; the caller builds for sm_90a). attention: ``k_cfg``,
         ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group`` (query heads per KV head).
 
     Returns
@@ -307,7 +313,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     """
     if kind == "codec":
         cfg, dtype = params["cfg"], params["dtype"]
-        warps = _tc_warps(cfg, dtype, params.get("smem_optin", SM90_SMEM_OPTIN))
+        optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
+        warps = _tc_warps(cfg, dtype, optin, wgmma)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
                 f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_bin_macros(cfg)]
     return [
@@ -365,10 +372,20 @@ def _smem_optin(device: int) -> int:
     return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
 
 
-@functools.cache
+def _wgmma(device: int) -> bool:
+    if ENC_TC_WGMMA is None:
+        return bool(_cupy().cuda.Device(device).compute_capability == "90")
+    return ENC_TC_WGMMA
+
+
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
-    opts = compile_options("codec", cfg=cfg, dtype=dtype, smem_optin=_smem_optin(device))
-    return _module(device, "tq_codec.cu", tuple(opts))
+    return _codec_build(device, cfg, dtype, _wgmma(device))
+
+
+@functools.cache
+def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> Any:
+    opts = compile_options("codec", cfg=cfg, dtype=dtype, smem_optin=_smem_optin(device), wgmma=wgmma)
+    return _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
 
 
 # ------------------------------------------------------------------------------------ tensor-core encode
@@ -467,14 +484,16 @@ def _tc_smem_parts(cfg: CodecConfig, dtype: str) -> tuple[int, int]:
     return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
 
 
-def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int) -> int:
+def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int, wgmma: bool) -> int:
     fixed, per_warp = _tc_smem_parts(cfg, dtype)
     fit = (smem_optin - fixed) // per_warp
+    unit = 4 if wgmma else 1  # wgmma: whole warpgroups
     if ENC_TC_WARPS is None:
-        return max(1, min(ENC_TC_MAX_WARPS, fit))
-    if not 1 <= ENC_TC_WARPS <= fit:
+        return max(unit, min(ENC_TC_MAX_WARPS, fit) // unit * unit)
+    if not 1 <= ENC_TC_WARPS <= fit or ENC_TC_WARPS % unit:
         raise ValueError(f"ENC_TC_WARPS={ENC_TC_WARPS}: tq_encode_tc fits 1 to {fit} warps per block "
-                         f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)")
+                         f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)"
+                         + (", in whole warpgroups of 4 (wgmma)" if wgmma else ""))
     return ENC_TC_WARPS
 
 
@@ -491,7 +510,7 @@ def _tc_mt(dtype: str) -> int:
 def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
     """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
     fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
-    warps = _tc_warps(cfg, dtype, _smem_optin(device))
+    warps = _tc_warps(cfg, dtype, _smem_optin(device), _wgmma(device))
     smem = _tc_smem(cfg, dtype, warps)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
@@ -532,7 +551,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     mod = _codec_module(device, cfg, dtype)
     fn = mod.get_function("tq_encode_tc")
     tcb = _device_tc_table(device, cfg)
-    warps = _tc_warps(cfg, dtype, _smem_optin(device))
+    warps = _tc_warps(cfg, dtype, _smem_optin(device), _wgmma(device))
     smem = _tc_smem(cfg, dtype, warps)
     blocks = _tc_blocks(device, cfg, dtype)
     if smem > 48 * 1024:

@@ -271,6 +271,65 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
   }
 }
 
+// Warpgroup mma (sm_90a builds only, -arch=sm_90a): the rotation tables in shared memory in the
+// layout wgmma reads (per group, part hi/lo and k-step a 16 x G block of 8 x 8 core matrices:
+// byte (k/8)*128 + (n/8)*256 + (n%8)*16 + (k%8)*2), A from the same registers as mma.sync.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TC_WGMMA 1
+#else
+#define TC_WGMMA 0
+#endif
+#ifndef TC_WG_LBO
+#define TC_WG_LBO 128  // bytes between core matrices along k
+#endif
+#ifndef TC_WG_SBO
+#define TC_WG_SBO 256  // bytes between core matrices along n
+#endif
+#ifndef TC_WG_TRANSB
+#define TC_WG_TRANSB 0
+#endif
+#ifndef TC_WG_FILL
+#define TC_WG_FILL 0  // 0: a core matrix row is 8 k of one n; 1: 8 n of one k
+#endif
+#if TC_WGMMA
+__device__ __forceinline__ u64 tc_wg_desc(u32 smem, int lbo, int sbo) {
+  return static_cast<u64>((smem >> 4) & 0x3FFF) | (static_cast<u64>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<u64>((sbo >> 4) & 0x3FFF) << 32);
+}
+#define TC_WG_STR2(x) #x
+#define TC_WG_STR(x) TC_WG_STR2(x)
+// d[0..N/2) (+)= A(64 x 16, this warp's 16 rows in a0..a3) * B(16 x N at desc); acc = 0: d = A*B.
+template <int N>
+__device__ __forceinline__ void tc_wgmma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc);
+template <>
+__device__ __forceinline__ void tc_wgmma<32>(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
+      "%15}, {%16,%17,%18,%19}, %20, p, 1, 1, " TC_WG_STR(TC_WG_TRANSB) ";\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+template <>
+__device__ __forceinline__ void tc_wgmma<64>(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
+      "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, "
+      TC_WG_STR(TC_WG_TRANSB) ";\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
+}
+__device__ __forceinline__ void tc_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void tc_wg_wait() {
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+#endif
+
 // One channel group's share of a warp tile, held in registers between its two phases: the vectors
 // as mma A fragments (float16 pairs; float32 input adds its lo parts) and 1 / (2^TC_RS_EXP |x_g|)
 // per row.
@@ -399,7 +458,7 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
 template <int g>
 __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, const float2* bins, u8* stg,
                                           int lane) {
-  constexpr int G = CC::gdim(g), KS = G / 16, NT = G / 8, Q = G / 4;
+  constexpr int G = CC::gdim(g), KS = G / 16, Q = G / 4;
   constexpr int B = CC::gbits(g), NB = tc_bin_n(g);
   constexpr float BIN_SCALE = static_cast<float>(1 << (g == 0 ? TC_BIN_SHIFT0 : TC_BIN_SHIFT1));
   constexpr float BIN_BIAS = 1048576.f + NB / 2;  // 2^20: the sum's ulp is 1/8
@@ -419,9 +478,52 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, c
     for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int k = 0; k < NW; ++k) cw[m][h][k] = 0u;
+  // Codes of m-tile m's accumulators acc[e] of n-tile nt (columns 2t, 2t+1 of rows r, r+8).
+  auto quantize = [&](int m, int nt, const float* acc) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
+      // y = acc * inv, kept exact in both fused steps: its bin is floor(y 2^shift) + NB/2, read
+      // off the bits of 2^20 + NB/2 + y 2^shift rounded toward zero to eighths (bits 3.. hold
+      // it, already a float2 index times 8; the mask keeps a NaN from non-finite input inside
+      // the table); y > boundary is the sign of boundary - y.
+      const u32 at = __float_as_uint(__fmaf_rz(acc[e], bscale[m][h], BIN_BIAS)) & (8 * NB - 8);
+      const float2 e2 = *reinterpret_cast<const float2*>(reinterpret_cast<const u8*>(bins) + at);
+      const u32 c = __float_as_uint(e2.y) + (__float_as_uint(fmaf(-acc[e], inv[m][h], e2.x)) >> 31);
+      cw[m][h][wi] |= c << sh;
+      if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
+    }
+  };
+#if TC_WGMMA
+  // One warpgroup product per m-tile and chunk of N output columns; bt = this group's tables.
+  constexpr int N = G < 64 ? G : 64, BLK = 32 * G;  // bytes of one (part, k-step) block
+  const u32 base = static_cast<u32>(__cvta_generic_to_shared(bt)) + 16 * tc_gtab(g);
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m) {
+#pragma unroll
+    for (int c = 0; c < G / N; ++c) {
+      float d[N / 2];
+      tc_wg_fence();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const u32 at = base + ks * BLK + c * (N / 8) * TC_WG_SBO;
+        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1],
+                    tc_wg_desc(at, TC_WG_LBO, TC_WG_SBO), ks > 0);
+        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1],
+                    tc_wg_desc(at + KS * BLK, TC_WG_LBO, TC_WG_SBO), 1);
+        if constexpr (F32)
+          tc_wgmma<N>(d, al[m][0][ks][0], al[m][1][ks][0], al[m][0][ks][1], al[m][1][ks][1],
+                      tc_wg_desc(at, TC_WG_LBO, TC_WG_SBO), 1);
+      }
+      tc_wg_wait();
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) quantize(m, c * (N / 8) + j, d + 4 * j);
+    }
+  }
+#else
   bt += tc_gtab(g) + lane;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int nt = 0; nt < G / 8; ++nt) {
     float acc[ENC_MT][4];
 #pragma unroll
     for (int m = 0; m < ENC_MT; ++m)
@@ -439,22 +541,9 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, c
       }
     }
 #pragma unroll
-    for (int m = 0; m < ENC_MT; ++m) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
-        // y = acc * inv, kept exact in both fused steps: its bin is floor(y 2^shift) + NB/2, read
-        // off the bits of 2^20 + NB/2 + y 2^shift rounded toward zero to eighths (bits 3.. hold
-        // it, already a float2 index times 8; the mask keeps a NaN from non-finite input inside
-        // the table); y > boundary is the sign of boundary - y.
-        const u32 at = __float_as_uint(__fmaf_rz(acc[m][e], bscale[m][h], BIN_BIAS)) & (8 * NB - 8);
-        const float2 e2 = *reinterpret_cast<const float2*>(reinterpret_cast<const u8*>(bins) + at);
-        const u32 c = __float_as_uint(e2.y) + (__float_as_uint(fmaf(-acc[m][e], inv[m][h], e2.x)) >> 31);
-        cw[m][h][wi] |= c << sh;
-        if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
-      }
-    }
+    for (int m = 0; m < ENC_MT; ++m) quantize(m, nt, acc[m]);
   }
+#endif
   // Code pieces into the record buffer: CB bytes at gcode + t * CB of each row.
   constexpr int AL = (CC::gcode(g) % 4 == 0 && CB % 4 == 0) ? 4 : (CC::gcode(g) % 2 == 0 && CB % 2 == 0) ? 2 : 1;
 #pragma unroll
@@ -474,8 +563,36 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   // Block-wide: bins then fragment tables (their order in tcb is the reverse).
   for (int k = threadIdx.x; k < TC_BINBYTES / 16; k += 32 * ENC_WARPS)
     reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(tcb + tc_gtab(CC::NG) + k);
+#if TC_WGMMA
+  // Fragment words {hi b0, hi b1, lo b0, lo b1} of (n-tile, k-step, lane) hold B[k][n], B[k+1][n]
+  // for k = 2 (lane % 4) + 8 j (word j of a part), n = 8 nt + lane / 4: rearranged into wgmma's
+  // blocks (group, part, k-step) of 32 G bytes.
+  static_for<0, CC::NG>([&](auto gi) {
+    constexpr int g = decltype(gi)::value, G = CC::gdim(g), KS = G / 16;
+    u8* dst = tc_smem + TC_BINBYTES + 16 * tc_gtab(g);
+    for (int k = threadIdx.x; k < G * G / 4; k += 32 * ENC_WARPS) {
+      const uint4 w4 = __ldg(tcb + tc_gtab(g) + k);
+      const int lane_ = k & 31, ks = (k >> 5) % KS, nt = (k >> 5) / KS;
+      const int n = 8 * nt + (lane_ >> 2);
+      const u32 ws[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int part = q >> 1, k0 = 2 * (lane_ & 3) + 8 * (q & 1);
+        u8* blk = dst + (part * KS + ks) * 32 * G + (k0 / 8) * TC_WG_LBO + (n / 8) * TC_WG_SBO;
+        if (TC_WG_FILL == 0) {
+          *reinterpret_cast<u32*>(blk + (n % 8) * 16 + (k0 % 8) * 2) = ws[q];
+        } else {
+          reinterpret_cast<u16*>(blk + (k0 % 8) * 16 + (n % 8) * 2)[0] = static_cast<u16>(ws[q]);
+          reinterpret_cast<u16*>(blk + (k0 % 8 + 1) * 16 + (n % 8) * 2)[0] = static_cast<u16>(ws[q] >> 16);
+        }
+      }
+    }
+  });
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
+#else
   for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS)
     reinterpret_cast<uint4*>(tc_smem + TC_BINBYTES)[k] = __ldg(tcb + k);
+#endif
   const float2* bins = reinterpret_cast<const float2*>(tc_smem);
   const uint4* tab = reinterpret_cast<const uint4*>(tc_smem + TC_BINBYTES);
   u8* wbase = tc_smem + TC_BINBYTES + TABBYTES + warp * (TC_XBYTES + TC_CBYTES + TC_NV * R);
@@ -500,8 +617,12 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     cp_async_commit();
   };
   int tile = blockIdx.x * ENC_WARPS + warp;
+  // With wgmma the 4 warps of a warpgroup run every iteration together (the product is theirs in
+  // common); a warp past the last tile computes on stale registers and stores nothing.
+  const int lead = TC_WGMMA ? tile - (warp & 3) : tile;
   if (tile < total) issue(tile);
-  for (; tile < total; tile += step) {
+  for (int it = 0; lead + it * step < total; ++it, tile += step) {
+    const bool mine = tile < total;
     cp_async_wait<0>();
     __syncwarp();
     const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
@@ -510,16 +631,20 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     // the tensor cores and the code lookups work.
     TcFrag<0> f0;
     TcFrag<CC::NG - 1> f1;  // unused with one group
-    tc_gather<0>(xs, ch, stg, lane, f0);
-    static_for<1, CC::NG>([&](auto gi) { tc_gather<decltype(gi)::value>(xs, ch, stg, lane, f1); });
+    if (mine) {
+      tc_gather<0>(xs, ch, stg, lane, f0);
+      static_for<1, CC::NG>([&](auto gi) { tc_gather<decltype(gi)::value>(xs, ch, stg, lane, f1); });
+    }
     __syncwarp();
     if (tile + step < total) issue(tile + step);
     tc_rotate<0>(f0, tab, bins, stg, lane);
     static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bins + tc_bin_n(0), stg, lane); });
     __syncwarp();
-    u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
-    const u32* src = reinterpret_cast<const u32*>(stg);
-    for (int k = lane; k < nv * R / 4; k += 32) dst[k] = src[k];
+    if (mine) {
+      u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
+      const u32* src = reinterpret_cast<const u32*>(stg);
+      for (int k = lane; k < nv * R / 4; k += 32) dst[k] = src[k];
+    }
     __syncwarp();
   }
 }
