@@ -279,25 +279,14 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
 #else
 #define TC_WGMMA 0
 #endif
-#ifndef TC_WG_LBO
-#define TC_WG_LBO 128  // bytes between core matrices along k
-#endif
-#ifndef TC_WG_SBO
-#define TC_WG_SBO 256  // bytes between core matrices along n
-#endif
-#ifndef TC_WG_TRANSB
-#define TC_WG_TRANSB 0
-#endif
-#ifndef TC_WG_FILL
-#define TC_WG_FILL 0  // 0: a core matrix row is 8 k of one n; 1: 8 n of one k
-#endif
 #if TC_WGMMA
+// Bytes between core matrices along k (LBO) and along n (SBO) of the no-swizzle K-major layout; the
+// convention was checked on an H200 against NumPy (the other (LBO, SBO, trans-b) readings are wrong).
+constexpr int TC_WG_LBO = 128, TC_WG_SBO = 256;
 __device__ __forceinline__ u64 tc_wg_desc(u32 smem, int lbo, int sbo) {
   return static_cast<u64>((smem >> 4) & 0x3FFF) | (static_cast<u64>((lbo >> 4) & 0x3FFF) << 16) |
          (static_cast<u64>((sbo >> 4) & 0x3FFF) << 32);
 }
-#define TC_WG_STR2(x) #x
-#define TC_WG_STR(x) TC_WG_STR2(x)
 // d[0..N/2) (+)= A(64 x 16, this warp's 16 rows in a0..a3) * B(16 x N at desc); acc = 0: d = A*B.
 template <int N>
 __device__ __forceinline__ void tc_wgmma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc);
@@ -306,7 +295,7 @@ __device__ __forceinline__ void tc_wgmma<32>(float* d, u32 a0, u32 a1, u32 a2, u
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
-      "%15}, {%16,%17,%18,%19}, %20, p, 1, 1, " TC_WG_STR(TC_WG_TRANSB) ";\n}\n"
+      "%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(acc));
@@ -316,8 +305,8 @@ __device__ __forceinline__ void tc_wgmma<64>(float* d, u32 a0, u32 a1, u32 a2, u
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
-      "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, "
-      TC_WG_STR(TC_WG_TRANSB) ";\n}\n"
+      "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;"
+      "\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -579,12 +568,7 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
       for (int q = 0; q < 4; ++q) {
         const int part = q >> 1, k0 = 2 * (lane_ & 3) + 8 * (q & 1);
         u8* blk = dst + (part * KS + ks) * 32 * G + (k0 / 8) * TC_WG_LBO + (n / 8) * TC_WG_SBO;
-        if (TC_WG_FILL == 0) {
-          *reinterpret_cast<u32*>(blk + (n % 8) * 16 + (k0 % 8) * 2) = ws[q];
-        } else {
-          reinterpret_cast<u16*>(blk + (k0 % 8) * 16 + (n % 8) * 2)[0] = static_cast<u16>(ws[q]);
-          reinterpret_cast<u16*>(blk + (k0 % 8 + 1) * 16 + (n % 8) * 2)[0] = static_cast<u16>(ws[q] >> 16);
-        }
+        *reinterpret_cast<u32*>(blk + (n % 8) * 16 + (k0 % 8) * 2) = ws[q];
       }
     }
   });
@@ -621,6 +605,9 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   // common); a warp past the last tile computes on stale registers and stores nothing.
   const int lead = TC_WGMMA ? tile - (warp & 3) : tile;
   if (tile < total) issue(tile);
+  // Zeroed once: a warpgroup's warp with no tile left still takes part in its products.
+  TcFrag<0> f0{};
+  TcFrag<CC::NG - 1> f1{};  // unused with one group
   for (int it = 0; lead + it * step < total; ++it, tile += step) {
     const bool mine = tile < total;
     cp_async_wait<0>();
@@ -629,8 +616,6 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     const u16* ch = chans ? cbuf : nullptr;
     // Every group's values into registers first, so the staging buffer takes the next tile while
     // the tensor cores and the code lookups work.
-    TcFrag<0> f0;
-    TcFrag<CC::NG - 1> f1;  // unused with one group
     if (mine) {
       tc_gather<0>(xs, ch, stg, lane, f0);
       static_for<1, CC::NG>([&](auto gi) { tc_gather<decltype(gi)::value>(xs, ch, stg, lane, f1); });
