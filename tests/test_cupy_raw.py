@@ -352,6 +352,30 @@ def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str,
         assert cupy_raw._tc_warps(cfg, dtype, optin, wgmma) == 6
 
 
+def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
+    """The codec module is built for the launch the encode makes: sm_90a and whole warpgroups where
+    wgmma is on, and a changed ENC_TC_WARPS builds anew (no stale module for another block size)."""
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+
+    built = []
+    monkeypatch.setattr(cupy_raw, "_module", lambda device, source, options: built.append(options) or options)
+    monkeypatch.setattr(cupy_raw, "_smem_optin", lambda device: cupy_raw.SM90_SMEM_OPTIN)
+    cupy_raw._codec_build.cache_clear()
+    cfg = CodecConfig(128, 3.5)
+    try:
+        for wgmma, warps in ((True, None), (False, None), (False, 8)):
+            monkeypatch.setattr(cupy_raw, "ENC_TC_WGMMA", wgmma)
+            monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", warps)
+            opts = cupy_raw._codec_module(0, cfg, "bfloat16")
+            want = warps or cupy_raw.ENC_TC_MAX_WARPS
+            assert f"-DENC_WARPS={want}" in opts and ("-arch=sm_90a" in opts) == wgmma
+            assert cupy_raw._tc_launch(0, cfg, "bfloat16") == (wgmma, want)
+        assert len(built) == 3
+    finally:
+        cupy_raw._codec_build.cache_clear()
+
+
 def test_tc_encode_predicate() -> None:
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig

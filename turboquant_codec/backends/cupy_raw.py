@@ -302,8 +302,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     kind : {"codec", "attention"}
     **params
         codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
-        which sets the encode's warps per block; default: sm_90's) and ``wgmma`` (warps in whole
-        warpgroups; the caller builds for sm_90a). attention: ``k_cfg``,
+        which sets the encode's warps per block; default: sm_90's), ``wgmma`` (warps in whole
+        warpgroups; the caller builds for sm_90a) and ``warps`` (given: those). attention: ``k_cfg``,
         ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group`` (query heads per KV head).
 
     Returns
@@ -314,7 +314,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     if kind == "codec":
         cfg, dtype = params["cfg"], params["dtype"]
         optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
-        warps = _tc_warps(cfg, dtype, optin, wgmma)
+        warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
                 f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_bin_macros(cfg)]
     return [
@@ -379,12 +379,18 @@ def _wgmma(device: int) -> bool:
 
 
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
-    return _codec_build(device, cfg, dtype, _wgmma(device))
+    return _codec_build(device, cfg, dtype, *_tc_launch(device, cfg, dtype))
+
+
+def _tc_launch(device: int, cfg: CodecConfig, dtype: str) -> tuple[bool, int]:
+    """(wgmma, warps per block) of tq_encode_tc on ``device``, from the settings as they are now."""
+    wgmma = _wgmma(device)
+    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma)
 
 
 @functools.cache
-def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> Any:
-    opts = compile_options("codec", cfg=cfg, dtype=dtype, smem_optin=_smem_optin(device), wgmma=wgmma)
+def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> Any:
+    opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps)
     return _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
 
 
@@ -506,11 +512,14 @@ def _tc_mt(dtype: str) -> int:
     return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
 
 
-@functools.cache
 def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
     """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
-    fn = _codec_module(device, cfg, dtype).get_function("tq_encode_tc")
-    warps = _tc_warps(cfg, dtype, _smem_optin(device), _wgmma(device))
+    return _tc_blocks_of(device, cfg, dtype, *_tc_launch(device, cfg, dtype))
+
+
+@functools.cache
+def _tc_blocks_of(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> int:
+    fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
     smem = _tc_smem(cfg, dtype, warps)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
@@ -548,12 +557,11 @@ def resident_blocks(regs: int, smem: int, threads: int, sm_regs: int, sm_smem: i
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
                device: int) -> None:
-    mod = _codec_module(device, cfg, dtype)
-    fn = mod.get_function("tq_encode_tc")
+    wgmma, warps = _tc_launch(device, cfg, dtype)
+    fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
     tcb = _device_tc_table(device, cfg)
-    warps = _tc_warps(cfg, dtype, _smem_optin(device), _wgmma(device))
     smem = _tc_smem(cfg, dtype, warps)
-    blocks = _tc_blocks(device, cfg, dtype)
+    blocks = _tc_blocks_of(device, cfg, dtype, wgmma, warps)
     if smem > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = smem
     tiles = streams * -(-n // (16 * _tc_mt(dtype)))
