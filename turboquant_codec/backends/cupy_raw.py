@@ -373,9 +373,13 @@ def _smem_optin(device: int) -> int:
 
 
 def _wgmma(device: int) -> bool:
-    if ENC_TC_WGMMA is None:
-        return bool(_cupy().cuda.Device(device).compute_capability == "90")
-    return ENC_TC_WGMMA
+    return _sm90(device) if ENC_TC_WGMMA is None else ENC_TC_WGMMA
+
+
+@functools.cache
+def _sm90(device: int) -> bool:
+    """Whether ``device`` has compute capability 9.0 (asked once: every codec op consults it)."""
+    return bool(_cupy().cuda.Device(device).compute_capability == "90")
 
 
 def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
