@@ -225,14 +225,15 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
     xp = np.asarray(x).astype(np.float64)
     if channels is not None:
         xp = xp[:, np.asarray(channels, np.intp)]
-    words = cupy_raw._tc_table(cfg)
+    words = cupy_raw._tc_table(cfg, dtype)
+    op = cupy_raw.tc_operand_dtype(dtype)
     out, start, at = {}, 0, 0
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         G, Q = g.dim, g.dim // 4
         w = words[at: at + G * G].reshape(G // 8, G // 16, 32, 4)
         at += G * G
         # Rebuild the scaled hi/lo matrices as the kernel reads them (lane -> n, k conventions).
-        halves = np.stack([w & 0xFFFF, w >> 16], axis=-1).astype(np.uint16).view(np.float16)
+        halves = np.stack([w & 0xFFFF, w >> 16], axis=-1).astype(np.uint16).view(op)
         mats = [np.zeros((G, G)), np.zeros((G, G))]
         i_map, pos_map = cupy_raw._tc_positions(G)
         for part in range(2):  # hi: words 0-1, lo: words 2-3
@@ -245,13 +246,12 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
         if rng is not None:
             rs = (rs * (1 + rng.choice([-2.0, 2.0], rs.shape) * 2.0**-24)).astype(np.float32)
         nr = np.where(ss > 0, ss * rs, 0).astype(np.float32)
-        e = np.floor(np.log2(np.where(nr > 0, nr, 1.0)))
-        sc = np.ones_like(e) if dtype == "float16" else 2.0**-e
-        p2 = 2.0**-cupy_raw.TC_RS_EXP * (np.ones_like(e) if dtype == "float16" else 2.0**e)
-        inv = np.where(ss > 0, (rs * p2), 1.0).astype(np.float32)
-        xs = (xg * sc[:, None]).astype(np.float32)
-        hi = xs.astype(np.float16)
-        lo = (xs - hi.astype(np.float32)).astype(np.float16)
+        # Only float32 input is scaled (by 2^-e, e the norm's exponent) and split into float16 parts.
+        e = np.floor(np.log2(np.where(nr > 0, nr, 1.0))) if dtype == "float32" else np.zeros_like(nr)
+        inv = np.where(ss > 0, (rs * 2.0 ** (e - cupy_raw.TC_RS_EXP)), 1.0).astype(np.float32)
+        xs = (xg * 2.0**-e[:, None]).astype(np.float32)
+        hi = xs.astype(op)
+        lo = (xs - hi.astype(np.float32)).astype(op)
         parts = [(mats[0], hi), (mats[1], hi)] + ([(mats[0], lo)] if dtype == "float32" else [])
         acc = np.zeros((len(xg), G), np.float32)
         for ks in range(G // 16):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .._ops import Availability
@@ -424,24 +425,32 @@ def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(i, shape), np.broadcast_to(pos, shape)
 
 
-def tc_rotation_parts(rotation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float16 (hi, lo) of rotation * 2**TC_RS_EXP: hi + lo carries ~22 bits of every entry."""
+def tc_operand_dtype(dtype: str) -> Any:
+    """The 16-bit type ``tq_encode_tc`` multiplies ``dtype`` input in: bfloat16 input as stored,
+    float16 and float32 (split into hi + lo) as float16."""
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
+
+
+def tc_rotation_parts(rotation: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(hi, lo) of rotation * 2**TC_RS_EXP in ``tc_operand_dtype(dtype)``: hi + lo carries ~22 bits
+    of every entry in float16, ~17 in bfloat16 (codes differ from float64 on ~5e-6 of coordinates)."""
+    op = tc_operand_dtype(dtype)
     scaled = np.asarray(rotation, np.float64) * 2.0**TC_RS_EXP
-    hi = scaled.astype(np.float16)
-    lo = (scaled - hi.astype(np.float64)).astype(np.float16)
+    hi = scaled.astype(op)
+    lo = (scaled - hi.astype(np.float64)).astype(op)
     return hi, lo
 
 
 @functools.cache
-def _tc_table(cfg: CodecConfig) -> np.ndarray:
-    """uint32 table of ``tq_encode_tc``: per group, per (n-tile, k-step, lane) the fragment words
-    {hi b0, hi b1, lo b0, lo b1} (float16 pairs, lower k in bits 0-15), dim^2 words per group; then
-    per group its bin table (``tc_bins``), 2 words per bin."""
+def _tc_table(cfg: CodecConfig, dtype: str) -> np.ndarray:
+    """uint32 table of ``tq_encode_tc`` for ``dtype`` input: per group, per (n-tile, k-step, lane)
+    the fragment words {hi b0, hi b1, lo b0, lo b1} (``tc_operand_dtype`` pairs, lower k in bits
+    0-15), dim^2 words per group; then per group its bin table (``tc_bins``), 2 words per bin."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         i, pos = _tc_positions(g.dim)
         words = []
-        for part in tc_rotation_parts(t.rotation):
+        for part in tc_rotation_parts(t.rotation, dtype):
             h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
             words.append(h[..., 0] | (h[..., 1] << 16))
         out.append(np.concatenate(words, axis=-1).reshape(-1))  # hi b0, hi b1, lo b0, lo b1
@@ -473,10 +482,10 @@ def tc_bins(boundaries: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 @functools.cache
-def _device_tc_table(device: int, cfg: CodecConfig) -> Any:
+def _device_tc_table(device: int, cfg: CodecConfig, dtype: str) -> Any:
     cp = _cupy()
     with cp.cuda.Device(device):
-        return cp.asarray(_tc_table(cfg))
+        return cp.asarray(_tc_table(cfg, dtype))
 
 
 @functools.cache
@@ -563,7 +572,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
                device: int) -> None:
     wgmma, warps = _tc_launch(device, cfg, dtype)
     fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
-    tcb = _device_tc_table(device, cfg)
+    tcb = _device_tc_table(device, cfg, dtype)
     smem = _tc_smem(cfg, dtype, warps)
     blocks = _tc_blocks_of(device, cfg, dtype, wgmma, warps)
     if smem > 48 * 1024:

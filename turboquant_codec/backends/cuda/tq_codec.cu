@@ -221,12 +221,15 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
 //   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
 //       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
-//   B = the rotation, scaled by 2^TC_RS_EXP and split into float16 hi + lo parts (hi*x + lo*x:
-//       float32-level products), pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0,
-//       lo_b1} per lane, k-step and n-tile (cupy_raw._tc_table), copied to shared memory;
-//   x: float16 inputs are exact in float16; bfloat16 and float32 are first scaled by 2^-e (e the
-//       exponent of the group norm, so no float16 overflow or underflow loss), float32 is split
+//   B = the rotation, scaled by 2^TC_RS_EXP and split into hi + lo parts of the input's 16-bit
+//       type (bfloat16 for bfloat16 input, else float16; hi*x + lo*x: ~17 or ~22-bit products),
+//       pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0, lo_b1} per lane, k-step and
+//       n-tile (cupy_raw._tc_table), copied to shared memory;
+//   x: float16 and bfloat16 inputs go in as stored (exact, no conversion); float32 is scaled by
+//       2^-e (e the exponent of the group norm, so no float16 overflow or underflow loss) and split
 //       into hi + lo as well (three mma per step instead of two).
+// Group norms: float16 and bfloat16 on the tensor cores too, as the diagonal of x x^T (two mma per
+// m-tile and k-step, operands already in registers: exact products, float32 sums); float32 by FMAs.
 // Output column n of n-tile nt is rotated coordinate i = (n / 2) * G/4 + 2 nt + n % 2, so each
 // thread ends with G/4 consecutive codes of its rows: a byte-aligned piece of the code stream.
 // Codes: y = acc / (2^TC_RS_EXP * |x_g|) (unit-vector units), then the number of boundaries below
@@ -242,6 +245,7 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 #define TC_RS_EXP 8
 
 constexpr int TC_ES = IN_KIND == TQ_F32 ? 4 : 2;              // input bytes per value
+constexpr bool TC_BF = IN_KIND == TQ_BF16;                    // bfloat16 mma operands
 constexpr int TC_NV = 16 * ENC_MT;                            // vectors per warp tile
 constexpr int TC_ROWB = CC::D * TC_ES;                        // staged row bytes
 constexpr int TC_SW = TC_ROWB / 16 < 8 ? TC_ROWB / 16 : 8;    // rows of one swizzle period
@@ -280,6 +284,11 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
 #define TC_WGMMA 0
 #endif
 #if TC_WGMMA
+#if IN_KIND == TQ_BF16
+#define TC_WG_AB "bf16.bf16"
+#else
+#define TC_WG_AB "f16.f16"
+#endif
 // Bytes between core matrices along k (LBO) and along n (SBO) of the no-swizzle K-major layout; the
 // convention was checked on an H200 against NumPy (the other (LBO, SBO, trans-b) readings are wrong).
 constexpr int TC_WG_LBO = 128, TC_WG_SBO = 256;
@@ -294,7 +303,7 @@ template <>
 __device__ __forceinline__ void tc_wgmma<32>(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TC_WG_AB " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
       "%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
@@ -304,7 +313,7 @@ template <>
 __device__ __forceinline__ void tc_wgmma<64>(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc, int acc) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TC_WG_AB " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,"
       "%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;"
       "\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
@@ -320,7 +329,7 @@ __device__ __forceinline__ void tc_wg_wait() {
 #endif
 
 // One channel group's share of a warp tile, held in registers between its two phases: the vectors
-// as mma A fragments (float16 pairs; float32 input adds its lo parts) and 1 / (2^TC_RS_EXP |x_g|)
+// as mma A fragments (16-bit pairs; float32 input adds its lo parts) and 1 / (2^TC_RS_EXP |x_g|)
 // per row.
 template <int g>
 struct TcFrag {
@@ -383,51 +392,52 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
             fv[m][h][ks][2 * q + 1] = f1;
             ss[m][h] = fmaf(f0, f0, fmaf(f1, f1, ss[m][h]));
           } else {
-            const u32 v0 = *reinterpret_cast<const u16*>(p0 + ro);
-            const u32 v1 = *reinterpret_cast<const u16*>(p1 + ro);
-            const u32 w = v0 | (v1 << 16);
-            ah[m][h][ks][q] = w;
-            float f0, f1;
-            if constexpr (IN_KIND == TQ_F16) {
-              f0 = h2f(static_cast<u16>(v0));
-              f1 = h2f(static_cast<u16>(v1));
-            } else {
-              f0 = __uint_as_float(w << 16);
-              f1 = __uint_as_float(w & 0xffff0000u);
-            }
-            ss[m][h] = fmaf(f0, f0, fmaf(f1, f1, ss[m][h]));
+            ah[m][h][ks][q] = *reinterpret_cast<const u16*>(p0 + ro) | (*reinterpret_cast<const u16*>(p1 + ro) << 16);
           }
         }
       }
     }
   }
-  // Group norms (the 4 lanes of a row hold its Q-position pieces), scale, 1/denominator, norms out.
+  if constexpr (!F32) {
+    // Squared norms as the diagonal of x x^T: B = the row's own A registers. Row r's entry lands in
+    // lane 4r + r/2 (element r % 2 of the first product; of the second, rows r + 8 at 2 + r % 2).
+#pragma unroll
+    for (int m = 0; m < ENC_MT; ++m) {
+      float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        mma16816<TC_BF>(d0, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], ah[m][0][ks][0],
+                        ah[m][0][ks][1]);
+        mma16816<TC_BF>(d1, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], ah[m][1][ks][0],
+                        ah[m][1][ks][1]);
+      }
+      const int src = 4 * r + (r >> 1);
+      ss[m][0] = __shfl_sync(0xffffffffu, r & 1 ? d0[1] : d0[0], src);
+      ss[m][1] = __shfl_sync(0xffffffffu, r & 1 ? d1[3] : d1[2], src);
+    }
+  }
+  // Group norms (float32: the 4 lanes of a row hold its Q-position pieces), scale, 1/denominator,
+  // norms out.
   float(&inv)[ENC_MT][2] = f.inv;
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float a = ss[m][h];
-      a += __shfl_xor_sync(0xffffffffu, a, 1);
-      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      if constexpr (F32) {
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        a += __shfl_xor_sync(0xffffffffu, a, 2);
+      }
       // rsqrt (MUFU, <= 2 ulp): no division or square-root slow paths in the loop.
       const float rs = rsqrtf(a), nr = a > 0.f ? a * rs : 0.f;
-      // sc = 2^-e with 2^e the power of two at or below the norm (1 for float16 input: exact as
-      // is); inv = 1 / (nr * sc * 2^TC_RS_EXP) by exact power-of-two products.
+      // float32: sc = 2^-e with 2^e the power of two at or below the norm (16-bit inputs go in as
+      // stored: 1); inv = 1 / (nr * sc * 2^TC_RS_EXP) by exact power-of-two products.
       const u32 eb = __float_as_uint(nr) & 0x7f800000u;
-      const float sc = IN_KIND == TQ_F16 ? 1.f : __uint_as_float((254u << 23) - eb);
-      const float p2 = IN_KIND == TQ_F16 ? 1.f / (1 << TC_RS_EXP) : __uint_as_float(eb) * (1.f / (1 << TC_RS_EXP));
+      const float sc = F32 ? __uint_as_float((254u << 23) - eb) : 1.f;
+      const float p2 = F32 ? __uint_as_float(eb) * (1.f / (1 << TC_RS_EXP)) : 1.f / (1 << TC_RS_EXP);
       inv[m][h] = a > 0.f ? rs * p2 : 1.f;
       if (t == 0) *reinterpret_cast<u16*>(stg + (16 * m + 8 * h + r) * R + CC::gnorm(g)) = f2h(nr);
-      if constexpr (IN_KIND == TQ_BF16) {
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const u32 w = ah[m][h][ks][q];
-            ah[m][h][ks][q] = pack_h2(__uint_as_float(w << 16) * sc, __uint_as_float(w & 0xffff0000u) * sc);
-          }
-      } else if constexpr (F32) {
+      if constexpr (F32) {
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
@@ -523,8 +533,8 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, c
       const uint4 b = bt[(nt * KS + ks) * 32];
 #pragma unroll
       for (int m = 0; m < ENC_MT; ++m) {
-        mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.x, b.y);
-        mma16816(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.z, b.w);
+        mma16816<TC_BF>(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.x, b.y);
+        mma16816<TC_BF>(acc[m], ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], b.z, b.w);
         if constexpr (F32)
           mma16816(acc[m], al[m][0][ks][0], al[m][1][ks][0], al[m][0][ks][1], al[m][1][ks][1], b.x, b.y);
       }
