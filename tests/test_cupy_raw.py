@@ -229,7 +229,7 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
     op = cupy_raw.tc_operand_dtype(dtype)
     out, start, at = {}, 0, 0
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
-        G, Q = g.dim, g.dim // 4
+        G = g.dim
         w = words[at: at + G * G].reshape(G // 8, G // 16, 32, 4)
         at += G * G
         # Rebuild the scaled hi/lo matrices as the kernel reads them (lane -> n, k conventions).
@@ -255,31 +255,31 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
         parts = [(mats[0], hi), (mats[1], hi)] + ([(mats[0], lo)] if dtype == "float32" else [])
         acc = np.zeros((len(xg), G), np.float32)
         for ks in range(G // 16):
-            cols = (np.arange(4)[:, None] * Q + 4 * ks + np.arange(4)[None, :]).reshape(-1)
+            cols = np.arange(16 * ks, 16 * ks + 16)
             for mat, xv in parts:
                 prod = xv[:, cols].astype(np.float64) @ mat[:, cols].T
                 acc = _f32_toward_zero(acc.astype(np.float64) + prod)
-        # The kernel compares the exact product acc * inv (fused multiply-adds), through its bins.
-        out[f"codes{g.index}"] = tc_bin_codes(acc.astype(np.float64) * inv[:, None], t.boundaries)
+        # The kernel compares the exact product acc * inv (fused multiply-adds), through its grid.
+        out[f"codes{g.index}"] = tc_grid_codes(acc.astype(np.float64) * inv[:, None], t.boundaries)
         out[f"norm{g.index}"] = nr.astype(np.float16)
     return out
 
 
-def tc_bin_codes(y: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
-    """Codes of ``y`` (float64) through ``cupy_raw.tc_bins``, with the kernel's index arithmetic."""
+def tc_grid_codes(y: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+    """Codes of ``y`` (float64) through ``cupy_raw.tc_grid``, with the kernel's index arithmetic."""
     from turboquant_codec.backends import cupy_raw
 
-    shift, bins = cupy_raw.tc_bins(boundaries)
-    n = len(bins)
-    at = (np.floor(y * 2.0**shift).astype(np.int64) + n // 2) % n
-    return bins[at, 1].astype(np.int64) + (y > bins[at, 0].view(np.float32))
+    grid = cupy_raw.tc_grid(boundaries)
+    k = np.clip(np.rint(y * float(grid.scale)).astype(np.int64) + grid.offset, 0, len(grid.bound) - 1)
+    return grid.below[k].astype(np.int64) + (y > grid.bound[k])
 
 
-@pytest.mark.parametrize("bits", [1.0, 2.5, 3.5, 4.0])
+@pytest.mark.parametrize("bits", [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
 @pytest.mark.parametrize("d", [64, 128])
-def test_tc_bins_count_boundaries_below(d: int, bits: float) -> None:
-    """Bin lookup + one comparison = the number of boundaries strictly below y, for random y over
-    the whole unit-vector range, every boundary and its float32 neighbours, and every bin edge."""
+def test_tc_grid_counts_boundaries_below(d: int, bits: float) -> None:
+    """Grid lookup + one comparison = the number of boundaries strictly below y, for random y over
+    the whole unit-vector range, every boundary and its float32 neighbours, and every bin edge; at
+    most one boundary per bin, clear of the bin edges by TC_GRID_MARGIN, and one bin per lane."""
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
     from turboquant_codec.transforms import tables
@@ -287,15 +287,19 @@ def test_tc_bins_count_boundaries_below(d: int, bits: float) -> None:
     rng = np.random.default_rng(int(bits * 10) + d)
     for t in tables(CodecConfig(d, bits)):
         b = t.boundaries.astype(np.float32)
-        shift, bins = cupy_raw.tc_bins(b)
-        assert len(bins) * 2.0**-shift >= 4  # covers |y| < 2
-        edges = (np.arange(len(bins)) - len(bins) // 2) * 2.0**-shift
+        grid = cupy_raw.tc_grid(b)
+        assert len(grid.bound) <= cupy_raw.TC_GRID_BINS == 32
+        pos = b.astype(np.float64) * float(grid.scale)
+        assert np.all(np.abs(pos - np.rint(pos)) <= 0.5 - cupy_raw.TC_GRID_MARGIN)
+        assert len(np.unique(np.rint(pos))) == len(b)  # one boundary per bin at most
+        assert grid.below_is_index == (len(grid.bound) == len(b))
+        edges = (np.arange(len(grid.bound) + 1) - grid.offset - 0.5) / float(grid.scale)
         y = np.concatenate([
             rng.uniform(-1.0, 1.0, 20000), rng.normal(0, 1 / np.sqrt(t.rotation.shape[0]), 20000),
-            b, np.nextafter(b, np.float32(-1)), np.nextafter(b, np.float32(1)), edges[np.abs(edges) <= 1],
+            b, np.nextafter(b, np.float32(-1)), np.nextafter(b, np.float32(1)), edges,
             [-1.0, 1.0, 0.0]]).astype(np.float32).astype(np.float64)
         want = np.searchsorted(b.astype(np.float64), y, side="left")
-        np.testing.assert_array_equal(tc_bin_codes(y, b), want)
+        np.testing.assert_array_equal(tc_grid_codes(y, b), want)
 
 
 @pytest.mark.parametrize("d", [64, 128])

@@ -317,7 +317,7 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
         warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
-                f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_bin_macros(cfg)]
+                f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_grid_macros(cfg)]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -331,12 +331,14 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     ]
 
 
-def _tc_bin_macros(cfg: CodecConfig) -> list[str]:
-    """``-DTC_BIN_SHIFT{g}``, ``-DTC_BIN_N{g}`` of both group slots (the second repeats a lone group)."""
-    bins = list(_tc_group_bins(cfg))
-    bins += bins[-1:] * (2 - len(bins))
-    return [opt for g, (shift, b) in enumerate(bins)
-            for opt in (f"-DTC_BIN_SHIFT{g}={shift}", f"-DTC_BIN_N{g}={len(b)}")]
+def _tc_grid_macros(cfg: CodecConfig) -> list[str]:
+    """Each group slot's ``tc_grid`` (the second repeats a lone group): ``-DTC_GS{g}`` scale (exact
+    hex float), ``-DTC_GO{g}`` offset, ``-DTC_GN{g}`` bins, ``-DTC_GI{g}`` whether counts are indices."""
+    grids = list(_tc_group_grids(cfg))
+    grids += grids[-1:] * (2 - len(grids))
+    return [opt for g, gr in enumerate(grids)
+            for opt in (f"-DTC_GS{g}={float(gr.scale).hex()}f", f"-DTC_GO{g}={gr.offset}",
+                        f"-DTC_GN{g}={len(gr.bound)}", f"-DTC_GI{g}={int(gr.below_is_index)}")]
 
 
 @functools.cache
@@ -411,7 +413,8 @@ def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(i, pos) index maps of the tensor-core encode fragments, each (dim/8, dim/16, 32 lanes, 2
     registers, 2 halves): mma B element [k][n] of n-tile nt and k-step ks is rotation[i][pos], with
     n = lane / 4 -> rotated coordinate i = (n / 2) * dim/4 + 2 nt + n % 2, and k = 2 (lane % 4) +
-    half + 8 reg -> record position pos = (lane % 4) * dim/4 + 4 ks + 2 reg + half."""
+    half + 8 reg -> record position pos = lane % 4 + 4 (4 ks + 2 reg + half) (the kernel's gathers
+    read 4 neighbouring positions at once, and k-step ks covers positions 16 ks .. 16 ks + 15)."""
     q = dim // 4
     nt = np.arange(dim // 8)[:, None, None, None, None]
     ks = np.arange(dim // 16)[None, :, None, None, None]
@@ -420,7 +423,7 @@ def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
     half = np.arange(2)[None, None, None, None, :]
     n, t = lane // 4, lane % 4
     i = (n // 2) * q + 2 * nt + n % 2
-    pos = t * q + 4 * ks + 2 * reg + half
+    pos = t + 4 * (4 * ks + 2 * reg + half)
     shape = (dim // 8, dim // 16, 32, 2, 2)
     return np.broadcast_to(i, shape), np.broadcast_to(pos, shape)
 
@@ -445,7 +448,8 @@ def tc_rotation_parts(rotation: np.ndarray, dtype: str) -> tuple[np.ndarray, np.
 def _tc_table(cfg: CodecConfig, dtype: str) -> np.ndarray:
     """uint32 table of ``tq_encode_tc`` for ``dtype`` input: per group, per (n-tile, k-step, lane)
     the fragment words {hi b0, hi b1, lo b0, lo b1} (``tc_operand_dtype`` pairs, lower k in bits
-    0-15), dim^2 words per group; then per group its bin table (``tc_bins``), 2 words per bin."""
+    0-15), dim^2 words per group; then per group its ``tc_grid``, one word per lane: the bins'
+    boundaries (float32 bits), then their counts below."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         i, pos = _tc_positions(g.dim)
@@ -454,31 +458,63 @@ def _tc_table(cfg: CodecConfig, dtype: str) -> np.ndarray:
             h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
             words.append(h[..., 0] | (h[..., 1] << 16))
         out.append(np.concatenate(words, axis=-1).reshape(-1))  # hi b0, hi b1, lo b0, lo b1
-    out += [b.reshape(-1) for _, b in _tc_group_bins(cfg)]
+    for gr in _tc_group_grids(cfg):
+        lanes = np.zeros((2, TC_GRID_BINS), np.uint32)
+        lanes[0, :len(gr.bound)], lanes[1, :len(gr.below)] = gr.bound.view(np.uint32), gr.below
+        out.append(lanes.reshape(-1))
     return np.concatenate(out).astype(np.uint32)
 
 
-def tc_bins(boundaries: np.ndarray) -> tuple[int, np.ndarray]:
-    """(shift, bins) of the tensor-core encode's code lookup for one group's sorted ``boundaries``.
+@dataclass(frozen=True)
+class TcGrid:
+    """The tensor-core encode's code lookup for one group's sorted boundaries (``tc_grid``).
 
-    Rotated coordinates y (unit-vector units, |y| <= 1) fall in bins of width w = 2**-shift, no wider
-    than the narrowest gap between boundaries, so a bin holds at most one boundary; bin
-    ``floor(y / w) + n / 2`` (n bins cover [-2, 2)) is a pair of uint32 words {float32 bits of the
-    boundary inside it, or +inf; the number of boundaries below the bin}, and the code, the number of
-    boundaries strictly below y, is the second word plus (y > the first). One shared-memory lookup
-    and one comparison per code, where a comparison chain costs one per boundary.
+    Rotated coordinate y (unit-vector units) falls in bin k = clamp(round(y * scale) + offset, 0,
+    len(bound) - 1). Every bin holds at most one boundary, ``bound[k]`` (+inf if none), at least
+    ``TC_GRID_MARGIN`` of a bin from its edges, and ``below[k]`` boundaries lie below the bin; so the
+    code, the number of boundaries strictly below y, is ``below[k] + (y > bound[k])``: one register
+    lookup (a warp shuffle, bins <= 32) and one comparison per code. Where every bin holds exactly one
+    boundary (``below`` is the bin index: 1- to 3-bit codes) the second shuffle is skipped.
     """
-    b = np.asarray(boundaries, np.float32)
-    gap = float(np.min(np.diff(b.astype(np.float64)))) if b.size > 1 else 1.0
-    shift = max(0, math.ceil(-math.log2(gap)))
-    n = 4 << shift
-    lo = (np.arange(n, dtype=np.float64) - n // 2) * 2.0**-shift
-    first = np.searchsorted(b, lo, side="left")  # boundaries below each bin
-    inside = np.searchsorted(b, lo + 2.0**-shift, side="left") - first
-    if inside.max() > 1:  # cannot happen for sorted, distinct boundaries; a guard for the table
-        raise ValueError(f"bins of width 2**-{shift} hold two boundaries: {b}")
-    bnd = np.where(inside == 1, b[np.minimum(first, b.size - 1)], np.float32(np.inf)).astype(np.float32)
-    return shift, np.stack([bnd.view(np.uint32), first.astype(np.uint32)], axis=-1)
+
+    scale: np.float32
+    offset: int
+    bound: np.ndarray  # float32, one per bin
+    below: np.ndarray  # uint32, one per bin
+
+    @property
+    def below_is_index(self) -> bool:
+        return bool(np.array_equal(self.below, np.arange(len(self.below))))
+
+
+# Boundaries keep this fraction of a bin from the bin edges: the kernel's bin index rounds y * scale
+# (relative error ~2^-23, far below it), so a near-edge y may land in the next bin only where no
+# boundary is, and the code stays exact.
+TC_GRID_MARGIN = 0.01
+TC_GRID_BINS = 32  # one per lane
+
+
+def tc_grid(boundaries: np.ndarray) -> TcGrid:
+    """The fewest bins of one width (``TcGrid``) that separate the sorted ``boundaries``."""
+    b = np.asarray(boundaries, np.float32).astype(np.float64)
+    n = b.size
+    span = b[-1] - b[0] if n > 1 else 1.0
+    scales = np.linspace(0.5 * max(n - 1, 1) / span, (TC_GRID_BINS - 1) / span, 40001).astype(np.float32)
+    ys = b[None, :] * scales[:, None].astype(np.float64)
+    r = np.rint(ys)
+    margin = 0.5 - np.max(np.abs(ys - r), axis=1)
+    nbins = r[:, -1] - r[:, 0] + 1
+    ok = (margin >= TC_GRID_MARGIN) & np.all(np.diff(r, axis=1) >= 1, axis=1) & (nbins <= TC_GRID_BINS)
+    if not ok.any():  # cannot happen for the tables' boundaries (tests check every configuration)
+        raise ValueError(f"no grid of <= {TC_GRID_BINS} bins separates the boundaries {b}")
+    best = np.lexsort((-margin, np.where(ok, nbins, np.inf)))[0]  # fewest bins, then widest margin
+    scale, nbins_ = float(scales[best]), int(nbins[best])
+    offset = -int(np.rint(b[0] * scale))
+    k = np.rint(b * scale).astype(np.int64) + offset
+    bound = np.full(nbins_, np.inf, np.float32)
+    bound[k] = b
+    below = np.searchsorted(k, np.arange(nbins_), side="left").astype(np.uint32)
+    return TcGrid(np.float32(scale), offset, bound, below)
 
 
 @functools.cache
@@ -489,17 +525,17 @@ def _device_tc_table(device: int, cfg: CodecConfig, dtype: str) -> Any:
 
 
 @functools.cache
-def _tc_group_bins(cfg: CodecConfig) -> tuple[tuple[int, np.ndarray], ...]:
-    """``tc_bins`` of each channel group's boundaries."""
-    return tuple(tc_bins(t.boundaries) for t in tables(cfg))
+def _tc_group_grids(cfg: CodecConfig) -> tuple[TcGrid, ...]:
+    """``tc_grid`` of each channel group's boundaries."""
+    return tuple(tc_grid(t.boundaries) for t in tables(cfg))
 
 
 def _tc_smem_parts(cfg: CodecConfig, dtype: str) -> tuple[int, int]:
-    """Dynamic shared memory of tq_encode_tc (mirrors its layout): (bin and fragment tables, per warp:
-    its staged tile, channel list and record buffer)."""
+    """Dynamic shared memory of tq_encode_tc (mirrors its layout): (fragment tables, per warp: its
+    staged tile, channel list and record buffer)."""
     es = 4 if dtype == "float32" else 2
     nv = 16 * _tc_mt(dtype)
-    tables_ = sum(8 * len(b) for _, b in _tc_group_bins(cfg)) + sum(4 * g.dim**2 for g in cfg.groups)
+    tables_ = sum(4 * g.dim**2 for g in cfg.groups)
     return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
 
 

@@ -220,7 +220,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // takes the next tile meanwhile. Per channel group the rotation is
 // D[v][i] = sum_k x[v][pos(k)] * Rs[i(n)][pos(k)] on mma.m16n8k16 (f16 in, f32 accumulate):
 //   A = the vectors (16 x 16 per m-tile and k-step), gathered from shared memory through the
-//       channel permutation (thread t holds the G/4 consecutive record positions t*G/4 ..);
+//       channel permutation (thread t holds record positions t, t + 4, ..: k-step ks covers
+//       positions 16 ks .. 16 ks + 15);
 //   B = the rotation, scaled by 2^TC_RS_EXP and split into hi + lo parts of the input's 16-bit
 //       type (bfloat16 for bfloat16 input, else float16; hi*x + lo*x: ~17 or ~22-bit products),
 //       pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0, lo_b1} per lane, k-step and
@@ -233,8 +234,10 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // Output column n of n-tile nt is rotated coordinate i = (n / 2) * G/4 + 2 nt + n % 2, so each
 // thread ends with G/4 consecutive codes of its rows: a byte-aligned piece of the code stream.
 // Codes: y = acc / (2^TC_RS_EXP * |x_g|) (unit-vector units), then the number of boundaries below
-// y from a bin table in shared memory (cupy_raw.tc_bins: bin floor(y 2^TC_BIN_SHIFTg) holds at most
-// one boundary). Records are assembled in a per-warp shared buffer and written out as 32-bit words.
+// y through the group's grid (cupy_raw.tc_grid): bin k = clamp(round(y TC_GSg) + TC_GOg, 0,
+// TC_GNg - 1) holds at most one boundary, which lane k of a register (and its count below, unless
+// that is k) holds: warp shuffles. Records are assembled in a per-warp shared buffer and written
+// out as 32-bit words.
 // Configurations it covers: tc_encode_ok (host).
 #ifndef ENC_MT
 #define ENC_MT 2
@@ -251,13 +254,21 @@ constexpr int TC_ROWB = CC::D * TC_ES;                        // staged row byte
 constexpr int TC_SW = TC_ROWB / 16 < 8 ? TC_ROWB / 16 : 8;    // rows of one swizzle period
 constexpr int TC_XBYTES = TC_NV * TC_ROWB;                    // one staged tile
 constexpr int TC_CBYTES = CC::D * 2;                          // one staged channel list
-// uint4 offset of group g's fragment table (G^2/4 uint4 per group); g = NG: the bin tables.
+// uint4 offset of group g's fragment table (G^2/4 uint4 per group); g = NG: the grids' lane words.
 __host__ __device__ constexpr int tc_gtab(int g) {
   return g == 0 ? 0 : tc_gtab(g - 1) + CC::gdim(g - 1) * CC::gdim(g - 1) / 4;
 }
-// Bin tables (float2 {boundary, boundaries below}), group 0 then 1, at the start of shared memory.
-__host__ __device__ constexpr int tc_bin_n(int g) { return g == 0 ? TC_BIN_N0 : TC_BIN_N1; }
-constexpr int TC_BINBYTES = 8 * (tc_bin_n(0) + (CC::NG > 1 ? tc_bin_n(1) : 0));
+// Group g's grid (cupy_raw.tc_grid): bin scale, offset, bins, and whether a bin's count is its index.
+template <int g>
+struct TcGrid {
+  static constexpr float S = g == 0 ? TC_GS0 : TC_GS1;
+  static constexpr int O = g == 0 ? TC_GO0 : TC_GO1, N = g == 0 ? TC_GN0 : TC_GN1;
+  static constexpr bool I = (g == 0 ? TC_GI0 : TC_GI1) != 0;
+};
+// 1.5 * 2^23: y * scale + this, rounded to nearest, stays in [2^23, 2^24) (unit ulp): its bits less
+// the bias's bits are round(y * scale).
+#define TC_ROUND_BIAS 12582912.f
+#define TC_ROUND_BITS 0x4B400000
 
 // Store the first NB bytes of words w at byte offset off of shared memory, in the widest units the
 // compile-time alignment allows (ALIGN divides off).
@@ -348,24 +359,14 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
   constexpr bool F32 = IN_KIND == TQ_F32;
   const int r = lane >> 2, t = lane & 3;
   // Byte offsets (within a staged row, swizzled for this thread's rows: all = r mod TC_SW) of
-  // this thread's Q record positions.
+  // this thread's Q record positions t + 4 j: one gather reads 4 neighbouring positions, whose
+  // channels (ascending within a group) mostly sit in distinct bank words or share one.
   const u32 swz = static_cast<u32>(r % TC_SW) << 4;
   u32 off[Q];
-  if (ch) {
-    const uint4* c4 = reinterpret_cast<const uint4*>(ch + G0 + t * Q);
 #pragma unroll
-    for (int k = 0; k < Q / 8; ++k) {
-      const uint4 w = c4[k];
-      const u32 ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) off[8 * k + e] = (((ws[e / 2] >> (16 * (e % 2))) & 0xffffu) * TC_ES) ^ swz;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < Q; ++j) off[j] = ((G0 + t * Q + j) * TC_ES) ^ swz;
-  }
-  // Gather: raw values of rows 16m + 8h + r at positions t*Q + 4ks + 2q + {0, 1}; one address per
-  // position, rows at immediate offsets.
+  for (int j = 0; j < Q; ++j) off[j] = ((ch ? static_cast<u32>(ch[G0 + t + 4 * j]) : G0 + t + 4 * j) * TC_ES) ^ swz;
+  // Gather: raw values of rows 16m + 8h + r at positions t + 4 (4ks + 2q + {0, 1}); one address
+  // per position, rows at immediate offsets.
   u32(&ah)[ENC_MT][2][KS][2] = f.ah;
   u32(&al)[F32 ? ENC_MT : 1][2][F32 ? KS : 1][2] = f.al;
   float fv[F32 ? ENC_MT : 1][2][F32 ? KS : 1][4];  // float32 input values
@@ -452,24 +453,26 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
   }
 }
 
-// Phase 2 of a group: rotation on the tensor cores (fragment table bt in shared memory), codes from
-// the group's bins, code bytes into the record buffer stg.
+// Phase 2 of a group: rotation on the tensor cores (fragment table bt in shared memory), codes
+// through the group's grid (this lane's bin: boundary bnd, count below cnt), code bytes into the
+// record buffer stg.
 template <int g>
-__device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, const float2* bins, u8* stg,
+__device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, float bnd, u32 cnt, u8* stg,
                                           int lane) {
   constexpr int G = CC::gdim(g), KS = G / 16, Q = G / 4;
-  constexpr int B = CC::gbits(g), NB = tc_bin_n(g);
-  constexpr float BIN_SCALE = static_cast<float>(1 << (g == 0 ? TC_BIN_SHIFT0 : TC_BIN_SHIFT1));
-  constexpr float BIN_BIAS = 1048576.f + NB / 2;  // 2^20: the sum's ulp is 1/8
+  constexpr int B = CC::gbits(g);
+  using Grid = TcGrid<g>;
   constexpr int NW = (Q * B + 31) / 32, CB = Q * B / 8, R = CC::R;
   constexpr bool F32 = IN_KIND == TQ_F32;
   const int r = lane >> 2, t = lane & 3;
   const auto& ah = f.ah;
   const auto& al = f.al;
   const auto& inv = f.inv;
-  float bscale[ENC_MT][2];
+  float bscale[ENC_MT][2], ninv[ENC_MT][2];  // negated: a free operand of the comparison's FMA
 #pragma unroll
-  for (int m = 0; m < ENC_MT; ++m) bscale[m][0] = inv[m][0] * BIN_SCALE, bscale[m][1] = inv[m][1] * BIN_SCALE;
+  for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) bscale[m][h] = inv[m][h] * Grid::S, ninv[m][h] = -inv[m][h];
   u32 cw[ENC_MT][2][NW];
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m)
@@ -482,21 +485,24 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, c
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int h = e >> 1, slot = 2 * nt + (e & 1), bit = slot * B, wi = bit >> 5, sh = bit & 31;
-      // y = acc * inv, kept exact in both fused steps: its bin is floor(y 2^shift) + NB/2, read
-      // off the bits of 2^20 + NB/2 + y 2^shift rounded toward zero to eighths (bits 3.. hold
-      // it, already a float2 index times 8; the mask keeps a NaN from non-finite input inside
-      // the table); y > boundary is the sign of boundary - y.
-      const u32 at = __float_as_uint(__fmaf_rz(acc[e], bscale[m][h], BIN_BIAS)) & (8 * NB - 8);
-      const float2 e2 = *reinterpret_cast<const float2*>(reinterpret_cast<const u8*>(bins) + at);
-      const u32 c = __float_as_uint(e2.y) + (__float_as_uint(fmaf(-acc[e], inv[m][h], e2.x)) >> 31);
-      cw[m][h][wi] |= c << sh;
-      if (sh + B > 32) cw[m][h][wi + 1] |= c >> (32 - sh);
+      // y = acc * inv. Its bin (clamped: also keeps non-finite input in the grid), the bin's
+      // boundary and count from lane k; y > boundary as the sign of boundary - y, exact in one
+      // fused step. The bin index may be off by one within ~2^-22 of a bin edge, where the grid
+      // has no boundary: the code is exact either way.
+      const int k = __viaddmin_s32_relu(__float_as_int(fmaf(acc[e], bscale[m][h], TC_ROUND_BIAS)),
+                                        Grid::O - TC_ROUND_BITS, Grid::N - 1);  // max(min(a + b, c), 0)
+      const float bk = __shfl_sync(0xffffffffu, bnd, k);
+      const u32 below = Grid::I ? static_cast<u32>(k) : __shfl_sync(0xffffffffu, cnt, k);
+      const u32 c = below + (__float_as_uint(fmaf(acc[e], ninv[m][h], bk)) >> 31);
+      // Added, not or-ed, into the zeroed slot: one shift-and-add instruction.
+      cw[m][h][wi] += c << sh;
+      if (sh + B > 32) cw[m][h][wi + 1] += c >> (32 - sh);
     }
   };
 #if TC_WGMMA
   // One warpgroup product per m-tile and chunk of N output columns; bt = this group's tables.
   constexpr int N = G < 64 ? G : 64, BLK = 32 * G;  // bytes of one (part, k-step) block
-  const u32 base = static_cast<u32>(__cvta_generic_to_shared(bt)) + 16 * tc_gtab(g);
+  const u64 desc = tc_wg_desc(static_cast<u32>(__cvta_generic_to_shared(bt)) + 16 * tc_gtab(g), TC_WG_LBO, TC_WG_SBO);
 #pragma unroll
   for (int m = 0; m < ENC_MT; ++m) {
 #pragma unroll
@@ -505,14 +511,13 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, c
       tc_wg_fence();
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const u32 at = base + ks * BLK + c * (N / 8) * TC_WG_SBO;
-        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1],
-                    tc_wg_desc(at, TC_WG_LBO, TC_WG_SBO), ks > 0);
-        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1],
-                    tc_wg_desc(at + KS * BLK, TC_WG_LBO, TC_WG_SBO), 1);
+        // Descriptors of the hi and lo parts' blocks: only the address field moves, by a constant,
+        // and never carries (shared memory is under 256 KB): one add each.
+        const u64 dhi = desc + (ks * BLK + c * (N / 8) * TC_WG_SBO) / 16, dlo = dhi + KS * BLK / 16;
+        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], dhi, ks > 0);
+        tc_wgmma<N>(d, ah[m][0][ks][0], ah[m][1][ks][0], ah[m][0][ks][1], ah[m][1][ks][1], dlo, 1);
         if constexpr (F32)
-          tc_wgmma<N>(d, al[m][0][ks][0], al[m][1][ks][0], al[m][0][ks][1], al[m][1][ks][1],
-                      tc_wg_desc(at, TC_WG_LBO, TC_WG_SBO), 1);
+          tc_wgmma<N>(d, al[m][0][ks][0], al[m][1][ks][0], al[m][0][ks][1], al[m][1][ks][1], dhi, 1);
       }
       tc_wg_wait();
 #pragma unroll
@@ -559,16 +564,18 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   constexpr int TABBYTES = 16 * tc_gtab(CC::NG);
   extern __shared__ __align__(16) u8 tc_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // Block-wide: bins then fragment tables (their order in tcb is the reverse).
-  for (int k = threadIdx.x; k < TC_BINBYTES / 16; k += 32 * ENC_WARPS)
-    reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(tcb + tc_gtab(CC::NG) + k);
+  // Each lane's bin of both grids: boundary, count below.
+  const u32* gw = reinterpret_cast<const u32*>(tcb + tc_gtab(CC::NG)) + lane;
+  const float bnd0 = __uint_as_float(__ldg(gw)), bnd1 = __uint_as_float(__ldg(gw + (CC::NG - 1) * 64));
+  const u32 cnt0 = __ldg(gw + 32), cnt1 = __ldg(gw + (CC::NG - 1) * 64 + 32);
+  // Block-wide: fragment tables.
 #if TC_WGMMA
   // Fragment words {hi b0, hi b1, lo b0, lo b1} of (n-tile, k-step, lane) hold B[k][n], B[k+1][n]
   // for k = 2 (lane % 4) + 8 j (word j of a part), n = 8 nt + lane / 4: rearranged into wgmma's
   // blocks (group, part, k-step) of 32 G bytes.
   static_for<0, CC::NG>([&](auto gi) {
     constexpr int g = decltype(gi)::value, G = CC::gdim(g), KS = G / 16;
-    u8* dst = tc_smem + TC_BINBYTES + 16 * tc_gtab(g);
+    u8* dst = tc_smem + 16 * tc_gtab(g);
     for (int k = threadIdx.x; k < G * G / 4; k += 32 * ENC_WARPS) {
       const uint4 w4 = __ldg(tcb + tc_gtab(g) + k);
       const int lane_ = k & 31, ks = (k >> 5) % KS, nt = (k >> 5) / KS;
@@ -585,11 +592,10 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
 #else
   for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS)
-    reinterpret_cast<uint4*>(tc_smem + TC_BINBYTES)[k] = __ldg(tcb + k);
+    reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(tcb + k);
 #endif
-  const float2* bins = reinterpret_cast<const float2*>(tc_smem);
-  const uint4* tab = reinterpret_cast<const uint4*>(tc_smem + TC_BINBYTES);
-  u8* wbase = tc_smem + TC_BINBYTES + TABBYTES + warp * (TC_XBYTES + TC_CBYTES + TC_NV * R);
+  const uint4* tab = reinterpret_cast<const uint4*>(tc_smem);
+  u8* wbase = tc_smem + TABBYTES + warp * (TC_XBYTES + TC_CBYTES + TC_NV * R);
   u8* xs = wbase;
   u16* cbuf = reinterpret_cast<u16*>(wbase + TC_XBYTES);
   u8* stg = wbase + TC_XBYTES + TC_CBYTES;
@@ -632,8 +638,8 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     }
     __syncwarp();
     if (tile + step < total) issue(tile + step);
-    tc_rotate<0>(f0, tab, bins, stg, lane);
-    static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bins + tc_bin_n(0), stg, lane); });
+    tc_rotate<0>(f0, tab, bnd0, cnt0, stg, lane);
+    static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bnd1, cnt1, stg, lane); });
     __syncwarp();
     if (mine) {
       u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
