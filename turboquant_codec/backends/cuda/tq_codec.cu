@@ -603,24 +603,42 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
   __syncthreads();
   const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
-  auto issue = [&](int tl) {
-    const int s = tl / T, v0 = (tl - s * T) * TC_NV, nv = min(TC_NV, n - v0);
-    const u8* src = static_cast<const u8*>(x) + (static_cast<u64>(s) * n + v0) * TC_ROWB;
-#pragma unroll 4
-    for (int k = lane; k < TC_NV * CH; k += 32) {
-      const int v = k / CH, c = k - v * CH;
-      const bool ok = v < nv;
-      cp_async16(xs + v * TC_ROWB + ((c ^ (v % TC_SW)) << 4), src + (ok ? v : 0) * TC_ROWB + c * 16, ok ? 16 : 0);
-    }
+  struct Tile {
+    int s, v0, nv;  // stream, first vector, vectors
+  };
+  auto locate = [&](int tl) {
+    const int s = tl / T, v0 = (tl - s * T) * TC_NV;
+    return Tile{s, v0, min(TC_NV, n - v0)};
+  };
+  // Staging: lane l copies chunk l % CH of rows l / CH + RPI i, at immediate offsets; rows past the
+  // tile's end are zero-filled (read from its first row, which exists, with size 0).
+  constexpr int RPI = 32 / CH;
+  static_assert(32 % CH == 0, "a staged row is 16 to 512 bytes");
+  const int cl = lane % CH, vl = lane / CH;
+  auto issue = [&](const Tile& tt) {
+    const u8* src0 = static_cast<const u8*>(x) + (static_cast<u64>(tt.s) * n + tt.v0) * TC_ROWB + cl * 16;
+    const u8* src = src0 + vl * TC_ROWB;
+    auto rows = [&](auto full) {
+#pragma unroll
+      for (int i = 0; i < TC_NV / RPI; ++i) {
+        const int v = RPI * i + vl;
+        const bool ok = decltype(full)::value || v < tt.nv;
+        cp_async16(xs + v * TC_ROWB + ((cl ^ (v % TC_SW)) << 4), ok ? src + RPI * i * TC_ROWB : src0, ok ? 16 : 0);
+      }
+    };
+    if (tt.nv == TC_NV)
+      rows(Int<1>{});
+    else
+      rows(Int<0>{});
     if (chans && lane < TC_CBYTES / 16)
-      cp_async16(cbuf + lane * 8, chans + static_cast<u64>(s) * D + lane * 8, 16);
+      cp_async16(cbuf + lane * 8, chans + static_cast<u64>(tt.s) * D + lane * 8, 16);
     cp_async_commit();
   };
   int tile = blockIdx.x * ENC_WARPS + warp;
   // With wgmma the 4 warps of a warpgroup run every iteration together (the product is theirs in
   // common); a warp past the last tile computes on stale registers and stores nothing.
   const int lead = TC_WGMMA ? tile - (warp & 3) : tile;
-  if (tile < total) issue(tile);
+  if (tile < total) issue(locate(tile));
   // Zeroed once: a warpgroup's warp with no tile left still takes part in its products.
   TcFrag<0> f0{};
   TcFrag<CC::NG - 1> f1{};  // unused with one group
@@ -628,7 +646,7 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     const bool mine = tile < total;
     cp_async_wait<0>();
     __syncwarp();
-    const int s = tile / T, v0 = (tile - s * T) * TC_NV, nv = min(TC_NV, n - v0);
+    const Tile cur = locate(tile);
     const u16* ch = chans ? cbuf : nullptr;
     // Every group's values into registers first, so the staging buffer takes the next tile while
     // the tensor cores and the code lookups work.
@@ -637,14 +655,18 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
       static_for<1, CC::NG>([&](auto gi) { tc_gather<decltype(gi)::value>(xs, ch, stg, lane, f1); });
     }
     __syncwarp();
-    if (tile + step < total) issue(tile + step);
+    if (tile + step < total) issue(locate(tile + step));
     tc_rotate<0>(f0, tab, bnd0, cnt0, stg, lane);
     static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bnd1, cnt1, stg, lane); });
     __syncwarp();
     if (mine) {
-      u32* dst = reinterpret_cast<u32*>(rec + (static_cast<u64>(s) * n + v0) * R);
-      const u32* src = reinterpret_cast<const u32*>(stg);
-      for (int k = lane; k < nv * R / 4; k += 32) dst[k] = src[k];
+      u8* dst = rec + (static_cast<u64>(cur.s) * n + cur.v0) * R;
+      const int nb = cur.nv * R;
+      if (((reinterpret_cast<u64>(dst) | nb) & 15) == 0) {
+        for (int k = lane; k < nb / 16; k += 32) reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(stg)[k];
+      } else {
+        for (int k = lane; k < nb / 4; k += 32) reinterpret_cast<u32*>(dst)[k] = reinterpret_cast<const u32*>(stg)[k];
+      }
     }
     __syncwarp();
   }
