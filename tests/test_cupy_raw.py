@@ -358,12 +358,21 @@ def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str,
 
 def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     """The codec module is built for the launch the encode makes: sm_90a and whole warpgroups where
-    wgmma is on, and a changed ENC_TC_WARPS builds anew (no stale module for another block size)."""
+    wgmma is on, a changed ENC_TC_WARPS builds anew (no stale module for another block size), and
+    each build opts its tq_encode_tc into the shared memory that launch uses."""
+    from types import SimpleNamespace
+
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
     built = []
-    monkeypatch.setattr(cupy_raw, "_module", lambda device, source, options: built.append(options) or options)
+
+    def build(device, source, options):
+        fns = {"tq_encode_tc": SimpleNamespace(max_dynamic_shared_size_bytes=0)}
+        built.append(options)
+        return SimpleNamespace(options=options, get_function=fns.__getitem__)
+
+    monkeypatch.setattr(cupy_raw, "_module", build)
     monkeypatch.setattr(cupy_raw, "_smem_optin", lambda device: cupy_raw.SM90_SMEM_OPTIN)
     cupy_raw._codec_build.cache_clear()
     cfg = CodecConfig(128, 3.5)
@@ -371,9 +380,11 @@ def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
         for wgmma, warps in ((True, None), (False, None), (False, 8)):
             monkeypatch.setattr(cupy_raw, "ENC_TC_WGMMA", wgmma)
             monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", warps)
-            opts = cupy_raw._codec_module(0, cfg, "bfloat16")
+            mod = cupy_raw._codec_module(0, cfg, "bfloat16")
             want = warps or cupy_raw.ENC_TC_MAX_WARPS
-            assert f"-DENC_WARPS={want}" in opts and ("-arch=sm_90a" in opts) == wgmma
+            assert f"-DENC_WARPS={want}" in mod.options and ("-arch=sm_90a" in mod.options) == wgmma
+            smem = mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes
+            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want) > 48 * 1024
             assert cupy_raw._tc_launch(0, cfg, "bfloat16") == (wgmma, want)
         assert len(built) == 3
     finally:

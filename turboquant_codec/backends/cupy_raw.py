@@ -399,7 +399,12 @@ def _tc_launch(device: int, cfg: CodecConfig, dtype: str) -> tuple[bool, int]:
 @functools.cache
 def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> Any:
     opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps)
-    return _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
+    mod = _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
+    smem = _tc_smem(cfg, dtype, warps)
+    if tc_encode_ok(cfg) and smem > 48 * 1024:
+        # The opt-in is an attribute of the driver's function handle: set once per build, not per call.
+        mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes = smem
+    return mod
 
 
 # ------------------------------------------------------------------------------------ tensor-core encode
@@ -571,8 +576,6 @@ def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
 def _tc_blocks_of(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> int:
     fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
     smem = _tc_smem(cfg, dtype, warps)
-    if smem > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = smem
     attrs = _cupy().cuda.Device(device).attributes
     per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
                              attrs["MaxRegistersPerMultiprocessor"],
@@ -612,8 +615,6 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
     tcb = _device_tc_table(device, cfg, dtype)
     smem = _tc_smem(cfg, dtype, warps)
     blocks = _tc_blocks_of(device, cfg, dtype, wgmma, warps)
-    if smem > 48 * 1024:
-        fn.max_dynamic_shared_size_bytes = smem
     tiles = streams * -(-n // (16 * _tc_mt(dtype)))
     grid = max(1, min(blocks, -(-tiles // warps)))
     if ch is not None and ch.data.ptr % 16:
