@@ -211,8 +211,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 }
 
 // ----------------------------------------------------------------------- tensor-core encode (mse)
-// tq_encode_tc: persistent grid, one block of ENC_WARPS independent warps per SM, sharing the bin
-// and fragment tables in shared memory. A warp owns tiles of TC_NV = 16 * ENC_MT vectors of one
+// tq_encode_tc: persistent grid, one block of ENC_WARPS independent warps per SM, sharing the
+// fragment tables in shared memory. A warp owns tiles of TC_NV = 16 * ENC_MT vectors of one
 // stream (tiles numbered across streams), staged by cp.async: the raw input rows, channel order as
 // stored, unpadded with their 16-byte chunks swizzled (chunk c of row v at c ^ (v % TC_SW): the 8
 // rows a gather reads hit 8 bank quads), and the stream's channel list. A tile's values go to
