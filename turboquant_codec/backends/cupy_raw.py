@@ -672,8 +672,6 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         if cfg.split and channels is None:
             channels = select_channels(xw, cfg, dtype)
         streams = int(np.prod(lead)) if lead else 1
-        mod = _codec_module(device, cfg, dtype)
-        tab, _ = _device_tables(device, cfg)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
         if n and ENCODE_PATH != "scalar" and tc_encode_ok(cfg):
@@ -681,8 +679,9 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
                 xw = xw.copy()
             _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
             return rec, channels
+        tab, _ = _device_tables(device, cfg)
         tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
-        mod.get_function("tq_encode")(
+        _codec_module(device, cfg, dtype).get_function("tq_encode")(
             (-(-n // tv), streams),
             (ENC_THREADS,),
             (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec),
