@@ -329,6 +329,32 @@ def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) 
                                    numpy_ref._norms(ref.records, g, 0)[0], rtol=2**-10)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("bits", [2.5, 4.0])
+def test_tc_wgmma_table_is_the_fragment_table_in_core_matrices(bits: float, dtype: str) -> None:
+    """The wgmma table holds every B[k][n] of the mma.sync fragment table (read through the fragment
+    convention) at wgmma's no-swizzle K-major byte offset, and the grids unchanged after them."""
+    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.config import CodecConfig
+
+    cfg = CodecConfig(128, bits)
+    frag, wg = cupy_raw._tc_table(cfg, dtype), cupy_raw._tc_table(cfg, dtype, wgmma=True)
+    assert frag.shape == wg.shape
+    at = 0
+    for g in cfg.groups:
+        G, KS = g.dim, g.dim // 16
+        w = frag[at: at + G * G].reshape(G // 8, KS, 32, 4)
+        block = wg[at: at + G * G].view(np.uint16).reshape(2, KS, 16 * G)  # (part, k-step, 16-bit slots)
+        at += G * G
+        for nt, ks, lane, q in np.ndindex(w.shape):
+            k, n = 2 * (lane % 4) + 8 * (q % 2), 8 * nt + lane // 4
+            for half in (0, 1):
+                byte = ((k + half) // 8) * cupy_raw.TC_WG_LBO + (n // 8) * cupy_raw.TC_WG_SBO \
+                    + (n % 8) * 16 + ((k + half) % 8) * 2
+                assert block[q // 2, ks, byte // 2] == (w[nt, ks, lane, q] >> (16 * half)) & 0xFFFF
+    np.testing.assert_array_equal(wg[at:], frag[at:])
+
+
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("bits", [2.5, 4.0])
@@ -358,8 +384,8 @@ def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str,
 
 def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     """The codec module is built for the launch the encode makes: sm_90a and whole warpgroups where
-    wgmma is on, a changed ENC_TC_WARPS builds anew (no stale module for another block size), and
-    each build opts its tq_encode_tc into the shared memory that launch uses."""
+    wgmma is on, a changed ENC_TC_WARPS or ENC_TC_MT builds anew (no stale module for another block
+    or tile size), and each build opts its tq_encode_tc into the shared memory that launch uses."""
     from types import SimpleNamespace
 
     from turboquant_codec.backends import cupy_raw
@@ -377,16 +403,18 @@ def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     cupy_raw._codec_build.cache_clear()
     cfg = CodecConfig(128, 3.5)
     try:
-        for wgmma, warps in ((True, None), (False, None), (False, 8)):
+        for wgmma, warps, mt in ((True, None, None), (False, None, None), (False, 8, None), (False, 8, 1)):
             monkeypatch.setattr(cupy_raw, "ENC_TC_WGMMA", wgmma)
             monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", warps)
+            monkeypatch.setattr(cupy_raw, "ENC_TC_MT", mt)
             mod = cupy_raw._codec_module(0, cfg, "bfloat16")
-            want = warps or cupy_raw.ENC_TC_MAX_WARPS
-            assert f"-DENC_WARPS={want}" in mod.options and ("-arch=sm_90a" in mod.options) == wgmma
+            want_warps, want_mt = warps or cupy_raw.ENC_TC_MAX_WARPS, mt or 2
+            assert f"-DENC_WARPS={want_warps}" in mod.options and f"-DENC_MT={want_mt}" in mod.options
+            assert ("-arch=sm_90a" in mod.options) == wgmma
             smem = mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes
-            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want) > 48 * 1024
-            assert cupy_raw._tc_launch(0, cfg, "bfloat16") == (wgmma, want)
-        assert len(built) == 3
+            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want_warps) > 48 * 1024
+            assert cupy_raw._tc_launch(0, cfg, "bfloat16") == (wgmma, want_warps, want_mt)
+        assert len(built) == 4
     finally:
         cupy_raw._codec_build.cache_clear()
 

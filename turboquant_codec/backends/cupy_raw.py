@@ -81,6 +81,10 @@ SM90_SMEM_OPTIN = 227 * 1024
 # Environment: TQ_CUPY_RAW_WGMMA=0 or 1 sets it.
 ENC_TC_WGMMA: bool | None = {"0": False, "1": True}.get(os.environ.get("TQ_CUPY_RAW_WGMMA", ""))
 TC_RS_EXP = 8
+# wgmma's no-swizzle K-major B layout (tc_wgmma_order): bytes between 8 x 8 core matrices along k (LBO)
+# and along n (SBO); passed to the kernel. The convention was checked on an H200 against NumPy (the
+# other (LBO, SBO, trans-b) readings are wrong).
+TC_WG_LBO, TC_WG_SBO = 128, 256
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
 ENCODE_PATH = os.environ.get("TQ_CUPY_RAW_ENCODE", "auto")
@@ -195,7 +199,7 @@ def _stream(device: int) -> Any:
     if current.ptr != 0:
         return current
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch is not None and torch.cuda.is_initialized():  # initialised: available too
         ts = torch.cuda.current_stream(device)
         if ts.cuda_stream != 0:
             return _external_stream(ts.cuda_stream, device)
@@ -308,7 +312,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     **params
         codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
         which sets the encode's warps per block; default: sm_90's), ``wgmma`` (warps in whole
-        warpgroups; the caller builds for sm_90a) and ``warps`` (given: those). attention: ``k_cfg``,
+        warpgroups; the caller builds for sm_90a), ``warps`` and ``mt`` (m-tiles per warp tile; given:
+        those). attention: ``k_cfg``,
         ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group`` (query heads per KV head).
 
     Returns
@@ -320,8 +325,10 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         cfg, dtype = params["cfg"], params["dtype"]
         optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
         warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma)
+        mt = params.get("mt") or _tc_mt(dtype)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
-                f"-DENC_WARPS={warps}", f"-DENC_MT={_tc_mt(dtype)}", *_tc_grid_macros(cfg)]
+                f"-DENC_WARPS={warps}", f"-DENC_MT={mt}", *_tc_grid_macros(cfg),
+                f"-DTC_RS_EXP={TC_RS_EXP}", f"-DTC_WG_LBO={TC_WG_LBO}", f"-DTC_WG_SBO={TC_WG_SBO}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -393,15 +400,16 @@ def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
     return _codec_build(device, cfg, dtype, *_tc_launch(device, cfg, dtype))
 
 
-def _tc_launch(device: int, cfg: CodecConfig, dtype: str) -> tuple[bool, int]:
-    """(wgmma, warps per block) of tq_encode_tc on ``device``, from the settings as they are now."""
+def _tc_launch(device: int, cfg: CodecConfig, dtype: str) -> tuple[bool, int, int]:
+    """(wgmma, warps per block, m-tiles per warp tile) of tq_encode_tc on ``device``, from the
+    settings as they are now."""
     wgmma = _wgmma(device)
-    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma)
+    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma), _tc_mt(dtype)
 
 
 @functools.cache
-def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> Any:
-    opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps)
+def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int, mt: int) -> Any:
+    opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps, mt=mt)
     mod = _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
     smem = _tc_smem(cfg, dtype, warps)
     if tc_encode_ok(cfg) and smem > 48 * 1024:
@@ -454,11 +462,12 @@ def tc_rotation_parts(rotation: np.ndarray, dtype: str) -> tuple[np.ndarray, np.
 
 
 @functools.cache
-def _tc_table(cfg: CodecConfig, dtype: str) -> np.ndarray:
+def _tc_table(cfg: CodecConfig, dtype: str, wgmma: bool = False) -> np.ndarray:
     """uint32 table of ``tq_encode_tc`` for ``dtype`` input: per group, per (n-tile, k-step, lane)
     the fragment words {hi b0, hi b1, lo b0, lo b1} (``tc_operand_dtype`` pairs, lower k in bits
-    0-15), dim^2 words per group; then per group its ``tc_grid``, one word per lane: the bins'
-    boundaries (float32 bits), then their counts below."""
+    0-15), dim^2 words per group, or with ``wgmma`` the same words in wgmma's layout
+    (``tc_wgmma_order``); then per group its ``tc_grid``, one word per lane: the bins' boundaries
+    (float32 bits), then their counts below."""
     out = []
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         i, pos = _tc_positions(g.dim)
@@ -466,12 +475,32 @@ def _tc_table(cfg: CodecConfig, dtype: str) -> np.ndarray:
         for part in tc_rotation_parts(t.rotation, dtype):
             h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
             words.append(h[..., 0] | (h[..., 1] << 16))
-        out.append(np.concatenate(words, axis=-1).reshape(-1))  # hi b0, hi b1, lo b0, lo b1
+        frag = np.concatenate(words, axis=-1).reshape(-1)  # hi b0, hi b1, lo b0, lo b1
+        out.append(frag[tc_wgmma_order(g.dim)] if wgmma else frag)
     for gr in _tc_group_grids(cfg):
         lanes = np.zeros((2, TC_GRID_BINS), np.uint32)
         lanes[0, :len(gr.bound)], lanes[1, :len(gr.below)] = gr.bound.view(np.uint32), gr.below
         out.append(lanes.reshape(-1))
     return np.concatenate(out).astype(np.uint32)
+
+
+def tc_wgmma_order(dim: int) -> np.ndarray:
+    """Fragment word of each word of one group's table in wgmma's layout, (dim^2,) indices.
+
+    wgmma reads B from shared memory: per part (hi, lo) and k-step a 16 x dim block of 8 x 8 core
+    matrices, element B[k][n] at byte ``(k // 8) * 128 + (n // 8) * 256 + (n % 8) * 16 + (k % 8) * 2``
+    of the block (the kernel's ``TC_WG_LBO``, ``TC_WG_SBO``). Fragment word q of (n-tile nt, k-step
+    ks, lane) holds B[k][n], B[k + 1][n] of part q // 2, k = 2 (lane % 4) + 8 (q % 2), n = 8 nt +
+    lane / 4: one 32-bit word of the block, so the layout is a permutation of words.
+    """
+    nt, ks, lane, q = np.meshgrid(np.arange(dim // 8), np.arange(dim // 16), np.arange(32), np.arange(4),
+                                  indexing="ij")
+    k, n = 2 * (lane % 4) + 8 * (q % 2), 8 * nt + lane // 4
+    byte = ((q // 2) * (dim // 16) + ks) * 32 * dim + (k // 8) * TC_WG_LBO + (n // 8) * TC_WG_SBO \
+        + (n % 8) * 16 + (k % 8) * 2
+    order = np.empty(dim * dim, np.intp)
+    order[byte.reshape(-1) // 4] = np.arange(dim * dim)
+    return order
 
 
 @dataclass(frozen=True)
@@ -527,10 +556,10 @@ def tc_grid(boundaries: np.ndarray) -> TcGrid:
 
 
 @functools.cache
-def _device_tc_table(device: int, cfg: CodecConfig, dtype: str) -> Any:
+def _device_tc_table(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> Any:
     cp = _cupy()
     with cp.cuda.Device(device):
-        return cp.asarray(_tc_table(cfg, dtype))
+        return cp.asarray(_tc_table(cfg, dtype, wgmma))
 
 
 @functools.cache
@@ -570,21 +599,36 @@ def _tc_mt(dtype: str) -> int:
     return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
 
 
-def _tc_blocks(device: int, cfg: CodecConfig, dtype: str) -> int:
-    """Resident blocks of tq_encode_tc on the whole device (the persistent grid)."""
-    return _tc_blocks_of(device, cfg, dtype, *_tc_launch(device, cfg, dtype))
+@dataclass(frozen=True)
+class _TcPlan:
+    """Everything an encode launch of tq_encode_tc needs besides its arrays, worked out once."""
+
+    fn: Any  # the kernel
+    table: Any  # its fragment tables and grids on the device
+    smem: int  # dynamic shared memory per block
+    blocks: int  # resident blocks on the whole device: the persistent grid
+    warps: int  # per block
+    vectors: int  # per warp tile
+
+
+def _tc_plan_now(device: int, cfg: CodecConfig, dtype: str) -> _TcPlan:
+    """The plan for the encode settings as they are now (a changed setting plans anew)."""
+    return _tc_plan(device, cfg, dtype, ENC_TC_WGMMA, ENC_TC_WARPS, ENC_TC_MT)
 
 
 @functools.cache
-def _tc_blocks_of(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int) -> int:
-    fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
+def _tc_plan(device: int, cfg: CodecConfig, dtype: str, *settings: Any) -> _TcPlan:
+    # settings: only a cache key; _tc_launch reads them.
+    wgmma, warps, mt = _tc_launch(device, cfg, dtype)
+    fn = _codec_build(device, cfg, dtype, wgmma, warps, mt).get_function("tq_encode_tc")
     smem = _tc_smem(cfg, dtype, warps)
     attrs = _cupy().cuda.Device(device).attributes
     per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
                              attrs["MaxRegistersPerMultiprocessor"],
                              attrs["MaxSharedMemoryPerMultiprocessor"],
                              attrs["MaxThreadsPerMultiProcessor"])
-    return per_sm * _sm_count(device)
+    return _TcPlan(fn, _device_tc_table(device, cfg, dtype, wgmma), smem, per_sm * _sm_count(device), warps,
+                   16 * mt)
 
 
 def resident_blocks(regs: int, smem: int, threads: int, sm_regs: int, sm_smem: int, sm_threads: int) -> int:
@@ -613,18 +657,14 @@ def resident_blocks(regs: int, smem: int, threads: int, sm_regs: int, sm_smem: i
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
                device: int) -> None:
-    wgmma, warps = _tc_launch(device, cfg, dtype)
-    fn = _codec_build(device, cfg, dtype, wgmma, warps).get_function("tq_encode_tc")
-    tcb = _device_tc_table(device, cfg, dtype)
-    smem = _tc_smem(cfg, dtype, warps)
-    blocks = _tc_blocks_of(device, cfg, dtype, wgmma, warps)
-    tiles = streams * -(-n // (16 * _tc_mt(dtype)))
-    grid = max(1, min(blocks, -(-tiles // warps)))
+    plan = _tc_plan_now(device, cfg, dtype)
+    tiles = streams * -(-n // plan.vectors)
+    grid = max(1, min(plan.blocks, -(-tiles // plan.warps)))
     if ch is not None and ch.data.ptr % 16:
         ch = ch.copy()
-    fn((grid,), (32 * warps,),
-       (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), tcb, rec),
-       shared_mem=smem)
+    plan.fn((grid,), (32 * plan.warps,),
+            (xw, ch if ch is not None else _NULL, np.int32(n), np.int32(streams), plan.table, rec),
+            shared_mem=plan.smem)
 
 
 # ------------------------------------------------------------------------------------ channels
@@ -635,7 +675,7 @@ def select_channels(x: Any, cfg: CodecConfig, dtype: str) -> Any:
     """
     cp = _cupy()
     *lead, n, d = x.shape
-    streams = int(np.prod(lead)) if lead else 1
+    streams = math.prod(lead)
     device = int(x.device.id)
     mod = _codec_module(device, cfg, dtype)
     energy = cp.zeros((streams, d), cp.float64)
@@ -671,7 +711,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         *lead, n, d = xw.shape
         if cfg.split and channels is None:
             channels = select_channels(xw, cfg, dtype)
-        streams = int(np.prod(lead)) if lead else 1
+        streams = math.prod(lead)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
         if n and ENCODE_PATH != "scalar" and tc_encode_ok(cfg):
@@ -698,7 +738,7 @@ def decode(enc: Encoded) -> Any:
     with cp.cuda.Device(device), _stream(device):
         rec = cp.ascontiguousarray(records)
         *lead, n, _ = rec.shape
-        streams = int(np.prod(lead)) if lead else 1
+        streams = math.prod(lead)
         mod = _codec_module(device, cfg, "float32")
         tab, _ = _device_tables(device, cfg)
         out = cp.empty((*lead, n, cfg.d), cp.float32)
@@ -719,7 +759,7 @@ def scores(q: Any, keys: Encoded) -> Any:
         rec = cp.ascontiguousarray(keys.records)
         *lead, m, d = qw.shape
         n = rec.shape[-2]
-        streams = int(np.prod(lead)) if lead else 1
+        streams = math.prod(lead)
         mod = _codec_module(device, cfg, dtype)
         tab, _ = _device_tables(device, cfg)
         ch = None if keys.channels is None else cp.ascontiguousarray(keys.channels, dtype=cp.uint16)
@@ -873,7 +913,7 @@ def attention(
         *lead, h_q, d = qw.shape
         h_kv, n = k.shape[-3], k.shape[-2]
         group = h_q // h_kv
-        bh = (int(np.prod(lead)) if lead else 1) * h_kv
+        bh = (math.prod(lead)) * h_kv
         krec, vrec = _aligned(k.records), _aligned(v.records)
         if k_tail is not None:
             ktw, tail_dtype = _words(k_tail)

@@ -224,8 +224,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 //       positions 16 ks .. 16 ks + 15);
 //   B = the rotation, scaled by 2^TC_RS_EXP and split into hi + lo parts of the input's 16-bit
 //       type (bfloat16 for bfloat16 input, else float16; hi*x + lo*x: ~17 or ~22-bit products),
-//       pre-arranged on the host as one uint4 {hi_b0, hi_b1, lo_b0, lo_b1} per lane, k-step and
-//       n-tile (cupy_raw._tc_table), copied to shared memory;
+//       pre-arranged on the host (cupy_raw._tc_table) as one uint4 {hi_b0, hi_b1, lo_b0, lo_b1}
+//       per lane, k-step and n-tile, or in wgmma's layout (below), copied to shared memory;
 //   x: float16 and bfloat16 inputs go in as stored (exact, no conversion); float32 is scaled by
 //       2^-e (e the exponent of the group norm, so no float16 overflow or underflow loss) and split
 //       into hi + lo as well (three mma per step instead of two).
@@ -245,7 +245,6 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 #ifndef ENC_WARPS
 #define ENC_WARPS 4
 #endif
-#define TC_RS_EXP 8
 
 constexpr int TC_ES = IN_KIND == TQ_F32 ? 4 : 2;              // input bytes per value
 constexpr bool TC_BF = IN_KIND == TQ_BF16;                    // bfloat16 mma operands
@@ -288,7 +287,8 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
 
 // Warpgroup mma (sm_90a builds only, -arch=sm_90a): the rotation tables in shared memory in the
 // layout wgmma reads (per group, part hi/lo and k-step a 16 x G block of 8 x 8 core matrices:
-// byte (k/8)*128 + (n/8)*256 + (n%8)*16 + (k%8)*2), A from the same registers as mma.sync.
+// byte (k/8)*TC_WG_LBO + (n/8)*TC_WG_SBO + (n%8)*16 + (k%8)*2; cupy_raw.tc_wgmma_order), A from the
+// same registers as mma.sync.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TC_WGMMA 1
 #else
@@ -300,9 +300,6 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
 #else
 #define TC_WG_AB "f16.f16"
 #endif
-// Bytes between core matrices along k (LBO) and along n (SBO) of the no-swizzle K-major layout; the
-// convention was checked on an H200 against NumPy (the other (LBO, SBO, trans-b) readings are wrong).
-constexpr int TC_WG_LBO = 128, TC_WG_SBO = 256;
 __device__ __forceinline__ u64 tc_wg_desc(u32 smem, int lbo, int sbo) {
   return static_cast<u64>((smem >> 4) & 0x3FFF) | (static_cast<u64>((lbo >> 4) & 0x3FFF) << 16) |
          (static_cast<u64>((sbo >> 4) & 0x3FFF) << 32);
@@ -568,40 +565,11 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   const u32* gw = reinterpret_cast<const u32*>(tcb + tc_gtab(CC::NG)) + lane;
   const float bnd0 = __uint_as_float(__ldg(gw)), bnd1 = __uint_as_float(__ldg(gw + (CC::NG - 1) * 64));
   const u32 cnt0 = __ldg(gw + 32), cnt1 = __ldg(gw + (CC::NG - 1) * 64 + 32);
-  // Block-wide: fragment tables.
-#if TC_WGMMA
-  // Fragment words {hi b0, hi b1, lo b0, lo b1} of (n-tile, k-step, lane) hold B[k][n], B[k+1][n]
-  // for k = 2 (lane % 4) + 8 j (word j of a part), n = 8 nt + lane / 4: rearranged into wgmma's
-  // blocks (group, part, k-step) of 32 G bytes.
-  static_for<0, CC::NG>([&](auto gi) {
-    constexpr int g = decltype(gi)::value, G = CC::gdim(g), KS = G / 16;
-    u8* dst = tc_smem + 16 * tc_gtab(g);
-    for (int k = threadIdx.x; k < G * G / 4; k += 32 * ENC_WARPS) {
-      const uint4 w4 = __ldg(tcb + tc_gtab(g) + k);
-      const int lane_ = k & 31, ks = (k >> 5) % KS, nt = (k >> 5) / KS;
-      const int n = 8 * nt + (lane_ >> 2);
-      const u32 ws[4] = {w4.x, w4.y, w4.z, w4.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int part = q >> 1, k0 = 2 * (lane_ & 3) + 8 * (q & 1);
-        u8* blk = dst + (part * KS + ks) * 32 * G + (k0 / 8) * TC_WG_LBO + (n / 8) * TC_WG_SBO;
-        *reinterpret_cast<u32*>(blk + (n % 8) * 16 + (k0 % 8) * 2) = ws[q];
-      }
-    }
-  });
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
-#else
-  for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS)
-    reinterpret_cast<uint4*>(tc_smem)[k] = __ldg(tcb + k);
-#endif
   const uint4* tab = reinterpret_cast<const uint4*>(tc_smem);
   u8* wbase = tc_smem + TABBYTES + warp * (TC_XBYTES + TC_CBYTES + TC_NV * R);
   u8* xs = wbase;
   u16* cbuf = reinterpret_cast<u16*>(wbase + TC_XBYTES);
   u8* stg = wbase + TC_XBYTES + TC_CBYTES;
-  // Padding bytes are never written below: zero once.
-  for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
-  __syncthreads();
   const int T = (n + TC_NV - 1) / TC_NV, total = streams * T, step = gridDim.x * ENC_WARPS;
   struct Tile {
     int s, v0, nv;  // stream, first vector, vectors
@@ -634,11 +602,24 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
       cp_async16(cbuf + lane * 8, chans + static_cast<u64>(tt.s) * D + lane * 8, 16);
     cp_async_commit();
   };
-  int tile = blockIdx.x * ENC_WARPS + warp;
+  // Tiles go round the blocks first (warp w of block b starts at tile w * blocks + b), so the last,
+  // partial round spreads over every SM instead of filling some and leaving the rest idle.
+  int tile = warp * gridDim.x + blockIdx.x;
   // With wgmma the 4 warps of a warpgroup run every iteration together (the product is theirs in
   // common); a warp past the last tile computes on stale registers and stores nothing.
-  const int lead = TC_WGMMA ? tile - (warp & 3) : tile;
+  const int lead = TC_WGMMA ? tile - (warp & 3) * gridDim.x : tile;
   if (tile < total) issue(locate(tile));
+  // Block-wide: the fragment tables, laid out on the host as they are read (cupy_raw._tc_table), copied
+  // while the first tiles load.
+  for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS) cp_async16(tc_smem + 16 * k, tcb + k, 16);
+  cp_async_commit();
+  // Padding bytes are never written below: zero once.
+  for (int k = lane; k < TC_NV * R / 4; k += 32) reinterpret_cast<u32*>(stg)[k] = 0u;
+  cp_async_wait<0>();
+#if TC_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to the tensor cores
+#endif
+  __syncthreads();
   // Zeroed once: a warpgroup's warp with no tile left still takes part in its products.
   TcFrag<0> f0{};
   TcFrag<CC::NG - 1> f1{};  // unused with one group
