@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from turboquant_codec.backends import cupy_raw
+from turboquant_codec.backends import cupy_raw, occupancy
 from turboquant_codec.capabilities import ALL_BITS, CAPABILITIES
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.transforms import tables
@@ -103,4 +103,4 @@ H100_SM = (65536, 233472, 2048)
     ids=["enc-4w", "enc-8w", "enc-2w", "enc-12w", "regs", "threads", "floor"],
 )
 def test_resident_blocks_takes_the_tightest_sm_limit(regs: int, smem: int, threads: int, blocks: int) -> None:
-    assert cupy_raw.resident_blocks(regs, smem, threads, *H100_SM) == blocks
+    assert occupancy.resident_blocks(regs, smem, threads, *H100_SM) == blocks

@@ -207,6 +207,27 @@ def test_device_of_an_input_comes_from_its_library(monkeypatch) -> None:
         assert numba_cuda._device_id(DeviceView(4096, (6,), np.uint8, owner).reshape(2, 3)) == want
 
 
+@needs_backend
+@pytest.mark.parametrize(
+    ("regs", "warps", "per_sm"),
+    [
+        (64, 4, 32),  # the WARPS_PER_SM cap binds (registers would allow 32 too)
+        (128, 4, 16),  # registers: 4096 per warp, 4 blocks of 4 warps in 65536
+        (72, 3, 27),  # registers, rounded per warp to 2304: 9 blocks of 3 warps
+        (255, 8, 8),  # registers, 8192 per warp: one block of 8 warps
+    ],
+    ids=["cap", "regs-128", "regs-72", "regs-255"],
+)
+def test_resident_warps_counts_whole_blocks(monkeypatch, regs: int, warps: int, per_sm: int) -> None:
+    """The warp attention's split count aims at the warps the GPU holds in whole blocks, per SM the
+    fewer of the register limit and WARPS_PER_SM (the simulator answers the cap on 132 SMs)."""
+    from turboquant_codec.backends import numba_cuda
+
+    monkeypatch.setattr(numba_cuda, "_sm_count", lambda device: 7)
+    assert numba_cuda._resident_warps(regs, warps, 0) == 7 * per_sm
+    assert numba_cuda._resident_warps(None, warps, 0) == 132 * numba_cuda.WARPS_PER_SM
+
+
 @needs_gpu
 @pytest.mark.gpu
 def test_second_device() -> None:

@@ -42,6 +42,7 @@ from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..transforms import tables
+from .occupancy import resident_blocks
 
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("tq_codec.cu", "tq_attention.cu")
@@ -629,30 +630,6 @@ def _tc_plan(device: int, cfg: CodecConfig, dtype: str, *settings: Any) -> _TcPl
                              attrs["MaxThreadsPerMultiProcessor"])
     return _TcPlan(fn, _device_tc_table(device, cfg, dtype, wgmma), smem, per_sm * _sm_count(device), warps,
                    16 * mt)
-
-
-def resident_blocks(regs: int, smem: int, threads: int, sm_regs: int, sm_smem: int, sm_threads: int) -> int:
-    """Blocks of a kernel one SM holds at once (CuPy exposes no occupancy query).
-
-    Parameters
-    ----------
-    regs : int
-        Registers per thread; allocated per warp in units of 256.
-    smem : int
-        Shared memory per block, static plus dynamic; the driver reserves 1 KB more per block.
-    threads : int
-        Threads per block.
-    sm_regs, sm_smem, sm_threads : int
-        The SM's registers, shared memory and threads (device attributes).
-
-    Returns
-    -------
-    int
-        The tightest of the three limits, at least 1.
-    """
-    regs_per_warp = -(-regs * 32 // 256) * 256
-    limits = (sm_regs // (regs_per_warp * -(-threads // 32)), sm_smem // (smem + 1024), sm_threads // threads)
-    return max(1, min(limits))
 
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,

@@ -40,6 +40,7 @@ from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..transforms import tables as host_tables
+from .occupancy import resident_blocks
 
 try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
     from numba import cuda
@@ -62,6 +63,8 @@ TARGET_BLOCKS = 4 * 132
 KEY_TILES = (32, 16, 8)
 # Resident warps per SM the warp attention's split count aims at.
 WARPS_PER_SM = 32
+# 32-bit registers per SM (every compute capability from 5.0 on).
+SM_REGS = 65536
 
 
 def _simulated() -> bool:
@@ -428,12 +431,14 @@ def _sm_count(device: int) -> int:
 
 
 def _resident_warps(regs: int | None, warps: int, device: int) -> int:
-    """Warps of a kernel using ``regs`` registers per thread the GPU holds at once, for the split
-    count (the simulator's answer: an H100's 132 SMs at ``WARPS_PER_SM``)."""
+    """Warps of a kernel using ``regs`` registers per thread the GPU holds at once, in blocks of
+    ``warps``, at most ``WARPS_PER_SM`` per SM, for the split count (the simulator's answer: an
+    H100's 132 SMs at ``WARPS_PER_SM``)."""
     if regs is None:
         return 132 * WARPS_PER_SM
-    per_warp = -(-regs * WARP // 256) * 256
-    return _sm_count(device) * max(1, min(WARPS_PER_SM, 65536 // per_warp) // warps * warps)
+    # Shared memory does not bound it (the warp attention keeps its tiles in registers).
+    blocks = resident_blocks(regs, 0, warps * WARP, SM_REGS, SMEM_LIMIT, WARPS_PER_SM * WARP)
+    return _sm_count(device) * blocks * warps
 
 
 @functools.lru_cache(maxsize=32)
