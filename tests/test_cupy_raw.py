@@ -14,7 +14,7 @@ import pytest
 
 import turboquant_codec as tq
 from turboquant_codec.backends import availability as backend_availability
-from turboquant_codec.backends import numpy_ref
+from turboquant_codec.backends import cupy_raw_tc, numpy_ref
 
 from .conftest import kv_like
 
@@ -214,19 +214,18 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
 
     x: (N, d) float16/bfloat16/float32 values; channels: (d,) record order or None. Returns per group
     {"codes{g}": (N, G) codes, "norm{g}": (N,) float16 norms}. Rotation fragments are read back from
-    ``cupy_raw._tc_table`` through the kernel's index conventions (so the table layout is checked
+    ``cupy_raw_tc.fragment_table`` through the kernel's index conventions (so the table layout is checked
     too); every mma adds its 16 exact products to the float32 accumulator rounded toward zero;
     rsqrt is off by up to 2 ulp (random sign) when ``rng`` is given.
     """
-    from turboquant_codec.backends import cupy_raw
     from turboquant_codec.transforms import tables
 
     dtype = x.dtype.name
     xp = np.asarray(x).astype(np.float64)
     if channels is not None:
         xp = xp[:, np.asarray(channels, np.intp)]
-    words = cupy_raw._tc_table(cfg, dtype)
-    op = cupy_raw.tc_operand_dtype(dtype)
+    words = cupy_raw_tc.fragment_table(cfg, dtype)
+    op = cupy_raw_tc.operand_dtype(dtype)
     out, start, at = {}, 0, 0
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
         G = g.dim
@@ -235,7 +234,7 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
         # Rebuild the scaled hi/lo matrices as the kernel reads them (lane -> n, k conventions).
         halves = np.stack([w & 0xFFFF, w >> 16], axis=-1).astype(np.uint16).view(op)
         mats = [np.zeros((G, G)), np.zeros((G, G))]
-        i_map, pos_map = cupy_raw._tc_positions(G)
+        i_map, pos_map = cupy_raw_tc.positions(G)
         for part in range(2):  # hi: words 0-1, lo: words 2-3
             vals = halves[:, :, :, 2 * part: 2 * part + 2, :].astype(np.float64)
             mats[part][i_map, pos_map] = vals
@@ -248,7 +247,7 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
         nr = np.where(ss > 0, ss * rs, 0).astype(np.float32)
         # Only float32 input is scaled (by 2^-e, e the norm's exponent) and split into float16 parts.
         e = np.floor(np.log2(np.where(nr > 0, nr, 1.0))) if dtype == "float32" else np.zeros_like(nr)
-        inv = np.where(ss > 0, (rs * 2.0 ** (e - cupy_raw.TC_RS_EXP)), 1.0).astype(np.float32)
+        inv = np.where(ss > 0, (rs * 2.0 ** (e - cupy_raw_tc.RS_EXP)), 1.0).astype(np.float32)
         xs = (xg * 2.0**-e[:, None]).astype(np.float32)
         hi = xs.astype(op)
         lo = (xs - hi.astype(np.float32)).astype(op)
@@ -266,10 +265,9 @@ def tc_encode_emulated(x: np.ndarray, cfg, channels, rng: np.random.Generator | 
 
 
 def tc_grid_codes(y: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
-    """Codes of ``y`` (float64) through ``cupy_raw.tc_grid``, with the kernel's index arithmetic."""
-    from turboquant_codec.backends import cupy_raw
+    """Codes of ``y`` (float64) through ``cupy_raw_tc.grid``, with the kernel's index arithmetic."""
 
-    grid = cupy_raw.tc_grid(boundaries)
+    grid = cupy_raw_tc.grid(boundaries)
     k = np.clip(np.rint(y * float(grid.scale)).astype(np.int64) + grid.offset, 0, len(grid.bound) - 1)
     return grid.below[k].astype(np.int64) + (y > grid.bound[k])
 
@@ -280,17 +278,16 @@ def test_tc_grid_counts_boundaries_below(d: int, bits: float) -> None:
     """Grid lookup + one comparison = the number of boundaries strictly below y, for random y over
     the whole unit-vector range, every boundary and its float32 neighbours, and every bin edge; at
     most one boundary per bin, clear of the bin edges by TC_GRID_MARGIN, and one bin per lane."""
-    from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
     from turboquant_codec.transforms import tables
 
     rng = np.random.default_rng(int(bits * 10) + d)
     for t in tables(CodecConfig(d, bits)):
         b = t.boundaries.astype(np.float32)
-        grid = cupy_raw.tc_grid(b)
-        assert len(grid.bound) <= cupy_raw.TC_GRID_BINS == 32
+        grid = cupy_raw_tc.grid(b)
+        assert len(grid.bound) <= cupy_raw_tc.GRID_BINS == 32
         pos = b.astype(np.float64) * float(grid.scale)
-        assert np.all(np.abs(pos - np.rint(pos)) <= 0.5 - cupy_raw.TC_GRID_MARGIN)
+        assert np.all(np.abs(pos - np.rint(pos)) <= 0.5 - cupy_raw_tc.GRID_MARGIN)
         assert len(np.unique(np.rint(pos))) == len(b)  # one boundary per bin at most
         assert grid.below_is_index == (len(grid.bound) == len(b))
         edges = (np.arange(len(grid.bound) + 1) - grid.offset - 0.5) / float(grid.scale)
@@ -334,11 +331,10 @@ def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) 
 def test_tc_wgmma_table_is_the_fragment_table_in_core_matrices(bits: float, dtype: str) -> None:
     """The wgmma table holds every B[k][n] of the mma.sync fragment table (read through the fragment
     convention) at wgmma's no-swizzle K-major byte offset, and the grids unchanged after them."""
-    from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
     cfg = CodecConfig(128, bits)
-    frag, wg = cupy_raw._tc_table(cfg, dtype), cupy_raw._tc_table(cfg, dtype, wgmma=True)
+    frag, wg = cupy_raw_tc.fragment_table(cfg, dtype), cupy_raw_tc.fragment_table(cfg, dtype, wgmma=True)
     assert frag.shape == wg.shape
     at = 0
     for g in cfg.groups:
@@ -349,7 +345,7 @@ def test_tc_wgmma_table_is_the_fragment_table_in_core_matrices(bits: float, dtyp
         for nt, ks, lane, q in np.ndindex(w.shape):
             k, n = 2 * (lane % 4) + 8 * (q % 2), 8 * nt + lane // 4
             for half in (0, 1):
-                byte = ((k + half) // 8) * cupy_raw.TC_WG_LBO + (n // 8) * cupy_raw.TC_WG_SBO \
+                byte = ((k + half) // 8) * cupy_raw_tc.WG_LBO + (n // 8) * cupy_raw_tc.WG_SBO \
                     + (n % 8) * 16 + ((k + half) % 8) * 2
                 assert block[q // 2, ks, byte // 2] == (w[nt, ks, lane, q] >> (16 * half)) & 0xFFFF
     np.testing.assert_array_equal(wg[at:], frag[at:])

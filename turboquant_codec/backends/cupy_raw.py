@@ -9,7 +9,8 @@ What this module owns:
   binaries on disk.
 - Tables: per (device, config) one float32 buffer with, per channel group, the rotation, its
   transpose, the QJL projection and its transpose (prod), the centroids and the boundaries; plus
-  the per-field value tables the attention kernel replicates into shared memory. Uploaded once.
+  the per-field value tables the attention kernel replicates into shared memory; and the
+  tensor-core encode's fragment tables and code grids (laid out in ``cupy_raw_tc``). Uploaded once.
 - Inputs: CuPy arrays, torch CUDA tensors and Numba device arrays are used in place
   (``__cuda_array_interface__`` / DLPack), on their own device; bfloat16 travels as raw 16-bit words.
   Launches go to CuPy's current stream, or torch's current stream when torch is in use and CuPy's
@@ -21,7 +22,7 @@ Record layout and math: exactly ``numpy_ref`` (see ``turboquant_codec.config``),
 with float64 norms; codes may differ from the float64 reference only where a value lies on a
 codebook boundary to float32 rounding. The tensor-core encode (``tq_encode_tc``) rotates with split
 16-bit products (~17 bits for bfloat16 input, ~22 otherwise) and float32 norms: its codes differ on
-up to ~1e-5 of coordinates (measured <= 8e-6; the tests allow 1e-4), its norms within float16
+up to ~1e-5 of coordinates (measured <= 1.1e-5; the tests allow 1e-4), its norms within float16
 rounding.
 """
 
@@ -35,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..transforms import tables
+from . import cupy_raw_tc
 from .occupancy import resident_blocks
 
 CUDA_DIR = Path(__file__).with_name("cuda")
@@ -65,7 +66,7 @@ ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
 # Tensor-core encode (tq_encode_tc): warps of its one block per SM (None: as many as its shared memory
 # holds, at most ENC_TC_MAX_WARPS) and 16-vector m-tiles per warp tile (None: 2, or 1 for float32
-# input, whose hi/lo split doubles the fragments). Rotation scale exponent: TC_RS_EXP.
+# input, whose hi/lo split doubles the fragments). Its tables: cupy_raw_tc.
 ENC_TC_WARPS: int | None = None
 ENC_TC_MT: int | None = None
 # 12 warps leave it 168 registers per thread, no spills; 14 and 16 warps cap it at 128 and spill
@@ -81,11 +82,6 @@ SM90_SMEM_OPTIN = 227 * 1024
 # instead of mma.sync: None = on every compute capability 9.0 device; False = mma.sync everywhere.
 # Environment: TQ_CUPY_RAW_WGMMA=0 or 1 sets it.
 ENC_TC_WGMMA: bool | None = {"0": False, "1": True}.get(os.environ.get("TQ_CUPY_RAW_WGMMA", ""))
-TC_RS_EXP = 8
-# wgmma's no-swizzle K-major B layout (tc_wgmma_order): bytes between 8 x 8 core matrices along k (LBO)
-# and along n (SBO); passed to the kernel. The convention was checked on an H200 against NumPy (the
-# other (LBO, SBO, trans-b) readings are wrong).
-TC_WG_LBO, TC_WG_SBO = 128, 256
 # Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
 # Read at every call; the environment variable sets the default.
 ENCODE_PATH = os.environ.get("TQ_CUPY_RAW_ENCODE", "auto")
@@ -329,7 +325,8 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         mt = params.get("mt") or _tc_mt(dtype)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
                 f"-DENC_WARPS={warps}", f"-DENC_MT={mt}", *_tc_grid_macros(cfg),
-                f"-DTC_RS_EXP={TC_RS_EXP}", f"-DTC_WG_LBO={TC_WG_LBO}", f"-DTC_WG_SBO={TC_WG_SBO}"]
+                f"-DTC_RS_EXP={cupy_raw_tc.RS_EXP}", f"-DTC_WG_LBO={cupy_raw_tc.WG_LBO}",
+                f"-DTC_WG_SBO={cupy_raw_tc.WG_SBO}"]
     return [
         *_codec_macros("K", params["k_cfg"]),
         *_codec_macros("V", params["v_cfg"]),
@@ -344,9 +341,9 @@ def compile_options(kind: str, **params: Any) -> list[str]:
 
 
 def _tc_grid_macros(cfg: CodecConfig) -> list[str]:
-    """Each group slot's ``tc_grid`` (the second repeats a lone group): ``-DTC_GS{g}`` scale (exact
+    """Each group slot's ``cupy_raw_tc.grid`` (the second repeats a lone group): ``-DTC_GS{g}`` scale (exact
     hex float), ``-DTC_GO{g}`` offset, ``-DTC_GN{g}`` bins, ``-DTC_GI{g}`` whether counts are indices."""
-    grids = list(_tc_group_grids(cfg))
+    grids = list(cupy_raw_tc.group_grids(cfg))
     grids += grids[-1:] * (2 - len(grids))
     return [opt for g, gr in enumerate(grids)
             for opt in (f"-DTC_GS{g}={float(gr.scale).hex()}f", f"-DTC_GO{g}={gr.offset}",
@@ -427,146 +424,11 @@ def tc_encode_ok(cfg: CodecConfig) -> bool:
     return cfg.mode == "mse" and all(g.dim in (32, 64, 128) for g in cfg.groups)
 
 
-def _tc_positions(dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, pos) index maps of the tensor-core encode fragments, each (dim/8, dim/16, 32 lanes, 2
-    registers, 2 halves): mma B element [k][n] of n-tile nt and k-step ks is rotation[i][pos], with
-    n = lane / 4 -> rotated coordinate i = (n / 2) * dim/4 + 2 nt + n % 2, and k = 2 (lane % 4) +
-    half + 8 reg -> record position pos = lane % 4 + 4 (4 ks + 2 reg + half) (the kernel's gathers
-    read 4 neighbouring positions at once, and k-step ks covers positions 16 ks .. 16 ks + 15)."""
-    q = dim // 4
-    nt = np.arange(dim // 8)[:, None, None, None, None]
-    ks = np.arange(dim // 16)[None, :, None, None, None]
-    lane = np.arange(32)[None, None, :, None, None]
-    reg = np.arange(2)[None, None, None, :, None]
-    half = np.arange(2)[None, None, None, None, :]
-    n, t = lane // 4, lane % 4
-    i = (n // 2) * q + 2 * nt + n % 2
-    pos = t + 4 * (4 * ks + 2 * reg + half)
-    shape = (dim // 8, dim // 16, 32, 2, 2)
-    return np.broadcast_to(i, shape), np.broadcast_to(pos, shape)
-
-
-def tc_operand_dtype(dtype: str) -> Any:
-    """The 16-bit type ``tq_encode_tc`` multiplies ``dtype`` input in: bfloat16 input as stored,
-    float16 and float32 (split into hi + lo) as float16."""
-    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16
-
-
-def tc_rotation_parts(rotation: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(hi, lo) of rotation * 2**TC_RS_EXP in ``tc_operand_dtype(dtype)``: hi + lo carries ~22 bits
-    of every entry in float16, ~17 in bfloat16 (codes differ from float64 on ~5e-6 of coordinates)."""
-    op = tc_operand_dtype(dtype)
-    scaled = np.asarray(rotation, np.float64) * 2.0**TC_RS_EXP
-    hi = scaled.astype(op)
-    lo = (scaled - hi.astype(np.float64)).astype(op)
-    return hi, lo
-
-
-@functools.cache
-def _tc_table(cfg: CodecConfig, dtype: str, wgmma: bool = False) -> np.ndarray:
-    """uint32 table of ``tq_encode_tc`` for ``dtype`` input: per group, per (n-tile, k-step, lane)
-    the fragment words {hi b0, hi b1, lo b0, lo b1} (``tc_operand_dtype`` pairs, lower k in bits
-    0-15), dim^2 words per group, or with ``wgmma`` the same words in wgmma's layout
-    (``tc_wgmma_order``); then per group its ``tc_grid``, one word per lane: the bins' boundaries
-    (float32 bits), then their counts below."""
-    out = []
-    for g, t in zip(cfg.groups, tables(cfg), strict=True):
-        i, pos = _tc_positions(g.dim)
-        words = []
-        for part in tc_rotation_parts(t.rotation, dtype):
-            h = part.view(np.uint16)[i, pos].astype(np.uint32)  # (nt, ks, lane, reg, half)
-            words.append(h[..., 0] | (h[..., 1] << 16))
-        frag = np.concatenate(words, axis=-1).reshape(-1)  # hi b0, hi b1, lo b0, lo b1
-        out.append(frag[tc_wgmma_order(g.dim)] if wgmma else frag)
-    for gr in _tc_group_grids(cfg):
-        lanes = np.zeros((2, TC_GRID_BINS), np.uint32)
-        lanes[0, :len(gr.bound)], lanes[1, :len(gr.below)] = gr.bound.view(np.uint32), gr.below
-        out.append(lanes.reshape(-1))
-    return np.concatenate(out).astype(np.uint32)
-
-
-def tc_wgmma_order(dim: int) -> np.ndarray:
-    """Fragment word of each word of one group's table in wgmma's layout, (dim^2,) indices.
-
-    wgmma reads B from shared memory: per part (hi, lo) and k-step a 16 x dim block of 8 x 8 core
-    matrices, element B[k][n] at byte ``(k // 8) * 128 + (n // 8) * 256 + (n % 8) * 16 + (k % 8) * 2``
-    of the block (the kernel's ``TC_WG_LBO``, ``TC_WG_SBO``). Fragment word q of (n-tile nt, k-step
-    ks, lane) holds B[k][n], B[k + 1][n] of part q // 2, k = 2 (lane % 4) + 8 (q % 2), n = 8 nt +
-    lane / 4: one 32-bit word of the block, so the layout is a permutation of words.
-    """
-    nt, ks, lane, q = np.meshgrid(np.arange(dim // 8), np.arange(dim // 16), np.arange(32), np.arange(4),
-                                  indexing="ij")
-    k, n = 2 * (lane % 4) + 8 * (q % 2), 8 * nt + lane // 4
-    byte = ((q // 2) * (dim // 16) + ks) * 32 * dim + (k // 8) * TC_WG_LBO + (n // 8) * TC_WG_SBO \
-        + (n % 8) * 16 + (k % 8) * 2
-    order = np.empty(dim * dim, np.intp)
-    order[byte.reshape(-1) // 4] = np.arange(dim * dim)
-    return order
-
-
-@dataclass(frozen=True)
-class TcGrid:
-    """The tensor-core encode's code lookup for one group's sorted boundaries (``tc_grid``).
-
-    Rotated coordinate y (unit-vector units) falls in bin k = clamp(round(y * scale) + offset, 0,
-    len(bound) - 1). Every bin holds at most one boundary, ``bound[k]`` (+inf if none), at least
-    ``TC_GRID_MARGIN`` of a bin from its edges, and ``below[k]`` boundaries lie below the bin; so the
-    code, the number of boundaries strictly below y, is ``below[k] + (y > bound[k])``: one register
-    lookup (a warp shuffle, bins <= 32) and one comparison per code. Where every bin holds exactly one
-    boundary (``below`` is the bin index: 1- to 3-bit codes) the second shuffle is skipped.
-    """
-
-    scale: np.float32
-    offset: int
-    bound: np.ndarray  # float32, one per bin
-    below: np.ndarray  # uint32, one per bin
-
-    @property
-    def below_is_index(self) -> bool:
-        return bool(np.array_equal(self.below, np.arange(len(self.below))))
-
-
-# Boundaries keep this fraction of a bin from the bin edges: the kernel's bin index rounds y * scale
-# (relative error ~2^-23, far below it), so a near-edge y may land in the next bin only where no
-# boundary is, and the code stays exact.
-TC_GRID_MARGIN = 0.01
-TC_GRID_BINS = 32  # one per lane
-
-
-def tc_grid(boundaries: np.ndarray) -> TcGrid:
-    """The fewest bins of one width (``TcGrid``) that separate the sorted ``boundaries``."""
-    b = np.asarray(boundaries, np.float32).astype(np.float64)
-    n = b.size
-    span = b[-1] - b[0] if n > 1 else 1.0
-    scales = np.linspace(0.5 * max(n - 1, 1) / span, (TC_GRID_BINS - 1) / span, 40001).astype(np.float32)
-    ys = b[None, :] * scales[:, None].astype(np.float64)
-    r = np.rint(ys)
-    margin = 0.5 - np.max(np.abs(ys - r), axis=1)
-    nbins = r[:, -1] - r[:, 0] + 1
-    ok = (margin >= TC_GRID_MARGIN) & np.all(np.diff(r, axis=1) >= 1, axis=1) & (nbins <= TC_GRID_BINS)
-    if not ok.any():  # cannot happen for the tables' boundaries (tests check every configuration)
-        raise ValueError(f"no grid of <= {TC_GRID_BINS} bins separates the boundaries {b}")
-    best = np.lexsort((-margin, np.where(ok, nbins, np.inf)))[0]  # fewest bins, then widest margin
-    scale, nbins_ = float(scales[best]), int(nbins[best])
-    offset = -int(np.rint(b[0] * scale))
-    k = np.rint(b * scale).astype(np.int64) + offset
-    bound = np.full(nbins_, np.inf, np.float32)
-    bound[k] = b
-    below = np.searchsorted(k, np.arange(nbins_), side="left").astype(np.uint32)
-    return TcGrid(np.float32(scale), offset, bound, below)
-
-
 @functools.cache
 def _device_tc_table(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> Any:
     cp = _cupy()
     with cp.cuda.Device(device):
-        return cp.asarray(_tc_table(cfg, dtype, wgmma))
-
-
-@functools.cache
-def _tc_group_grids(cfg: CodecConfig) -> tuple[TcGrid, ...]:
-    """``tc_grid`` of each channel group's boundaries."""
-    return tuple(tc_grid(t.boundaries) for t in tables(cfg))
+        return cp.asarray(cupy_raw_tc.fragment_table(cfg, dtype, wgmma))
 
 
 def _tc_smem_parts(cfg: CodecConfig, dtype: str) -> tuple[int, int]:

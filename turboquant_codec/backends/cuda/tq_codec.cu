@@ -224,8 +224,8 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 //       positions 16 ks .. 16 ks + 15);
 //   B = the rotation, scaled by 2^TC_RS_EXP and split into hi + lo parts of the input's 16-bit
 //       type (bfloat16 for bfloat16 input, else float16; hi*x + lo*x: ~17 or ~22-bit products),
-//       pre-arranged on the host (cupy_raw._tc_table) as one uint4 {hi_b0, hi_b1, lo_b0, lo_b1}
-//       per lane, k-step and n-tile, or in wgmma's layout (below), copied to shared memory;
+//       pre-arranged on the host (cupy_raw_tc.fragment_table) as one uint4 {hi_b0, hi_b1, lo_b0,
+//       lo_b1} per lane, k-step and n-tile, or in wgmma's layout (below), copied to shared memory;
 //   x: float16 and bfloat16 inputs go in as stored (exact, no conversion); float32 is scaled by
 //       2^-e (e the exponent of the group norm, so no float16 overflow or underflow loss) and split
 //       into hi + lo as well (three mma per step instead of two).
@@ -234,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // Output column n of n-tile nt is rotated coordinate i = (n / 2) * G/4 + 2 nt + n % 2, so each
 // thread ends with G/4 consecutive codes of its rows: a byte-aligned piece of the code stream.
 // Codes: y = acc / (2^TC_RS_EXP * |x_g|) (unit-vector units), then the number of boundaries below
-// y through the group's grid (cupy_raw.tc_grid): bin k = clamp(round(y TC_GSg) + TC_GOg, 0,
+// y through the group's grid (cupy_raw_tc.grid): bin k = clamp(round(y TC_GSg) + TC_GOg, 0,
 // TC_GNg - 1) holds at most one boundary, which lane k of a register (and its count below, unless
 // that is k) holds: warp shuffles. Records are assembled in a per-warp shared buffer and written
 // out as 32-bit words.
@@ -257,7 +257,7 @@ constexpr int TC_CBYTES = CC::D * 2;                          // one staged chan
 __host__ __device__ constexpr int tc_gtab(int g) {
   return g == 0 ? 0 : tc_gtab(g - 1) + CC::gdim(g - 1) * CC::gdim(g - 1) / 4;
 }
-// Group g's grid (cupy_raw.tc_grid): bin scale, offset, bins, and whether a bin's count is its index.
+// Group g's grid (cupy_raw_tc.grid): bin scale, offset, bins, and whether a bin's count is its index.
 template <int g>
 struct TcGrid {
   static constexpr float S = g == 0 ? TC_GS0 : TC_GS1;
@@ -287,7 +287,7 @@ __device__ __forceinline__ void tc_store_bytes(u8* p, const u32 (&w)[NW]) {
 
 // Warpgroup mma (sm_90a builds only, -arch=sm_90a): the rotation tables in shared memory in the
 // layout wgmma reads (per group, part hi/lo and k-step a 16 x G block of 8 x 8 core matrices:
-// byte (k/8)*TC_WG_LBO + (n/8)*TC_WG_SBO + (n%8)*16 + (k%8)*2; cupy_raw.tc_wgmma_order), A from the
+// byte (k/8)*TC_WG_LBO + (n/8)*TC_WG_SBO + (n%8)*16 + (k%8)*2; cupy_raw_tc.wgmma_order), A from the
 // same registers as mma.sync.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define TC_WGMMA 1
@@ -609,8 +609,8 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
   // common); a warp past the last tile computes on stale registers and stores nothing.
   const int lead = TC_WGMMA ? tile - (warp & 3) * gridDim.x : tile;
   if (tile < total) issue(locate(tile));
-  // Block-wide: the fragment tables, laid out on the host as they are read (cupy_raw._tc_table), copied
-  // while the first tiles load.
+  // Block-wide: the fragment tables, laid out on the host as they are read
+  // (cupy_raw_tc.fragment_table), copied while the first tiles load.
   for (int k = threadIdx.x; k < TABBYTES / 16; k += 32 * ENC_WARPS) cp_async16(tc_smem + 16 * k, tcb + k, 16);
   cp_async_commit();
   // Padding bytes are never written below: zero once.
