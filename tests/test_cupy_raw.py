@@ -183,21 +183,29 @@ def test_attention_graph_capture() -> None:
 @gpu
 @pytest.mark.gpu
 def test_second_device() -> None:
+    """Inputs on the second GPU are encoded and attended there (kernels, tables and plans built for
+    that device), with the reference's results."""
     import cupy as cp
 
     if cp.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("one GPU only")
     rng = np.random.default_rng(6)
+    x = kv_like(rng, (2, 300, 128)).astype(np.float16)
+    q = rng.standard_normal((1, 8, 128)).astype(np.float32)  # 4 query heads per KV head
+    ref = tq.encode(x, bits=3.5, seed=2, backend="numpy")
     with cp.cuda.Device(1):
-        x = cp.asarray(kv_like(rng, (2, 19, 64)))
-    enc = tq.encode(x, bits=3.5, backend="cupy_raw")
+        xd, qd = cp.asarray(x), cp.asarray(q)
+    enc = tq.encode(xd, bits=3.5, seed=2, backend="cupy_raw")
     assert enc.records.device.id == 1
-    with cp.cuda.Device(1):
-        q = cp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
-        out = tq.attention(q[None], tq.Encoded(enc.records[None], enc.channels[None], enc.config),
-                           tq.Encoded(enc.records[None], enc.channels[None], enc.config), scale=0.1,
-                           backend="cupy_raw")
+    for g in ref.config.groups:
+        codes = numpy_ref._codes(cp.asnumpy(enc.records), g)
+        assert np.mean(codes != numpy_ref._codes(ref.records, g)) <= 1e-4
+    kv = tq.Encoded(enc.records[None], enc.channels[None], enc.config)
+    out = tq.attention(qd, kv, kv, scale=0.1, backend="cupy_raw")
     assert out.device.id == 1
+    kv_ref = tq.Encoded(cp.asnumpy(enc.records)[None], cp.asnumpy(enc.channels)[None], enc.config)
+    want = tq.attention(q, kv_ref, kv_ref, scale=0.1, backend="numpy")
+    np.testing.assert_allclose(cp.asnumpy(out), want, rtol=1e-4, atol=1e-4 * np.sqrt(128))
 
 
 # ------------------------------------------------------------------ tensor-core encode, emulated on the CPU
