@@ -309,9 +309,9 @@ def compile_options(kind: str, **params: Any) -> list[str]:
     **params
         codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
         which sets the encode's warps per block; default: sm_90's), ``wgmma`` (warps in whole
-        warpgroups; the caller builds for sm_90a), ``warps`` and ``mt`` (m-tiles per warp tile; given:
-        those). attention: ``k_cfg``,
-        ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group`` (query heads per KV head).
+        warpgroups; the caller builds for sm_90a), ``warps`` and ``mt`` (m-tiles per warp tile;
+        given: those). attention: ``k_cfg``, ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group``
+        (query heads per KV head).
 
     Returns
     -------
@@ -341,8 +341,9 @@ def compile_options(kind: str, **params: Any) -> list[str]:
 
 
 def _tc_grid_macros(cfg: CodecConfig) -> list[str]:
-    """Each group slot's ``cupy_raw_tc.grid`` (the second repeats a lone group): ``-DTC_GS{g}`` scale (exact
-    hex float), ``-DTC_GO{g}`` offset, ``-DTC_GN{g}`` bins, ``-DTC_GI{g}`` whether counts are indices."""
+    """Each group slot's ``cupy_raw_tc.grid`` (the second repeats a lone group): ``-DTC_GS{g}``
+    scale (exact hex float), ``-DTC_GO{g}`` offset, ``-DTC_GN{g}`` bins, ``-DTC_GI{g}`` whether
+    counts are indices."""
     grids = list(cupy_raw_tc.group_grids(cfg))
     grids += grids[-1:] * (2 - len(grids))
     return [opt for g, gr in enumerate(grids)
@@ -752,7 +753,7 @@ def attention(
         *lead, h_q, d = qw.shape
         h_kv, n = k.shape[-3], k.shape[-2]
         group = h_q // h_kv
-        bh = (math.prod(lead)) * h_kv
+        bh = math.prod(lead) * h_kv
         krec, vrec = _aligned(k.records), _aligned(v.records)
         if k_tail is not None:
             ktw, tail_dtype = _words(k_tail)
