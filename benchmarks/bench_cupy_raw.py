@@ -302,5 +302,6 @@ def enc_only(log: list[str]) -> None:
             del ke
         del k
 
+
 if __name__ == "__main__":
     main()

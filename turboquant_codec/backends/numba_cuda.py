@@ -436,7 +436,8 @@ def _resident_warps(regs: int | None, warps: int, device: int) -> int:
     H100's 132 SMs at ``WARPS_PER_SM``)."""
     if regs is None:
         return 132 * WARPS_PER_SM
-    # Shared memory does not bound it (the warp attention keeps its tiles in registers).
+    # Shared memory does not bound it: the warp attention keeps its tiles in registers, so its blocks
+    # ask for none, and SMEM_LIMIT merely stands in for the SM's shared memory.
     blocks = resident_blocks(regs, 0, warps * WARP, SM_REGS, SMEM_LIMIT, WARPS_PER_SM * WARP)
     return _sm_count(device) * blocks * warps
 

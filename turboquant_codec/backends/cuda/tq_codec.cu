@@ -237,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
 // y through the group's grid (cupy_raw_tc.grid): bin k = clamp(round(y TC_GSg) + TC_GOg, 0,
 // TC_GNg - 1) holds at most one boundary, which lane k of a register (and its count below, unless
 // that is k) holds: warp shuffles. Records are assembled in a per-warp shared buffer and written
-// out as 32-bit words.
+// out in 16-byte stores (32-bit where the tile's records are not 16-byte aligned).
 // Configurations it covers: tc_encode_ok (host).
 #ifndef ENC_MT
 #define ENC_MT 2
