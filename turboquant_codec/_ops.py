@@ -2,18 +2,30 @@
 
 Backends receive arrays already converted by their own ``asarray`` and validated by the public API
 (shapes, dtypes, finiteness, configuration); they return arrays of their own library. Every op is
-defined by the NumPy reference backend (``backends/numpy_ref.py``).
+defined by the NumPy reference backend (``backends/numpy_ref.py``); ``CAPABILITIES``
+(``capabilities.py``) says which backend serves which op.
 
-=========  ==========================================================  ===============================
-op         arguments                                                   returns
-=========  ==========================================================  ===============================
-encode     x (*lead, n, d) float16/bfloat16/float32, cfg, channels     (records, channels)
-           ((*lead, d) uint16 or None: choose the outlier channels)
-decode     enc: Encoded                                                (*lead, n, d) float32
-scores     q (*lead, m, d), keys: Encoded (*lead, n, d)                (*lead, m, n) float32
-attention  q (*lead, h_q, d), k, v: Encoded (*lead, h_kv, n, d),       (*lead, h_q, d) float32
-           scale, k_tail/v_tail (*lead, h_kv, t, d) or None
-=========  ==========================================================  ===============================
+===============  ====================================================  =================================
+op               arguments                                             returns
+===============  ====================================================  =================================
+encode           x (*lead, n, d) float16/bfloat16/float32, cfg,        (records, channels)
+                 channels ((*lead, d) uint16 or None: choose the
+                 outlier channels)
+decode           enc: Encoded                                          (*lead, n, d) float32
+scores           q (*lead, m, d), keys: Encoded (*lead, n, d)          (*lead, m, n) float32
+attention        q (*lead, h_q, d), k, v: Encoded (*lead, h_kv, n,     (*lead, h_q, d) float32
+                 d), scale, k_tail/v_tail (*lead, h_kv, t, d) or None
+paged_write      cache: PagedCache, key/value [T, H, d],               (k_channels, v_channels)
+                 slot_mapping [<= T]                                   (cache written in place)
+paged_attention  cache: PagedCache, query [T, h_q, d], key/value       out [T, h_q, d] (written in
+                 [T, H, d], block_table [B, max_blocks], seq_lens      place, rows of padding tokens
+                 [B], query_start_loc [B + 1], scale, out,             untouched)
+                 num_decodes (int or None)
+===============  ====================================================  =================================
+
+The paged layout and its rules are owned by ``paged_cache.PagedCache``. Paged ops never
+synchronise with the host on a GPU when ``num_decodes`` is given and every request is a decode
+(the CUDA-graph case).
 """
 
 from __future__ import annotations
@@ -23,8 +35,9 @@ from typing import Any, Protocol
 
 from .config import CodecConfig
 from .encoded import Encoded
+from .paged_cache import PagedCache
 
-OPS = ("encode", "decode", "scores", "attention")
+OPS = ("encode", "decode", "scores", "attention", "paged_write", "paged_attention")
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class Availability:
 
 
 class Backend(Protocol):
-    """What a backend module provides (module-level functions)."""
+    """What a backend module provides (module-level functions); a backend may serve a subset of
+    ``OPS``, as its rows of ``CAPABILITIES`` declare."""
 
     def availability(self) -> Availability: ...
 
@@ -53,4 +67,20 @@ class Backend(Protocol):
 
     def attention(
         self, q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, v_tail: Any
+    ) -> Any: ...
+
+    def paged_write(self, cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]: ...
+
+    def paged_attention(
+        self,
+        cache: PagedCache,
+        query: Any,
+        key: Any,
+        value: Any,
+        block_table: Any,
+        seq_lens: Any,
+        query_start_loc: Any,
+        scale: float,
+        out: Any,
+        num_decodes: int | None,
     ) -> Any: ...
