@@ -17,7 +17,10 @@ TQ_FLUSH_INTERVAL   recent tokens of each running sequence read uncompressed (de
 TQ_SINK_TOKENS      first tokens of each sequence read uncompressed (default 4; their block)
 TQ_SEED             base seed of the rotations (default 0)
 TQ_CODEC_BACKEND    codec backend for CUDA tensors: auto or a turboquant_codec backend name
-TQ_RAW_SEQS         running sequences the raw side pool is sized for (default: max_num_seqs)
+TQ_RAW_SEQS         running sequences the raw side pool is sized for (default: max_num_seqs;
+                    0 = no raw pool); capped by TQ_RAW_SHARE
+TQ_RAW_SHARE        most of the KV-cache budget the raw side pool may take, in [0, 1) (default
+                    0.1); sequences beyond the pool read their recent tokens compressed
 TQ_NUM_LAYERS, TQ_NUM_HEADS, TQ_NUM_KV_HEADS, TQ_HEAD_DIM, TQ_MAX_SEQ_LEN, TQ_DEVICE
                     checks only: detected from vLLM's config; a different value is an error
 TQ_MARKER_FILE      evidence file: each process appends a JSON line when the backend runs
@@ -43,14 +46,17 @@ DEFAULTS: dict[str, object] = {
     "sink_tokens": 4,
     "seed": 0,
     "codec_backend": "auto",
+    # A tenth of the budget keeps the compressed pool at >= 0.9x its full size (3.6x stock's tokens at
+    # 3.5 bits) and covers 7 sequences of SmolLM2-135M in 256 MiB (3.5 MiB per sequence: README).
+    "raw_share": 0.1,
 }
 
 ENV_PREFIX = "TQ_"
 #: Every variable the plugin reads (unknown TQ_* names are left alone: the codec reads TQ_BACKEND).
 ENV_VARS = (
     "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_FLUSH_INTERVAL",
-    "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_NUM_LAYERS", "TQ_NUM_HEADS",
-    "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE", "TQ_MARKER_FILE",
+    "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_RAW_SHARE", "TQ_NUM_LAYERS",
+    "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE", "TQ_MARKER_FILE",
 )
 _SHAPE_FIELDS = (
     ("num_layers", "TQ_NUM_LAYERS"), ("num_heads", "TQ_NUM_HEADS"), ("num_kv_heads", "TQ_NUM_KV_HEADS"),
@@ -120,7 +126,11 @@ class TurboQuantConfig:
     codec_backend : str
         ``"auto"`` or a ``turboquant_codec`` backend name, for CUDA tensors (CPU runs NumPy).
     raw_seqs : int or None
-        Sequences the raw pool is sized for (None: vLLM's ``max_num_seqs``).
+        Sequences the raw pool is sized for (None: vLLM's ``max_num_seqs``), capped by ``raw_share``.
+    raw_share : float
+        Most of the KV-cache budget the raw pool may take, in [0, 1): the pool holds whole sequences'
+        windows, as many as fit; later sequences get no raw window (their recent tokens are read
+        compressed) instead of the engine refusing to start.
     num_layers, num_heads, num_kv_heads, head_dim, max_seq_len : int or None
         Model shape; None = detect. Set values are checked against the model (``validate``).
     device : str or None
@@ -138,6 +148,7 @@ class TurboQuantConfig:
     seed: int = int(DEFAULTS["seed"])  # type: ignore[call-overload]
     codec_backend: str = str(DEFAULTS["codec_backend"])
     raw_seqs: int | None = None
+    raw_share: float = float(DEFAULTS["raw_share"])  # type: ignore[arg-type]
     num_layers: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
@@ -162,6 +173,9 @@ class TurboQuantConfig:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0")
         if self.raw_seqs is not None and self.raw_seqs < 0:
             raise ConfigError(f"TQ_RAW_SEQS={self.raw_seqs!r}: must be >= 0")
+        if not 0.0 <= float(self.raw_share) < 1.0:  # NaN fails too
+            raise ConfigError(f"TQ_RAW_SHARE={self.raw_share!r}: must be a fraction of the KV-cache budget "
+                              "in [0, 1) (0 = no raw window)")
         if self.device is not None and self.device not in ("cpu", "cuda"):
             raise ConfigError(f"TQ_DEVICE={self.device!r}: expected 'cpu' or 'cuda'")
         if self.codec_backend != "auto":
@@ -221,6 +235,7 @@ class TurboQuantConfig:
                 seed=_default(_int(env, "TQ_SEED", 0), "seed"),
                 codec_backend=backend or str(DEFAULTS["codec_backend"]),
                 raw_seqs=_int(env, "TQ_RAW_SEQS", 0),
+                raw_share=_share(env, "TQ_RAW_SHARE"),
                 num_layers=_int(env, "TQ_NUM_LAYERS", 1), num_heads=_int(env, "TQ_NUM_HEADS", 1),
                 num_kv_heads=_int(env, "TQ_NUM_KV_HEADS", 1), head_dim=_int(env, "TQ_HEAD_DIM", 1),
                 max_seq_len=_int(env, "TQ_MAX_SEQ_LEN", 1),
@@ -285,7 +300,18 @@ class TurboQuantConfig:
 
     def describe(self) -> str:
         return (f"K {self.k_mode} {self.k_bits:g} bits, V {self.v_mode} {self.v_bits:g} bits, "
-                f"window {self.flush_interval}, sinks {self.sink_tokens}, seed {self.seed}")
+                f"window {self.flush_interval}, sinks {self.sink_tokens}, seed {self.seed}, "
+                f"raw pool <= {self.raw_share:g} of the KV budget")
+
+
+def _share(env: Mapping[str, str], name: str) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return float(DEFAULTS["raw_share"])  # type: ignore[arg-type]
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a fraction such as 0.1") from None
 
 
 def _default(value: int | None, key: str) -> int:

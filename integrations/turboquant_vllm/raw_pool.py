@@ -18,9 +18,11 @@ Rules kept by ``RawSlotManager.step`` (called once per scheduler step, before an
   their copies) until a needed fresh block finds no free row; then the least recently needed one is
   evicted. When the pool is exhausted a block simply stays compressed.
 
-Memory: the pool is sized for ``raw_seqs`` sequences (default vLLM's ``max_num_seqs``), each needing at
-most ``blocks_per_seq`` rows, and that memory is reserved OUT OF the KV-cache budget (``raw_pool_bytes``;
-the worker subtracts it before vLLM sizes its block pool), so vLLM's capacity report is honest.
+Memory: the pool holds whole sequences' windows and sinks (``blocks_per_seq`` rows each) for
+``raw_seqs`` sequences (``TQ_RAW_SEQS``, default vLLM's ``max_num_seqs``), capped at ``TQ_RAW_SHARE`` of
+the KV-cache budget (``sizing.plan_raw_pool``); that memory is reserved OUT OF the budget (the worker
+subtracts it before vLLM sizes its block pool), so vLLM's capacity report is honest. Sequences beyond
+the pool find no free row and read their recent tokens compressed; the engine always starts.
 """
 
 from __future__ import annotations

@@ -20,20 +20,14 @@ logger = logging.getLogger("vllm.turboquant_vllm")
 
 
 def _reserve(worker, available: int) -> int:  # type: ignore[no-untyped-def]
-    res = raw_reservation(worker.vllm_config)
-    if res.bytes >= available:
-        raise ValueError(
-            f"TQ_CODEC: the raw side pool needs {res.bytes / 2**20:.1f} MiB ({res.raw_seqs} sequences x "
-            f"{res.num_raw_blocks // max(res.raw_seqs, 1)} blocks of {res.block_size} tokens, "
-            f"{res.num_layers} layers) but the KV-cache budget is {available / 2**20:.1f} MiB: lower "
-            "TQ_RAW_SEQS / --max-num-seqs or TQ_FLUSH_INTERVAL, or raise the KV-cache memory"
-        )
+    """Cut the raw side pool out of the budget ``available`` (never refuses: see ``plan_raw_pool``)."""
+    res = raw_reservation(worker.vllm_config, budget_bytes=available)
     left = available - res.bytes
-    logger.info("TQ_CODEC: raw side pool %d blocks (%.1f MiB for %d sequences) reserved out of the "
-                "KV-cache budget %.1f MiB; %.1f MiB left for compressed blocks", res.num_raw_blocks,
-                res.bytes / 2**20, res.raw_seqs, available / 2**20, left / 2**20)
+    logger.info("TQ_CODEC: %s; %.1f MiB left for compressed blocks", res.describe(), left / 2**20)
     mark("reserve", budget_bytes=available, raw_bytes=res.bytes, raw_blocks=res.num_raw_blocks,
-         raw_seqs=res.raw_seqs, block_size=res.block_size)
+         raw_seqs=res.raw_seqs, seqs_covered=res.seqs_covered, raw_share=res.share,
+         bytes_per_seq=res.bytes_per_seq, block_size=res.block_size, num_kv_heads=res.num_kv_heads,
+         num_layers=res.num_layers)
     global RESERVED
     RESERVED = True
     return left

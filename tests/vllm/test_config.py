@@ -133,3 +133,102 @@ def test_standalone_impl_matches_exact_attention_inside_the_window():
     out2 = torch.cat([impl2.forward(q[:40], k[:40], v[:40]), impl2.forward(q[40:], k[40:], v[40:])])
     err = (out2[40:] - ref[40:]).norm() / ref[40:].norm()
     assert 0 < err < 0.3
+
+
+# ------------------------------------------------------------------------------- raw pool sizing
+# SmolLM2-135M in bf16 at block size 16, window 128, 4 sinks: 9 window blocks + 1 sink block per
+# sequence; one block of all 30 layers, K and V, is 2 * 30 * 16 * 3 * 64 * 2 = 368,640 bytes.
+SMOL = dict(block_size=16, num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=2)
+SMOL_SEQ_BYTES = 10 * 368_640
+
+
+def test_raw_pool_fits_the_share_of_the_budget_instead_of_refusing():
+    from turboquant_vllm.sizing import plan_raw_pool
+
+    budget = 256 * 2**20
+    # vLLM's default max_num_seqs (256 here) would need 900 MiB: the pool takes whole sequences up to
+    # a tenth of the budget instead, and says how many it covers.
+    res = plan_raw_pool(TurboQuantConfig(), budget_bytes=budget, max_num_seqs=256, **SMOL)
+    assert res.blocks_per_seq == 10 and res.bytes_per_seq == SMOL_SEQ_BYTES
+    assert res.seqs_covered == int(0.1 * budget) // SMOL_SEQ_BYTES == 7
+    assert res.num_raw_blocks == 70 and res.bytes == 7 * SMOL_SEQ_BYTES <= 0.1 * budget
+    assert res.raw_seqs == 256
+    line = res.describe()
+    assert "7 of 256 sequences" in line and "TQ_RAW_SHARE=0.1" in line and "compressed" in line
+    # Few sequences: all covered, the share is a cap, not a target.
+    small = plan_raw_pool(TurboQuantConfig(), budget_bytes=budget, max_num_seqs=4, **SMOL)
+    assert (small.seqs_covered, small.num_raw_blocks, small.bytes) == (4, 40, 4 * SMOL_SEQ_BYTES)
+    assert "compressed" not in small.describe()
+
+
+@pytest.mark.parametrize(("env", "covered"), [
+    ({"TQ_RAW_SHARE": "0.5"}, 36),           # 128 MiB // 3.5 MiB
+    ({"TQ_RAW_SHARE": "0"}, 0),              # no window at all, the engine still starts
+    ({"TQ_RAW_SEQS": "3"}, 3),               # fewer sequences asked for than fit
+    ({"TQ_RAW_SEQS": "100"}, 7),             # more asked for than fit: capped by the share
+    ({"TQ_FLUSH_INTERVAL": "0", "TQ_SINK_TOKENS": "0"}, 0),
+])
+def test_raw_pool_knobs(env, covered):
+    from turboquant_vllm.sizing import plan_raw_pool
+
+    res = plan_raw_pool(TurboQuantConfig.from_env(env), budget_bytes=256 * 2**20, max_num_seqs=256, **SMOL)
+    assert res.seqs_covered == covered
+    assert res.num_raw_blocks == covered * res.blocks_per_seq
+    assert res.bytes == res.num_raw_blocks * 368_640
+
+
+def test_raw_pool_budget_smaller_than_one_sequence_gives_an_empty_pool():
+    from turboquant_vllm.sizing import plan_raw_pool
+
+    res = plan_raw_pool(TurboQuantConfig(), budget_bytes=30 * 2**20, max_num_seqs=256, **SMOL)
+    assert (res.seqs_covered, res.num_raw_blocks, res.bytes) == (0, 0, 0)
+    assert "0 of 256 sequences" in res.describe()
+
+
+@pytest.mark.parametrize("bad", ["1", "1.5", "-0.1", "nan", "lots"])
+def test_raw_share_out_of_range_names_the_variable(bad):
+    with pytest.raises(ConfigError, match="TQ_RAW_SHARE"):
+        TurboQuantConfig.from_env({"TQ_RAW_SHARE": bad})
+
+
+def _vllm_config(tp: int, max_num_seqs: int = 256, kv_bytes: int | None = None, blocks: int | None = None):
+    """A stand-in for vLLM's config of a 4-KV-head model at tensor-parallel size ``tp``."""
+    mc = SimpleNamespace(get_num_layers=lambda pc: 2, get_head_size=lambda: 64, dtype=torch.bfloat16,
+                         get_num_kv_heads=lambda pc: 4 // pc.tensor_parallel_size)
+    return SimpleNamespace(model_config=mc, parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+                           cache_config=SimpleNamespace(block_size=16, kv_cache_memory_bytes=kv_bytes,
+                                                        num_gpu_blocks=blocks),
+                           scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs))
+
+
+def test_raw_reservation_per_rank_and_kept_for_the_builder(monkeypatch):
+    from turboquant_vllm import sizing
+
+    monkeypatch.setattr(sizing, "env_config", lambda: TurboQuantConfig())
+    monkeypatch.setattr(sizing, "_chosen", None)
+    budget = 8 * 2**20
+    # One block of 2 layers, K and V, per rank: 2 * 2 * 16 * heads * 64 * 2 bytes; 10 blocks a sequence.
+    per_seq = {1: 10 * 2 * 2 * 16 * 4 * 64 * 2, 2: 10 * 2 * 2 * 16 * 2 * 64 * 2}
+    for tp in (1, 2):
+        monkeypatch.setattr(sizing, "_chosen", None)
+        res = sizing.raw_reservation(_vllm_config(tp), budget_bytes=budget)
+        assert res.num_kv_heads == 4 // tp and res.bytes_per_seq == per_seq[tp]
+        assert res.seqs_covered == int(0.1 * budget) // per_seq[tp]
+        # The builder asks without a budget and gets the worker's choice, not a fresh (uncapped) one.
+        assert sizing.raw_reservation(_vllm_config(tp)) is res
+    assert per_seq[1] == 2 * per_seq[2]  # a rank holds half the heads: twice the sequences fit
+
+
+def test_raw_reservation_without_a_worker_choice_caps_by_the_known_budget(monkeypatch):
+    from turboquant_vllm import sizing
+
+    monkeypatch.setattr(sizing, "env_config", lambda: TurboQuantConfig())
+    monkeypatch.setattr(sizing, "_chosen", None)
+    per_seq = 10 * 2 * 2 * 16 * 4 * 64 * 2
+    res = sizing.raw_reservation(_vllm_config(1, kv_bytes=64 * 2**20))
+    assert res.seqs_covered == int(0.1 * 64 * 2**20) // per_seq
+    # No --kv-cache-memory-bytes: the compressed pool's size (blocks x 64-byte slots) is the budget.
+    res = sizing.raw_reservation(_vllm_config(1, blocks=4096))
+    assert res.budget_bytes == 4096 * 16 * 2 * 4 * 64
+    assert res.seqs_covered == int(0.1 * res.budget_bytes) // per_seq
+    assert sizing._chosen is None  # only the worker's call is remembered
