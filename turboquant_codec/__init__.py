@@ -1,4 +1,5 @@
-"""TurboQuant KV-cache codec (arXiv 2504.19874): encode, decode, scores and attention on arrays.
+"""TurboQuant KV-cache codec (arXiv 2504.19874): encode, decode, scores and attention on
+arrays, and the paged-cache ops a serving engine calls (paged_write, paged_attention).
 
 One API dispatches at run time to a NumPy CPU reference or to GPU backends (Numba CUDA, CuPy), by
 where the data lives. Importing this package imports neither numba nor cupy.
@@ -12,6 +13,8 @@ from .api import attention, decode, encode, scores
 from .codebooks import Codebook, lloyd_max
 from .config import CodecConfig
 from .encoded import Encoded
+from .paged import paged_attention, paged_write
+from .paged_cache import PagedCache
 from .transforms import stream_seed
 
 __version__ = "0.1.0"
@@ -21,11 +24,14 @@ __all__ = [
     "Codebook",
     "CodecConfig",
     "Encoded",
+    "PagedCache",
     "attention",
     "backends",
     "decode",
     "encode",
     "lloyd_max",
+    "paged_attention",
+    "paged_write",
     "scores",
     "stream_seed",
 ]

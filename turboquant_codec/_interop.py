@@ -13,13 +13,22 @@ from typing import Any
 import numpy as np
 
 
+# Types of the two libraries recognised by module name, remembered per type: every public call asks
+# several times per array, and ``type(x).__module__.split(".")`` is most of that cost.
+_TYPE_LIBRARY: dict[type, str] = {}
+
+
 def library_of(x: Any) -> str:
     """``"numpy"``, ``"torch"``, ``"cupy"`` or ``"numba"`` (any other CUDA array interface)."""
-    module = type(x).__module__.split(".")[0]
-    if module == "torch":
-        return "torch"
-    if module == "cupy":
-        return "cupy"
+    cls = type(x)
+    lib = _TYPE_LIBRARY.get(cls)
+    if lib is not None:
+        return lib
+    module = cls.__module__.split(".")[0]
+    if module in ("torch", "cupy"):
+        _TYPE_LIBRARY[cls] = module
+        return module
+    # Other types are asked each time: an instance may carry its own ``__cuda_array_interface__``.
     if hasattr(x, "__cuda_array_interface__"):
         return "numba"
     return "numpy"
@@ -33,9 +42,31 @@ def on_gpu(x: Any) -> bool:
     return lib in ("cupy", "numba")
 
 
+# Dtype objects (torch, NumPy) and their plain names; a handful per process.
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
 def dtype_name(x: Any) -> str:
     """Dtype of ``x`` as a plain name (``"float16"``, ``"bfloat16"``, ...), whatever its library."""
-    return str(x.dtype).removeprefix("torch.")
+    dtype = x.dtype
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype object
+        name = str(dtype).removeprefix("torch.")
+        if len(_DTYPE_NAMES) < 64 and str(type(dtype).__module__).split(".")[0] in ("torch", "numpy"):
+            try:
+                _DTYPE_NAMES[dtype] = name
+            except TypeError:
+                pass
+        return name
+
+
+def layout_key(x: Any) -> tuple[Any, ...]:
+    """What identifies the memory a torch tensor views: data pointer, shape, strides, dtype.
+
+    Equal keys mean a view made of ``x`` earlier still views the same bytes the same way.
+    """
+    return (x.data_ptr(), x.shape, x.stride(), x.dtype)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -79,6 +110,28 @@ def like(result: Any, ref: Any) -> Any:
 
         return cuda.as_cuda_array(result) if library_of(result) != "numpy" else cuda.to_device(result)
     return to_numpy(result)
+
+
+# Result dtypes a torch tensor is made of through ``__cuda_array_interface__`` (what the ops return
+# most: float32 outputs, uint8 records); others take DLPack.
+_CAI_DTYPES = frozenset(("float32", "uint8"))
+
+
+def backend_result(result: Any, ref: Any) -> Any:
+    """``like(result, ref)`` for the result of a backend op, with a cheaper CuPy -> torch hand-over.
+
+    The GPU backends queue their work on CuPy's current stream when it is not the default one, and
+    otherwise on torch's current stream. In that second case torch already sees the work in order,
+    so the result is wrapped through ``__cuda_array_interface__`` (zero-copy, same device, the
+    tensor keeps ``result`` alive) instead of DLPack, whose exchange records an event on CuPy's
+    stream and makes torch's wait on it: the same tensor, for a fraction of the host time.
+    """
+    if library_of(ref) == "torch" and library_of(result) == "cupy" and dtype_name(result) in _CAI_DTYPES:
+        import cupy
+
+        if cupy.cuda.get_current_stream(result.data.device_id).ptr == 0:
+            return _torch().as_tensor(result)
+    return like(result, ref)
 
 
 def _torch() -> Any:

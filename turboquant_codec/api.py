@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from types import ModuleType
 from typing import Any
 
-from . import _interop, _validate
+from . import _dispatch, _interop, _validate
 from . import backends as _registry
-from .capabilities import CAPABILITIES
 from .config import CodecConfig
 from .encoded import Encoded
-
-
-def _backend(
-    op: str, name: str, ref: Any, configs: tuple[CodecConfig, ...], dtype: str | None
-) -> ModuleType:
-    """Resolve ``name`` for data like ``ref``, check the capability table, load the module."""
-    resolved = _registry.resolve(name, _interop.on_gpu(ref))
-    support = CAPABILITIES[op].get(resolved)
-    if support is None:
-        raise ValueError(f"backend {resolved!r} does not implement {op}")
-    for cfg in configs:
-        refusal = support.refusal(dtype, cfg.d, cfg.bits, cfg.mode)
-        if refusal:
-            raise ValueError(f"backend {resolved!r} does not support {refusal} for {op}")
-    return _registry.load(resolved)
 
 
 def encode(
@@ -79,7 +64,7 @@ def encode(
         _validate.permutation(channels, cfg.d)
     if check_finite:
         _validate.finite(x, "x")
-    module = _backend("encode", backend, x, (cfg,), _interop.dtype_name(x))
+    module = _dispatch.backend("encode", backend, x, (cfg,), _interop.dtype_name(x))
     native_channels = None if channels is None else module.asarray(channels)
     records, out_channels = module.encode(module.asarray(x), cfg, native_channels)
     return Encoded(
@@ -89,9 +74,57 @@ def encode(
     )
 
 
+# Native views of GPU-resident Encoded objects, per object and backend module. A decode loop calls
+# ``attention`` with the same ``Encoded`` step after step; rebuilding its views (the library's
+# array interface, a new ``Encoded`` and its checks) cost more host time than the kernels take at
+# small batches. Only zero-copy views are kept (GPU data for a GPU backend), so writes into the
+# records stay visible; the entry is keyed on the arrays' data pointers and layouts, so a tensor
+# whose storage was swapped in place is converted again. Weak keys: an entry goes with its Encoded
+# (the views hold the arrays the Encoded holds, never the Encoded).
+_VIEWS: weakref.WeakKeyDictionary[Encoded, dict[str, tuple[Any, Encoded]]] = weakref.WeakKeyDictionary()
+
+
 def _native(module: ModuleType, enc: Encoded) -> Encoded:
+    """``enc`` with its arrays in ``module``'s native form (``module.asarray``)."""
+    records, channels = enc.records, enc.channels
+    if (
+        _interop.library_of(records) == "torch"
+        and records.is_cuda
+        and (channels is None or channels.is_cuda)
+        and _on_gpu_backend(module)
+    ):
+        key = (_interop.layout_key(records), None if channels is None else _interop.layout_key(channels))
+        views = _VIEWS.get(enc)
+        if views is None:
+            views = _VIEWS.setdefault(enc, {})
+        hit = views.get(module.__name__)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        native = _convert(module, enc)
+        views[module.__name__] = (key, native)
+        return native
+    return _convert(module, enc)
+
+
+def _convert(module: ModuleType, enc: Encoded) -> Encoded:
+    records = module.asarray(enc.records)
     channels = None if enc.channels is None else module.asarray(enc.channels)
-    return Encoded(records=module.asarray(enc.records), channels=channels, config=enc.config)
+    if records is enc.records and channels is enc.channels:
+        return enc  # already native (CuPy arrays for cupy_raw, NumPy for the reference)
+    return Encoded(records=records, channels=channels, config=enc.config)
+
+
+def _on_gpu_backend(module: ModuleType) -> bool:
+    """Whether ``module`` is a registered backend that runs on a GPU (its ``asarray`` of GPU data
+    is then a view, not a copy)."""
+    entry = _GPU_MODULES.get(module.__name__)
+    if entry is None:
+        entry = any(path == module.__name__ and device == "cuda" for path, device in _registry.REGISTRY.values())
+        _GPU_MODULES[module.__name__] = entry
+    return entry
+
+
+_GPU_MODULES: dict[str, bool] = {}
 
 
 def decode(enc: Encoded, *, backend: str = "auto") -> Any:
@@ -111,7 +144,7 @@ def decode(enc: Encoded, *, backend: str = "auto") -> Any:
     """
     if not isinstance(enc, Encoded):
         raise TypeError(f"decode expects an Encoded, got {type(enc).__name__}")
-    module = _backend("decode", backend, enc.records, (enc.config,), None)
+    module = _dispatch.backend("decode", backend, enc.records, (enc.config,), None)
     return _interop.like(module.decode(_native(module, enc)), enc.records)
 
 
@@ -137,7 +170,7 @@ def scores(q: Any, keys: Encoded, *, backend: str = "auto") -> Any:
     _validate.same_head_dim(shape, keys.shape, "q", "keys")
     _validate.same_lead(shape[:-2], keys.shape[:-2], "q", "keys")
     _validate.finite(q, "q")
-    module = _backend("scores", backend, keys.records, (keys.config,), _interop.dtype_name(q))
+    module = _dispatch.backend("scores", backend, keys.records, (keys.config,), _interop.dtype_name(q))
     return _interop.like(module.scores(module.asarray(q), _native(module, keys)), keys.records)
 
 
@@ -176,17 +209,20 @@ def attention(
     -------
     array, shape (..., h_q, d), float32
     """
+    enc_shapes = []
     for name, enc in (("k_enc", k_enc), ("v_enc", v_enc)):
         if not isinstance(enc, Encoded):
             raise TypeError(f"{name} must be an Encoded, got {type(enc).__name__}")
-        if len(enc.shape) < 3:
-            raise ValueError(f"{name} must have shape (..., h_kv, n, d), got {enc.shape}")
+        enc_shapes.append(enc.shape)
+        if len(enc_shapes[-1]) < 3:
+            raise ValueError(f"{name} must have shape (..., h_kv, n, d), got {enc_shapes[-1]}")
+    k_shape, v_shape = enc_shapes
     shape = _validate.float_array(q, "q", 2)
-    if k_enc.shape != v_enc.shape:
-        raise ValueError(f"k_enc has shape {k_enc.shape} but v_enc has {v_enc.shape}")
-    _validate.same_head_dim(shape, k_enc.shape, "q", "k_enc")
-    _validate.same_lead(shape[:-2], k_enc.shape[:-3], "q", "k_enc")
-    h_q, h_kv = shape[-2], k_enc.shape[-3]
+    if k_shape != v_shape:
+        raise ValueError(f"k_enc has shape {k_shape} but v_enc has {v_shape}")
+    _validate.same_head_dim(shape, k_shape, "q", "k_enc")
+    _validate.same_lead(shape[:-2], k_shape[:-3], "q", "k_enc")
+    h_q, h_kv = shape[-2], k_shape[-3]
     if h_q % h_kv:
         raise ValueError(f"query heads ({h_q}) must be a multiple of KV heads ({h_kv})")
     if (k_tail is None) != (v_tail is None):
@@ -195,17 +231,17 @@ def attention(
         for name, tail in (("k_tail", k_tail), ("v_tail", v_tail)):
             tail_shape = _validate.float_array(tail, name, 2)
             _validate.same_head_dim(shape, tail_shape, "q", name)
-            _validate.same_lead(k_enc.shape[:-2], tail_shape[:-2], "k_enc", name)
+            _validate.same_lead(k_shape[:-2], tail_shape[:-2], "k_enc", name)
         if tuple(k_tail.shape) != tuple(v_tail.shape):
             raise ValueError(f"k_tail has shape {tuple(k_tail.shape)} but v_tail has {tuple(v_tail.shape)}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if check_finite:
         _validate.finite(q, "q")
-    module = _backend(
+    module = _dispatch.backend(
         "attention", backend, k_enc.records, (k_enc.config, v_enc.config), _interop.dtype_name(q)
     )
-    tails = [None if t is None else module.asarray(t) for t in (k_tail, v_tail)]
+    tails = (None, None) if k_tail is None else (module.asarray(k_tail), module.asarray(v_tail))
     out = module.attention(
         module.asarray(q), _native(module, k_enc), _native(module, v_enc), float(scale), *tails
     )

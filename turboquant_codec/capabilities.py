@@ -51,6 +51,10 @@ CUPY_RAW_HEAD_DIMS = (64, 128)
 for _op in OPS:
     CAPABILITIES[_op]["cupy_raw"] = Support(head_dims=CUPY_RAW_HEAD_DIMS)
 
+# Numba on the host (compiled loops over the codes): paged attention with mse K and V, which serving
+# calls every step; every other request on the host is the NumPy reference's.
+CAPABILITIES["paged_attention"]["numba_cpu"] = Support(bits={"mse": MSE_BITS})
+
 
 def _ranges(values: tuple[int, ...]) -> str:
     if len(values) > 4 and values == tuple(range(values[0], values[-1] + 1, values[1] - values[0])):

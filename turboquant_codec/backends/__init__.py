@@ -1,8 +1,9 @@
 """The lazy, string-addressed backend registry.
 
-A backend is a module implementing the op contract (``turboquant_codec._ops``). Nothing here imports
-a backend module until it is asked for by name, so ``import turboquant_codec`` never imports numba or
-cupy. Availability is checked on demand and comes with a reason.
+A backend is a module implementing the op contract (``turboquant_codec._ops``), or the subset of it
+that its rows of ``capabilities.CAPABILITIES`` declare. Nothing here imports a backend module until
+it is asked for by name, so ``import turboquant_codec`` never imports numba or cupy. Availability is
+checked on demand and comes with a reason.
 
 The package itself is callable: ``turboquant_codec.backends()`` returns ``statuses()``.
 """
@@ -24,9 +25,11 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": ("turboquant_codec.backends.numpy_ref", "cpu"),
     "numba_cuda": ("turboquant_codec.backends.numba_cuda", "cuda"),
     "cupy_raw": ("turboquant_codec.backends.cupy_raw", "cuda"),
+    "numba_cpu": ("turboquant_codec.backends.numba_cpu", "cpu"),
 }
-# "auto" on GPU arrays takes the first available of these: the tuned kernels before the reference.
-GPU_PREFERENCE = ("cupy_raw", "numba_cuda")
+# "auto" takes the first of these, for where the data lives, that serves the request and is
+# available: compiled kernels before the references.
+PREFERENCE = {"cpu": ("numba_cpu", "numpy"), "cuda": ("cupy_raw", "numba_cuda")}
 ENV_VAR = "TQ_BACKEND"
 
 
@@ -65,21 +68,14 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(REGISTRY[name][0])
 
 
-def resolve(name: str, gpu: bool) -> str:
-    """Resolve ``"auto"`` (or the ``TQ_BACKEND`` override) for data on the GPU or host."""
+def requested(name: str) -> str | None:
+    """The backend named by ``name`` or, for ``"auto"``, by ``TQ_BACKEND``; None leaves it to ``auto``."""
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
-    if name != "auto":
-        _check_name(name)
-        return name
-    if not gpu:
-        return "numpy"
-    candidates = [n for n in GPU_PREFERENCE if n in REGISTRY]
-    for candidate in candidates:
-        if availability(candidate):
-            return candidate
-    reasons = "; ".join(f"{n}: {availability(n).reason}" for n in candidates) or "none registered"
-    raise RuntimeError(f"input lives on a GPU but no GPU backend is available ({reasons})")
+    if name == "auto":
+        return None
+    _check_name(name)
+    return name
 
 
 def statuses() -> list[BackendStatus]:

@@ -535,3 +535,21 @@ def attention(
                 m_part, l_part, acc_part, nsplit, chans, has_ch, groups, _rows(out, d),
                 vt.rot, vt.proj, vt.g, vt.qjl)
     return out
+
+
+# ---------------------------------------------------------------------------------------- paged ops
+def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
+    """The op contract's ``paged_write``: see ``numba_paged.paged_write`` (imported here lazily, as
+    it builds on this module)."""
+    from . import numba_paged
+
+    return numba_paged.paged_write(cache, key, value, slot_mapping)
+
+
+def paged_attention(cache: Any, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
+    """The op contract's ``paged_attention``: see ``numba_paged.paged_attention``."""
+    from . import numba_paged
+
+    return numba_paged.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc,
+                                       scale, out, num_decodes)

@@ -13,6 +13,7 @@ import numpy as np
 from .._ops import Availability
 from ..config import CodecConfig, Group
 from ..encoded import Encoded
+from ..paged_cache import PagedCache
 from ..transforms import GroupTables, tables
 
 # float16 norms: larger norms would be stored as inf.
@@ -184,3 +185,88 @@ def attention(
     weights /= weights.sum(axis=-1, keepdims=True)
     out = weights @ values
     return out.reshape(*lead, h_q, d).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- paged
+def _valid_slots(slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the new tokens that are not padding, and their slots (int64)."""
+    slots = np.asarray(slot_mapping).astype(np.int64)
+    rows = np.flatnonzero(slots >= 0)
+    return rows, slots[rows]
+
+
+def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
+    """Encode the new tokens [T, H, d] into their slots (and raw rows); the channels used.
+
+    One stream per KV head: ``channels`` None picks each head's outlier channels from this batch.
+    """
+    rows, slots = _valid_slots(slot_mapping)
+    channels = [cache.k_channels, cache.v_channels]
+    if rows.size == 0:
+        return channels[0], channels[1]
+    blocks, offsets = np.divmod(slots, cache.block_size)
+    for i, (x, records_out, cfg) in enumerate(
+        ((key, cache.k_cache, cache.k_config), (value, cache.v_cache, cache.v_config))
+    ):
+        heads_first = np.asarray(x)[rows].transpose(1, 0, 2)  # [H, N, d]
+        records, channels[i] = encode(heads_first, cfg, channels[i])
+        records_out[blocks, offsets] = records.transpose(1, 0, 2)
+    if cache.has_raw:
+        raw_rows = np.asarray(cache.raw_slot_of_block)[blocks].astype(np.int64)
+        keep = raw_rows >= 0
+        for raw, x in ((cache.raw_k, key), (cache.raw_v, value)):
+            raw[raw_rows[keep], offsets[keep]] = np.asarray(x)[rows[keep]].astype(raw.dtype)
+    return channels[0], channels[1]
+
+
+def _context(cache: PagedCache, table_row: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """One request's first ``length`` cached tokens as float64 K, V [H, length, d]."""
+    pos = np.arange(length)
+    blocks, offsets = table_row[pos // cache.block_size].astype(np.int64), pos % cache.block_size
+    kv = []
+    for records, cfg, channels in ((cache.k_cache, cache.k_config, cache.k_channels),
+                                   (cache.v_cache, cache.v_config, cache.v_channels)):
+        heads_first = np.asarray(records)[blocks, offsets].transpose(1, 0, 2)  # [H, length, R]
+        kv.append(decode(Encoded(records=np.ascontiguousarray(heads_first), channels=channels,
+                                 config=cfg)).astype(np.float64))
+    if cache.has_raw:
+        raw_rows = np.asarray(cache.raw_slot_of_block)[blocks].astype(np.int64)
+        raw = np.flatnonzero(raw_rows >= 0)
+        for out, pool in zip(kv, (cache.raw_k, cache.raw_v), strict=True):
+            out[:, raw] = np.asarray(pool)[raw_rows[raw], offsets[raw]].astype(np.float64).transpose(1, 0, 2)
+    return kv[0], kv[1]
+
+
+def attend_request(cache: PagedCache, query: Any, key: Any, value: Any, table_row: np.ndarray, seq_len: int,
+                   rows: slice, scale: float, out: Any) -> None:
+    """One request's causal attention (query rows ``rows``) in float64, written to ``out[rows]``."""
+    h_q, h_kv = query.shape[1], key.shape[1]
+    n = rows.stop - rows.start
+    ctx = seq_len - n
+    k_ctx, v_ctx = _context(cache, table_row, ctx)
+    k_all = np.concatenate([k_ctx, np.asarray(key[rows]).astype(np.float64).transpose(1, 0, 2)], 1)
+    v_all = np.concatenate([v_ctx, np.asarray(value[rows]).astype(np.float64).transpose(1, 0, 2)], 1)
+    q = np.asarray(query[rows]).astype(np.float64).reshape(n, h_kv, h_q // h_kv, -1)
+    logits = np.einsum("nhgd,hld->hgnl", q, k_all) * scale
+    causal = np.arange(ctx + n)[None, :] <= ctx + np.arange(n)[:, None]  # [n, L]
+    logits = np.where(causal, logits, -np.inf)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out[rows] = np.einsum("hgnl,hld->nhgd", weights, v_all).reshape(n, h_q, -1).astype(out.dtype)
+
+
+def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
+    """Causal attention of each request over its cached context and its own new tokens, in float64.
+
+    Context tokens come raw where their block has a raw row, else decoded; the new tokens come raw
+    from ``key``/``value``. ``num_decodes`` changes nothing here (every request takes one path).
+    """
+    starts = np.asarray(query_start_loc).astype(np.int64)
+    seq = np.asarray(seq_lens).astype(np.int64)
+    table = np.asarray(block_table)
+    for r in range(seq.shape[0]):
+        if starts[r + 1] > starts[r]:
+            attend_request(cache, query, key, value, table[r], int(seq[r]),
+                           slice(int(starts[r]), int(starts[r + 1])), scale, out)
+    return out

@@ -1,0 +1,798 @@
+// Fused paged decode attention over a TurboQuant-compressed vLLM-style block cache.
+//
+// Layout read here (PagedCache's; byte strides arrive as arguments, the token stride as a macro):
+//   k record of (block b, slot o, KV head h): kc + b*k_sb + h*k_sh + o*KTS, K_R bytes
+//   v record                                : vc + b*v_sb + h*v_sh + o*VTS, V_R bytes
+//   MERGED: vc == kc + VOFF with the same strides (vLLM's packed [num_blocks, H, block_size, R_k+R_v]
+//   tensor seen as [num_blocks, block_size, H, R] views): the 16 K+V states of one tile are one
+//   contiguous span of 16*KTS bytes, copied once.
+//   block_table [B, bt_stride] int32, seq_lens [B] int32, raw_slot_of_block [num_blocks] int32,
+//   raw_k/raw_v [num_raw, BS, H, D] (element strides as arguments), new key/value [T, H, D].
+// Decode request r (r < num_decodes) owns query row r and context tokens 0 .. seq_lens[r] - 2 in the
+// cache; its own new token comes raw from key/value row r.
+//
+// Kernels (cupy_paged.paged_attention launches them in this order on one stream, no host sync):
+//   tq_paged_prep    grid (n_dec*h_q), block 128: tq_attn_prep's query preparation (permute by the
+//                    KV head's key channels, rotate, fold scale*log2(e), float16 hi+lo).
+//   tq_paged_split   grid (1 + nchunks, n_dec*H), NWARPS warps. Column 0: the RAW partial of the
+//                    KV stream (its new token and every context token whose block has a raw row,
+//                    float32, original domain; all GQ heads of the group). Columns 1..: chunk
+//                    c = blockIdx.x - 1 covers tiles [c*NWARPS*TPW, (c+1)*NWARPS*TPW) of the context
+//                    (a tile = 16 tokens of one block, BS a multiple of 16): tq_attn_split's maths
+//                    (tensor-core scores and values from per-lane pair tables, online softmax per
+//                    warp, the block's warps merged into one partial), the records copied in place
+//                    through the block table. Tiles whose block is out of range or has a raw row
+//                    are skipped (no copy, no work). Chunk boundaries are fixed in tokens (NWARPS,
+//                    TPW compile-time), so a request's partials, and its output, do not depend on
+//                    the batch it shares a launch with; chunks past a request's length exit at once.
+//   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
+//                    domain) and its raw partial (original domain), un-rotates once, scatters
+//                    through the value channels and writes the output row in the output's dtype.
+#include "tq_common.cuh"
+
+TQ_CODEC(KC, K)
+TQ_CODEC(VC, V)
+
+#ifndef NWARPS
+#define NWARPS 16
+#endif
+#ifndef MINBLOCKS
+#define MINBLOCKS 1
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef TPW
+#define TPW 16  // tiles per warp and chunk: the fixed split (<= 32: one tile per lane of the lookup)
+#endif
+#ifndef RAW_T
+#define RAW_T 64  // raw tokens staged per round of the raw partial
+#endif
+#define NT ((GQ + 7) / 8)
+#define PACK (GQ <= 4)
+#define TILE 16
+#define SPAN_K (TILE * KTS)
+#define SPAN_V (TILE * VTS)
+#define TILE_BYTES_K (SPAN_K + 32)  // + 16 B over-read padding (load_stream) + alignment slack
+#if MERGED
+#define TILE_BYTES_V 0
+#else
+#define TILE_BYTES_V (SPAN_V + 32)
+#endif
+#define STAGE_BYTES (((TILE_BYTES_K + TILE_BYTES_V) + 15) / 16 * 16)
+
+static_assert(KC::D == VC::D, "K and V head dims differ");
+static_assert(TPW >= 1 && TPW <= 32, "TPW: one tile per lane");
+static_assert(BS % TILE == 0, "the fused kernel reads whole 16-token tiles of a block");
+static_assert(KTS % 4 == 0 && VTS % 4 == 0 && VOFF % 4 == 0, "records must be 4-byte aligned");
+
+constexpr float LOG2E = 1.4426950408889634f;
+
+__device__ __forceinline__ float px2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+template <class Op>
+__device__ __forceinline__ float reduce_all(float v, float* red, Op op) {
+  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = red[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) v = op(v, red[i]);
+  return v;
+}
+
+template <int KIND>
+__device__ __forceinline__ void store_float(void* p, u64 i, float v) {
+  if constexpr (KIND == TQ_F32) {
+    static_cast<float*>(p)[i] = v;
+  } else if constexpr (KIND == TQ_F16) {
+    static_cast<u16*>(p)[i] = f2h(v);
+  } else {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    static_cast<u16*>(p)[i] = h;
+  }
+}
+
+// Context tokens of decode request r in the cache: seq_lens[r] - 1, clamped to the block table.
+__device__ __forceinline__ int context_len(const int* seq_lens, int r, int max_tokens) {
+  return max(0, min(seq_lens[r] - 1, max_tokens));
+}
+
+// ------------------------------------------------------------------------------------ prep
+extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q_st, long long q_sh,
+                                         int h_q, const u16* __restrict__ kch,
+                                         const float* __restrict__ ktab, float scale,
+                                         float* __restrict__ q32, u16* __restrict__ qh,
+                                         float* __restrict__ qscale) {
+  constexpr int D = KC::D, QD = KC::fdims();
+  __shared__ float qo[D], qp[D], qf[QD];
+  __shared__ float red[32];
+  const int row = blockIdx.x;  // r*h_q + head
+  const int r = row / h_q, hq = row % h_q, kvh = hq / GQ;
+  const u64 src = static_cast<u64>(r) * q_st + static_cast<u64>(hq) * q_sh;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    const float v = load_float<IN_KIND>(q, src + i);
+    qo[i] = v;
+    q32[static_cast<u64>(row) * D + i] = v;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < D; i += blockDim.x) qp[i] = kch ? qo[kch[kvh * D + i]] : qo[i];
+  __syncthreads();
+  rotate_fields<KC>(ktab, qp, qf);
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < QD; i += blockDim.x) amax = fmaxf(amax, fabsf(qf[i] * scale * LOG2E));
+  amax = reduce_all(amax, red, [](float a, float b) { return fmaxf(a, b); });
+  int ex = 0;
+  if (amax > 0.f) frexpf(amax, &ex);
+  const float e = ldexpf(1.f, -ex), inv = ldexpf(1.f, ex);
+  for (int i = threadIdx.x; i < QD; i += blockDim.x) {
+    const float v = qf[i] * scale * LOG2E * e;
+    const u16 hi = f2h(v);
+    qh[(static_cast<u64>(row) * 2) * QD + i] = hi;
+    qh[(static_cast<u64>(row) * 2 + 1) * QD + i] = f2h(v - h2f(hi));
+  }
+  if (threadIdx.x == 0) qscale[row] = inv;
+}
+
+// ------------------------------------------------------------------------------------ raw partial
+struct RawArgs {
+  const void* key;  // new tokens [T, H, D] (NEW_KIND), element strides
+  const void* value;
+  long long kv_st, kv_sh, vv_st, vv_sh;
+  const void* raw_k;  // raw pool (RAW_KIND), element strides (block, slot, head)
+  const void* raw_v;
+  long long rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2;
+  int num_raw;
+};
+
+// One KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D] (original
+// channel order) over its new token and its raw-pool context tokens, in block-table order.
+// Shared memory (floats): qs[GQ][D] | kb[RAW_T][D] | vb[RAW_T][D] | lg[RAW_T][GQ] | mh, lh, al[GQ]
+// | slot rows and valid lengths [RAW_T] ints | list (raw row, tokens) [blockDim] int pairs | warp
+// counts [32].
+__device__ void raw_partial(u8* smem, const RawArgs& a, const float* __restrict__ q32, float scale,
+                            const int* __restrict__ bt_row, int nblk, int ctx,
+                            const int* __restrict__ raw_slot, int num_blocks, int r, int kvh, int h_kv,
+                            float* __restrict__ raw_m, float* __restrict__ raw_l,
+                            float* __restrict__ raw_acc) {
+  constexpr int D = KC::D, ACCN = (GQ * D + NWARPS * 32 - 1) / (NWARPS * 32);
+  const int tid = threadIdx.x, nthr = NWARPS * 32, lane = tid & 31, warp = tid >> 5;
+  float* qs = reinterpret_cast<float*>(smem);
+  float* kb = qs + GQ * D;
+  float* vb = kb + RAW_T * D;
+  float* lg = vb + RAW_T * D;
+  float* mh = lg + RAW_T * GQ;
+  float* lh = mh + GQ;
+  float* al = lh + GQ;
+  int* srow = reinterpret_cast<int*>(al + GQ);  // per staged token: raw row (-1: the new token)
+  int* soff = srow + RAW_T;                     // slot in its block, -1: invalid
+  int* lrow = soff + RAW_T;                     // compacted raw blocks of the current chunk
+  int* llen = lrow + nthr;
+  int* wcnt = llen + nthr;
+
+  const u64 row0 = (static_cast<u64>(r) * h_kv + kvh) * GQ;
+  for (int i = tid; i < GQ * D; i += nthr) qs[i] = q32[row0 * D + i] * (scale * LOG2E);
+  if (tid < GQ) {
+    mh[tid] = -TQ_INF;
+    lh[tid] = 0.f;
+  }
+  float acc[ACCN];
+#pragma unroll
+  for (int k = 0; k < ACCN; ++k) acc[k] = 0.f;
+
+  // One round over `cnt` staged tokens (srow/soff set): load, logits, softmax update, values.
+  auto round = [&](int cnt) {
+    __syncthreads();  // srow/soff written; the previous round's buffers no longer read
+    for (int i = tid; i < RAW_T * D; i += nthr) {
+      const int s = i / D, dim = i - s * D;
+      float kv = 0.f, vv = 0.f;
+      if (s < cnt && soff[s] >= 0) {
+        if (srow[s] < 0) {
+          kv = load_float<NEW_KIND>(a.key, static_cast<u64>(r) * a.kv_st + kvh * a.kv_sh + dim);
+          vv = load_float<NEW_KIND>(a.value, static_cast<u64>(r) * a.vv_st + kvh * a.vv_sh + dim);
+        } else {
+          kv = load_float<RAW_KIND>(a.raw_k, static_cast<u64>(srow[s]) * a.rk_s0 + soff[s] * a.rk_s1 +
+                                                 kvh * a.rk_s2 + dim);
+          vv = load_float<RAW_KIND>(a.raw_v, static_cast<u64>(srow[s]) * a.rv_s0 + soff[s] * a.rv_s1 +
+                                                 kvh * a.rv_s2 + dim);
+        }
+      }
+      kb[i] = kv;
+      vb[i] = vv;
+    }
+    __syncthreads();
+    for (int s = warp; s < RAW_T; s += NWARPS) {
+      float d[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) d[g] = 0.f;
+      for (int i = lane; i < D; i += 32) {
+        const float kv = kb[s * D + i];
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) d[g] = fmaf(qs[g * D + i], kv, d[g]);
+      }
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        float v = d[g];
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) lg[s * GQ + g] = (s < cnt && soff[s] >= 0) ? v : -TQ_INF;
+      }
+    }
+    __syncthreads();
+    if (tid < GQ) {
+      float mx = -TQ_INF;
+      for (int s = 0; s < RAW_T; ++s) mx = fmaxf(mx, lg[s * GQ + tid]);
+      const float mo = mh[tid], mn = fmaxf(mo, mx), ms = mn == -TQ_INF ? 0.f : mn;
+      const float alpha = exp2f(mo - ms);
+      float l = lh[tid] * alpha;
+      for (int s = 0; s < RAW_T; ++s) {
+        const float p = exp2f(lg[s * GQ + tid] - ms);
+        lg[s * GQ + tid] = p;
+        l += p;
+      }
+      lh[tid] = l;
+      mh[tid] = mn;
+      al[tid] = alpha;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < ACCN; ++k) {
+      const int i = tid + k * nthr;
+      if (i < GQ * D) {
+        const int g = i / D, dim = i - g * D;
+        float x = acc[k] * al[g];
+        for (int s = 0; s < RAW_T; ++s) x = fmaf(lg[s * GQ + g], vb[s * D + dim], x);
+        acc[k] = x;
+      }
+    }
+  };
+
+  // The new token first: the running maxima are finite from then on.
+  if (tid == 0) {
+    srow[0] = -1;
+    soff[0] = 0;
+  }
+  round(1);
+
+  if (raw_slot != nullptr) {
+    for (int j0 = 0; j0 < nblk; j0 += nthr) {
+      const int lb = j0 + tid;
+      int rs = -1;
+      if (lb < nblk) {
+        const int b = bt_row[lb];
+        if (b >= 0 && b < num_blocks) rs = raw_slot[b];
+        if (rs >= a.num_raw) rs = -1;
+      }
+      const bool f = rs >= 0;
+      const u32 bal = __ballot_sync(0xffffffffu, f);
+      __syncthreads();  // the previous chunk's list is no longer read
+      if (lane == 0) wcnt[warp] = __popc(bal);
+      __syncthreads();
+      int base = 0, total = 0;
+      for (int w = 0; w < NWARPS; ++w) {
+        base += w < warp ? wcnt[w] : 0;
+        total += wcnt[w];
+      }
+      if (f) {
+        const int pos = base + __popc(bal & ((1u << lane) - 1u));
+        lrow[pos] = rs;
+        llen[pos] = min(BS, ctx - lb * BS);
+      }
+      // Tokens of the listed blocks, RAW_T at a time (slot o of list entry k: token k*BS + o).
+      for (int t0 = 0; t0 < total * BS; t0 += RAW_T) {
+        __syncthreads();  // list written; the previous round done with srow/soff
+        for (int s = tid; s < RAW_T; s += nthr) {
+          const int t = t0 + s, k = t / BS, o = t - k * BS;
+          const bool ok = t < total * BS && o < llen[k];
+          srow[s] = ok ? lrow[k] : 0;
+          soff[s] = ok ? o : -1;
+        }
+        round(RAW_T);
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < ACCN; ++k) {
+    const int i = tid + k * nthr;
+    if (i < GQ * D) raw_acc[row0 * D + i] = acc[k];
+  }
+  if (tid < GQ) {
+    raw_m[row0 + tid] = mh[tid];
+    raw_l[row0 + tid] = lh[tid];
+  }
+}
+
+// ------------------------------------------------------------------------------------ split
+__device__ __forceinline__ u64 shfl64(u64 v, int src) {
+  const u32 lo = __shfl_sync(0xffffffffu, static_cast<u32>(v), src);
+  const u32 hi = __shfl_sync(0xffffffffu, static_cast<u32>(v >> 32), src);
+  return (static_cast<u64>(hi) << 32) | lo;
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
+    tq_paged_split(const u8* __restrict__ kc, const u8* __restrict__ vc, u64 k_end, u64 v_end,
+                   long long k_sb, long long k_sh, long long v_sb, long long v_sh,
+                   const int* __restrict__ block_table, int bt_stride, int max_blocks,
+                   const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks,
+                   int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
+                   const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
+                   float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
+                   int nchunks, RawArgs ra, const float* __restrict__ q32, float scale,
+                   float* __restrict__ raw_m, float* __restrict__ raw_l, float* __restrict__ raw_acc) {
+  constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
+  extern __shared__ __align__(16) u8 smem[];
+  const int bh = blockIdx.y, r = bh / h_kv, kvh = bh - r * h_kv;
+  const int* bt_row = block_table + static_cast<long long>(r) * bt_stride;
+  const int ctx = context_len(seq_lens, r, max_blocks * BS);
+  if (blockIdx.x == 0) {
+    raw_partial(smem, ra, q32, scale, bt_row, (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh,
+                h_kv, raw_m, raw_l, raw_acc);
+    return;
+  }
+  const int chunk = blockIdx.x - 1;
+  const int ntiles = (ctx + TILE - 1) / TILE;
+  if (chunk * NWARPS * TPW >= ntiles) return;  // past this request's context (block-uniform)
+
+  u32* klut = reinterpret_cast<u32*>(smem);
+#if KV_SAME_LUT
+  u32* vlut = klut;
+  u8* ring_all = reinterpret_cast<u8*>(klut + 32 * KC::lutn());
+#else
+  u32* vlut = klut + 32 * KC::lutn();
+  u8* ring_all = reinterpret_cast<u8*>(vlut + 32 * VC::lutn());
+#endif
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, t = lane & 3;
+  const u32 lane4 = static_cast<u32>(lane) << 2;
+#pragma unroll 4
+  for (int e = warp; e < KC::lutn(); e += NWARPS) klut[32 * e + lane] = klutv[e];
+#if !KV_SAME_LUT
+#pragma unroll 4
+  for (int e = warp; e < VC::lutn(); e += NWARPS) vlut[32 * e + lane] = vlutv[e];
+#else
+  (void)vlutv;
+#endif
+
+  const int tile0 = (chunk * NWARPS + warp) * TPW;
+  const int my_tiles = max(0, min(TPW, ntiles - tile0));
+  u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
+
+  // Lane i looks up tile tile0 + i: its block, whether it is read from its records (in range, no
+  // raw row), and the addresses of its K and V spans.
+  u64 ka = 0, va = 0;
+  bool ok = false;
+  if (lane < my_tiles) {
+    const int tok = (tile0 + lane) * TILE, lb = tok / BS, ob = tok - lb * BS;
+    const int b = lb < max_blocks ? bt_row[lb] : -1;
+    ok = b >= 0 && b < num_blocks && (raw_slot == nullptr || raw_slot[b] < 0);
+    if (ok) {
+      ka = reinterpret_cast<u64>(kc) + static_cast<u64>(b) * k_sb + static_cast<u64>(kvh) * k_sh +
+           static_cast<u64>(ob) * KTS;
+      va = reinterpret_cast<u64>(vc) + static_cast<u64>(b) * v_sb + static_cast<u64>(kvh) * v_sh +
+           static_cast<u64>(ob) * VTS;
+    }
+  }
+  const u32 use = __ballot_sync(0xffffffffu, ok);
+  __syncthreads();  // tables in place
+
+  constexpr int KSTEPS = KQD / 16, QW = PACK ? 2 : 4;
+  u32 qf[KSTEPS][NT][QW];
+  float qsc[NT][2];
+  static_for<0, KNF>([&](auto fi) {
+    constexpr int f = decltype(fi)::value, G = KC::fdim(f), S0 = KC::foff(f) / 16;
+#pragma unroll
+    for (int j = 0; j < G / 16; ++j)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int h = PACK ? gid & 3 : nt * 8 + gid, half = PACK ? gid >> 2 : 0;
+        const int dim = KC::foff(f) + t * (G / 4) + 4 * j;
+        const u16* base = qh + ((static_cast<u64>(bh) * GQ + h) * 2 + half) * KQD;
+        const bool hok = h < GQ;
+#pragma unroll
+        for (int w = 0; w < QW; ++w)
+          qf[S0 + j][nt][w] = hok ? *reinterpret_cast<const u32*>(base + (w >> 1) * KQD + dim + 2 * (w & 1)) : 0u;
+      }
+  });
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int h = PACK ? (2 * t + e) & 3 : nt * 8 + 2 * t + e;
+      qsc[nt][e] = h < GQ ? qscale[static_cast<u64>(bh) * GQ + h] : 0.f;
+    }
+
+  constexpr int VTILES = VQD / 16;
+  float acc[VTILES][NT][4];
+#pragma unroll
+  for (int i = 0; i < VTILES; ++i)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][nt][c] = 0.f;
+  float m_run[NT][2], l_run[NT][2];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      m_run[nt][e] = -TQ_INF;
+      l_run[nt][e] = 0.f;
+    }
+
+  // A span of SPAN bytes at a 16-byte aligned address (the host checks pointers and strides);
+  // chunks past `end` (the cache's last byte + 1) are zero-filled, never read.
+  const u32 ring_lane = smem_addr(ring) + 16 * lane;
+  auto copy_span = [&](u64 src, u64 end, auto span_bytes, u32 dst) {
+    constexpr int SPAN = decltype(span_bytes)::value, CHUNKS = SPAN / 16;
+    const u8* s = reinterpret_cast<const u8*>(src) + 16 * lane;
+    if (src + SPAN <= end) {
+#pragma unroll
+      for (int k = 0; k < (CHUNKS + 31) / 32; ++k)
+        if (lane + 32 * k < CHUNKS) cp_async16_full(dst + 512 * k, s + 512 * k);
+    } else {
+      const long long left = static_cast<long long>(end - src) - 16 * lane;
+#pragma unroll
+      for (int k = 0; k < (CHUNKS + 31) / 32; ++k)
+        if (lane + 32 * k < CHUNKS) {
+          const int nb = static_cast<int>(max(0ll, min(16ll, left - 512 * k)));
+          cp_async16_shared(dst + 512 * k, nb ? s + 512 * k : reinterpret_cast<const u8*>(src), nb);
+        }
+    }
+  };
+  auto issue = [&](int it) {
+    const u64 a_k = shfl64(ka, it);
+#if !MERGED
+    const u64 a_v = shfl64(va, it);
+#endif
+    if ((use >> it) & 1u) {
+      const u32 st = ring_lane + (it % STAGES) * STAGE_BYTES;
+      copy_span(a_k, k_end, Int<SPAN_K>{}, st);
+#if !MERGED
+      copy_span(a_v, v_end, Int<SPAN_V>{}, st + TILE_BYTES_K);
+#endif
+    }
+  };
+  (void)va;
+  (void)v_end;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < my_tiles) issue(s);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < my_tiles; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncwarp();
+    if ((use >> it) & 1u) {
+      const u8* st = ring + (it % STAGES) * STAGE_BYTES;
+      const int left = ctx - (tile0 + it) * TILE;
+      const u8* kt = st;
+#if MERGED
+      const u8* vt = st + VOFF;
+#else
+      const u8* vt = st + TILE_BYTES_K;
+#endif
+
+      float s[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[nt][c] = 0.f;
+      static_for<0, KNF>([&](auto fi) {
+        constexpr int f = decltype(fi)::value, G = KC::fdim(f), B = KC::fbits(f);
+        constexpr int SEGB = (G / 4) * B, NWD = (SEGB + 31) / 32, S0 = KC::foff(f) / 16;
+        const u32* lut = klut + 32 * KC::flut(f);
+        u32 w0[NWD], w1[NWD];
+        load_stream<NWD>(kt + gid * KTS, KC::fbitoff(f) + t * SEGB, w0);
+        load_stream<NWD>(kt + (gid + 8) * KTS, KC::fbitoff(f) + t * SEGB, w1);
+        float c[4][NT][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) c[a][nt][k] = 0.f;
+        static_for<0, G / 16>([&](auto ji) {
+          constexpr int j = decltype(ji)::value;
+          const u32 o0 = bits_scaled<(4 * j) * B, 2 * B, 7>(w0) | lane4;
+          const u32 o1 = bits_scaled<(4 * j) * B, 2 * B, 7>(w1) | lane4;
+          const u32 o2 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w0) | lane4;
+          const u32 o3 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w1) | lane4;
+          const u32 h0 = lds_at(lut, o0), h1 = lds_at(lut, o1), h2 = lds_at(lut, o2), h3 = lds_at(lut, o3);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            mma16816(c[(j & 1) * 2][nt], h0, h1, h2, h3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
+            if constexpr (!PACK)
+              mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
+          }
+        });
+        const float sc0 = rec_half(kt + gid * KTS, KC::fscale(f)) * KC::pfactor(f);
+        const float sc1 = rec_half(kt + (gid + 8) * KTS, KC::fscale(f)) * KC::pfactor(f);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          float cs[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) cs[k] = (c[0][nt][k] + c[2][nt][k]) + (c[1][nt][k] + c[3][nt][k]);
+          s[nt][0] = fmaf(sc0, cs[0], s[nt][0]);
+          s[nt][1] = fmaf(sc0, cs[1], s[nt][1]);
+          s[nt][2] = fmaf(sc1, cs[2], s[nt][2]);
+          s[nt][3] = fmaf(sc1, cs[3], s[nt][3]);
+        }
+      });
+      if constexpr (PACK) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) s[0][k] += __shfl_xor_sync(0xffffffffu, s[0][k], 2);
+      }
+
+      const bool valid0 = gid < left, valid1 = gid + 8 < left;
+      float pr[NT][2][2], al[NT][2];
+      bool grew = false;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x0 = valid0 ? s[nt][e] * qsc[nt][e] : -TQ_INF;
+          const float x1 = valid1 ? s[nt][2 + e] * qsc[nt][e] : -TQ_INF;
+          float mx = fmaxf(x0, x1);
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+          const float mnew = fmaxf(m_run[nt][e], mx);
+          const float msafe = mnew == -TQ_INF ? 0.f : mnew;
+          const float alpha = px2(m_run[nt][e] - msafe);
+          pr[nt][e][0] = px2(x0 - msafe);
+          pr[nt][e][1] = px2(x1 - msafe);
+          l_run[nt][e] = l_run[nt][e] * alpha + pr[nt][e][0] + pr[nt][e][1];
+          m_run[nt][e] = mnew;
+          al[nt][e] = alpha;
+          grew |= alpha != 1.f;
+        }
+      if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+#pragma unroll
+            for (int i = 0; i < VTILES; ++i) {
+              acc[i][nt][e] *= al[nt][e];
+              acc[i][nt][2 + e] *= al[nt][e];
+            }
+      }
+
+      static_for<0, VNF>([&](auto fi) {
+        constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
+        constexpr int SEG = G / 8, NWD = (SEG * B + 31) / 32, M0 = VC::foff(f) / 16;
+        const float sc[2] = {rec_half(vt + gid * VTS, VC::fscale(f)) * VC::pfactor(f),
+                             rec_half(vt + (gid + 8) * VTS, VC::fscale(f)) * VC::pfactor(f)};
+        const bool valid[2] = {valid0, valid1};
+        u32 bhi[NT][2], blo[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const float x0 = valid[rr] ? pr[nt][0][rr] * sc[rr] : 0.f;
+            const float x1 = valid[rr] ? pr[nt][1][rr] * sc[rr] : 0.f;
+            const u32 hi = pack_h2(x0, x1);
+            const u32 lo = pack_h2(x0 - h2f(static_cast<u16>(hi)), x1 - h2f(static_cast<u16>(hi >> 16)));
+            if constexpr (PACK) {
+              bhi[nt][rr] = transpose8x8(t >= 2 ? lo : hi);
+            } else {
+              bhi[nt][rr] = transpose8x8(hi);
+              blo[nt][rr] = transpose8x8(lo);
+            }
+          }
+        (void)blo;
+        const u32* lut = vlut + 32 * VC::flut(f);
+        u32 w[4][NWD];
+        const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) load_stream<NWD>(vt + rows[rr] * VTS, VC::fbitoff(f) + gid * SEG * B, w[rr]);
+        constexpr int CH = (32 / B) & ~1;
+        static_for<0, (SEG + CH - 1) / CH>([&](auto ci) {
+          constexpr int C0 = decltype(ci)::value * CH, LEN = (SEG - C0 < CH ? SEG - C0 : CH) * B;
+          u32 e01, o01, e23, o23;
+          pair_codes<B>(bits_at<C0 * B, LEN>(w[0]), bits_at<C0 * B, LEN>(w[1]), e01, o01);
+          pair_codes<B>(bits_at<C0 * B, LEN>(w[2]), bits_at<C0 * B, LEN>(w[3]), e23, o23);
+          static_for<0, LEN / B / 2>([&](auto ki) {
+            constexpr int k = decltype(ki)::value, i = C0 / 2 + k;
+            const u32 a0 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e01) | lane4);
+            const u32 a1 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o01) | lane4);
+            const u32 a2 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e23) | lane4);
+            const u32 a3 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o23) | lane4);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              mma16816(acc[M0 + i][nt], a0, a1, a2, a3, bhi[nt][0], bhi[nt][1]);
+              if constexpr (!PACK) mma16816(acc[M0 + i][nt], a0, a1, a2, a3, blo[nt][0], blo[nt][1]);
+            }
+          });
+        });
+      });
+    }
+    __syncwarp();
+    if (it + STAGES - 1 < my_tiles) issue(it + STAGES - 1);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  if constexpr (PACK) {
+#pragma unroll
+    for (int i = 0; i < VTILES; ++i)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][0][k] += __shfl_xor_sync(0xffffffffu, acc[i][0][k], 2);
+  }
+
+  // Merge the block's warps (tq_attn_split's epilogue): partial rows (bh, chunk, head).
+  constexpr int HR = GQ < 8 ? GQ : 8;
+  constexpr int WS = VQD + VQD / 16 + (20 - (VQD + VQD / 16) % 16) % 16;
+  float* wm = reinterpret_cast<float*>(smem);
+  float* wl = wm + NWARPS * HR;
+  float* wacc = wl + NWARPS * HR;
+  const u64 prow0 = (static_cast<u64>(bh) * nchunks + chunk) * GQ;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float l = l_run[nt][e];
+      l += __shfl_xor_sync(0xffffffffu, l, 4);
+      l += __shfl_xor_sync(0xffffffffu, l, 8);
+      l += __shfl_xor_sync(0xffffffffu, l, 16);
+      const int hr = 2 * t + e;
+      if (nt * 8 + hr < GQ) {
+        if (gid == 0) {
+          wm[warp * HR + hr] = m_run[nt][e];
+          wl[warp * HR + hr] = l;
+        }
+        float* dst = wacc + (warp * HR + hr) * WS;
+        static_for<0, VNF>([&](auto fi) {
+          constexpr int f = decltype(fi)::value, G = VC::fdim(f), M0 = VC::foff(f) / 16;
+#pragma unroll
+          for (int i = 0; i < G / 16; ++i) {
+            const int dim = VC::foff(f) + gid * (G / 8) + 2 * i;
+            dst[dim + dim / 16] = acc[M0 + i][nt][e];
+            dst[dim + 1 + dim / 16] = acc[M0 + i][nt][2 + e];
+          }
+        });
+      }
+    }
+    __syncthreads();
+    const int heads = min(HR, GQ - nt * 8);
+    for (int i = threadIdx.x; i < heads * (VQD + 1); i += NWARPS * 32) {
+      const int hr = i % heads, dim = i / heads - 1;
+      float mx = -TQ_INF;
+#pragma unroll
+      for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, wm[w * HR + hr]);
+      const float ms = mx == -TQ_INF ? 0.f : mx;
+      float a = 0.f;
+#pragma unroll
+      for (int w = 0; w < NWARPS; ++w)
+        a = fmaf(exp2f(wm[w * HR + hr] - ms), dim < 0 ? wl[w * HR + hr] : wacc[(w * HR + hr) * WS + dim + dim / 16], a);
+      const u64 prow = prow0 + nt * 8 + hr;
+      if (dim < 0) {
+        part_m[prow] = mx;
+        part_l[prow] = a;
+      } else {
+        part_acc[prow * VQD + dim] = a;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ reduce
+// Dynamic shared memory (floats): w[nchunks] | y[VQD] | z[D] | red[32] | yw[nwarps][VQD].
+extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                           const float* __restrict__ part_acc, int nchunks,
+                                           const float* __restrict__ raw_m, const float* __restrict__ raw_l,
+                                           const float* __restrict__ raw_acc,
+                                           const int* __restrict__ seq_lens, int max_tokens, int h_q,
+                                           const float* __restrict__ vtab, const u16* __restrict__ vch,
+                                           void* __restrict__ out, long long o_st, long long o_sh) {
+  constexpr int D = VC::D, VQD = VC::fdims();
+  extern __shared__ __align__(16) float sm[];
+  float* w = sm;
+  float* y = w + nchunks;
+  float* z = y + VQD;
+  float* red = z + D;
+  float* yw = red + 32;
+  const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
+  const int r = row / h_q, kvh = (row % h_q) / GQ;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int ctx = context_len(seq_lens, r, max_tokens);
+  const int nparts = ((ctx + TILE - 1) / TILE + NWARPS * TPW - 1) / (NWARPS * TPW);
+  const u64 prow0 = static_cast<u64>(bh) * nchunks * GQ + h;
+
+  const float rm = raw_m[row];
+  float M = rm;
+  for (int p = threadIdx.x; p < nparts; p += blockDim.x) M = fmaxf(M, part_m[prow0 + static_cast<u64>(p) * GQ]);
+  M = reduce_all(M, red, [](float a, float b) { return fmaxf(a, b); });
+  const float Ms = M == -TQ_INF ? 0.f : M;
+  float L = 0.f;
+  for (int p = threadIdx.x; p < nparts; p += blockDim.x) {
+    const u64 pr = prow0 + static_cast<u64>(p) * GQ;
+    const float wp = exp2f(part_m[pr] - Ms);
+    L += wp * part_l[pr];
+    w[p] = wp;
+  }
+  L = reduce_all(L, red, [](float a, float b) { return a + b; });
+  const float wr = exp2f(rm - Ms);
+  L += wr * raw_l[row];
+  constexpr int YPL = (VQD + 31) / 32;
+  float ya[YPL];
+#pragma unroll
+  for (int k = 0; k < YPL; ++k) ya[k] = 0.f;
+  for (int p = warp; p < nparts; p += nw) {
+    const float* src = part_acc + (prow0 + static_cast<u64>(p) * GQ) * VQD;
+    const float wp = w[p];
+#pragma unroll
+    for (int k = 0; k < YPL; ++k)
+      if (lane + 32 * k < VQD) ya[k] = fmaf(wp, src[lane + 32 * k], ya[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < YPL; ++k)
+    if (lane + 32 * k < VQD) yw[warp * VQD + lane + 32 * k] = ya[k];
+  __syncthreads();
+  for (int j = threadIdx.x; j < VQD; j += blockDim.x) {
+    float a = 0.f;
+    for (int v = 0; v < nw; ++v) a += yw[v * VQD + j];
+    y[j] = a;
+  }
+  __syncthreads();
+
+  for_group_rows<VC>([&](auto gi, int i) {
+    constexpr int g = decltype(gi)::value, G = VC::gdim(g), fc = g * (1 + VC::QJL);
+    float a = y[VC::foff(fc) + i];
+    if constexpr (VC::QJL) a += dot_column<G>(vtab + VC::gproj(g), y + VC::foff(fc + 1), i);
+    z[VC::gstart(g) + i] = a;
+  });
+  __syncthreads();
+  const float invL = 1.f / L;
+  const u64 obase = static_cast<u64>(r) * o_st + static_cast<u64>(row % h_q) * o_sh;
+  for_group_rows<VC>([&](auto gi, int i) {
+    constexpr int g = decltype(gi)::value, G = VC::gdim(g);
+    const float a = dot_column<G>(vtab + VC::grot(g), z + VC::gstart(g), i);
+    const int pos = VC::gstart(g) + i;
+    const int ch = vch ? vch[kvh * D + pos] : pos;
+    store_float<OUT_KIND>(out, obase + ch, (a + wr * raw_acc[static_cast<u64>(row) * D + ch]) * invL);
+  });
+}
+
+// ------------------------------------------------------------------------------------ write
+// Scatter of encoded records and raw copies: grid (T), block 128. Token i with a slot in range
+// writes its H K and V records (records [H, T, R], contiguous) to the cache views and, where its
+// block has a raw row, its raw K/V (new-token dtype NEW_KIND -> pool dtype RAW_KIND).
+extern "C" __global__ void tq_paged_scatter(const u8* __restrict__ krec, const u8* __restrict__ vrec, int T,
+                                            int h_kv, const long long* __restrict__ slots, int n_slots,
+                                            u8* __restrict__ kc, u8* __restrict__ vc, long long k_sb,
+                                            long long k_ss, long long k_sh, long long v_sb, long long v_ss,
+                                            long long v_sh, int num_blocks, const int* __restrict__ raw_slot,
+                                            RawArgs ra) {
+  constexpr int D = KC::D;
+  const int i = blockIdx.x;
+  if (i >= n_slots) return;
+  const long long slot = slots[i];
+  if (slot < 0 || slot >= static_cast<long long>(num_blocks) * BS) return;
+  const long long b = slot / BS, o = slot - b * BS;
+  for (int j = threadIdx.x; j < h_kv * K_R; j += blockDim.x) {
+    const int h = j / K_R, c = j - h * K_R;
+    kc[b * k_sb + o * k_ss + h * k_sh + c] = krec[(static_cast<u64>(h) * T + i) * K_R + c];
+  }
+  for (int j = threadIdx.x; j < h_kv * V_R; j += blockDim.x) {
+    const int h = j / V_R, c = j - h * V_R;
+    vc[b * v_sb + o * v_ss + h * v_sh + c] = vrec[(static_cast<u64>(h) * T + i) * V_R + c];
+  }
+  if (raw_slot == nullptr) return;
+  const int rs = raw_slot[b];
+  if (rs < 0 || rs >= ra.num_raw) return;
+  for (int j = threadIdx.x; j < h_kv * D; j += blockDim.x) {
+    const int h = j / D, c = j - h * D;
+    const float kv = load_float<NEW_KIND>(ra.key, static_cast<u64>(i) * ra.kv_st + h * ra.kv_sh + c);
+    const float vv = load_float<NEW_KIND>(ra.value, static_cast<u64>(i) * ra.vv_st + h * ra.vv_sh + c);
+    store_float<RAW_KIND>(const_cast<void*>(ra.raw_k),
+                          static_cast<u64>(rs) * ra.rk_s0 + o * ra.rk_s1 + h * ra.rk_s2 + c, kv);
+    store_float<RAW_KIND>(const_cast<void*>(ra.raw_v),
+                          static_cast<u64>(rs) * ra.rv_s0 + o * ra.rv_s1 + h * ra.rv_s2 + c, vv);
+  }
+}

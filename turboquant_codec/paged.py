@@ -1,0 +1,240 @@
+"""The public paged ops: validate, pick a backend, dispatch (layout and rules: ``paged_cache``).
+
+Host inputs are checked completely before anything is written: every index a request would read or
+write must lie inside the cache. GPU inputs are checked by shape and dtype only (reading their
+values would synchronise); the GPU kernels skip out-of-range indices instead of touching memory
+outside the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _dispatch, _interop, _validate
+from .paged_cache import PagedCache
+
+_INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
+
+
+def _ints(x: Any, name: str, ndim: int) -> tuple[int, ...]:
+    if not hasattr(x, "shape") or _interop.dtype_name(x) not in _INTS:
+        raise TypeError(f"{name} must be an integer array, got "
+                        f"{_interop.dtype_name(x) if hasattr(x, 'dtype') else type(x).__name__}")
+    shape = tuple(int(s) for s in x.shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {shape}")
+    return shape
+
+
+def _host_ints(x: Any) -> np.ndarray | None:
+    return None if _interop.on_gpu(x) else _interop.to_numpy(x).astype(np.int64)
+
+
+def _check_cache(cache: PagedCache) -> None:
+    if not isinstance(cache, PagedCache):
+        raise TypeError(f"cache must be a PagedCache, got {type(cache).__name__}")
+    if cache.k_config.d != cache.v_config.d:
+        raise ValueError(f"k_config has d={cache.k_config.d} but v_config has d={cache.v_config.d}")
+    lead = None
+    for which, cfg in (("k", cache.k_config), ("v", cache.v_config)):
+        records = getattr(cache, f"{which}_cache")
+        shape = tuple(int(s) for s in getattr(records, "shape", ()))
+        if _interop.dtype_name(records) != "uint8" or len(shape) != 4 or shape[3] != cfg.record_bytes:
+            raise ValueError(
+                f"{which}_cache must be uint8 [num_blocks, block_size, num_kv_heads, {cfg.record_bytes}] "
+                f"for {cfg}, got {_interop.dtype_name(records)} {shape}"
+            )
+        if lead is not None and shape[:3] != lead:
+            raise ValueError(f"k_cache blocks {lead} differ from v_cache blocks {shape[:3]}")
+        lead = shape[:3]
+        channels = getattr(cache, f"{which}_channels")
+        if channels is not None:
+            if not cfg.split:
+                raise ValueError(f"{which}_channels were given but bits={cfg.bits:g} has no channel split")
+            if tuple(channels.shape) != (cache.num_kv_heads, cfg.d):
+                raise ValueError(f"{which}_channels must have shape {(cache.num_kv_heads, cfg.d)}, got "
+                                 f"{tuple(channels.shape)}")
+            _validate.permutation(channels, cfg.d)
+    raw = (cache.raw_k, cache.raw_v, cache.raw_slot_of_block)
+    if any(a is not None for a in raw) and not all(a is not None for a in raw):
+        raise ValueError("raw_k, raw_v and raw_slot_of_block must be given together")
+    if cache.has_raw:
+        expected = (cache.block_size, cache.num_kv_heads, cache.head_dim)
+        for name, pool in (("raw_k", cache.raw_k), ("raw_v", cache.raw_v)):
+            shape = _validate.float_array(pool, name, 4) if 0 not in pool.shape else tuple(pool.shape)
+            if len(shape) != 4 or tuple(shape[1:]) != expected:
+                raise ValueError(f"{name} must be [num_raw_blocks, {expected[0]}, {expected[1]}, "
+                                 f"{expected[2]}] to match the cache, got {tuple(shape)}")
+        (n,) = _ints(cache.raw_slot_of_block, "raw_slot_of_block", 1)
+        if n != cache.num_blocks:
+            raise ValueError(f"raw_slot_of_block has {n} entries but the cache has {cache.num_blocks} blocks")
+        rows = _host_ints(cache.raw_slot_of_block)
+        if rows is not None and rows.size and (rows.max() >= cache.raw_k.shape[0] or rows.min() < -1):
+            raise ValueError(f"raw_slot_of_block holds rows outside -1..{cache.raw_k.shape[0] - 1}")
+
+
+def _check_new(cache: PagedCache, key: Any, value: Any) -> tuple[int, ...]:
+    shape = _validate.float_array(key, "key", 3)
+    if len(shape) != 3 or shape[1:] != (cache.num_kv_heads, cache.head_dim):
+        raise ValueError(f"key must be [num_tokens, {cache.num_kv_heads}, {cache.head_dim}] to match the "
+                         f"cache, got {shape}")
+    if tuple(_validate.float_array(value, "value", 3)) != shape:
+        raise ValueError(f"key has shape {shape} but value has {tuple(value.shape)}")
+    return shape
+
+
+def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any, *,
+                backend: str = "auto") -> PagedCache:
+    """Encode new tokens into their slots of the paged cache (and their raw copies), in place.
+
+    Parameters
+    ----------
+    cache : PagedCache
+        Arrays of one library on one device; written in place.
+    key, value : array, [T, H, d], float16/bfloat16/float32
+    slot_mapping : array, [<= T], int
+        ``block * block_size + offset`` per new token; negative entries are padding (skipped), and
+        rows past its length are ignored.
+    backend : str
+        "auto" (by where the cache lives; ``TQ_BACKEND`` overrides) or a name from ``backends()``.
+
+    Returns
+    -------
+    PagedCache
+        ``cache`` with its channel permutations: those given, or chosen from this batch's
+        non-padding tokens when they were None (keep them for every later call).
+
+    Raises
+    ------
+    ValueError
+        On a shape, dtype or (host inputs) a slot outside the cache, before anything is written.
+    """
+    _check_cache(cache)
+    t = _check_new(cache, key, value)[0]
+    (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
+    if n_slots > t:
+        raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
+    slots = _host_ints(slot_mapping)
+    capacity = cache.num_blocks * cache.block_size
+    if slots is not None and slots.size and slots.max() >= capacity:
+        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {capacity} slots")
+    module = _dispatch.backend("paged_write", backend, cache.k_cache, (cache.k_config, cache.v_config),
+                               _interop.dtype_name(key))
+    k_ch, v_ch = module.paged_write(cache.converted(module.asarray), module.asarray(key),
+                                    module.asarray(value), module.asarray(slot_mapping))
+    if cache.k_channels is None and k_ch is not None:
+        k_ch = _interop.like(k_ch, cache.k_cache)
+    if cache.v_channels is None and v_ch is not None:
+        v_ch = _interop.like(v_ch, cache.v_cache)
+    return cache.with_channels(cache.k_channels if cache.k_channels is not None else k_ch,
+                               cache.v_channels if cache.v_channels is not None else v_ch)
+
+
+def _check_metadata(cache: PagedCache, t: int, block_table: Any, seq_lens: Any, query_start_loc: Any,
+                    num_decodes: int | None) -> None:
+    b, max_blocks = _ints(block_table, "block_table", 2)
+    if _ints(seq_lens, "seq_lens", 1) != (b,) or _ints(query_start_loc, "query_start_loc", 1) != (b + 1,):
+        raise ValueError(f"block_table has {b} rows, so seq_lens needs {b} entries (got "
+                         f"{seq_lens.shape[0]}) and query_start_loc {b + 1} (got {query_start_loc.shape[0]})")
+    integral = isinstance(num_decodes, int | np.integer) and not isinstance(num_decodes, bool)
+    if num_decodes is not None and not (integral and 0 <= num_decodes <= b):
+        raise ValueError(f"num_decodes must be an integer in 0..{b} (requests), got {num_decodes!r}")
+    starts, seq, table = (_host_ints(a) for a in (query_start_loc, seq_lens, block_table))
+    if starts is None or seq is None or table is None:
+        return
+    q_lens = np.diff(starts)
+    if starts[0] != 0 or np.any(q_lens < 0) or starts[-1] > t:
+        raise ValueError(f"query_start_loc must rise from 0 to at most {t} (the new tokens), got "
+                         f"{starts.tolist()}")
+    if np.any(seq < q_lens):
+        raise ValueError(f"seq_lens {seq.tolist()} must count each request's new tokens "
+                         f"(query lengths {q_lens.tolist()})")
+    if num_decodes is not None and np.any(q_lens[:num_decodes] != 1):
+        raise ValueError(f"num_decodes={num_decodes} but query lengths are {q_lens[:num_decodes].tolist()}")
+    needed = -(-seq // cache.block_size)
+    if b and needed.max() > max_blocks:
+        raise ValueError(f"seq_lens need {int(needed.max())} blocks but block_table has {max_blocks} columns")
+    used = np.arange(max_blocks)[None, :] < needed[:, None]
+    bad = used & ((table < 0) | (table >= cache.num_blocks))
+    if bad.any():
+        r, j = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"block_table[{r}, {j}] = {int(table[r, j])} lies outside the cache's "
+                         f"{cache.num_blocks} blocks")
+
+
+def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, *, scale: float, out: Any = None, num_decodes: int | None = None,
+                    backend: str = "auto") -> Any:
+    """Causal attention of a batch mixing prefill and decode requests over the paged cache.
+
+    Each request attends to its cached context (raw where its block has a raw row, else from the
+    codes) and to its own new tokens (raw, from ``key``/``value``) in one softmax; query head ``i``
+    reads KV head ``i // (h_q // H)``.
+
+    Parameters
+    ----------
+    cache : PagedCache
+        Channel permutations set (``paged_write`` returns them).
+    query : array, [T, h_q, d], float16/bfloat16/float32
+    key, value : array, [T, H, d]
+        The new tokens; they need not have been written to the cache yet.
+    block_table : array, [B, max_blocks], int
+    seq_lens : array, [B], int
+        Context lengths including the new tokens.
+    query_start_loc : array, [B + 1], int
+        Cumulative query lengths from 0; rows past ``query_start_loc[-1]`` are padding.
+    scale : float
+        Logit scale, usually ``d ** -0.5``.
+    out : array, [T, h_q, d], float, optional
+        Written in place (rows of padding tokens untouched); zeros like ``query`` when omitted.
+    num_decodes : int, optional
+        The first ``num_decodes`` requests have one new token each (no host synchronisation on a
+        GPU when it covers every request: the CUDA-graph case).
+    backend : str
+        See ``paged_write``.
+
+    Returns
+    -------
+    array, [T, h_q, d]
+        ``out``.
+    """
+    _check_cache(cache)
+    t, h, d = _check_new(cache, key, value)
+    q_shape = _validate.float_array(query, "query", 3)
+    if len(q_shape) != 3 or q_shape[0] != t or q_shape[2] != d or q_shape[1] % h:
+        raise ValueError(f"query must be [{t}, a multiple of {h} heads, {d}], got {q_shape}")
+    for cfg, channels, name in ((cache.k_config, cache.k_channels, "k_channels"),
+                                (cache.v_config, cache.v_channels, "v_channels")):
+        if cfg.split and channels is None:
+            raise ValueError(f"{name} is None: a paged_write (which picks the channels) must come first")
+    if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    _check_metadata(cache, t, block_table, seq_lens, query_start_loc, num_decodes)
+    if out is None:
+        out = _zeros_like(query)
+    elif tuple(out.shape) != q_shape or _interop.dtype_name(out) not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
+                         f"{tuple(out.shape)}")
+    module = _dispatch.backend("paged_attention", backend, cache.k_cache, (cache.k_config, cache.v_config),
+                               _interop.dtype_name(query))
+    native = [module.asarray(a) for a in (query, key, value, block_table, seq_lens, query_start_loc, out)]
+    result = module.paged_attention(cache.converted(module.asarray), *native[:6], float(scale), native[6],
+                                    None if num_decodes is None else int(num_decodes))
+    return out if result is native[6] else _interop.like(result, out)
+
+
+def _zeros_like(x: Any) -> Any:
+    lib = _interop.library_of(x)
+    if lib == "torch":
+        return _interop._torch().zeros_like(x)
+    if lib == "cupy":
+        import cupy
+
+        return cupy.zeros_like(x)
+    if lib == "numba":
+        from numba import cuda
+
+        return cuda.to_device(np.zeros(x.shape, np.dtype(str(x.dtype))))
+    return np.zeros_like(x)
