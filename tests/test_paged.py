@@ -118,9 +118,7 @@ def make_batch(
                         torch.Generator().manual_seed(seed + 1), extra_rows)
         key, value = torch.stack(ks).to(device), torch.stack(vs).to(device)
         slot_mapping = slot_mapping.to(device)
-        tt.write_compressed(k_cache, v_cache, key, value, slot_mapping, k_codec, v_codec)
-        if raw is not None:
-            tt.write_raw(raw[0], raw[1], key, value, slot_mapping, raw[2])
+        tt.write_compressed(k_cache, v_cache, key, value, slot_mapping, k_codec, v_codec, raw=raw)
 
     # Earlier chunks / earlier steps, then this step's tokens (with CUDA-graph-style tail rows).
     write([(r, range(c)) for r, (c, _) in enumerate(requests)])
@@ -311,32 +309,32 @@ def small() -> Batch:
 
 
 def test_bad_head_dim(small: Batch) -> None:
-    with pytest.raises(ValueError, match="query has head_dim 32 but key has head_dim 64"):
+    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2 heads, 64\], got \(32, 6, 32\)"):
         _bad(small, query=small.query[..., :32])
     with pytest.raises(ValueError, match="k_codec has head_dim d=128 but key has head_dim 64"):
         _bad(small, k_codec=tt.TorchCodec(128, 3.5, "mse", 0))
 
 
 def test_bad_num_heads(small: Batch) -> None:
-    with pytest.raises(ValueError, match="k_cache has 2 KV heads but key has 1"):
+    with pytest.raises(ValueError, match=r"key must be \[num_tokens, 2, 64\] to match the cache, got \(32, 1, 64\)"):
         _bad(small, key=small.key[:, :1], value=small.value[:, :1])
-    with pytest.raises(ValueError, match="query has 5 heads, not a multiple of the 2 KV heads"):
+    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2 heads, 64\], got \(32, 5, 64\)"):
         _bad(small, query=small.query[:, :5])
 
 
 def test_bad_dtypes(small: Batch) -> None:
-    with pytest.raises(ValueError, match="query has dtype torch.float64"):
+    with pytest.raises(ValueError, match="query has dtype float64"):
         _bad(small, query=small.query.double())
-    with pytest.raises(ValueError, match="key has dtype torch.int32"):
+    with pytest.raises(ValueError, match="key has dtype int32"):
         _bad(small, key=small.key.int())
-    with pytest.raises(ValueError, match="k_cache must be a uint8 tensor"):
+    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 32\]"):
         _bad(small, k_cache=small.k_cache.to(torch.int8))
 
 
 def test_bad_record_size(small: Batch) -> None:
-    with pytest.raises(ValueError, match=r"k_cache records are 32 bytes but k_codec .*bits=3, .* needs 28"):
+    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 28\] for .*bits=3\.0.*got uint8 \(.*, 32\)"):
         _bad(small, k_codec=tt.TorchCodec(64, 3.0, "mse", 0))
-    with pytest.raises(ValueError, match="v_cache records are 28 bytes but v_codec .* needs 32"):
+    with pytest.raises(ValueError, match=r"v_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 32\] for .*bits=3\.5.*got uint8 \(.*, 28\)"):
         tt.write_compressed(small.k_cache, small.v_cache, small.key, small.value,
                             torch.tensor([0]), small.k_codec, tt.TorchCodec(64, 3.5, "mse", 0))
 

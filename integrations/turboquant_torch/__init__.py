@@ -9,9 +9,9 @@ ops
     CPU tensors run the NumPy reference through zero-copy views; CUDA tensors run the GPU backends of
     ``turboquant_codec`` (``backend="auto"``), handed back zero-copy.
 paged
-    The ops a paged KV cache (vLLM) needs: write compressed records by ``slot_mapping``, write a raw
-    side pool of recent/sink blocks, choose which blocks need raw copies, and attention over block
-    tables for batches mixing prefill and decode requests; views of vLLM's packed K+V cache tensor.
+    The paged ops of ``turboquant_codec`` as torch ops (write records and raw copies by
+    ``slot_mapping``; attention over block tables for batches mixing prefill and decode requests),
+    which blocks need raw copies, and views of vLLM's packed K+V cache tensor.
 hf_cache
     ``TurboQuantCache``: a Hugging Face transformers cache on compressed KV (raw sinks and a raw
     recent buffer flushed in batches); importing it imports transformers, so it loads on first use.
@@ -32,7 +32,6 @@ from .paged import (
     raw_blocks_needed,
     split_kv_cache,
     write_compressed,
-    write_raw,
 )
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
     "scores",
     "split_kv_cache",
     "write_compressed",
-    "write_raw",
 ]
 
 
