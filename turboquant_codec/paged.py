@@ -151,7 +151,7 @@ def _check_metadata(cache: PagedCache, t: int, block_table: Any, seq_lens: Any, 
     if np.any(seq < q_lens):
         raise ValueError(f"seq_lens {seq.tolist()} must count each request's new tokens "
                          f"(query lengths {q_lens.tolist()})")
-    if num_decodes is not None and np.any(q_lens[:num_decodes] != 1):
+    if num_decodes is not None and np.any(q_lens[:num_decodes] > 1):
         raise ValueError(f"num_decodes={num_decodes} but query lengths are {q_lens[:num_decodes].tolist()}")
     needed = -(-seq // cache.block_size)
     if b and needed.max() > max_blocks:
@@ -190,8 +190,8 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     out : array, [T, h_q, d], float, optional
         Written in place (rows of padding tokens untouched); zeros like ``query`` when omitted.
     num_decodes : int, optional
-        The first ``num_decodes`` requests have one new token each (no host synchronisation on a
-        GPU when it covers every request: the CUDA-graph case).
+        The first ``num_decodes`` requests have at most one new token each (0: a padding request
+        of a CUDA-graph batch); no host synchronisation on a GPU when it covers every request.
     backend : str
         See ``paged_write``.
 

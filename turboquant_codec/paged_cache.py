@@ -23,7 +23,9 @@ and the per-step metadata of the paged ops::
     query_start_loc    [B + 1] int32                     request r's new tokens are query rows
                                                          query_start_loc[r]:query_start_loc[r + 1]
     num_decodes        int or None                       the first num_decodes requests have one
-                                                         new token each (vLLM orders decodes first);
+                                                         new token each, or none (padding requests
+                                                         of a CUDA-graph batch; vLLM orders
+                                                         decodes first);
                                                          None: found from query_start_loc (a host
                                                          synchronisation on a GPU)
 

@@ -388,7 +388,8 @@ class TorchCodec:
         self.config = make_config(self.d, self.bits, self.mode, self.seed)
         self.bits = self.config.bits
         if self.channels is not None:
-            self.set_channels(self.channels)
+            given, self.channels = self.channels, None
+            self.set_channels(given)
 
     @property
     def record_bytes(self) -> int:
@@ -408,6 +409,13 @@ class TorchCodec:
         sorted_ = torch.sort(channels.to(torch.int64), dim=-1).values
         if not torch.equal(sorted_, torch.arange(self.d, device=channels.device).expand_as(sorted_)):
             raise ValueError("channels must hold a permutation of range(d) per stream")
+        if self.channels is not None and self.channels.shape == channels.shape:
+            # In place, on every device copy too: a CUDA graph captured with the old permutation's
+            # tensors reads the new one on replay.
+            self.channels.copy_(channels)
+            for copy in self._on_device.values():
+                copy.copy_(channels)
+            return
         self.channels = channels.to(CHANNEL_DTYPE)
         self._on_device = {}
 

@@ -6,10 +6,15 @@ CUDA tensors: the GPU backends of ``turboquant_codec``).
 - ``customize_spec`` declares uint8 slots of ``R_k + R_v`` bytes per (token, KV head), so vLLM's block
   pool holds ``2 * head_dim * dtype_bytes / (R_k + R_v)`` times the tokens of a model-dtype cache (less the
   raw pool, which the worker reserves out of the budget: ``worker.py``).
-- The metadata builder runs once per step and updates the raw side pool's block map
-  (``raw_pool.RawSlotManager``); every layer then writes its new tokens' records (and raw copies) and
-  attends over the block table with ``turboquant_torch.paged.paged_attention`` (prefill, chunked
-  prefill, prefix-cache hits and decode alike: the context comes from the cache, the new tokens raw).
+- The metadata builder runs once per step, on the host: it updates the raw side pool's block map
+  (``raw_pool.RawSlotManager``, in place) and counts the decode requests (vLLM orders them first).
+  Every layer then makes two op calls: ``write_compressed`` (records and raw copies) and
+  ``paged_attention`` over the block table (prefill, chunked prefill, prefix-cache hits and decode
+  alike: the context comes from the cache, the new tokens raw). A decode-only step synchronises
+  nothing with the host, so vLLM captures it in a CUDA graph (uniform single-token decode).
+- Channel permutations live in one tensor per (layer, K/V) from the first step on (identity until
+  calibrated), and the first step with real tokens, eager, calibrates them in place: a graph
+  captured on warm-up data reads the calibrated permutation on replay.
 - Per rank, the layer's ``num_kv_heads`` KV heads are one codec stream each (tensor parallel safe).
 """
 
@@ -21,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from turboquant_torch import TorchCodec, paged_attention, split_kv_cache, write_compressed, write_raw
+from turboquant_torch import TorchCodec, paged_attention, split_kv_cache, write_compressed
 
 from turboquant_codec import stream_seed
 
@@ -38,6 +43,7 @@ try:  # vLLM is optional: TurboQuantAttentionImpl also runs standalone
         CommonAttentionMetadata,
         MultipleOf,
     )
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills
     from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
     HAVE_VLLM = True
@@ -77,6 +83,7 @@ class TQCodecMetadata:
     slot_mapping: Tensor  # [num_tokens] int64, -1 = padding
     raw: RawSlotManager | None  # block -> raw-pool row map (None: no raw window)
     block_size: int
+    num_decodes: int | None = None  # leading one-token requests (None: not counted)
 
 
 class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
@@ -144,6 +151,7 @@ class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
         self._raw_kv: tuple[Tensor, Tensor] | None = None
         self._marked = False
         self._standalone: _Standalone | None = None
+        self._calibrated = False
         if layer_idx is not None:
             self._codecs = make_codecs(self.tq_config, self.head_size, layer_idx)
 
@@ -205,28 +213,36 @@ class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
         k_cache, v_cache = split_kv_cache(kv_cache, k_codec, v_codec)
         n = md.num_actual_tokens
         slots = md.slot_mapping[:n]
-        key, value = key.view(-1, self.num_kv_heads, self.head_size), value.view(
-            -1, self.num_kv_heads, self.head_size)
+        key = key.view(-1, self.num_kv_heads, self.head_size)
+        value = value.view(-1, self.num_kv_heads, self.head_size)
         query = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
-        write_compressed(k_cache, v_cache, key, value, slots, k_codec, v_codec)
-        raw_k = raw_v = raw_map = None
+        self._ready_channels(key, value, slots, k_codec, v_codec)
+        raw = None
         if md.raw is not None and md.raw.enabled:
             raw_k, raw_v = self._raw_pool(md.raw.num_raw_blocks, md.block_size, key)
-            raw_map = md.raw.raw_slot_of_block
-            write_raw(raw_k, raw_v, key, value, slots, raw_map)
-        # One call per request: a request's result then depends on its own context only, not on the
-        # batch it shares a step with (batched decode pads to the longest context, which changes float
-        # reduction order), so greedy outputs under load equal those of requests sent one at a time.
-        starts = md.query_start_loc.tolist()
-        for r in range(md.num_reqs):
-            q0, q1 = starts[r], starts[r + 1]
-            if q1 == q0:
+            raw = (raw_k, raw_v, md.raw.raw_slot_of_block)
+        write_compressed(k_cache, v_cache, key, value, slots, k_codec, v_codec, raw=raw)
+        paged_attention(query, key, value, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
+                        self.scale, k_codec, v_codec, *(raw or (None, None, None)), out=out,
+                        num_decodes=md.num_decodes)
+
+    def _ready_channels(self, key: Tensor, value: Tensor, slots: Tensor, k_codec: TorchCodec,
+                        v_codec: TorchCodec) -> None:
+        """Give split codecs their permutation tensors before any write (module docstring)."""
+        if self._calibrated or not (k_codec.split or v_codec.split):
+            return
+        capturing = key.is_cuda and torch.cuda.is_current_stream_capturing()
+        rows = None if capturing else torch.nonzero(slots >= 0).squeeze(1)
+        for codec, x in ((k_codec, key), (v_codec, value)):
+            if not codec.split:
                 continue
-            qsl = torch.tensor([0, q1 - q0], dtype=md.query_start_loc.dtype, device=query.device)
-            paged_attention(query[q0:q1], key[q0:q1], value[q0:q1], k_cache, v_cache,
-                            md.block_table[r : r + 1], md.seq_lens[r : r + 1], qsl, self.scale, k_codec,
-                            v_codec, raw_k=raw_k, raw_v=raw_v, raw_slot_of_block=raw_map, out=out[q0:q1])
+            if rows is not None and rows.numel():
+                codec.calibrate(x[rows].transpose(0, 1))
+            elif codec.channels is None:  # warm-up or capture: identity until real tokens come
+                identity = torch.arange(self.head_size, device=key.device).expand(self.num_kv_heads, -1)
+                codec.set_channels(identity.contiguous())
+        self._calibrated = rows is not None and rows.numel() > 0
 
     # -------------------------------------------------------------------------------- standalone
     def reset(self) -> None:
@@ -277,7 +293,8 @@ class _Standalone:
         self.length += n
         md = TQCodecMetadata(num_actual_tokens=n, num_reqs=1, max_query_len=n, query_start_loc=qsl,
                              seq_lens=seq, block_table=block_table, slot_mapping=slots,
-                             raw=self.raw if self.raw.enabled else None, block_size=self.BLOCK)
+                             raw=self.raw if self.raw.enabled else None, block_size=self.BLOCK,
+                             num_decodes=1 if n == 1 else 0)
         return md, self.kv_cache
 
 
@@ -300,7 +317,9 @@ def _engine_config() -> TurboQuantConfig:
 if HAVE_VLLM:
 
     class TQCodecMetadataBuilder(AttentionMetadataBuilder[TQCodecMetadata]):
-        _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+        # Decode-only steps run without host synchronisation; vLLM orders one-token requests first.
+        _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        reorder_batch_threshold: ClassVar[int | None] = 1
 
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # type: ignore[no-untyped-def]
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -350,10 +369,12 @@ if HAVE_VLLM:
                                               self.device)
                 self.raw.step(block_table, seq_cpu, (qsl_cpu[1:] - qsl_cpu[:-1]))
                 raw = self.raw
+            num_decodes = split_decodes_and_prefills(m, decode_threshold=1)[0]
             return TQCodecMetadata(
                 num_actual_tokens=m.num_actual_tokens, num_reqs=b, max_query_len=m.max_query_len,
                 query_start_loc=m.query_start_loc[: b + 1], seq_lens=m.seq_lens[:b],
                 block_table=block_table, slot_mapping=m.slot_mapping, raw=raw, block_size=self.block_size,
+                num_decodes=num_decodes,
             )
 
     class TQCodecAttentionBackend(AttentionBackend):

@@ -1,0 +1,146 @@
+"""The paged ops of the public API on host arrays: the NumPy reference against the contiguous
+``attention`` op, every host backend against the reference, batch invariance, and bad input.
+
+The GPU backends' paged ops are tested in ``test_cupy_paged.py`` and ``test_numba_paged.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import turboquant_codec as tq
+from turboquant_codec import CodecConfig, PagedCache
+from turboquant_codec.capabilities import CAPABILITIES
+
+H, GROUP, BLOCK, NUM_BLOCKS = 3, 3, 16, 48
+
+
+@dataclass
+class Paged:
+    cache: PagedCache
+    table: np.ndarray  # [B, max_blocks] int32
+    k_ctx: list[np.ndarray]  # per request, [len, H, d] float32 originals
+    v_ctx: list[np.ndarray]
+
+
+def make(lens: list[int], d: int, bits: float, raw_blocks: int, seed: int) -> Paged:
+    """A packed K+V cache (vLLM's layout) holding ``lens`` tokens per request, written by paged_write."""
+    rng = np.random.default_rng(seed)
+    k_cfg, v_cfg = CodecConfig(d, bits, "mse", seed + 1), CodecConfig(d, bits, "mse", seed + 2)
+    packed = rng.integers(0, 256, (NUM_BLOCKS, H, BLOCK, k_cfg.record_bytes + v_cfg.record_bytes), np.uint8)
+    k_cache = packed[..., : k_cfg.record_bytes].transpose(0, 2, 1, 3)
+    v_cache = packed[..., k_cfg.record_bytes :].transpose(0, 2, 1, 3)
+    per = -(-max(lens) // BLOCK) + 1
+    table = rng.permutation(NUM_BLOCKS)[: len(lens) * per].reshape(len(lens), per).astype(np.int32)
+    raw_map = np.full(NUM_BLOCKS, -1, np.int32)
+    chosen = rng.choice(table.ravel(), raw_blocks, replace=False)
+    raw_map[chosen] = rng.permutation(raw_blocks + 2)[:raw_blocks]
+    raw_k = rng.standard_normal((raw_blocks + 2, BLOCK, H, d)).astype(np.float16)
+    cache = PagedCache(k_cache, v_cache, k_cfg, v_cfg, raw_k=raw_k, raw_v=raw_k.copy(), raw_slot_of_block=raw_map)
+    k_ctx = [rng.standard_normal((n, H, d)).astype(np.float32) for n in lens]
+    v_ctx = [rng.standard_normal((n, H, d)).astype(np.float32) for n in lens]
+    for r, n in enumerate(lens):
+        pos = np.arange(n)
+        cache = tq.paged_write(cache, k_ctx[r], v_ctx[r], table[r, pos // BLOCK] * BLOCK + pos % BLOCK)
+    return Paged(cache, table, k_ctx, v_ctx)
+
+
+def step(p: Paged, q_lens: list[int], seed: int) -> tuple[np.ndarray, ...]:
+    """A step's query, new K/V (two padding rows past the last request) and metadata."""
+    rng = np.random.default_rng(seed)
+    d, t = p.cache.head_dim, sum(q_lens) + 2
+    query = rng.standard_normal((t, H * GROUP, d)).astype(np.float32)
+    key, value = (rng.standard_normal((t, H, d)).astype(np.float32) for _ in range(2))
+    seq = np.array([len(k) + n for k, n in zip(p.k_ctx, q_lens, strict=True)], np.int32)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return query, key, value, seq, qsl
+
+
+@pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
+def test_reference_matches_attention_op_on_gathered_records(bits: float) -> None:
+    """Decode requests against ``tq.attention`` over each request's records gathered in order."""
+    p = make([37, 70, 16], 64, bits, raw_blocks=0, seed=3)
+    query, key, value, seq, qsl = step(p, [1, 1, 1], seed=4)
+    out = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125, backend="numpy")
+    for r, n in enumerate(len(k) for k in p.k_ctx):
+        pos = np.arange(n)
+        blocks, offsets = p.table[r, pos // BLOCK], pos % BLOCK
+        k_enc, v_enc = (tq.Encoded(np.ascontiguousarray(c[blocks, offsets].transpose(1, 0, 2)), ch, cfg)
+                        for c, ch, cfg in ((p.cache.k_cache, p.cache.k_channels, p.cache.k_config),
+                                           (p.cache.v_cache, p.cache.v_channels, p.cache.v_config)))
+        expected = tq.attention(query[r], k_enc, v_enc, scale=0.125, k_tail=key[r][:, None],
+                                v_tail=value[r][:, None], backend="numpy")
+        np.testing.assert_allclose(out[r], expected, rtol=1e-5, atol=1e-6)
+    assert np.all(out[3:] == 0)  # padding rows untouched
+
+
+def _host_backends() -> list[str]:
+    return [n for n in CAPABILITIES["paged_attention"] if n != "numpy" and tq.backends.REGISTRY[n][1] == "cpu"]
+
+
+@pytest.mark.parametrize("name", _host_backends())
+@pytest.mark.parametrize("raw_dtype", ["float16", "float32"])
+@pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
+def test_host_backend_matches_reference(name: str, bits: float, raw_dtype: str) -> None:
+    if not tq.backends.availability(name):
+        pytest.skip(tq.backends.availability(name).reason)
+    p = make([45, 100, 20, 64], 64, bits, raw_blocks=5, seed=7)
+    p = Paged(tq.PagedCache(**{**vars(p.cache), "raw_k": p.cache.raw_k.astype(raw_dtype),
+                               "raw_v": p.cache.raw_v.astype(raw_dtype)}), p.table, p.k_ctx, p.v_ctx)
+    query, key, value, seq, qsl = step(p, [1, 1, 5, 1], seed=8)
+    ref = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125, backend="numpy")
+    got = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125, backend=name)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    assert np.all(got[int(qsl[-1]) :] == 0) and np.abs(ref).max() > 0.05  # padding rows untouched
+
+
+def test_output_does_not_depend_on_the_batch() -> None:
+    """A request's row is bitwise the same alone and beside others (auto backend on the host)."""
+    p = make([45, 100, 20], 64, 3.5, raw_blocks=4, seed=11)
+    query, key, value, seq, qsl = step(p, [1, 1, 1], seed=12)
+    together = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125)
+    for r in range(3):
+        alone = tq.paged_attention(p.cache, query[r : r + 1], key[r : r + 1], value[r : r + 1], p.table[r : r + 1],
+                                   seq[r : r + 1], np.array([0, 1], np.int32), scale=0.125)
+        assert np.array_equal(alone[0], together[r])
+
+
+def test_write_is_all_or_nothing_and_skips_padding() -> None:
+    p = make([20], 64, 3.5, raw_blocks=1, seed=5)
+    before = (p.cache.k_cache.copy(), p.cache.v_cache.copy(), p.cache.raw_k.copy())
+    key = np.ones((3, H, 64), np.float32)
+    with pytest.raises(ValueError, match=f"slot_mapping holds slot {NUM_BLOCKS * BLOCK} but the cache has"):
+        tq.paged_write(p.cache, key, key, np.array([5, -1, NUM_BLOCKS * BLOCK]))
+    assert all(np.array_equal(a, b) for a, b in zip(before, (p.cache.k_cache, p.cache.v_cache, p.cache.raw_k),
+                                                      strict=True))
+    tq.paged_write(p.cache, key, key, np.array([-1, 21]))  # padding row 0, row 2 past the mapping
+    changed = np.argwhere(np.any(p.cache.k_cache != before[0], axis=(2, 3)))
+    assert changed.tolist() == [[1, 5]]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"table": "negative"}, r"block_table\[0, 1\] = -1 lies outside the cache's 48 blocks"),
+    ({"table": "large"}, r"block_table\[0, 1\] = 48 lies outside"),
+    ({"qsl": [0, 2, 1, 3]}, "query_start_loc must rise from 0"),
+    ({"num_decodes": 3}, r"num_decodes=3 but query lengths are \[1, 1, 2\]"),
+    ({"num_decodes": 4}, r"num_decodes must be an integer in 0..3"),
+    ({"scale": float("inf")}, "scale must be a positive finite number"),
+])
+def test_bad_metadata_is_named(override: dict, message: str) -> None:
+    p = make([30, 20, 10], 64, 3.5, raw_blocks=0, seed=9)
+    query, key, value, seq, qsl = step(p, [1, 1, 1], seed=10)
+    table = p.table.copy()
+    if override.get("table") == "negative":
+        table[0, 1] = -1
+    elif override.get("table") == "large":
+        table[0, 1] = NUM_BLOCKS
+    if "qsl" in override:
+        qsl = np.array(override["qsl"], np.int32)
+    if override.get("num_decodes") == 3:
+        qsl, seq = np.array([0, 1, 2, 4], np.int32), seq + np.array([0, 0, 1], np.int32)
+    with pytest.raises(ValueError, match=message):
+        tq.paged_attention(p.cache, query, key, value, table, seq, qsl, scale=override.get("scale", 0.125),
+                           num_decodes=override.get("num_decodes"))
