@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-
 # Types of the two libraries recognised by module name, remembered per type: every public call asks
 # several times per array, and ``type(x).__module__.split(".")`` is most of that cost.
 _TYPE_LIBRARY: dict[type, str] = {}
@@ -129,9 +128,21 @@ def backend_result(result: Any, ref: Any) -> Any:
     if library_of(ref) == "torch" and library_of(result) == "cupy" and dtype_name(result) in _CAI_DTYPES:
         import cupy
 
-        if cupy.cuda.get_current_stream(result.data.device_id).ptr == 0:
-            return _torch().as_tensor(result)
+        device = result.data.device_id
+        if cupy.cuda.get_current_stream(device).ptr == 0:
+            # The device is named so that a default device set in torch cannot move the result.
+            return _torch().as_tensor(result, device=_torch_cuda_device(device))
     return like(result, ref)
+
+
+_TORCH_DEVICES: dict[int, Any] = {}
+
+
+def _torch_cuda_device(index: int) -> Any:
+    device = _TORCH_DEVICES.get(index)
+    if device is None:
+        device = _TORCH_DEVICES[index] = _torch().device("cuda", index)
+    return device
 
 
 def _torch() -> Any:

@@ -14,7 +14,7 @@ def float_array(x: Any, name: str, min_ndim: int) -> tuple[int, ...]:
     """Check rank, emptiness and dtype of a float input; return its shape."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array or tensor, got {type(x).__name__}")
-    shape = tuple(int(s) for s in x.shape)
+    shape = tuple(map(int, x.shape))
     if len(shape) < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {shape}")
     if 0 in shape:

@@ -68,7 +68,7 @@ def encode(
     native_channels = None if channels is None else module.asarray(channels)
     records, out_channels = module.encode(module.asarray(x), cfg, native_channels)
     return Encoded(
-        records=_interop.like(records, x),
+        records=_interop.backend_result(records, x),
         channels=None if out_channels is None else _interop.like(out_channels, x),
         config=cfg,
     )
@@ -119,7 +119,9 @@ def _on_gpu_backend(module: ModuleType) -> bool:
     is then a view, not a copy)."""
     entry = _GPU_MODULES.get(module.__name__)
     if entry is None:
-        entry = any(path == module.__name__ and device == "cuda" for path, device in _registry.REGISTRY.values())
+        entry = any(
+            path == module.__name__ and device == "cuda" for path, device in _registry.REGISTRY.values()
+        )
         _GPU_MODULES[module.__name__] = entry
     return entry
 
@@ -145,7 +147,7 @@ def decode(enc: Encoded, *, backend: str = "auto") -> Any:
     if not isinstance(enc, Encoded):
         raise TypeError(f"decode expects an Encoded, got {type(enc).__name__}")
     module = _dispatch.backend("decode", backend, enc.records, (enc.config,), None)
-    return _interop.like(module.decode(_native(module, enc)), enc.records)
+    return _interop.backend_result(module.decode(_native(module, enc)), enc.records)
 
 
 def scores(q: Any, keys: Encoded, *, backend: str = "auto") -> Any:
@@ -171,7 +173,7 @@ def scores(q: Any, keys: Encoded, *, backend: str = "auto") -> Any:
     _validate.same_lead(shape[:-2], keys.shape[:-2], "q", "keys")
     _validate.finite(q, "q")
     module = _dispatch.backend("scores", backend, keys.records, (keys.config,), _interop.dtype_name(q))
-    return _interop.like(module.scores(module.asarray(q), _native(module, keys)), keys.records)
+    return _interop.backend_result(module.scores(module.asarray(q), _native(module, keys)), keys.records)
 
 
 def attention(
@@ -245,4 +247,4 @@ def attention(
     out = module.attention(
         module.asarray(q), _native(module, k_enc), _native(module, v_enc), float(scale), *tails
     )
-    return _interop.like(out, q)
+    return _interop.backend_result(out, q)

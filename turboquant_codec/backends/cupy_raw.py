@@ -32,7 +32,7 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,9 @@ def asarray(x: Any) -> Any:
     if isinstance(x, (cp.ndarray, _Raw16)):
         return x
     if type(x).__module__.split(".")[0] == "torch":
+        view = _torch_view(x)
+        if view is not None:
+            return view
         torch = sys.modules["torch"]
         with cp.cuda.Device(x.device.index):
             if x.dtype == torch.bfloat16:
@@ -161,6 +164,41 @@ def asarray(x: Any) -> Any:
     if isinstance(x, np.ndarray) and x.dtype.name == "bfloat16":
         return _Raw16(cp.asarray(x.view(np.uint16)), "bfloat16")
     return cp.asarray(x)
+
+
+# torch dtype -> (NumPy dtype of the CuPy view, whether it is bfloat16 carried as raw words); filled
+# on first use, so that importing this module does not import torch.
+_TORCH_VIEW_DTYPES: dict[Any, tuple[np.dtype, bool]] = {}
+
+
+def _torch_view(x: Any) -> Any:
+    """The CuPy view ``asarray`` returns for a plain, contiguous, non-empty torch CUDA tensor that
+    needs no gradient, made from its data pointer; None for any other tensor (``asarray`` then goes
+    through ``__cuda_array_interface__`` as before, with its errors).
+
+    ``cupy.asarray`` reads torch's ``__cuda_array_interface__``, a Python property that rebuilds a
+    dict on every read, then asks the driver which device owns the pointer: most of the host time of
+    a small call. The view made here is the same one: same pointer, shape, dtype and device, and it
+    keeps ``x`` alive as its owner.
+    """
+    torch = sys.modules["torch"]
+    if type(x) is not torch.Tensor or not x.is_cuda or x.requires_grad or not x.is_contiguous():
+        return None
+    if not _TORCH_VIEW_DTYPES:
+        for name in ("float32", "float16", "uint8", "int8", "int16", "int32", "int64", "float64"):
+            _TORCH_VIEW_DTYPES[getattr(torch, name)] = (np.dtype(name), False)
+        if hasattr(torch, "uint16"):  # channel permutations; torch >= 2.3
+            _TORCH_VIEW_DTYPES[torch.uint16] = (np.dtype(np.uint16), False)
+        _TORCH_VIEW_DTYPES[torch.bfloat16] = (np.dtype(np.uint16), True)
+    kind = _TORCH_VIEW_DTYPES.get(x.dtype)
+    numel = x.numel()
+    if kind is None or numel == 0:
+        return None
+    cp = _cupy()
+    dtype, raw16 = kind
+    mem = cp.cuda.UnownedMemory(x.data_ptr(), numel * dtype.itemsize, x, x.get_device())
+    view = cp.ndarray(tuple(x.shape), dtype, cp.cuda.MemoryPointer(mem, 0))
+    return _Raw16(view, "bfloat16") if raw16 else view
 
 
 def _words(x: Any) -> tuple[Any, str]:
@@ -186,7 +224,7 @@ def _aligned(a: Any) -> Any:
 def _array_device(x: Any) -> int:
     if isinstance(x, _Raw16):
         x = x.words
-    return int(x.device.id)
+    return int(x.data.device_id)
 
 
 def _stream(device: int) -> Any:
@@ -197,10 +235,23 @@ def _stream(device: int) -> Any:
         return current
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # initialised: available too
-        ts = torch.cuda.current_stream(device)
-        if ts.cuda_stream != 0:
-            return _external_stream(ts.cuda_stream, device)
+        ptr = _torch_stream_ptr(torch, device)
+        if ptr != 0:
+            return _external_stream(ptr, device)
     return current
+
+
+def _torch_stream_ptr(torch: Any, device: int) -> int:
+    """Handle of torch's current stream on ``device``.
+
+    ``torch.cuda.current_stream`` builds a ``torch.cuda.Stream`` object (a device guard and a
+    Python constructor) on every call, several microseconds; torch's own generated code reads the
+    raw handle through ``torch._C._cuda_getCurrentRawStream`` instead, used here where it exists.
+    """
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device))
+    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 @functools.lru_cache(maxsize=64)
@@ -697,30 +748,84 @@ def _reduce_smem(v_cfg: CodecConfig, nblocks: int) -> int:
     return 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _AttentionLaunch:
     """The kernels of one attention configuration with their shared-memory sizes and tables, built
-    once: a call then only plans its split (``attention_plan``), allocates scratch and launches."""
+    once: a call then only looks up its split (``_AttentionLayout``), allocates and launches.
+
+    ``prep``, ``split`` and ``reduce`` are the driver functions of the device the launch was built
+    for (a ``RawKernel`` looks its function up per call, by the current device)."""
 
     prep: Any
     split: Any
     reduce: Any
     split_smem: int
     tables: tuple[Any, Any, Any, Any]  # K table buffer, K pair tables, V table buffer, V pair tables
+    layouts: dict[tuple[int, int], _AttentionLayout] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _AttentionLayout:
+    """One call shape's split (``attention_plan``) and scratch: the byte offsets of the query prep's
+    outputs and of the partials inside one allocation, and the launch arguments that depend only on
+    the shape."""
+
+    rows: int
+    per_warp: int
+    nparts: int
+    nblocks: int
+    offsets: tuple[int, ...]  # q32, qh, qscale, part_m, part_l, part_acc
+    nbytes: int
+    split_grid: tuple[int, int]
+    split_block: tuple[int]
+    reduce_smem: int
+    ints: tuple[Any, Any, Any, Any]  # n, per_warp, nparts, nblocks as int32
+
+
+# Shapes whose layout a launch keeps (a decode loop's n grows every step; past this the dict starts over).
+_MAX_LAYOUTS = 256
+# Scratch sub-buffers start on this boundary (as separate allocations would).
+_SCRATCH_ALIGN = 256
+
+
+def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: int, group: int,
+                      k_cfg: CodecConfig, v_cfg: CodecConfig) -> _AttentionLayout:
+    layout = plan.layouts.get((bh, n))
+    if layout is not None:
+        return layout
+    per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
+    nblocks = -(-nparts // ATTN_WARPS)  # one partial per split block
+    kqd, vqd = _fdims(k_cfg), _fdims(v_cfg)
+    rows = bh * group
+    parts = bh * max(nblocks, 1) * group
+    sizes = (4 * rows * d, 2 * rows * 2 * kqd, 4 * rows, 4 * parts, 4 * parts, 4 * parts * vqd)
+    offsets, at = [], 0
+    for size in sizes:
+        offsets.append(at)
+        at += -(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    layout = _AttentionLayout(
+        rows, per_warp, nparts, nblocks, tuple(offsets), at, (nblocks, bh), (32 * ATTN_WARPS,),
+        _reduce_smem(v_cfg, nblocks), (np.int32(n), np.int32(per_warp), np.int32(nparts), np.int32(nblocks)),
+    )
+    if len(plan.layouts) >= _MAX_LAYOUTS:
+        plan.layouts.clear()
+    plan.layouts[(bh, n)] = layout
+    return layout
 
 
 @functools.lru_cache(maxsize=256)
 def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
                       group: int) -> _AttentionLaunch:
     """``attention``'s kernels for one configuration (cached: looking them up and setting their
-    attributes costs tens of microseconds of Python, as much as the kernels at small batches)."""
+    attributes costs tens of microseconds of Python, as much as the kernels at small batches).
+    Called with ``device`` current."""
     mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group)
     split_smem = max(_split_smem(k_cfg, v_cfg), _merge_smem(v_cfg, group))
     split, reduce = mod.get_function("tq_attn_split"), mod.get_function("tq_attn_reduce")
     for fn, smem in ((split, split_smem), (reduce, _reduce_smem(v_cfg, MAX_BLOCKS_PER_STREAM))):
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
-    return _AttentionLaunch(mod.get_function("tq_attn_prep"), split, reduce, split_smem,
+    return _AttentionLaunch(mod.get_function("tq_attn_prep").kernel, split.kernel, reduce.kernel, split_smem,
                             (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg)))
 
 
@@ -750,10 +855,12 @@ def attention(
     device = _array_device(q)
     with cp.cuda.Device(device), _stream(device):
         qw, dtype = _words(q)
-        *lead, h_q, d = qw.shape
-        h_kv, n = k.shape[-3], k.shape[-2]
+        q_shape = qw.shape
+        h_q, d = q_shape[-2], q_shape[-1]
+        rec_shape = k.records.shape  # (*lead, h_kv, n, record_bytes)
+        h_kv, n = rec_shape[-3], rec_shape[-2]
         group = h_q // h_kv
-        bh = math.prod(lead) * h_kv
+        bh = qw.size // (h_q * d) * h_kv
         krec, vrec = _aligned(k.records), _aligned(v.records)
         if k_tail is not None:
             ktw, tail_dtype = _words(k_tail)
@@ -766,37 +873,47 @@ def attention(
             tail_dtype, t_len = "float32", 0
         plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
         ktab, klut, vtab, vlut = plan.tables
-        per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
-        nblocks = -(-nparts // ATTN_WARPS)  # one partial per split block
-        kch = None if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
-        vch = None if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
-        kqd, vqd = _fdims(k.config), _fdims(v.config)
-        rows = bh * group
-
-        q32 = cp.empty((rows, d), cp.float32)
-        qh = cp.empty((rows, 2, kqd), cp.uint16)
-        qscale = cp.empty((rows,), cp.float32)
-        plan.prep(
-            (rows,), (128,), (qw, kch if kch is not None else _NULL, ktab, np.float32(scale), q32, qh, qscale)
-        )
-        part_m = cp.empty((bh, max(nblocks, 1), group), cp.float32)
-        part_l = cp.empty_like(part_m)
-        part_acc = cp.empty((bh, max(nblocks, 1), group, vqd), cp.float32)
-        if nparts:
+        lay = _attention_layout(plan, device, bh, n, d, group, k.config, v.config)
+        kch = _NULL if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
+        vch = _NULL if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
+        # One allocation for the query prep's outputs and the partials (one pool call instead of six).
+        scratch = cp.empty((lay.nbytes,), cp.uint8)
+        q32, qh, qscale, part_m, part_l, part_acc = (scratch.data + off for off in lay.offsets)
+        fscale = np.float32(scale)
+        n32, per_warp32, nparts32, nblocks32 = lay.ints
+        plan.prep((lay.rows,), (128,), (qw, kch, ktab, fscale, q32, qh, qscale))
+        if lay.nparts:
             plan.split(
-                (nblocks, bh),
-                (32 * ATTN_WARPS,),
-                (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc,
-                 np.int32(n), np.int32(per_warp), np.int32(nparts)),
-                shared_mem=plan.split_smem,
+                lay.split_grid,
+                lay.split_block,
+                (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc, n32, per_warp32, nparts32),
+                plan.split_smem,
             )
-        out = cp.empty((*lead, h_q, d), cp.float32)
+        out = cp.empty(q_shape, cp.float32)
         plan.reduce(
-            (rows,),
+            (lay.rows,),
             (REDUCE_THREADS,),
-            (part_m, part_l, part_acc, np.int32(nblocks), q32,
+            (part_m, part_l, part_acc, nblocks32, q32,
              ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
-             np.float32(scale), vtab, vch if vch is not None else _NULL, out),
-            shared_mem=_reduce_smem(v.config, nblocks),
+             fscale, vtab, vch, out),
+            lay.reduce_smem,
         )
         return out
+
+
+# ------------------------------------------------------------------------------------ paged ops
+def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
+    """Encode and scatter new tokens into a paged cache: ``cupy_paged.paged_write``."""
+    from . import cupy_paged
+
+    return cupy_paged.paged_write(cache, key, value, slot_mapping)
+
+
+def paged_attention(cache: Any, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
+    """Mixed decode/prefill attention over a paged cache: ``cupy_paged.paged_attention`` (the decode
+    part one fused launch sequence)."""
+    from . import cupy_paged
+
+    return cupy_paged.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc,
+                                      scale, out, num_decodes)
