@@ -62,11 +62,11 @@ TQ_CODEC(VC, V)
 #define STAGE_BYTES (((TILE_BYTES_K + TILE_BYTES_V) + 15) / 16 * 16)
 
 static_assert(KC::D == VC::D, "K and V head dims differ");
+#ifndef TQ_PAGED_WRITE
 static_assert(TPW >= 1 && TPW <= 32, "TPW: one tile per lane");
 static_assert(BS % TILE == 0, "the fused kernel reads whole 16-token tiles of a block");
 static_assert(KTS % 4 == 0 && VTS % 4 == 0 && VOFF % 4 == 0, "records must be 4-byte aligned");
-
-constexpr float LOG2E = 1.4426950408889634f;
+#endif
 
 __device__ __forceinline__ float px2(float x) {
   float r;
@@ -102,6 +102,26 @@ __device__ __forceinline__ void store_float(void* p, u64 i, float v) {
 __device__ __forceinline__ int context_len(const int* seq_lens, int r, int max_tokens) {
   return max(0, min(seq_lens[r] - 1, max_tokens));
 }
+
+struct RawArgs {
+  const void* key;  // new tokens [T, H, D] (NEW_KIND), element strides
+  const void* value;
+  long long kv_st, kv_sh, vv_st, vv_sh;
+  void* raw_k;  // raw pool (RAW_KIND), element strides (block, slot, head)
+  void* raw_v;
+  long long rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2;
+  int num_raw;
+};
+// The RawArgs fields as kernel parameters (CuPy passes scalars and pointers, not structs).
+#define RAW_PARAMS                                                                              \
+  const void *key, const void *value, long long kv_st, long long kv_sh, long long vv_st,         \
+      long long vv_sh, void *raw_k, void *raw_v, long long rk_s0, long long rk_s1, long long rk_s2, \
+      long long rv_s0, long long rv_s1, long long rv_s2, int num_raw
+#define RAW_ARGS \
+  RawArgs { key, value, kv_st, kv_sh, vv_st, vv_sh, raw_k, raw_v, rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, num_raw }
+
+#ifndef TQ_PAGED_WRITE  // the write module builds the scatter kernel alone
+constexpr float LOG2E = 1.4426950408889634f;
 
 // ------------------------------------------------------------------------------------ prep
 extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q_st, long long q_sh,
@@ -140,15 +160,6 @@ extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q
 }
 
 // ------------------------------------------------------------------------------------ raw partial
-struct RawArgs {
-  const void* key;  // new tokens [T, H, D] (NEW_KIND), element strides
-  const void* value;
-  long long kv_st, kv_sh, vv_st, vv_sh;
-  const void* raw_k;  // raw pool (RAW_KIND), element strides (block, slot, head)
-  const void* raw_v;
-  long long rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2;
-  int num_raw;
-};
 
 // One KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D] (original
 // channel order) over its new token and its raw-pool context tokens, in block-table order.
@@ -322,15 +333,15 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                    int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
                    const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
                    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
-                   int nchunks, RawArgs ra, const float* __restrict__ q32, float scale,
-                   float* __restrict__ raw_m, float* __restrict__ raw_l, float* __restrict__ raw_acc) {
+                   int nchunks, const float* __restrict__ q32, float scale, float* __restrict__ raw_m,
+                   float* __restrict__ raw_l, float* __restrict__ raw_acc, RAW_PARAMS) {
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
   const int bh = blockIdx.y, r = bh / h_kv, kvh = bh - r * h_kv;
   const int* bt_row = block_table + static_cast<long long>(r) * bt_stride;
   const int ctx = context_len(seq_lens, r, max_blocks * BS);
   if (blockIdx.x == 0) {
-    raw_partial(smem, ra, q32, scale, bt_row, (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh,
+    raw_partial(smem, RAW_ARGS, q32, scale, bt_row, (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh,
                 h_kv, raw_m, raw_l, raw_acc);
     return;
   }
@@ -364,7 +375,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 
   // Lane i looks up tile tile0 + i: its block, whether it is read from its records (in range, no
   // raw row), and the addresses of its K and V spans.
-  u64 ka = 0, va = 0;
+  u64 ka = 0;
+#if !MERGED
+  u64 va = 0;
+#else
+  (void)vc, (void)v_sb, (void)v_sh, (void)v_end;
+#endif
   bool ok = false;
   if (lane < my_tiles) {
     const int tok = (tile0 + lane) * TILE, lb = tok / BS, ob = tok - lb * BS;
@@ -373,8 +389,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
     if (ok) {
       ka = reinterpret_cast<u64>(kc) + static_cast<u64>(b) * k_sb + static_cast<u64>(kvh) * k_sh +
            static_cast<u64>(ob) * KTS;
+#if !MERGED
       va = reinterpret_cast<u64>(vc) + static_cast<u64>(b) * v_sb + static_cast<u64>(kvh) * v_sh +
            static_cast<u64>(ob) * VTS;
+#endif
     }
   }
   const u32 use = __ballot_sync(0xffffffffu, ok);
@@ -456,8 +474,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 #endif
     }
   };
-  (void)va;
-  (void)v_end;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < my_tiles) issue(s);
@@ -759,22 +775,25 @@ extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, con
   });
 }
 
+#endif  // TQ_PAGED_WRITE
+
 // ------------------------------------------------------------------------------------ write
 // Scatter of encoded records and raw copies: grid (T), block 128. Token i with a slot in range
 // writes its H K and V records (records [H, T, R], contiguous) to the cache views and, where its
 // block has a raw row, its raw K/V (new-token dtype NEW_KIND -> pool dtype RAW_KIND).
 extern "C" __global__ void tq_paged_scatter(const u8* __restrict__ krec, const u8* __restrict__ vrec, int T,
-                                            int h_kv, const long long* __restrict__ slots, int n_slots,
+                                            int h_kv, const void* __restrict__ slots, int slot64, int n_slots,
                                             u8* __restrict__ kc, u8* __restrict__ vc, long long k_sb,
                                             long long k_ss, long long k_sh, long long v_sb, long long v_ss,
-                                            long long v_sh, int num_blocks, const int* __restrict__ raw_slot,
-                                            RawArgs ra) {
+                                            long long v_sh, int num_blocks, int bs,
+                                            const int* __restrict__ raw_slot, RAW_PARAMS) {
   constexpr int D = KC::D;
+  const RawArgs ra = RAW_ARGS;
   const int i = blockIdx.x;
   if (i >= n_slots) return;
-  const long long slot = slots[i];
-  if (slot < 0 || slot >= static_cast<long long>(num_blocks) * BS) return;
-  const long long b = slot / BS, o = slot - b * BS;
+  const long long slot = slot64 ? static_cast<const long long*>(slots)[i] : static_cast<const int*>(slots)[i];
+  if (slot < 0 || slot >= static_cast<long long>(num_blocks) * bs) return;
+  const long long b = slot / bs, o = slot - b * bs;
   for (int j = threadIdx.x; j < h_kv * K_R; j += blockDim.x) {
     const int h = j / K_R, c = j - h * K_R;
     kc[b * k_sb + o * k_ss + h * k_sh + c] = krec[(static_cast<u64>(h) * T + i) * K_R + c];
@@ -790,9 +809,9 @@ extern "C" __global__ void tq_paged_scatter(const u8* __restrict__ krec, const u
     const int h = j / D, c = j - h * D;
     const float kv = load_float<NEW_KIND>(ra.key, static_cast<u64>(i) * ra.kv_st + h * ra.kv_sh + c);
     const float vv = load_float<NEW_KIND>(ra.value, static_cast<u64>(i) * ra.vv_st + h * ra.vv_sh + c);
-    store_float<RAW_KIND>(const_cast<void*>(ra.raw_k),
+    store_float<RAW_KIND>(ra.raw_k,
                           static_cast<u64>(rs) * ra.rk_s0 + o * ra.rk_s1 + h * ra.rk_s2 + c, kv);
-    store_float<RAW_KIND>(const_cast<void*>(ra.raw_v),
+    store_float<RAW_KIND>(ra.raw_v,
                           static_cast<u64>(rs) * ra.rv_s0 + o * ra.rv_s1 + h * ra.rv_s2 + c, vv);
   }
 }

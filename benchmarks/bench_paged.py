@@ -1,0 +1,269 @@
+"""Paged decode on one GPU: cupy_raw's fused paged kernels against bf16 SDPA on contiguous K/V, one process.
+
+Setup per shape (B requests of T context tokens, 32 query / 8 KV heads, d=128, block size 16, K and V
+mse at 3.5 bits): vLLM's packed cache ``[num_blocks, 8, 16, R_k + R_v]`` uint8 (torch) seen through
+its transposed views, a random permutation of the blocks as block table, filled by
+``cupy_raw.paged_write``; a raw pool holding each request's first block (4 sinks) and the blocks of
+its last 128 tokens (the new token's block included), bf16.
+
+Timed (CUDA events, medians; ``timing.timed``):
+
+1. Kernel: ``cupy_raw.paged_attention`` on the backend's own arrays with ``num_decodes=B``, primed
+   (a sleep kernel ahead, so the figure is GPU time alone), against bf16 SDPA (best of flash and
+   cuDNN) on contiguous ``[B, 8, T, 128]`` K/V, same run.
+2. The public API with torch tensors (``tq.paged_attention``), back-to-back, not primed; host
+   microseconds per call (``timing.host_us``), backend call and public API.
+3. A 32-layer decode step captured in one torch CUDA graph: per layer ``paged_write`` of the new token
+   + ``paged_attention`` through the public API, against per layer the new token's K/V copied into a
+   contiguous bf16 cache + SDPA, also captured; and attention alone (32 paged_attention vs 32 SDPA).
+   All 32 layers read one cache (hundreds of MB, far over L2, so no layer finds the previous one's
+   bytes in L2).
+4. Transient memory of a decode call: cupy_paged's scratch (partials, query copies) in bytes.
+
+Usage: python benchmarks/bench_paged.py [--out benchmarks/RESULTS-paged.md] [--quick] [--tpw 8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from timing import host_us, timed
+
+import turboquant_codec as tq
+from turboquant_codec.backends import availability, cupy_paged, cupy_raw
+from turboquant_codec.config import CodecConfig
+from turboquant_codec.paged_cache import PagedCache
+
+H_Q, H_KV, D, BS = 32, 8, 128, 16
+SCALE = D**-0.5
+SHAPES = ((8, 32768), (1, 131072), (32, 8192))
+BITS = 3.5
+WINDOW, SINKS = 128, 4
+LAYERS = 32
+
+
+def build(b: int, t: int, gen, rng):
+    """(torch PagedCache, block_table, seq_lens, query_start_loc, slot of each new token, K, V bf16)."""
+    import torch
+
+    k_cfg, v_cfg = CodecConfig(D, BITS, seed=1), CodecConfig(D, BITS, seed=2)
+    rk, rv = k_cfg.record_bytes, v_cfg.record_bytes
+    per = -(-(t + 1) // BS)
+    nb = b * per + 8
+    perm = rng.permutation(nb)
+    table = perm[: b * per].reshape(b, per).astype(np.int32)
+    packed = torch.empty((nb, H_KV, BS, rk + rv), dtype=torch.uint8, device="cuda")
+    # Raw rows: the sink block and the blocks of the last WINDOW tokens (the new token's included).
+    raw_blocks = set()
+    for r in range(b):
+        raw_blocks.update(table[r, : -(-SINKS // BS)].tolist())
+        raw_blocks.update(table[r, (t + 1 - WINDOW) // BS: per].tolist())
+    rsb = np.full(nb, -1, np.int32)
+    rsb[sorted(raw_blocks)] = np.arange(len(raw_blocks))
+    # Filled by paged_write below (raw copies of the tokens of blocks with a raw row).
+    raw_k = torch.zeros(len(raw_blocks), BS, H_KV, D, device="cuda", dtype=torch.bfloat16)
+    raw_v = torch.zeros(len(raw_blocks), BS, H_KV, D, device="cuda", dtype=torch.bfloat16)
+    cache = PagedCache(packed[..., :rk].transpose(1, 2), packed[..., rk:].transpose(1, 2), k_cfg, v_cfg,
+                       raw_k=raw_k, raw_v=raw_v, raw_slot_of_block=torch.as_tensor(rsb, device="cuda"))
+    k = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    chunk = 65536
+    for r in range(b):
+        for p0 in range(0, t, chunk):
+            p = np.arange(p0, min(t, p0 + chunk))
+            slots = torch.as_tensor(table[r, p // BS].astype(np.int64) * BS + p % BS, device="cuda")
+            kx = k[r, :, p0:p0 + len(p)].transpose(0, 1)
+            vx = v[r, :, p0:p0 + len(p)].transpose(0, 1)
+            cache = tq.paged_write(cache, kx, vx, slots, backend="cupy_raw")
+    bt = torch.as_tensor(table, device="cuda")
+    seq = torch.full((b,), t + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+    new_slot = torch.as_tensor(table[:, t // BS].astype(np.int64) * BS + t % BS, device="cuda")
+    return cache, bt, seq, qsl, new_slot, k, v
+
+
+def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graphs: bool):
+    """One shape's rows: (kernel/API row, graph row or None, tiles-per-warp rows)."""
+    import cupy as cp
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    default_tpw = cupy_paged.PAGED_TILES_PER_WARP
+    tpw_rows = []
+    graph_row = None
+    gen = torch.Generator(device="cuda").manual_seed(b * t)
+    cache, bt, seq, qsl, new_slot, k, v = build(b, t, gen, rng)
+    q = torch.randn(b, H_Q, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    kn = torch.randn(b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    vn = torch.randn(b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = torch.empty_like(q)
+    # SDPA baseline: contiguous bf16 K/V of the same length (context + the new token).
+    kf = torch.cat([k, kn[:, :, None]], 2)
+    vf = torch.cat([v, vn[:, :, None]], 2)
+    q4 = q[:, :, None, :]
+    best, which = float("inf"), ""
+    for name, kern in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(kern):
+                ms = timed(lambda: F.scaled_dot_product_attention(q4, kf, vf, scale=SCALE, enable_gqa=True),
+                           primed=True)
+        except RuntimeError as exc:
+            log.append(f"sdpa {name} failed at B={b} T={t}: {exc}".splitlines()[0])
+            continue
+        if ms < best:
+            best, which = ms, name
+    sdpa_kern = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[which]
+
+    native = cache.converted(cupy_raw.asarray)
+    nargs = [cupy_raw.asarray(a) for a in (q, kn.reshape(b, H_KV, D), vn.reshape(b, H_KV, D), bt, seq, qsl,
+                                            out)]
+
+    def kernel_call(native=native, nargs=nargs, b=b):
+        cupy_raw.paged_attention(native, *nargs[:6], SCALE, nargs[6], b)
+
+    def api_call(cache=cache, q=q, kn=kn, vn=vn, bt=bt, seq=seq, qsl=qsl, out=out, b=b):
+        tq.paged_attention(cache, q, kn, vn, bt, seq, qsl, scale=SCALE, out=out, num_decodes=b, backend="cupy_raw")
+
+    kernel_call()
+    torch.cuda.synchronize()
+    # Sanity: relative error against bf16 SDPA on the uncompressed data (the codec's error; the
+    # exact check against the reference is tests/test_cupy_paged.py).
+    with sdpa_kernel(sdpa_kern):
+        ref = F.scaled_dot_product_attention(q4, kf, vf, scale=SCALE, enable_gqa=True)[:, :, 0]
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    mp = cp.get_default_memory_pool()
+    used0 = mp.used_bytes()
+    ms_k = timed(kernel_call, primed=True)
+    ms_api = timed(api_call)
+    us_k = host_us(kernel_call)
+    us_api = host_us(api_call)
+    scratch = sum(int(buf.nbytes) for (dev, name), buf in cupy_paged._SCRATCH.items() if name == "attention")
+    pool_growth = mp.used_bytes() - used0
+    row = (b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, pool_growth, err)
+    print(row, flush=True)
+    for tpw in extra_tpw:
+        set_tpw(tpw)
+        ms_v = timed(kernel_call, primed=True)
+        tpw_rows.append((b, t, tpw, ms_v, best))
+        set_tpw(default_tpw)
+
+    if graphs:
+        qs = torch.randn(LAYERS, b, H_Q, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kns = torch.randn(LAYERS, b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        vns = torch.randn(LAYERS, b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        outs = torch.empty_like(qs)
+
+        def tq_step(full=True):
+            for i in range(LAYERS):
+                if full:
+                    tq.paged_write(cache, kns[i], vns[i], new_slot, backend="cupy_raw")
+                tq.paged_attention(cache, qs[i], kns[i], vns[i], bt, seq, qsl, scale=SCALE, out=outs[i],
+                                   num_decodes=b, backend="cupy_raw")
+
+        def sdpa_step(full=True):
+            with sdpa_kernel(sdpa_kern):
+                for i in range(LAYERS):
+                    if full:
+                        kf[:, :, t] = kns[i]
+                        vf[:, :, t] = vns[i]
+                    outs[i] = F.scaled_dot_product_attention(qs[i][:, :, None], kf, vf, scale=SCALE,
+                                                             enable_gqa=True)[:, :, 0]
+
+        res = []
+        for full in (True, False):
+            g_tq = graph_of(lambda full=full: tq_step(full))
+            g_sd = graph_of(lambda full=full: sdpa_step(full))
+            ms_tq = timed(g_tq, reps=15, batch=3)
+            ms_sd = timed(g_sd, reps=15, batch=3)
+            res.append((ms_tq, ms_sd))
+        graph_row = (b, t, *res[0], *res[1])
+        print(graph_row, flush=True)
+    return row, graph_row, tpw_rows
+
+
+def graph_of(fn):
+    """fn captured in a torch CUDA graph (warmed up on a side stream first); returns replay."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def set_tpw(tpw: int) -> None:
+    cupy_paged.PAGED_TILES_PER_WARP = tpw
+
+
+def main() -> None:
+    import cupy as cp
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--tpw", default="", help="extra tiles-per-warp settings timed after the default")
+    ap.add_argument("--no-graph", action="store_true")
+    args = ap.parse_args()
+    status = availability("cupy_raw")
+    if not status:
+        raise SystemExit(f"cupy_raw unavailable: {status.reason}")
+    torch.cuda.init()
+    card = torch.cuda.get_device_name()
+    log = [f"card: {card}", f"torch {torch.__version__}, cupy {cp.__version__}",
+           f"split: {cupy_paged.PAGED_WARPS} warps x {cupy_paged.PAGED_TILES_PER_WARP} tiles per chunk "
+           f"(= {16 * cupy_paged.PAGED_WARPS * cupy_paged.PAGED_TILES_PER_WARP} tokens)"]
+    extra_tpw = [int(x) for x in args.tpw.split(",") if x]
+    rows, graph_rows, tpw_rows = [], [], []
+    rng = np.random.default_rng(0)
+    for b, t in SHAPES[:1] if args.quick else SHAPES:
+        row, graph_row, more = bench_shape(b, t, rng, log, extra_tpw, not args.no_graph)
+        rows.append(row)
+        tpw_rows += more
+        if graph_row is not None:
+            graph_rows.append(graph_row)
+        torch.cuda.empty_cache()
+
+    md = [f"# Paged decode benchmark ({card})", "", *[f"- {line}" for line in log], "",
+          f"32 query / 8 KV heads, d=128, block size 16, random block table, K and V mse {BITS:g} bits, raw "
+          f"pool: {SINKS} sinks' block + last {WINDOW} tokens' blocks per request (bf16); one decode token "
+          "per request. SDPA: bf16, contiguous K/V, best of flash and cuDNN, same run.", "",
+          "## Decode attention, one layer", "",
+          "| B | T | paged kernel ms | bf16 SDPA ms | kernel vs SDPA | public API ms (torch, back-to-back) | "
+          "API vs SDPA | host us/call (backend) | host us/call (API) | scratch MiB | rel. err vs SDPA(raw) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, _growth, err in rows:
+        md.append(f"| {b} | {t} | {ms_k:.4f} | {best:.4f} ({which}) | **{best / ms_k:.2f}x** | "
+                  f"{ms_api:.4f} | {best / ms_api:.2f}x | {us_k:.1f} | {us_api:.1f} | {scratch / 2**20:.2f} | "
+                  f"{err:.3f} |")
+    if graph_rows:
+        md += ["", f"## {LAYERS}-layer decode step, torch CUDA graph (ms per step)", "",
+               "| B | T | paged_write + paged_attention | bf16 copy + SDPA | ratio | paged_attention alone | "
+               "SDPA alone | ratio |", "|---|---|---|---|---|---|---|---|"]
+        for b, t, a_tq, a_sd, o_tq, o_sd in graph_rows:
+            md.append(f"| {b} | {t} | {a_tq:.3f} | {a_sd:.3f} | **{a_sd / a_tq:.2f}x** | {o_tq:.3f} | "
+                      f"{o_sd:.3f} | **{o_sd / o_tq:.2f}x** |")
+    if tpw_rows:
+        md += ["", "## Tiles per warp (chunk = 16 warps x TPW x 16 tokens), kernel ms, same run", "",
+               "| B | T | TPW | ms | vs SDPA |", "|---|---|---|---|---|"]
+        for b, t, tpw, ms_v, best in tpw_rows:
+            md.append(f"| {b} | {t} | {tpw} | {ms_v:.4f} | {best / ms_v:.2f}x |")
+    text = "\n".join(md) + "\n"
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,504 @@
+"""cupy_raw's paged ops: ``paged_write`` and ``paged_attention`` over a ``PagedCache`` (its layout and
+rules: ``turboquant_codec.paged_cache``), kernels in ``cuda/tq_paged.cu``.
+
+What this module owns:
+
+- The fused decode path's layout test (``fast_layout``): a cache whose block size is a multiple of
+  16, whose views are 16-byte aligned with block and head strides that are multiples of 16, and whose
+  16 token records of one (block, head) lie in one span: K at token stride ``KTS``, V either inside
+  K's rows at byte offset ``VOFF`` (``merged``: vLLM's packed ``[num_blocks, H, block_size, R_k +
+  R_v]`` tensor) or in a span of its own (stride ``VTS``). Any other cache, and every request past
+  ``num_decodes``, takes the generic path: context decoded once, raw rows copied in, float32 causal
+  attention (host synchronisation allowed; compute-bound).
+- Scratch (``_scratch``): one buffer per (device, use) that only grows and is never freed while the
+  process lives, so the decode path allocates nothing and a CUDA graph that captured it keeps valid
+  pointers. One stream per device is assumed (calls on two streams at once would share it).
+- Split: chunks of ``PAGED_WARPS * PAGED_TILES_PER_WARP`` 16-token tiles, fixed in tokens, so a
+  request's output is bitwise the same in any batch.
+
+Host synchronisation: none on the decode path when ``num_decodes`` is given, the layout is fast
+and block_table / seq_lens are int32; none in ``paged_write`` when the channels are set.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import CodecConfig
+from ..encoded import Encoded
+from ..paged_cache import PagedCache
+from . import cupy_raw
+from .cupy_raw import _NULL, _Raw16
+
+SOURCE = "tq_paged.cu"
+TILE = 16
+# Warps per split block and 16-token tiles per warp: one chunk (and one partial) per 4096 tokens.
+# Fixed, never derived from the batch (batch invariance); a chunk's 16 warps each stream 16 tiles.
+PAGED_WARPS = 16
+PAGED_TILES_PER_WARP = 16
+PAGED_STAGES = 4
+# Raw tokens staged in shared memory per round of the raw partial (split column 0).
+RAW_T = 64
+REDUCE_THREADS = 256
+PREP_THREADS = 128
+# Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
+# memory, e.g. a contiguous [num_blocks, block_size, H, R] cache with many heads, goes generic).
+MAX_STAGE_BYTES = 8 * 1024
+# Query rows per dense product on the generic path (bounds its logits' memory).
+GENERIC_ROWS = 256
+_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _cupy() -> Any:
+    import cupy
+
+    return cupy
+
+
+# ------------------------------------------------------------------------------------ arrays
+def _native(x: Any) -> tuple[Any, str]:
+    """(CuPy array holding the data in place: raw 16-bit words for bfloat16, dtype name)."""
+    if isinstance(x, _Raw16):
+        return x.words, x.dtype
+    return x, str(x.dtype)
+
+
+def _estrides(a: Any) -> tuple[int, ...]:
+    return tuple(s // a.itemsize for s in a.strides)
+
+
+def _extent_end(a: Any) -> int:
+    """Address one past the last byte of a strided view (positive strides)."""
+    return int(a.data.ptr) + sum((n - 1) * s for n, s in zip(a.shape, a.strides, strict=True)) + a.itemsize
+
+
+@functools.lru_cache(maxsize=64)
+def _graveyard(device: int) -> list[Any]:
+    return []
+
+
+_SCRATCH: dict[tuple[int, str], Any] = {}
+
+
+def _scratch(device: int, name: str, nbytes: int) -> Any:
+    """A device byte buffer of at least ``nbytes`` for one use; grows, and the buffers it outgrows
+    are kept (a captured CUDA graph may still point at them)."""
+    buf = _SCRATCH.get((device, name))
+    if buf is None or buf.size < nbytes:
+        if buf is not None:
+            _graveyard(device).append(buf)
+        cp = _cupy()
+        size = max(nbytes, 0 if buf is None else buf.size * 3 // 2, 1024)
+        buf = cp.empty((-(-size // 256) * 256,), cp.uint8)
+        _SCRATCH[(device, name)] = buf
+    return buf
+
+
+def _carve(buf: Any, parts: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+    """Typed views of ``buf`` (256-byte aligned), one per (shape, dtype)."""
+    out, at = [], 0
+    for shape, dtype in parts:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        out.append(buf[at:at + nbytes].view(dtype).reshape(shape))
+        at += -(-nbytes // 256) * 256
+    return out
+
+
+def _carve_bytes(parts: list[tuple[tuple[int, ...], Any]]) -> int:
+    return sum(-(-math.prod(s) * np.dtype(d).itemsize // 256) * 256 for s, d in parts)
+
+
+# ------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class Layout:
+    """Where a tile's records lie (bytes): K at token stride ``kts``; V inside K's rows at ``voff``
+    (``merged``) or at its own token stride ``vts``."""
+
+    merged: bool
+    kts: int
+    vts: int
+    voff: int
+
+
+def fast_layout(cache: PagedCache) -> Layout | None:
+    """The fused decode kernel's layout of ``cache`` (CuPy views), or None: generic path."""
+    k, v = cache.k_cache, cache.v_cache
+    if cache.block_size % TILE or k.shape[0] == 0:
+        return None
+    for a in (k, v):
+        s0, s1, s2, s3 = a.strides
+        if s3 != 1 or min(s0, s1, s2) <= 0 or s0 % 16 or s2 % 16 or s1 % 4:
+            return None
+    if k.data.ptr % 16:
+        return None
+    r_k, r_v = cache.k_config.record_bytes, cache.v_config.record_bytes
+    voff = int(v.data.ptr) - int(k.data.ptr)
+    if k.strides == v.strides and r_k <= voff and voff + r_v <= k.strides[1]:
+        layout = Layout(True, k.strides[1], k.strides[1], voff)
+    elif v.data.ptr % 16:
+        return None
+    else:
+        layout = Layout(False, k.strides[1], v.strides[1], 0)
+    if _stage_bytes(layout) > MAX_STAGE_BYTES:
+        return None
+    return layout
+
+
+def _stage_bytes(layout: Layout) -> int:
+    span = TILE * layout.kts + 32 + (0 if layout.merged else TILE * layout.vts + 32)
+    return -(-span // 16) * 16
+
+
+def compile_options(kind: str, **p: Any) -> list[str]:
+    """``-D`` options of tq_paged.cu: ``kind`` "attention" (k_cfg, v_cfg, dtype, new_dtype,
+    raw_dtype, out_dtype, group, block_size, layout) or "write" (k_cfg, v_cfg, new_dtype,
+    raw_dtype). Also what ``tests/test_cupy_paged.py`` compiles with nvcc."""
+    k_cfg, v_cfg = p["k_cfg"], p["v_cfg"]
+    base = [*cupy_raw._codec_macros("K", k_cfg), *cupy_raw._codec_macros("V", v_cfg),
+            f"-DNEW_KIND={_KIND[p['new_dtype']]}", f"-DRAW_KIND={_KIND[p.get('raw_dtype') or p['new_dtype']]}"]
+    if kind == "write":
+        return [*base, "-DTQ_PAGED_WRITE=1"]
+    lay: Layout = p["layout"]
+    return [*base, f"-DIN_KIND={_KIND[p['dtype']]}", f"-DOUT_KIND={_KIND[p['out_dtype']]}",
+            f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw._same_lut(k_cfg, v_cfg))}",
+            f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}", f"-DRAW_T={RAW_T}",
+            f"-DSTAGES={_stages(k_cfg, v_cfg, lay)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
+            f"-DMERGED={int(lay.merged)}", f"-DKTS={lay.kts}", f"-DVTS={lay.vts}", f"-DVOFF={lay.voff}"]
+
+
+def _luts_bytes(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
+    def lutn(cfg: CodecConfig) -> int:
+        return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
+
+    return 4 * 32 * (lutn(k_cfg) + (0 if cupy_raw._same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
+
+
+def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout) -> int:
+    for stages in range(PAGED_STAGES, 1, -1):
+        if _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * stages * _stage_bytes(layout) <= cupy_raw.SMEM_LIMIT:
+            return stages
+    raise ValueError(f"paged attention tables of {k_cfg} / {v_cfg} do not fit shared memory")
+
+
+def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layout) -> int:
+    """Dynamic shared memory of tq_paged_split: the largest of its main loop (tables + rings), its
+    merge and its raw partial (mirrors the kernel's carve-ups)."""
+    ring = _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * _stages(k_cfg, v_cfg, layout) * _stage_bytes(layout)
+    d = k_cfg.d
+    raw = 4 * (group * d + 2 * RAW_T * d + RAW_T * group + 3 * group) + 4 * (2 * RAW_T + 2 * 32 * PAGED_WARPS + 32)
+    merge = 4 * PAGED_WARPS * min(group, 8) * (2 + _ws(v_cfg))
+    return max(ring, raw, merge)
+
+
+def _ws(v_cfg: CodecConfig) -> int:
+    vqd = cupy_raw._fdims(v_cfg)
+    return vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
+
+
+def _reduce_smem(v_cfg: CodecConfig, nchunks: int) -> int:
+    vqd = cupy_raw._fdims(v_cfg)
+    return 4 * (nchunks + vqd + v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The kernels of one paged-attention configuration, their shared memory and tables."""
+
+    prep: Any
+    split: Any
+    reduce: Any
+    split_smem: int
+    tables: tuple[Any, Any, Any, Any]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_dtype: str, raw_dtype: str,
+          out_dtype: str, group: int, block_size: int, layout: Layout, tpw: int) -> _Plan:
+    opts = compile_options("attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, new_dtype=new_dtype,
+                           raw_dtype=raw_dtype, out_dtype=out_dtype, group=group, block_size=block_size,
+                           layout=layout, tpw=tpw)
+    mod = cupy_raw._module(device, SOURCE, tuple(opts))
+    split, reduce = mod.get_function("tq_paged_split"), mod.get_function("tq_paged_reduce")
+    smem = _split_smem(k_cfg, v_cfg, group, layout)
+    if smem > 48 * 1024:
+        split.max_dynamic_shared_size_bytes = smem
+    reduce_max = _reduce_smem(v_cfg, 4096)
+    if reduce_max > 48 * 1024:
+        reduce.max_dynamic_shared_size_bytes = reduce_max
+    return _Plan(mod.get_function("tq_paged_prep"), split, reduce, smem,
+                 (*cupy_raw._device_tables(device, k_cfg), *cupy_raw._device_tables(device, v_cfg)))
+
+
+@functools.lru_cache(maxsize=64)
+def _write_kernel(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, new_dtype: str, raw_dtype: str) -> Any:
+    opts = compile_options("write", k_cfg=k_cfg, v_cfg=v_cfg, new_dtype=new_dtype, raw_dtype=raw_dtype)
+    return cupy_raw._module(device, SOURCE, tuple(opts)).get_function("tq_paged_scatter")
+
+
+def _raw_params(cache: PagedCache, key: Any, value: Any) -> tuple[tuple[Any, ...], str]:
+    """tq_paged.cu's RAW_PARAMS (new tokens and raw pool, element strides) and the pool's dtype."""
+    kw, _ = _native(key)
+    vw, _ = _native(value)
+    ks, vs = _estrides(kw), _estrides(vw)
+    if cache.has_raw:
+        rk, raw_dtype = _native(cache.raw_k)
+        rv, _ = _native(cache.raw_v)
+        rks, rvs = _estrides(rk), _estrides(rv)
+        pool = (rk, rv, *(np.int64(s) for s in rks[:3]), *(np.int64(s) for s in rvs[:3]), np.int32(rk.shape[0]))
+    else:
+        raw_dtype = _native(key)[1]
+        pool = (_NULL, _NULL, *(np.int64(0),) * 6, np.int32(0))
+    return (kw, vw, np.int64(ks[0]), np.int64(ks[1]), np.int64(vs[0]), np.int64(vs[1]), *pool), raw_dtype
+
+
+def _int32(a: Any) -> Any:
+    """``a`` as a C-contiguous int32 CuPy array (a copy, hence an allocation, only when it is not)."""
+    cp = _cupy()
+    if a.dtype == cp.int32 and a.flags.c_contiguous:
+        return a
+    return cp.ascontiguousarray(a, dtype=cp.int32)
+
+
+# ------------------------------------------------------------------------------------ write
+def _encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, device: int) -> None:
+    """``cupy_raw.encode``'s kernels into a given records buffer (no allocation): xw [H, n, d]
+    C-contiguous and 16-byte aligned, rec [H, n, R]."""
+    streams, n = int(xw.shape[0]), int(xw.shape[1])
+    if n and cupy_raw.ENCODE_PATH != "scalar" and cupy_raw.tc_encode_ok(cfg):
+        cupy_raw._encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
+        return
+    tab, _ = cupy_raw._device_tables(device, cfg)
+    tv = cupy_raw.ENC_TV_PROD if cfg.mode == "prod" else cupy_raw.ENC_TV
+    cupy_raw._codec_module(device, cfg, dtype).get_function("tq_encode")(
+        (-(-n // tv), streams), (cupy_raw.ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
+
+
+def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
+    """Encode the new tokens into their slots and raw rows, as ``numpy_ref.paged_write``.
+
+    Parameters
+    ----------
+    cache : PagedCache of CuPy arrays (``_Raw16`` for bfloat16 raw pools)
+    key, value : [T, H, d] float16/bfloat16/float32
+    slot_mapping : [<= T] int32/int64; negative slots (padding) and slots past the cache are skipped
+
+    Returns
+    -------
+    (k_channels, v_channels) : [H, d] uint16 or None
+        As given; chosen from the non-padding tokens (a host synchronisation) where None and the
+        configuration splits channels.
+    """
+    cp = _cupy()
+    kw, dtype = _native(key)
+    device = int(kw.device.id)
+    k_cfg, v_cfg = cache.k_config, cache.v_config
+    channels = [cache.k_channels, cache.v_channels]
+    with cp.cuda.Device(device), cupy_raw._stream(device):
+        n = int(slot_mapping.shape[0])
+        if n == 0:
+            return channels[0], channels[1]
+        h, d = int(kw.shape[1]), int(kw.shape[2])
+        words = [kw[:n].transpose(1, 0, 2), _native(value)[0][:n].transpose(1, 0, 2)]  # [H, n, d]
+        cfgs = (k_cfg, v_cfg)
+        for i in range(2):
+            if cfgs[i].split and channels[i] is None:
+                rows = cp.nonzero(slot_mapping >= 0)[0]
+                if int(rows.size) == 0:
+                    return channels[0], channels[1]
+                channels[i] = cupy_raw.select_channels(cp.ascontiguousarray(words[i][:, rows]), cfgs[i], dtype)
+        wdt = kw.dtype
+        parts = [((h, n, d), wdt), ((h, n, d), wdt), ((h, n, k_cfg.record_bytes), cp.uint8),
+                 ((h, n, v_cfg.record_bytes), cp.uint8)]
+        xk, xv, krec, vrec = _carve(_scratch(device, "write", _carve_bytes(parts)), parts)
+        for x, src, cfg, ch, rec in ((xk, words[0], k_cfg, channels[0], krec),
+                                     (xv, words[1], v_cfg, channels[1], vrec)):
+            cp.copyto(x, src)
+            chc = None if ch is None else cp.ascontiguousarray(ch, dtype=cp.uint16)
+            _encode_into(x, dtype, cfg, chc, rec, device)
+        raw, raw_dtype = _raw_params(cache, key, value)
+        fn = _write_kernel(device, k_cfg, v_cfg, dtype, raw_dtype)
+        kc, vc = cache.k_cache, cache.v_cache
+        rsb = _int32(cache.raw_slot_of_block) if cache.has_raw else None
+        slots = slot_mapping
+        if slots.dtype not in (cp.int32, cp.int64) or not slots.flags.c_contiguous:
+            slots = cp.ascontiguousarray(slots, dtype=cp.int64)
+        fn((n,), (128,), (krec, vrec, np.int32(n), np.int32(h), slots, np.int32(slots.dtype == cp.int64),
+                          np.int32(n), kc, vc, *(np.int64(s) for s in kc.strides[:3]),
+                          *(np.int64(s) for s in vc.strides[:3]), np.int32(cache.num_blocks),
+                          np.int32(cache.block_size), rsb if rsb is not None else _NULL, *raw))
+        return channels[0], channels[1]
+
+
+# ------------------------------------------------------------------------------------ attention
+def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
+    """Causal attention of a batch mixing decode and prefill requests, as ``numpy_ref.paged_attention``.
+
+    The first ``num_decodes`` requests (one query row each, row r = request r) run the fused decode
+    kernels when ``fast_layout(cache)`` holds; the rest, and every request of another layout, the
+    generic path. ``num_decodes`` None counts the leading one-token requests (a host sync).
+
+    Returns
+    -------
+    ``out`` [T, h_q, d], written in place (padding rows untouched).
+    """
+    cp = _cupy()
+    qw, _ = _native(query)
+    device = int(qw.device.id)
+    with cp.cuda.Device(device), cupy_raw._stream(device):
+        b = int(block_table.shape[0])
+        if num_decodes is None:
+            q_lens = np.diff(cp.asnumpy(query_start_loc).astype(np.int64))
+            num_decodes = int(np.argmin(q_lens == 1)) if not np.all(q_lens == 1) else b
+        layout = fast_layout(cache)
+        n_fast = min(num_decodes, b) if layout is not None else 0
+        if n_fast:
+            assert layout is not None
+            _decode(cache, layout, query, key, value, block_table, seq_lens, scale, out, n_fast, device)
+        if n_fast < b:
+            _generic(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, n_fast)
+        return out
+
+
+def _decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
+            seq_lens: Any, scale: float, out: Any, n: int, device: int) -> None:
+    """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync)."""
+    cp = _cupy()
+    qw, dtype = _native(query)
+    ow, out_dtype = _native(out)
+    h_q, d = int(qw.shape[1]), int(qw.shape[2])
+    h = cache.num_kv_heads
+    group = h_q // h
+    k_cfg, v_cfg = cache.k_config, cache.v_config
+    raw, raw_dtype = _raw_params(cache, key, value)
+    new_dtype = _native(key)[1]
+    tpw = PAGED_TILES_PER_WARP
+    plan = _plan(device, k_cfg, v_cfg, dtype, new_dtype, raw_dtype, out_dtype, group, cache.block_size, layout,
+                 tpw)
+    ktab, klut, vtab, vlut = plan.tables
+    bt, sl = _int32(block_table), _int32(seq_lens)
+    max_blocks = int(bt.shape[1])
+    max_tokens = max_blocks * cache.block_size
+    ntiles = -(-max_tokens // TILE)
+    nchunks = max(1, -(-ntiles // (PAGED_WARPS * tpw)))
+    rows, streams = n * h_q, n * h
+    kqd, vqd = cupy_raw._fdims(k_cfg), cupy_raw._fdims(v_cfg)
+    parts = [((rows, d), cp.float32), ((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
+             ((streams * nchunks * group,), cp.float32), ((streams * nchunks * group,), cp.float32),
+             ((streams * nchunks * group, vqd), cp.float32), ((rows,), cp.float32), ((rows,), cp.float32),
+             ((rows, d), cp.float32)]
+    q32, qh, qscale, part_m, part_l, part_acc, raw_m, raw_l, raw_acc = _carve(
+        _scratch(device, "attention", _carve_bytes(parts)), parts)
+    kch, vch = cache.k_channels, cache.v_channels
+    qs = _estrides(qw)
+    plan.prep((rows,), (PREP_THREADS,),
+              (qw, np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), kch if kch is not None else _NULL,
+               ktab, np.float32(scale), q32, qh, qscale))
+    kc, vc = cache.k_cache, cache.v_cache
+    end = max(_extent_end(kc), _extent_end(vc))
+    rsb = _int32(cache.raw_slot_of_block) if cache.has_raw else None
+    plan.split((1 + nchunks, streams), (32 * PAGED_WARPS,),
+               (kc, vc, np.uint64(end), np.uint64(end), np.int64(kc.strides[0]), np.int64(kc.strides[2]),
+                np.int64(vc.strides[0]), np.int64(vc.strides[2]), bt, np.int32(bt.strides[0] // 4),
+                np.int32(max_blocks), sl, rsb if rsb is not None else _NULL, np.int32(cache.num_blocks),
+                np.int32(h), qh, qscale, klut, vlut, part_m, part_l, part_acc, np.int32(nchunks), q32,
+                np.float32(scale), raw_m, raw_l, raw_acc, *raw),
+               shared_mem=plan.split_smem)
+    os_ = _estrides(ow)
+    plan.reduce((rows,), (REDUCE_THREADS,),
+                (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, sl,
+                 np.int32(max_tokens), np.int32(h_q), vtab, vch if vch is not None else _NULL, ow,
+                 np.int64(os_[0]), np.int64(os_[1])),
+                shared_mem=_reduce_smem(v_cfg, nchunks))
+
+
+# ------------------------------------------------------------------------------------ generic path
+def _to_f32(x: Any, dtype: str) -> Any:
+    """float32 copy of a CuPy array (bfloat16 as raw words)."""
+    cp = _cupy()
+    if dtype == "bfloat16":
+        return (x.astype(cp.uint32) << 16).view(cp.float32)
+    return x.astype(cp.float32)
+
+
+def _from_f32(x: Any, dtype: str) -> Any:
+    """float32 -> the dtype's storage (bfloat16: words, round to nearest even)."""
+    cp = _cupy()
+    if dtype == "bfloat16":
+        u = cp.ascontiguousarray(x, dtype=cp.float32).view(cp.uint32)
+        return ((u + cp.uint32(0x7FFF) + ((u >> 16) & cp.uint32(1))) >> 16).astype(cp.uint16)
+    return x.astype(dtype)
+
+
+def _context(cache: PagedCache, table_row: np.ndarray, ctx: int) -> tuple[Any, Any, Any]:
+    """One request's first ``ctx`` cached tokens as float32 K, V [H, ctx, d] (decoded once, raw rows
+    copied in) and which of them exist (a block id out of range masks its tokens)."""
+    cp = _cupy()
+    h, d, bs = cache.num_kv_heads, cache.head_dim, cache.block_size
+    pos = np.arange(ctx)
+    blocks, offsets = table_row[pos // bs].astype(np.int64), pos % bs
+    valid = (blocks >= 0) & (blocks < cache.num_blocks)
+    raw_rows = np.full(ctx, -1, np.int64)
+    if cache.has_raw and valid.any():
+        rsb = cp.asnumpy(cache.raw_slot_of_block).astype(np.int64)
+        raw_rows[valid] = rsb[blocks[valid]]
+        raw_rows[raw_rows >= int(_native(cache.raw_k)[0].shape[0])] = -1
+    comp = valid & (raw_rows < 0)
+    k = cp.zeros((h, ctx, d), cp.float32)
+    v = cp.zeros((h, ctx, d), cp.float32)
+    if comp.any():
+        bi, oi = cp.asarray(blocks[comp]), cp.asarray(offsets[comp])
+        for dst, records, cfg, ch in ((k, cache.k_cache, cache.k_config, cache.k_channels),
+                                      (v, cache.v_cache, cache.v_config, cache.v_channels)):
+            rec = cp.ascontiguousarray(records[bi, oi].transpose(1, 0, 2))
+            dst[:, cp.asarray(np.flatnonzero(comp))] = cupy_raw.decode(Encoded(rec, ch, cfg))
+    from_raw = raw_rows >= 0
+    if from_raw.any():
+        at = cp.asarray(np.flatnonzero(from_raw))
+        ri, oi = cp.asarray(raw_rows[from_raw]), cp.asarray(offsets[from_raw])
+        for dst, pool in ((k, cache.raw_k), (v, cache.raw_v)):
+            pw, pdt = _native(pool)
+            dst[:, at] = _to_f32(pw[ri, oi], pdt).transpose(1, 0, 2)
+    return k, v, cp.asarray(valid | from_raw)
+
+
+def _generic(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+             query_start_loc: Any, scale: float, out: Any, first: int) -> None:
+    """Requests ``first``.. : context decoded once, float32 causal attention (host syncs)."""
+    cp = _cupy()
+    qw, qdt = _native(query)
+    kw, kdt = _native(key)
+    vw, _ = _native(value)
+    ow, odt = _native(out)
+    starts = cp.asnumpy(query_start_loc).astype(np.int64)
+    seq = cp.asnumpy(seq_lens).astype(np.int64)
+    table = cp.asnumpy(block_table).astype(np.int64)
+    h_q, h, d = int(qw.shape[1]), cache.num_kv_heads, cache.head_dim
+    group = h_q // h
+    for r in range(first, int(seq.shape[0])):
+        q0, q1 = int(starts[r]), int(starts[r + 1])
+        n = q1 - q0
+        if n <= 0:
+            continue
+        ctx = max(0, min(int(seq[r]) - n, table.shape[1] * cache.block_size))
+        k_ctx, v_ctx, have = _context(cache, table[r], ctx)
+        k_all = cp.concatenate([k_ctx, _to_f32(kw[q0:q1], kdt).transpose(1, 0, 2)], axis=1)
+        v_all = cp.concatenate([v_ctx, _to_f32(vw[q0:q1], kdt).transpose(1, 0, 2)], axis=1)
+        q = _to_f32(qw[q0:q1], qdt).reshape(n, h, group, d).transpose(1, 2, 0, 3)  # [H, G, n, d]
+        for i0 in range(0, n, GENERIC_ROWS):
+            i1 = min(n, i0 + GENERIC_ROWS)
+            logits = cp.matmul(q[:, :, i0:i1], k_all.transpose(0, 2, 1)[:, None]) * np.float32(scale)
+            j = cp.arange(ctx + n)
+            allowed = (j[None, :] <= ctx + cp.arange(i0, i1)[:, None]) & cp.concatenate(
+                [have, cp.ones(n, bool)])[None, :]
+            logits = cp.where(allowed, logits, -cp.inf)
+            logits -= logits.max(axis=-1, keepdims=True)
+            weights = cp.exp(logits)
+            weights /= weights.sum(axis=-1, keepdims=True)
+            o = cp.matmul(weights, v_all[:, None])  # [H, G, rows, d]
+            ow[q0 + i0:q0 + i1] = _from_f32(o.transpose(2, 0, 1, 3).reshape(i1 - i0, h_q, d), odt)
