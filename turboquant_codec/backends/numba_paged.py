@@ -55,7 +55,7 @@ from numba import cuda, float32, int32, int64
 from ..paged_cache import PagedCache
 from . import numba_cuda as nc
 from .numba_kernels import NEG_INF, SMEM_LIMIT, THREADS, _ext_value, _round_even, _to_f32, _unrotate
-from .numba_launch import DeviceView, simulated
+from .numba_launch import simulated
 
 # Most tokens per attention tile (the static source arrays' length).
 MAX_TK = 16
@@ -79,8 +79,10 @@ def _arr(x: Any) -> Any:
     """
     if x is None or simulated():
         return x
-    if isinstance(x, DeviceView) or cuda.is_cuda_ndarray(x):
-        return cuda.as_cuda_array(x) if isinstance(x, DeviceView) else x
+    from numba.cuda.cudadrv.devicearray import DeviceNDArrayBase
+
+    if isinstance(x, DeviceNDArrayBase):
+        return x
     iface = getattr(x, "__cuda_array_interface__", None)
     if iface is None:
         return cuda.as_cuda_array(nc.asarray(x))
@@ -266,7 +268,7 @@ def raw_copy_kernel(x, bf16_x, slot_mapping, raw_slot, raw, bf16_raw):  # pragma
 @cuda.jit
 def paged_attention_kernel(query, key, value, kcache, vcache, kchans, has_kch, vchans, has_vch,
                            raw_k, raw_v, raw_slot, has_raw, block_table, seq_lens, qsl, scale, out,
-                           bf16_q, bf16_kv, bf16_raw, bf16_out, qr, tk, wmax,
+                           bf16_q, bf16_kv, bf16_rk, bf16_rv, bf16_out, qr, tk, wmax,
                            krot, kproj, kcent, kmeta, kg, kqjl, kqs,
                            vrot, vproj, vcent, vmeta, vg, vqjl, vqs):  # pragma: no cover
     """Block (KV head, request): causal attention of the request's query rows of this KV head's
@@ -324,9 +326,9 @@ def paged_attention_kernel(query, key, value, kcache, vcache, kchans, has_kch, v
                     kind[tid] = SKIP
             cuda.syncthreads()
             _stage(sm, ks, es, xs, tk, kind, src_a, src_b, kcache, head, kchans, has_kch, raw_k,
-                   bf16_raw, key, bf16_kv, d, krot, kproj, kcent, kmeta, kg, kqjl, kqs, tid)
+                   bf16_rk, key, bf16_kv, d, krot, kproj, kcent, kmeta, kg, kqjl, kqs, tid)
             _stage(sm, vs, es, xs, tk, kind, src_a, src_b, vcache, head, vchans, has_vch, raw_v,
-                   bf16_raw, value, bf16_kv, d, vrot, vproj, vcent, vmeta, vg, vqjl, vqs, tid)
+                   bf16_rv, value, bf16_kv, d, vrot, vproj, vcent, vmeta, vg, vqjl, vqs, tid)
             for idx in range(tid, qr * tk, THREADS):
                 row = idx // tk
                 j = idx - row * tk
@@ -411,34 +413,31 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
     Returns
     -------
     k_channels, v_channels : GPU arrays [H, d] uint16, or None
-        The cache's permutations, or (half-integer bits, cache without them) those chosen from this
-        batch's non-padding tokens; None while no token has been written.
+        The cache's own permutations when it has them; else (half-integer bits) those chosen from
+        this batch's non-padding tokens; None while no token has been written.
     """
-    key, value, slots = _arr(key), _arr(value), _arr(slot_mapping)
-    k_cache, v_cache = _arr(cache.k_cache), _arr(cache.v_cache)
-    n = int(slots.shape[0])
     k_ch, v_ch = cache.k_channels, cache.v_channels
-    if n == 0:
-        return k_ch, v_ch
     with nc._on_device(key) as dev:
+        key, value, slots = _arr(key), _arr(value), _arr(slot_mapping)
+        n = int(slots.shape[0])
+        if n == 0:
+            return k_ch, v_ch
         rows = None
         count = n
-        need = [(cfg.split and ch is None) for cfg, ch in ((cache.k_config, k_ch), (cache.v_config, v_ch))]
-        if any(need):
+        if any(cfg.split and ch is None for cfg, ch in ((cache.k_config, k_ch), (cache.v_config, v_ch))):
             # Channels are chosen from the non-padding tokens only: their rows, found on the host.
-            host = np.asarray(slots.copy_to_host())
-            valid = np.flatnonzero(host >= 0)
+            valid = np.flatnonzero(np.asarray(slots.copy_to_host()) >= 0)
             if valid.size == 0:
                 return k_ch, v_ch
             rows, count = cuda.to_device(valid.astype(np.int64)), int(valid.size)
-        k_ch = _encode_scatter(key, slots, rows, count, k_cache, cache.k_config, k_ch, dev)
-        v_ch = _encode_scatter(value, slots, rows, count, v_cache, cache.v_config, v_ch, dev)
+        k_new = _encode_scatter(key, slots, rows, count, _arr(cache.k_cache), cache.k_config, k_ch, dev)
+        v_new = _encode_scatter(value, slots, rows, count, _arr(cache.v_cache), cache.v_config, v_ch, dev)
         if cache.has_raw:
             raw_slot = _arr(cache.raw_slot_of_block)
             for x, raw in ((key, _arr(cache.raw_k)), (value, _arr(cache.raw_v))):
                 total = n * int(x.shape[1]) * int(x.shape[2])
                 _launch(raw_copy_kernel, _grid(total), 0, x, _bf16(x), slots, raw_slot, raw, _bf16(raw))
-    return k_ch, v_ch
+    return (k_new if k_ch is None else k_ch), (v_new if v_ch is None else v_ch)
 
 
 def _tiles(d: int, wmax: int) -> tuple[int, int, int]:
@@ -492,15 +491,15 @@ def paged_attention(
     for name, cfg, ch in (("k_channels", kc, cache.k_channels), ("v_channels", vc, cache.v_channels)):
         if cfg.split and ch is None:
             raise ValueError(f"{name} is None: paged_write must choose the channel permutations first")
-    q, o = _arr(query), _arr(out)
-    key, value = _arr(key), _arr(value)
-    k_cache, v_cache = _arr(cache.k_cache), _arr(cache.v_cache)
-    table, lens, starts = _arr(block_table), _arr(seq_lens), _arr(query_start_loc)
-    b = int(table.shape[0])
-    h_kv, d = int(k_cache.shape[2]), kc.d
-    if b == 0 or int(q.shape[0]) == 0:
-        return out
-    with nc._on_device(q) as dev:
+    with nc._on_device(query) as dev:
+        q, o = _arr(query), _arr(out)
+        key, value = _arr(key), _arr(value)
+        k_cache, v_cache = _arr(cache.k_cache), _arr(cache.v_cache)
+        table, lens, starts = _arr(block_table), _arr(seq_lens), _arr(query_start_loc)
+        b = int(table.shape[0])
+        h_kv, d = int(k_cache.shape[2]), kc.d
+        if b == 0 or int(q.shape[0]) == 0:
+            return out
         kt, vt = nc._device_tables(kc, dev), nc._device_tables(vc, dev)
         wmax = max(kt.width(d), vt.width(d))
         tk, qr, floats = _tiles(d, wmax)
@@ -517,7 +516,8 @@ def paged_attention(
         _launch(paged_attention_kernel, (h_kv, b), floats,
                 q, key, value, k_cache, v_cache, kch, cache.k_channels is not None, vch,
                 cache.v_channels is not None, raw_k, raw_v, raw_slot, cache.has_raw, table, lens, starts,
-                np.float32(scale), o, _bf16(q), _bf16(key), _bf16(raw_k), _bf16(o), qr, tk, wmax,
+                np.float32(scale), o, _bf16(q), _bf16(key), _bf16(raw_k), _bf16(raw_v), _bf16(o), qr, tk,
+                wmax,
                 *tabs[0], *tabs[1])
     return out
 
