@@ -309,16 +309,19 @@ def small() -> Batch:
 
 
 def test_bad_head_dim(small: Batch) -> None:
-    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2 heads, 64\], got \(32, 6, 32\)"):
+    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2"
+                       r" heads, 64\], got \(32, 6, 32\)"):
         _bad(small, query=small.query[..., :32])
     with pytest.raises(ValueError, match="k_codec has head_dim d=128 but key has head_dim 64"):
         _bad(small, k_codec=tt.TorchCodec(128, 3.5, "mse", 0))
 
 
 def test_bad_num_heads(small: Batch) -> None:
-    with pytest.raises(ValueError, match=r"key must be \[num_tokens, 2, 64\] to match the cache, got \(32, 1, 64\)"):
+    with pytest.raises(ValueError, match=r"key must be \[num_tokens, 2, 64\] to match"
+                       r" the cache, got \(32, 1, 64\)"):
         _bad(small, key=small.key[:, :1], value=small.value[:, :1])
-    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2 heads, 64\], got \(32, 5, 64\)"):
+    with pytest.raises(ValueError, match=r"query must be \[32, a multiple of 2"
+                       r" heads, 64\], got \(32, 5, 64\)"):
         _bad(small, query=small.query[:, :5])
 
 
@@ -327,14 +330,17 @@ def test_bad_dtypes(small: Batch) -> None:
         _bad(small, query=small.query.double())
     with pytest.raises(ValueError, match="key has dtype int32"):
         _bad(small, key=small.key.int())
-    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 32\]"):
+    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks,"
+                       r" block_size, num_kv_heads, 32\]"):
         _bad(small, k_cache=small.k_cache.to(torch.int8))
 
 
 def test_bad_record_size(small: Batch) -> None:
-    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 28\] for .*bits=3\.0.*got uint8 \(.*, 32\)"):
+    with pytest.raises(ValueError, match=r"k_cache must be uint8 \[num_blocks, block_size, num_kv_heads,"
+                       r" 28\] for .*bits=3\.0.*got uint8 \(.*, 32\)"):
         _bad(small, k_codec=tt.TorchCodec(64, 3.0, "mse", 0))
-    with pytest.raises(ValueError, match=r"v_cache must be uint8 \[num_blocks, block_size, num_kv_heads, 32\] for .*bits=3\.5.*got uint8 \(.*, 28\)"):
+    with pytest.raises(ValueError, match=r"v_cache must be uint8 \[num_blocks, block_size, num_kv_heads,"
+                       r" 32\] for .*bits=3\.5.*got uint8 \(.*, 28\)"):
         tt.write_compressed(small.k_cache, small.v_cache, small.key, small.value,
                             torch.tensor([0]), small.k_codec, tt.TorchCodec(64, 3.5, "mse", 0))
 

@@ -169,7 +169,8 @@ def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, r
     return None
 
 
-def _config_args(key: Tensor, k_codec: TorchCodec, v_codec: TorchCodec) -> tuple[float, str, int, float, str, int]:
+def _config_args(key: Tensor, k_codec: TorchCodec,
+                 v_codec: TorchCodec) -> tuple[float, str, int, float, str, int]:
     """The op's configuration arguments; ValueError when a codec's head_dim is not the tokens'."""
     for name, codec in (("k_codec", k_codec), ("v_codec", v_codec)):
         if codec.d != key.shape[-1]:
