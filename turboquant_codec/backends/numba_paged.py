@@ -57,8 +57,10 @@ from . import numba_cuda as nc
 from .numba_kernels import NEG_INF, SMEM_LIMIT, THREADS, _ext_value, _round_even, _to_f32, _unrotate
 from .numba_launch import simulated
 
-# Most tokens per attention tile (the static source arrays' length).
+# Most tokens per attention tile (the static source arrays' length), and the bytes those arrays take
+# (int32 kind, int64 block or row, int32 offset per token) beside the dynamic shared memory.
 MAX_TK = 16
+STATIC_SMEM = MAX_TK * (4 + 8 + 4)
 # Tile sizes tried, largest first: tokens per tile (multiples of VPT, as _rowmat needs) and query
 # rows per pass.
 TOKEN_TILES = (16, 8, 4)
@@ -417,11 +419,11 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
         this batch's non-padding tokens; None while no token has been written.
     """
     k_ch, v_ch = cache.k_channels, cache.v_channels
+    n = int(slot_mapping.shape[0])
+    if n == 0:
+        return k_ch, v_ch
     with nc._on_device(key) as dev:
         key, value, slots = _arr(key), _arr(value), _arr(slot_mapping)
-        n = int(slots.shape[0])
-        if n == 0:
-            return k_ch, v_ch
         rows = None
         count = n
         if any(cfg.split and ch is None for cfg, ch in ((cache.k_config, k_ch), (cache.v_config, v_ch))):
@@ -442,7 +444,7 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
 
 def _tiles(d: int, wmax: int) -> tuple[int, int, int]:
     """(tokens per tile, query rows per pass, shared floats): the largest tiles within SMEM_LIMIT."""
-    budget = SMEM_LIMIT // 4
+    budget = (SMEM_LIMIT - STATIC_SMEM) // 4
     for tk in TOKEN_TILES:
         for qr in ROW_TILES:
             floats = qr * (2 * d + tk + 3) + tk * (3 * d + wmax)
@@ -491,15 +493,14 @@ def paged_attention(
     for name, cfg, ch in (("k_channels", kc, cache.k_channels), ("v_channels", vc, cache.v_channels)):
         if cfg.split and ch is None:
             raise ValueError(f"{name} is None: paged_write must choose the channel permutations first")
+    b, h_kv, d = int(block_table.shape[0]), int(cache.k_cache.shape[2]), kc.d
+    if b == 0 or int(query.shape[0]) == 0:
+        return out
     with nc._on_device(query) as dev:
         q, o = _arr(query), _arr(out)
         key, value = _arr(key), _arr(value)
         k_cache, v_cache = _arr(cache.k_cache), _arr(cache.v_cache)
         table, lens, starts = _arr(block_table), _arr(seq_lens), _arr(query_start_loc)
-        b = int(table.shape[0])
-        h_kv, d = int(k_cache.shape[2]), kc.d
-        if b == 0 or int(q.shape[0]) == 0:
-            return out
         kt, vt = nc._device_tables(kc, dev), nc._device_tables(vc, dev)
         wmax = max(kt.width(d), vt.width(d))
         tk, qr, floats = _tiles(d, wmax)
