@@ -61,11 +61,13 @@ def dtype_name(x: Any) -> str:
 
 
 def layout_key(x: Any) -> tuple[Any, ...]:
-    """What identifies the memory a torch tensor views: data pointer, shape, strides, dtype.
+    """What identifies the memory a torch tensor views: data pointer, shape, strides.
 
-    Equal keys mean a view made of ``x`` earlier still views the same bytes the same way.
+    Equal keys mean a view made of ``x`` earlier still views the same bytes the same way. (Only
+    ``.data =`` with a reinterpreted view of the same bytes would change the dtype and keep the
+    key; ``Encoded`` fixes its arrays' dtypes when it is made.)
     """
-    return (x.data_ptr(), x.shape, x.stride(), x.dtype)
+    return (x.data_ptr(), x.shape, x.stride())
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from types import ModuleType
 from typing import Any
 
@@ -74,18 +73,17 @@ def encode(
     )
 
 
-# Native views of GPU-resident Encoded objects, per object and backend module. A decode loop calls
-# ``attention`` with the same ``Encoded`` step after step; rebuilding its views (the library's
-# array interface, a new ``Encoded`` and its checks) cost more host time than the kernels take at
-# small batches. Only zero-copy views are kept (GPU data for a GPU backend), so writes into the
-# records stay visible; the entry is keyed on the arrays' data pointers and layouts, so a tensor
-# whose storage was swapped in place is converted again. Weak keys: an entry goes with its Encoded
-# (the views hold the arrays the Encoded holds, never the Encoded).
-_VIEWS: weakref.WeakKeyDictionary[Encoded, dict[str, tuple[Any, Encoded]]] = weakref.WeakKeyDictionary()
-
-
 def _native(module: ModuleType, enc: Encoded) -> Encoded:
-    """``enc`` with its arrays in ``module``'s native form (``module.asarray``)."""
+    """``enc`` with its arrays in ``module``'s native form (``module.asarray``).
+
+    A decode loop calls ``attention`` with the same ``Encoded`` step after step; rebuilding its
+    views (the library's array interface, a new ``Encoded`` and its checks) cost more host time
+    than the kernels take at small batches. So the views of a GPU-resident torch ``Encoded`` are
+    kept with it (``Encoded._memo``). Only zero-copy views are kept (GPU data for a GPU backend):
+    writes into the records stay visible. The entry is keyed on the backend and on the tensors'
+    data pointers, shapes and strides, so a tensor whose storage was swapped in place is
+    converted again.
+    """
     records, channels = enc.records, enc.channels
     if (
         _interop.library_of(records) == "torch"
@@ -93,15 +91,17 @@ def _native(module: ModuleType, enc: Encoded) -> Encoded:
         and (channels is None or channels.is_cuda)
         and _on_gpu_backend(module)
     ):
-        key = (_interop.layout_key(records), None if channels is None else _interop.layout_key(channels))
-        views = _VIEWS.get(enc)
-        if views is None:
-            views = _VIEWS.setdefault(enc, {})
-        hit = views.get(module.__name__)
+        key = (
+            module.__name__,
+            _interop.layout_key(records),
+            None if channels is None else _interop.layout_key(channels),
+        )
+        memo = enc._memo()
+        hit = memo.get("native")
         if hit is not None and hit[0] == key:
             return hit[1]
         native = _convert(module, enc)
-        views[module.__name__] = (key, native)
+        memo["native"] = (key, native)
         return native
     return _convert(module, enc)
 

@@ -55,6 +55,20 @@ class Encoded:
         elif self.channels is not None:
             raise ValueError(f"bits={cfg.bits:g} has no channel split: channels must be None")
 
+    def _memo(self) -> dict[str, Any]:
+        """Data derived from this object and kept with it by the layers that call a backend (native
+        views, launch arguments): not a field, so never compared, printed, copied or pickled."""
+        memo: dict[str, Any] | None = self.__dict__.get("_derived")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_derived", memo)
+        return memo
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_derived", None)
+        return state
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the vectors encoded: ``(*lead, n, d)``."""

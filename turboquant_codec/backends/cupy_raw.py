@@ -754,13 +754,15 @@ class _AttentionLaunch:
     once: a call then only looks up its split (``_AttentionLayout``), allocates and launches.
 
     ``prep``, ``split`` and ``reduce`` are the driver functions of the device the launch was built
-    for (a ``RawKernel`` looks its function up per call, by the current device)."""
+    for (a ``RawKernel`` looks its function up per call, by the current device); ``table_args`` are
+    the tables as launch arguments (``_pointer_arg``), ``tables`` keeps them alive."""
 
     prep: Any
     split: Any
     reduce: Any
     split_smem: int
     tables: tuple[Any, Any, Any, Any]  # K table buffer, K pair tables, V table buffer, V pair tables
+    table_args: tuple[Any, Any, Any, Any]
     layouts: dict[tuple[int, int], _AttentionLayout] = field(default_factory=dict)
 
 
@@ -776,10 +778,11 @@ class _AttentionLayout:
     nblocks: int
     offsets: tuple[int, ...]  # q32, qh, qscale, part_m, part_l, part_acc
     nbytes: int
+    rows_grid: tuple[int]
     split_grid: tuple[int, int]
     split_block: tuple[int]
     reduce_smem: int
-    ints: tuple[Any, Any, Any, Any]  # n, per_warp, nparts, nblocks as int32
+    ints: tuple[Any, Any, Any, Any]  # n, per_warp, nparts, nblocks: int32 arguments (``_by_value``)
 
 
 # Shapes whose layout a launch keeps (a decode loop's n grows every step; past this the dict starts over).
@@ -803,9 +806,10 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
     for size in sizes:
         offsets.append(at)
         at += -(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    ints = tuple(_by_value(np.int32(v)) for v in (n, per_warp, nparts, nblocks))
     layout = _AttentionLayout(
-        rows, per_warp, nparts, nblocks, tuple(offsets), at, (nblocks, bh), (32 * ATTN_WARPS,),
-        _reduce_smem(v_cfg, nblocks), (np.int32(n), np.int32(per_warp), np.int32(nparts), np.int32(nblocks)),
+        rows, per_warp, nparts, nblocks, tuple(offsets), at, (rows,), (nblocks, bh), (32 * ATTN_WARPS,),
+        _reduce_smem(v_cfg, nblocks), ints,
     )
     if len(plan.layouts) >= _MAX_LAYOUTS:
         plan.layouts.clear()
@@ -825,8 +829,82 @@ def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype
     for fn, smem in ((split, split_smem), (reduce, _reduce_smem(v_cfg, MAX_BLOCKS_PER_STREAM))):
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
+    tables = (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg))
     return _AttentionLaunch(mod.get_function("tq_attn_prep").kernel, split.kernel, reduce.kernel, split_smem,
-                            (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg)))
+                            tables, tuple(_pointer_arg(t.data.ptr) for t in tables))
+
+
+# ------------------------------------------------------------------------------------ launch arguments
+# CuPy turns every argument of every launch into a C value: an array into its pointer, a NumPy
+# scalar into a new C scalar object. Arguments built once as CuPy's own C-value objects (CIntptr for
+# a pointer, CNumpyArray for a value) are passed through as they are. Where CuPy lacks those
+# classes, the plain values are used.
+@functools.cache
+def _arg_types() -> tuple[Any, Any] | None:
+    try:
+        from cupy.cuda.function import CIntptr, CNumpyArray
+    except ImportError:
+        return None
+    return CIntptr, CNumpyArray
+
+
+def _pointer_arg(ptr: int) -> Any:
+    """Device pointer ``ptr`` as a launch argument (the memory must outlive the launch's enqueue)."""
+    types = _arg_types()
+    return np.uint64(ptr) if types is None else types[0](ptr)
+
+
+def _by_value(value: np.generic) -> Any:
+    """NumPy scalar ``value`` as a launch argument passed by value (its C type is ``value``'s)."""
+    types = _arg_types()
+    return value if types is None else types[1](np.array(value))
+
+
+@functools.cache
+def _null_arg() -> Any:
+    """The null device pointer as a launch argument."""
+    return _pointer_arg(0)
+
+
+@functools.cache
+def _no_tail_arg() -> Any:
+    """Tail length 0 (int32) as a launch argument."""
+    return _by_value(np.int32(0))
+
+
+_SCALES: dict[float, Any] = {}
+
+
+def _scale_arg(scale: float) -> Any:
+    """float32 ``scale`` as a launch argument, kept per value (a decode loop uses one or two)."""
+    arg = _SCALES.get(scale)
+    if arg is None:
+        if len(_SCALES) >= 64:
+            _SCALES.clear()
+        arg = _SCALES[scale] = _by_value(np.float32(scale))
+    return arg
+
+
+def _attention_operands(enc: Encoded) -> tuple[Any, Any]:
+    """(records, channels) of ``enc`` as the attention kernels take them: records C-contiguous and
+    16-byte aligned, channels C-contiguous uint16 or the null pointer.
+
+    Where those are ``enc``'s own arrays (no copy needed), their pointer arguments are kept with
+    ``enc`` (``Encoded._memo``): ``enc`` holds the arrays, so the pointers stay valid while the
+    memo lives. A copy is made again at every call: the records may be written between calls.
+    """
+    memo = enc._memo()
+    hit = memo.get("cupy_raw.attention")
+    if hit is not None and hit[0] is enc.records and hit[1] is enc.channels:
+        return hit[2], hit[3]
+    cp = _cupy()
+    rec = _aligned(enc.records)
+    ch = None if enc.channels is None else cp.ascontiguousarray(enc.channels, dtype=cp.uint16)
+    if rec is enc.records and ch is enc.channels:
+        args = (_pointer_arg(rec.data.ptr), _null_arg() if ch is None else _pointer_arg(ch.data.ptr))
+        memo["cupy_raw.attention"] = (enc.records, enc.channels, *args)
+        return args
+    return rec, _null_arg() if ch is None else ch
 
 
 def attention(
@@ -861,27 +939,29 @@ def attention(
         h_kv, n = rec_shape[-3], rec_shape[-2]
         group = h_q // h_kv
         bh = qw.size // (h_q * d) * h_kv
-        krec, vrec = _aligned(k.records), _aligned(v.records)
+        krec, kch = _attention_operands(k)
+        vrec, vch = _attention_operands(v)
+        null = _null_arg()
         if k_tail is not None:
             ktw, tail_dtype = _words(k_tail)
             vtw, _ = _words(v_tail)
             if str(vtw.dtype) != str(ktw.dtype):
                 vtw = vtw.astype(ktw.dtype)
-            t_len = int(ktw.shape[-2])
+            t_len = np.int32(ktw.shape[-2])
         else:
-            ktw = vtw = None
-            tail_dtype, t_len = "float32", 0
+            ktw = vtw = null
+            tail_dtype, t_len = "float32", _no_tail_arg()
         plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
-        ktab, klut, vtab, vlut = plan.tables
+        ktab, klut, vtab, vlut = plan.table_args
         lay = _attention_layout(plan, device, bh, n, d, group, k.config, v.config)
-        kch = _NULL if k.channels is None else cp.ascontiguousarray(k.channels, dtype=cp.uint16)
-        vch = _NULL if v.channels is None else cp.ascontiguousarray(v.channels, dtype=cp.uint16)
-        # One allocation for the query prep's outputs and the partials (one pool call instead of six).
-        scratch = cp.empty((lay.nbytes,), cp.uint8)
-        q32, qh, qscale, part_m, part_l, part_acc = (scratch.data + off for off in lay.offsets)
-        fscale = np.float32(scale)
+        # One allocation for the query prep's outputs and the partials (one pool call instead of six);
+        # it returns to the pool, on this stream, when ``scratch`` goes.
+        scratch = cp.cuda.alloc(lay.nbytes)
+        base = scratch.ptr
+        q32, qh, qscale, part_m, part_l, part_acc = (_pointer_arg(base + off) for off in lay.offsets)
+        fscale = _scale_arg(scale)
         n32, per_warp32, nparts32, nblocks32 = lay.ints
-        plan.prep((lay.rows,), (128,), (qw, kch, ktab, fscale, q32, qh, qscale))
+        plan.prep(lay.rows_grid, (128,), (qw, kch, ktab, fscale, q32, qh, qscale))
         if lay.nparts:
             plan.split(
                 lay.split_grid,
@@ -889,15 +969,14 @@ def attention(
                 (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc, n32, per_warp32, nparts32),
                 plan.split_smem,
             )
-        out = cp.empty(q_shape, cp.float32)
+        out = cp.ndarray(q_shape, cp.float32)
         plan.reduce(
-            (lay.rows,),
+            lay.rows_grid,
             (REDUCE_THREADS,),
-            (part_m, part_l, part_acc, nblocks32, q32,
-             ktw if ktw is not None else _NULL, vtw if vtw is not None else _NULL, np.int32(t_len),
-             fscale, vtab, vch, out),
+            (part_m, part_l, part_acc, nblocks32, q32, ktw, vtw, t_len, fscale, vtab, vch, out),
             lay.reduce_smem,
         )
+        del scratch  # after the launches are queued (stream order keeps the pool's reuse behind them)
         return out
 
 
