@@ -345,6 +345,20 @@ def test_paged_attention_matches_reference(d: int, k_spec: tuple[float, str], v_
 
 
 @needs_backend
+def test_paged_attention_over_several_tiles_and_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles of 4 tokens and passes of 4 query rows: the decode over 10 positions takes 3 tiles
+    (the online softmax rescales), the prefill's 6 query rows take 2 passes (causal per pass)."""
+    from turboquant_codec.backends import numba_paged
+
+    monkeypatch.setattr(numba_paged, "TOKEN_TILES", (4,))
+    monkeypatch.setattr(numba_paged, "ROW_TILES", (4,))
+    assert numba_paged._tiles(32, 64)[:2] == (4, 4)
+    scene = _scene(11, 32, (3.0, "prod"), (3.5, "mse"), np.float32, **SMALL)
+    numpy_ref.paged_write(scene.host_cache(), scene.key, scene.value, scene.slot_mapping)
+    _check_attention(_numba(scene), _reference(scene), scene)
+
+
+@needs_backend
 def test_paged_attention_reads_raw_rows() -> None:
     """The raw pool is read where a block has a row: with the pool's contents changed after the
     write (raw and compressed copies now disagree), both sides still agree, and the reference's

@@ -6,11 +6,12 @@ Layout owned here
 -----------------
 Kernels take Numba arrays *with their strides* (``_arr``): ``k_cache``/``v_cache`` are usually views
 of one packed K+V tensor, so they are indexed ``[block, offset, head, byte]`` and never reshaped.
-They are launched through Numba's own launch path on the default stream, the legacy stream
+They are launched through Numba's own launch path on stream 0, the legacy default stream that
 ``numba_launch`` launches the codec kernels on (``numba_launch.DeviceView`` carries C-contiguous
 arrays only).
 
-``paged_write`` (host sync: ``numba_cuda.encode`` reads back its norm-overflow flag)::
+``paged_write`` (host syncs: ``numba_cuda.encode`` reads back its norm-overflow flag, and choosing
+channels reads ``slot_mapping``)::
 
     gather_kernel      key [T, H, d] -> xt [H, n, d] (contiguous): row i is token rows[i], or token i
                        with padding tokens (slot < 0) zeroed, so stale rows cannot overflow a norm
@@ -106,7 +107,7 @@ def _grid(total: int) -> int:
 @functools.cache
 def _placeholder(dtype: str, ndim: int, device: int) -> Any:
     """A one-element device array standing in for an absent input of ``ndim`` dimensions (uploaded
-    once per device: a copy per call would wait on the stream, and break graph capture)."""
+    once per device: a copy per call would wait on the stream)."""
     return cuda.to_device(np.zeros((1,) * ndim, dtype))
 
 
