@@ -214,10 +214,13 @@ def _records_match(got: np.ndarray, want: np.ndarray, cfg: CodecConfig) -> None:
 # simulator runs 2 attention blocks instead of 6.
 SMALL = {"ctx_lens": (9, 3), "q_lens": (1, 3), "kv_heads": 1}
 
+# The main matrix: 2 KV heads; the first configuration with two decodes and a chunked prefill (6
+# attention blocks in the simulator), the others with one decode and the prefill (4 blocks).
+PAIR = {"ctx_lens": (9, 3), "q_lens": (1, 4)}
 CONFIGS = [
-    pytest.param(32, (3.5, "mse"), (3.0, "prod"), np.float32, id="d32-k3.5mse-v3prod-f32"),
-    pytest.param(64, (3.0, "prod"), (3.5, "mse"), np.float16, id="d64-k3prod-v3.5mse-f16"),
-    pytest.param(32, (3.5, "mse"), (3.5, "mse"), BF16, id="d32-3.5mse-bf16"),
+    pytest.param(32, (3.5, "mse"), (3.0, "prod"), np.float32, {}, id="d32-k3.5mse-v3prod-f32"),
+    pytest.param(64, (3.0, "prod"), (3.5, "mse"), np.float16, PAIR, id="d64-k3prod-v3.5mse-f16"),
+    pytest.param(32, (3.5, "mse"), (3.5, "mse"), BF16, PAIR, id="d32-3.5mse-bf16"),
 ]
 
 
@@ -250,11 +253,11 @@ def _check_write(scene: Scene) -> None:
 
 
 @needs_backend
-@pytest.mark.parametrize("d,k_spec,v_spec,dtype", CONFIGS)
+@pytest.mark.parametrize("d,k_spec,v_spec,dtype,batch", CONFIGS)
 def test_paged_write_matches_reference(d: int, k_spec: tuple[float, str], v_spec: tuple[float, str],
-                                       dtype: Any) -> None:
+                                       dtype: Any, batch: dict[str, Any]) -> None:
     """Channels already fixed by the history: records, raw copies, untouched states."""
-    _check_write(_scene(1, d, k_spec, v_spec, dtype))
+    _check_write(_scene(1, d, k_spec, v_spec, dtype, **batch))
 
 
 @needs_backend
@@ -335,11 +338,11 @@ def _check_attention(got: np.ndarray, want: np.ndarray, scene: Scene, first: int
 
 
 @needs_backend
-@pytest.mark.parametrize("d,k_spec,v_spec,dtype", CONFIGS)
+@pytest.mark.parametrize("d,k_spec,v_spec,dtype,batch", CONFIGS)
 def test_paged_attention_matches_reference(d: int, k_spec: tuple[float, str], v_spec: tuple[float, str],
-                                           dtype: Any) -> None:
-    """Two decodes and a chunked prefill, raw rows on some blocks, GQA 2, padding rows untouched."""
-    scene = _scene(4, d, k_spec, v_spec, dtype)
+                                           dtype: Any, batch: dict[str, Any]) -> None:
+    """Decodes and a chunked prefill, raw rows on some blocks, GQA 2, padding rows untouched."""
+    scene = _scene(4, d, k_spec, v_spec, dtype, **batch)
     numpy_ref.paged_write(scene.host_cache(), scene.key, scene.value, scene.slot_mapping)
     _check_attention(_numba(scene), _reference(scene), scene)
 
