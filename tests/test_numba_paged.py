@@ -154,7 +154,8 @@ def _scene(seed: int, d: int, k_spec: tuple[float, str], v_spec: tuple[float, st
         at += n
     # Raw rows as serving grants them: each request's last block (the recent window) and the first
     # request's first block (a sink); the other blocks are read from their records.
-    raw_blocks = np.unique(np.concatenate([table[np.arange(len(seq)), per_req - 1], table[:1, 0]]))
+    has_blocks = np.flatnonzero(per_req)
+    raw_blocks = np.unique(np.concatenate([table[has_blocks, per_req[has_blocks] - 1], table[:1, 0]]))
     raw_slot = np.full(num_blocks, -1, np.int32)
     raw_slot[raw_blocks] = rng.permutation(len(raw_blocks))
     num_raw = len(raw_blocks) + 1  # one raw row no block uses
@@ -215,8 +216,9 @@ def _records_match(got: np.ndarray, want: np.ndarray, cfg: CodecConfig) -> None:
 SMALL = {"ctx_lens": (9, 3), "q_lens": (1, 3), "kv_heads": 1}
 
 # The main matrix: 2 KV heads; the first configuration with two decodes and a chunked prefill (6
-# attention blocks in the simulator), the others with one decode and the prefill (4 blocks).
-PAIR = {"ctx_lens": (9, 3), "q_lens": (1, 4)}
+# attention blocks in the simulator), the others with one decode, the prefill and an empty request
+# (no tokens, no blocks: a CUDA-graph batch's padding request; its blocks return at once).
+PAIR = {"ctx_lens": (9, 3, 0), "q_lens": (1, 4, 0)}
 CONFIGS = [
     pytest.param(32, (3.5, "mse"), (3.0, "prod"), np.float32, {}, id="d32-k3.5mse-v3prod-f32"),
     pytest.param(64, (3.0, "prod"), (3.5, "mse"), np.float16, PAIR, id="d64-k3prod-v3.5mse-f16"),
