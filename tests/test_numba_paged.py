@@ -397,10 +397,6 @@ def test_paged_attention_hostile_block_ids_stay_in_the_cache() -> None:
 
 # ----------------------------------------------------------------------------------------- public API
 @needs_backend
-@pytest.mark.xfail(strict=True, reason=(
-    "numba_cuda.asarray copies Numba's simulator arrays to a new device array (they have no CUDA "
-    "array interface) and on a GPU refuses strided views (DeviceView.of), so the public API's "
-    "in-place writes through cache.converted(asarray) never reach the caller's cache"))
 def test_public_api_writes_in_place_through_numba_cuda() -> None:
     """``tq.paged_write`` / ``tq.paged_attention`` with ``backend="numba_cuda"`` write the caller's
     strided cache views and ``out`` in place, as the reference does."""

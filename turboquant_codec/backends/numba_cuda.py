@@ -102,15 +102,21 @@ def availability() -> Availability:
 def asarray(x: Any) -> Any:
     """A GPU array over ``x``: zero-copy for GPU arrays, a device copy for host arrays.
 
-    On a GPU, arrays come back as ``numba_launch.DeviceView`` (a pointer, shape and dtype: cheap to
-    make and to launch with), host copies as Numba device arrays; under the simulator, as its
-    device arrays. bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the
+    On a GPU, C-contiguous arrays come back as ``numba_launch.DeviceView`` (a pointer, shape and
+    dtype: cheap to make and to launch with), strided ones and host copies as Numba device arrays
+    (the paged ops write through strided cache views in place); under the simulator, as its device
+    arrays, its own ones as they are. bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the
     host) comes back as uint16 of the same bits, which every kernel here reads as bfloat16.
     """
+    if _simulated() and hasattr(x, "copy_to_host"):
+        return x  # the simulator's own device arrays (no array interface): in-place writes must land
     iface = getattr(x, "__cuda_array_interface__", None)  # a property: torch builds it per read
     if iface is not None:
         if not _simulated():
-            return DeviceView.of(x, iface)
+            try:
+                return DeviceView.of(x, iface)
+            except ValueError:  # strided views (a paged cache's K/V halves) keep their strides
+                pass
         if iface["typestr"] in ("<V2", "|V2"):
             return cuda.as_cuda_array(_Relabelled(iface, "<u2"))
         return cuda.as_cuda_array(x)
