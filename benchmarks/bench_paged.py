@@ -84,7 +84,7 @@ def build(b: int, t: int, gen, rng):
     return cache, bt, seq, qsl, new_slot, k, v
 
 
-def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graphs: bool):
+def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graphs: bool, profile: bool):
     """One shape's rows: (kernel/API row, graph row or None, tiles-per-warp rows)."""
     import cupy as cp
     import torch
@@ -125,7 +125,8 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
         cupy_raw.paged_attention(native, *nargs[:6], SCALE, nargs[6], b)
 
     def api_call(cache=cache, q=q, kn=kn, vn=vn, bt=bt, seq=seq, qsl=qsl, out=out, b=b):
-        tq.paged_attention(cache, q, kn, vn, bt, seq, qsl, scale=SCALE, out=out, num_decodes=b, backend="cupy_raw")
+        tq.paged_attention(cache, q, kn, vn, bt, seq, qsl, scale=SCALE, out=out, num_decodes=b,
+                           backend="cupy_raw")
 
     kernel_call()
     torch.cuda.synchronize()
@@ -138,11 +139,34 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     used0 = mp.used_bytes()
     ms_k = timed(kernel_call, primed=True)
     ms_api = timed(api_call)
+    cached = len(cupy_paged._LAUNCHES)
     us_k = host_us(kernel_call)
+    log.append(f"B={b} T={t}: launch cache {cached} -> {len(cupy_paged._LAUNCHES)} entries over the host "
+               f"timing; driver launchKernel: {hasattr(cp.cuda.driver, 'launchKernel')}")
     us_api = host_us(api_call)
     scratch = sum(int(buf.nbytes) for (dev, name), buf in cupy_paged._SCRATCH.items() if name == "attention")
     pool_growth = mp.used_bytes() - used0
-    row = (b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, pool_growth, err)
+    # The unpaged kernel (cupy_raw.attention) on the same tokens, contiguous records, no tail.
+    ke = tq.encode(k, bits=BITS, seed=1, backend="cupy_raw")
+    ve = tq.encode(v, bits=BITS, seed=2, backend="cupy_raw")
+    enc = [tq.Encoded(cupy_raw.asarray(e.records), cupy_raw.asarray(e.channels), e.config) for e in (ke, ve)]
+    qn = cupy_raw.asarray(q)
+    ms_unpaged = timed(lambda enc=enc: cupy_raw.attention(qn, *enc, SCALE, None, None), primed=True)
+    del ke, ve, enc
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                kernel_call()
+            torch.cuda.synchronize()
+        for evt in prof.key_averages():
+            if "tq_" in evt.key:
+                total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+                log.append(f"B={b} T={t} {evt.key}: {total / max(evt.count, 1):.1f} us per call")
+                print(log[-1], flush=True)
+    row = (b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, pool_growth, err, ms_unpaged)
     print(row, flush=True)
     for tpw in extra_tpw:
         set_tpw(tpw)
@@ -213,6 +237,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--tpw", default="", help="extra tiles-per-warp settings timed after the default")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times (torch.profiler) into the log")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
@@ -226,7 +251,8 @@ def main() -> None:
     rows, graph_rows, tpw_rows = [], [], []
     rng = np.random.default_rng(0)
     for b, t in SHAPES[:1] if args.quick else SHAPES:
-        row, graph_row, more = bench_shape(b, t, rng, log, extra_tpw, not args.no_graph)
+        row, graph_row, more = bench_shape(b, t, rng, log, extra_tpw, not args.no_graph,
+                                               args.profile)
         rows.append(row)
         tpw_rows += more
         if graph_row is not None:
@@ -239,12 +265,14 @@ def main() -> None:
           "per request. SDPA: bf16, contiguous K/V, best of flash and cuDNN, same run.", "",
           "## Decode attention, one layer", "",
           "| B | T | paged kernel ms | bf16 SDPA ms | kernel vs SDPA | public API ms (torch, back-to-back) | "
-          "API vs SDPA | host us/call (backend) | host us/call (API) | scratch MiB | rel. err vs SDPA(raw) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, _growth, err in rows:
+          "API vs SDPA | host us/call (backend) | host us/call (API) | scratch MiB | rel. err vs SDPA(raw) | "
+          "unpaged cupy_raw.attention ms |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, _growth, err, ms_unp in rows:
         md.append(f"| {b} | {t} | {ms_k:.4f} | {best:.4f} ({which}) | **{best / ms_k:.2f}x** | "
-                  f"{ms_api:.4f} | {best / ms_api:.2f}x | {us_k:.1f} | {us_api:.1f} | {scratch / 2**20:.2f} | "
-                  f"{err:.3f} |")
+                  f"{ms_api:.4f} | {best / ms_api:.2f}x | {us_k:.1f} | {us_api:.1f} | "
+                  f"{scratch / 2**20:.2f} | "
+                  f"{err:.3f} | {ms_unp:.4f} |")
     if graph_rows:
         md += ["", f"## {LAYERS}-layer decode step, torch CUDA graph (ms per step)", "",
                "| B | T | paged_write + paged_attention | bf16 copy + SDPA | ratio | paged_attention alone | "

@@ -168,8 +168,10 @@ class Scene:
         out = _poisoned(self.query.shape, self.dtype)
         cupy_raw.paged_attention(
             cache or self.gpu_cache(), _dev(self.query, self.dtype), _dev(self.key, self.dtype),
-            _dev(self.value, self.dtype), cp.asarray(self.block_table if block_table is None else block_table),
-            cp.asarray(self.seq_lens if seq_lens is None else seq_lens), cp.asarray(self.qsl), self.scale, out,
+            _dev(self.value, self.dtype),
+            cp.asarray(self.block_table if block_table is None else block_table),
+            cp.asarray(self.seq_lens if seq_lens is None else seq_lens), cp.asarray(self.qsl), self.scale,
+            out,
             self.num_decodes if num_decodes == -1 else num_decodes)
         return out
 
@@ -282,7 +284,8 @@ def test_hostile_metadata_stays_inside_the_cache() -> None:
 # ------------------------------------------------------------------------------------ GPU: write
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [(3.5, "mse", 128, "bfloat16", "merged"), (2.5, "prod", 64, "float32", "split"),
+@pytest.mark.parametrize("cfg", [(3.5, "mse", 128, "bfloat16", "merged"),
+                                 (2.5, "prod", 64, "float32", "split"),
                                  (4.0, "mse", 128, "float16", "merged")])
 @pytest.mark.parametrize("pick_channels", [False, True])
 def test_paged_write_matches_reference(cfg: tuple, pick_channels: bool) -> None:
@@ -353,9 +356,10 @@ def test_decode_step_graph_capture_equals_eager() -> None:
     caches = []
     for _ in range(layers):
         packed = torch.randint(0, 256, (nb, h, bs, rk + rv), dtype=torch.uint8, device=dev)
+        n_raw = int((rsb >= 0).sum()) + 1
         cache = PagedCache(packed[..., :rk].transpose(1, 2), packed[..., rk:].transpose(1, 2), k_cfg, v_cfg,
-                           raw_k=torch.randn(int((rsb >= 0).sum()) + 1, bs, h, d, device=dev, dtype=torch.bfloat16),
-                           raw_v=torch.randn(int((rsb >= 0).sum()) + 1, bs, h, d, device=dev, dtype=torch.bfloat16),
+                           raw_k=torch.randn(n_raw, bs, h, d, device=dev, dtype=torch.bfloat16),
+                           raw_v=torch.randn(n_raw, bs, h, d, device=dev, dtype=torch.bfloat16),
                            raw_slot_of_block=torch.as_tensor(rsb, device=dev))
         # Context written eagerly (this also picks the channels).
         pos = np.concatenate([np.arange(c) for c in ctx])
@@ -436,7 +440,8 @@ def test_paged_source_compiles_for_sm90(tmp_path: Path) -> None:
     def build(name: str) -> subprocess.CompletedProcess[str]:
         opts = dict(COMPILE_CASES[name])
         kind = opts.pop("kind")
-        cmd = [NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", f"-I{cupy_raw.CUDA_DIR}",
+        cmd = [NVCC, "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+               f"-I{cupy_raw.CUDA_DIR}",
                *cupy_paged.compile_options(kind, **opts), "-o", str(tmp_path / f"{name}.cubin"),
                str(cupy_raw.CUDA_DIR / cupy_paged.SOURCE)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600)

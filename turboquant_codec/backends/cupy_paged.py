@@ -22,8 +22,10 @@ and block_table / seq_lens are int32; none in ``paged_write`` when the channels 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +39,15 @@ from .cupy_raw import _NULL, _Raw16
 
 SOURCE = "tq_paged.cu"
 TILE = 16
-# Warps per split block and 16-token tiles per warp: one chunk (and one partial) per 4096 tokens.
-# Fixed, never derived from the batch (batch invariance); a chunk's 16 warps each stream 16 tiles.
+# Warps per split block and 16-token tiles per warp: one chunk (and one partial) per 8192 tokens.
+# Fixed, never derived from the batch (batch invariance); a chunk's 16 warps each stream 32 tiles.
 PAGED_WARPS = 16
-PAGED_TILES_PER_WARP = 16
+PAGED_TILES_PER_WARP = 32
 PAGED_STAGES = 4
-# Raw tokens staged in shared memory per round of the raw partial (split column 0).
+# Raw tokens staged in shared memory per round of a raw partial (tq_paged_prep's extra blocks), and
+# block-table entries each of its threads scans per pass (RAW_SCAN in tq_paged.cu).
 RAW_T = 64
+RAW_SCAN = 8
 REDUCE_THREADS = 256
 PREP_THREADS = 128
 # Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
@@ -99,7 +103,7 @@ def _scratch(device: int, name: str, nbytes: int) -> Any:
     return buf
 
 
-def _carve(buf: Any, parts: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
+def _carve(buf: Any, parts: Sequence[tuple[tuple[int, ...], Any]]) -> list[Any]:
     """Typed views of ``buf`` (256-byte aligned), one per (shape, dtype)."""
     out, at = [], 0
     for shape, dtype in parts:
@@ -109,7 +113,7 @@ def _carve(buf: Any, parts: list[tuple[tuple[int, ...], Any]]) -> list[Any]:
     return out
 
 
-def _carve_bytes(parts: list[tuple[tuple[int, ...], Any]]) -> int:
+def _carve_bytes(parts: Sequence[tuple[tuple[int, ...], Any]]) -> int:
     return sum(-(-math.prod(s) * np.dtype(d).itemsize // 256) * 256 for s, d in parts)
 
 
@@ -146,6 +150,12 @@ def fast_layout(cache: PagedCache) -> Layout | None:
         layout = Layout(False, k.strides[1], v.strides[1], 0)
     if _stage_bytes(layout) > MAX_STAGE_BYTES:
         return None
+    if cache.has_raw:  # raw rows are read in 16-byte chunks
+        for pool in (cache.raw_k, cache.raw_v):
+            w, _ = _native(pool)
+            if w.data.ptr % 16 or w.strides[3] != w.itemsize or any(x % 16 for x in w.strides[:3]) or (
+                    w.shape[3] * w.itemsize) % 16:
+                return None
     return layout
 
 
@@ -160,13 +170,15 @@ def compile_options(kind: str, **p: Any) -> list[str]:
     raw_dtype). Also what ``tests/test_cupy_paged.py`` compiles with nvcc."""
     k_cfg, v_cfg = p["k_cfg"], p["v_cfg"]
     base = [*cupy_raw._codec_macros("K", k_cfg), *cupy_raw._codec_macros("V", v_cfg),
-            f"-DNEW_KIND={_KIND[p['new_dtype']]}", f"-DRAW_KIND={_KIND[p.get('raw_dtype') or p['new_dtype']]}"]
+            f"-DNEW_KIND={_KIND[p['new_dtype']]}",
+            f"-DRAW_KIND={_KIND[p.get('raw_dtype') or p['new_dtype']]}"]
     if kind == "write":
         return [*base, "-DTQ_PAGED_WRITE=1"]
     lay: Layout = p["layout"]
     return [*base, f"-DIN_KIND={_KIND[p['dtype']]}", f"-DOUT_KIND={_KIND[p['out_dtype']]}",
             f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw._same_lut(k_cfg, v_cfg))}",
             f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}", f"-DRAW_T={RAW_T}",
+            f"-DRAW_SCAN={RAW_SCAN}",
             f"-DSTAGES={_stages(k_cfg, v_cfg, lay)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
             f"-DMERGED={int(lay.merged)}", f"-DKTS={lay.kts}", f"-DVTS={lay.vts}", f"-DVOFF={lay.voff}"]
 
@@ -186,13 +198,11 @@ def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout) -> int:
 
 
 def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layout) -> int:
-    """Dynamic shared memory of tq_paged_split: the largest of its main loop (tables + rings), its
-    merge and its raw partial (mirrors the kernel's carve-ups)."""
+    """Dynamic shared memory of tq_paged_split: the larger of its main loop (tables + rings) and its
+    merge (mirrors the kernel's carve-ups)."""
     ring = _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * _stages(k_cfg, v_cfg, layout) * _stage_bytes(layout)
-    d = k_cfg.d
-    raw = 4 * (group * d + 2 * RAW_T * d + RAW_T * group + 3 * group) + 4 * (2 * RAW_T + 2 * 32 * PAGED_WARPS + 32)
     merge = 4 * PAGED_WARPS * min(group, 8) * (2 + _ws(v_cfg))
-    return max(ring, raw, merge)
+    return max(ring, merge)
 
 
 def _ws(v_cfg: CodecConfig) -> int:
@@ -212,6 +222,7 @@ class _Plan:
     prep: Any
     split: Any
     reduce: Any
+    prep_smem: int
     split_smem: int
     tables: tuple[Any, Any, Any, Any]
 
@@ -223,14 +234,19 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
                            raw_dtype=raw_dtype, out_dtype=out_dtype, group=group, block_size=block_size,
                            layout=layout, tpw=tpw)
     mod = cupy_raw._module(device, SOURCE, tuple(opts))
+    prep = mod.get_function("tq_paged_prep")
     split, reduce = mod.get_function("tq_paged_split"), mod.get_function("tq_paged_reduce")
     smem = _split_smem(k_cfg, v_cfg, group, layout)
     if smem > 48 * 1024:
         split.max_dynamic_shared_size_bytes = smem
+    prep_smem = _raw_smem(group, k_cfg.d)
+    if prep_smem > 48 * 1024:
+        prep.max_dynamic_shared_size_bytes = prep_smem
     reduce_max = _reduce_smem(v_cfg, 4096)
     if reduce_max > 48 * 1024:
         reduce.max_dynamic_shared_size_bytes = reduce_max
-    return _Plan(mod.get_function("tq_paged_prep"), split, reduce, smem,
+    # Driver functions, called directly (a RawKernel looks its function up on every call).
+    return _Plan(prep.kernel, split.kernel, reduce.kernel, prep_smem, smem,
                  (*cupy_raw._device_tables(device, k_cfg), *cupy_raw._device_tables(device, v_cfg)))
 
 
@@ -249,7 +265,8 @@ def _raw_params(cache: PagedCache, key: Any, value: Any) -> tuple[tuple[Any, ...
         rk, raw_dtype = _native(cache.raw_k)
         rv, _ = _native(cache.raw_v)
         rks, rvs = _estrides(rk), _estrides(rv)
-        pool = (rk, rv, *(np.int64(s) for s in rks[:3]), *(np.int64(s) for s in rvs[:3]), np.int32(rk.shape[0]))
+        pool = (rk, rv, *(np.int64(s) for s in rks[:3]), *(np.int64(s) for s in rvs[:3]),
+                np.int32(rk.shape[0]))
     else:
         raw_dtype = _native(key)[1]
         pool = (_NULL, _NULL, *(np.int64(0),) * 6, np.int32(0))
@@ -275,7 +292,8 @@ def _encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, devic
     tab, _ = cupy_raw._device_tables(device, cfg)
     tv = cupy_raw.ENC_TV_PROD if cfg.mode == "prod" else cupy_raw.ENC_TV
     cupy_raw._codec_module(device, cfg, dtype).get_function("tq_encode")(
-        (-(-n // tv), streams), (cupy_raw.ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
+        (-(-n // tv), streams), (cupy_raw.ENC_THREADS,),
+        (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
 
 
 def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
@@ -310,7 +328,8 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
                 rows = cp.nonzero(slot_mapping >= 0)[0]
                 if int(rows.size) == 0:
                     return channels[0], channels[1]
-                channels[i] = cupy_raw.select_channels(cp.ascontiguousarray(words[i][:, rows]), cfgs[i], dtype)
+                picked = cp.ascontiguousarray(words[i][:, rows])
+                channels[i] = cupy_raw.select_channels(picked, cfgs[i], dtype)
         wdt = kw.dtype
         parts = [((h, n, d), wdt), ((h, n, d), wdt), ((h, n, k_cfg.record_bytes), cp.uint8),
                  ((h, n, v_cfg.record_bytes), cp.uint8)]
@@ -348,26 +367,112 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     ``out`` [T, h_q, d], written in place (padding rows untouched).
     """
     cp = _cupy()
-    qw, _ = _native(query)
-    device = int(qw.device.id)
-    with cp.cuda.Device(device), cupy_raw._stream(device):
-        b = int(block_table.shape[0])
+    qw = query.words if isinstance(query, _Raw16) else query
+    device = qw.data.device_id
+    with cp.cuda.Device(device):
+        b = block_table.shape[0]
         if num_decodes is None:
             q_lens = np.diff(cp.asnumpy(query_start_loc).astype(np.int64))
             num_decodes = int(np.argmin(q_lens == 1)) if not np.all(q_lens == 1) else b
-        layout = fast_layout(cache)
-        n_fast = min(num_decodes, b) if layout is not None else 0
-        if n_fast:
-            assert layout is not None
-            _decode(cache, layout, query, key, value, block_table, seq_lens, scale, out, n_fast, device)
+        n_fast = min(num_decodes, b)
+        if n_fast and not _decode(cache, query, key, value, block_table, seq_lens, scale, out, n_fast,
+                                  device):
+            n_fast = 0
         if n_fast < b:
-            _generic(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, n_fast)
+            with cupy_raw._stream(device):
+                _generic(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, n_fast)
         return out
 
 
-def _decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
-            seq_lens: Any, scale: float, out: Any, n: int, device: int) -> None:
-    """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync)."""
+def _sig(a: Any) -> Any:
+    """What a launch's arguments depend on for one array: address, shape, strides, dtype."""
+    if a is None:
+        return None
+    if isinstance(a, _Raw16):
+        w = a.words
+        return (w.data.ptr, w.shape, w.strides, "bf16")
+    return (a.data.ptr, a.shape, a.strides, a.dtype.char)
+
+
+def _p(a: Any) -> Any:
+    """An array argument as its device address (cached launches hold no references)."""
+    return _NULL if a is None else np.uint64(a.data.ptr)
+
+
+_CTYPES: dict[np.dtype, Any] = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
+           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float}
+
+
+class _Launch:
+    """One kernel launch with its arguments packed once as the driver's parameter array, so a call
+    is one ``cuLaunchKernel`` (CuPy's launcher converts every argument on every call: tens of
+    microseconds for the split kernel's 24 arguments)."""
+
+    def __init__(self, fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...],
+                 smem: int) -> None:
+        self.fn, self.grid, self.block, self.args, self.smem = fn, grid, block, args, smem
+        self.values = [_CTYPES[np.asarray(a).dtype](a.item()) for a in args]
+        self.params = (ctypes.c_void_p * len(self.values))(*(ctypes.addressof(v) for v in self.values))
+        g, bl = (*grid, 1, 1), (*block, 1, 1)
+        self.dims = (int(g[0]), int(g[1]), int(g[2]), int(bl[0]), int(bl[1]), int(bl[2]), int(smem))
+
+    def __call__(self, stream: int) -> None:
+        launch = getattr(_cupy().cuda.driver, "launchKernel", None)
+        if launch is None:  # a CuPy without the driver binding: its own launcher
+            self.fn(self.grid, self.block, self.args, self.smem)
+            return
+        launch(self.fn.ptr, *self.dims, stream, ctypes.addressof(self.params), 0)
+
+
+# Launches of recent decode calls, keyed on everything their arguments depend on (_sig of each
+# array, the scalars, the settings); None = the cache's layout is not fused (generic path). A hit
+# costs the key and three driver calls. Bounded; cleared when full.
+_LAUNCHES: dict[tuple[Any, ...], tuple[_Launch, ...] | None] = {}
+_MAX_LAUNCHES = 1024
+
+
+def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+            scale: float, out: Any, n: int, device: int) -> bool:
+    """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync), on the
+    current stream; False (nothing launched) where the cache's layout is not fused."""
+    sig = (device, n, scale, PAGED_TILES_PER_WARP, cache.k_config, cache.v_config,
+           *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
+                                cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
+                                cache.raw_slot_of_block)))
+    if sig in _LAUNCHES:
+        launches = _LAUNCHES[sig]
+    else:
+        layout = fast_layout(cache)
+        keep: list[Any] = []
+        launches = None if layout is None else _build_decode(
+            cache, layout, query, key, value, block_table, seq_lens, scale, out, n, device, keep)
+        if keep:  # converted copies (int32, contiguous): this call's launch only
+            stream = cupy_raw._stream(device).ptr
+            for fn in launches or ():
+                fn(stream)
+            return True
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[sig] = launches
+    if launches is None:
+        return False
+    stream = cupy_raw._stream(device).ptr
+    for fn in launches:
+        fn(stream)
+    return True
+
+
+def _raw_smem(group: int, d: int) -> int:
+    """Dynamic shared memory of a raw-partial block of tq_paged_prep (mirrors raw_partial)."""
+    return 4 * (group * d + 2 * RAW_T * d + RAW_T * group + 3 * group) + 4 * (
+        2 * RAW_T + 2 * 32 * PAGED_WARPS * RAW_SCAN + 32)
+
+
+def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
+                  seq_lens: Any, scale: float, out: Any, n: int, device: int,
+                  keep: list[Any]) -> tuple[_Launch, ...]:
+    """The three launches of ``_decode``; arrays converted on the way (int32, contiguous) go to
+    ``keep``: such launches are for this call only."""
     cp = _cupy()
     qw, dtype = _native(query)
     ow, out_dtype = _native(out)
@@ -376,45 +481,51 @@ def _decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any,
     group = h_q // h
     k_cfg, v_cfg = cache.k_config, cache.v_config
     raw, raw_dtype = _raw_params(cache, key, value)
+    raw = tuple(_p(a) if isinstance(a, cp.ndarray) else a for a in raw)
     new_dtype = _native(key)[1]
     tpw = PAGED_TILES_PER_WARP
-    plan = _plan(device, k_cfg, v_cfg, dtype, new_dtype, raw_dtype, out_dtype, group, cache.block_size, layout,
-                 tpw)
+    plan = _plan(device, k_cfg, v_cfg, dtype, new_dtype, raw_dtype, out_dtype, group, cache.block_size,
+                 layout, tpw)
     ktab, klut, vtab, vlut = plan.tables
     bt, sl = _int32(block_table), _int32(seq_lens)
+    keep += [x for x, y in ((bt, block_table), (sl, seq_lens)) if x is not y]
     max_blocks = int(bt.shape[1])
     max_tokens = max_blocks * cache.block_size
     ntiles = -(-max_tokens // TILE)
     nchunks = max(1, -(-ntiles // (PAGED_WARPS * tpw)))
     rows, streams = n * h_q, n * h
     kqd, vqd = cupy_raw._fdims(k_cfg), cupy_raw._fdims(v_cfg)
-    parts = [((rows, d), cp.float32), ((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
+    parts = [((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
              ((streams * nchunks * group,), cp.float32), ((streams * nchunks * group,), cp.float32),
              ((streams * nchunks * group, vqd), cp.float32), ((rows,), cp.float32), ((rows,), cp.float32),
              ((rows, d), cp.float32)]
-    q32, qh, qscale, part_m, part_l, part_acc, raw_m, raw_l, raw_acc = _carve(
-        _scratch(device, "attention", _carve_bytes(parts)), parts)
+    qh, qscale, part_m, part_l, part_acc, raw_m, raw_l, raw_acc = (
+        _p(a) for a in _carve(_scratch(device, "attention", _carve_bytes(parts)), parts))
     kch, vch = cache.k_channels, cache.v_channels
-    qs = _estrides(qw)
-    plan.prep((rows,), (PREP_THREADS,),
-              (qw, np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), kch if kch is not None else _NULL,
-               ktab, np.float32(scale), q32, qh, qscale))
+    kch = None if kch is None else cp.ascontiguousarray(kch, dtype=cp.uint16)
+    vch = None if vch is None else cp.ascontiguousarray(vch, dtype=cp.uint16)
+    keep += [x for x, y in ((kch, cache.k_channels), (vch, cache.v_channels)) if x is not y]
+    qs, os_ = _estrides(qw), _estrides(ow)
     kc, vc = cache.k_cache, cache.v_cache
-    end = max(_extent_end(kc), _extent_end(vc))
+    end = np.uint64(max(_extent_end(kc), _extent_end(vc)))
     rsb = _int32(cache.raw_slot_of_block) if cache.has_raw else None
-    plan.split((1 + nchunks, streams), (32 * PAGED_WARPS,),
-               (kc, vc, np.uint64(end), np.uint64(end), np.int64(kc.strides[0]), np.int64(kc.strides[2]),
-                np.int64(vc.strides[0]), np.int64(vc.strides[2]), bt, np.int32(bt.strides[0] // 4),
-                np.int32(max_blocks), sl, rsb if rsb is not None else _NULL, np.int32(cache.num_blocks),
-                np.int32(h), qh, qscale, klut, vlut, part_m, part_l, part_acc, np.int32(nchunks), q32,
-                np.float32(scale), raw_m, raw_l, raw_acc, *raw),
-               shared_mem=plan.split_smem)
-    os_ = _estrides(ow)
-    plan.reduce((rows,), (REDUCE_THREADS,),
-                (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, sl,
-                 np.int32(max_tokens), np.int32(h_q), vtab, vch if vch is not None else _NULL, ow,
-                 np.int64(os_[0]), np.int64(os_[1])),
-                shared_mem=_reduce_smem(v_cfg, nchunks))
+    if rsb is not cache.raw_slot_of_block:
+        keep.append(rsb)
+    fscale = np.float32(scale)
+    prep = _Launch(plan.prep, (rows + streams,), (32 * PAGED_WARPS,),
+                   (_p(qw), np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), _p(kch), _p(ktab), fscale, qh,
+                    qscale, _p(bt), np.int32(bt.strides[0] // 4), np.int32(max_blocks), _p(sl), _p(rsb),
+                    np.int32(cache.num_blocks), np.int32(h), raw_m, raw_l, raw_acc, *raw), plan.prep_smem)
+    split = _Launch(plan.split, (nchunks, streams), (32 * PAGED_WARPS,),
+                    (_p(kc), _p(vc), end, end, np.int64(kc.strides[0]), np.int64(kc.strides[2]),
+                     np.int64(vc.strides[0]), np.int64(vc.strides[2]), _p(bt), np.int32(bt.strides[0] // 4),
+                     np.int32(max_blocks), _p(sl), _p(rsb), np.int32(cache.num_blocks), np.int32(h), qh,
+                     qscale, _p(klut), _p(vlut), part_m, part_l, part_acc), plan.split_smem)
+    reduce = _Launch(plan.reduce, (rows,), (REDUCE_THREADS,),
+                     (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, _p(sl),
+                      np.int32(max_tokens), np.int32(h_q), _p(vtab), _p(vch), _p(ow), np.int64(os_[0]),
+                      np.int64(os_[1])), _reduce_smem(v_cfg, nchunks))
+    return prep, split, reduce
 
 
 # ------------------------------------------------------------------------------------ generic path

@@ -12,19 +12,21 @@
 // cache; its own new token comes raw from key/value row r.
 //
 // Kernels (cupy_paged.paged_attention launches them in this order on one stream, no host sync):
-//   tq_paged_prep    grid (n_dec*h_q), block 128: tq_attn_prep's query preparation (permute by the
-//                    KV head's key channels, rotate, fold scale*log2(e), float16 hi+lo).
-//   tq_paged_split   grid (1 + nchunks, n_dec*H), NWARPS warps. Column 0: the RAW partial of the
-//                    KV stream (its new token and every context token whose block has a raw row,
-//                    float32, original domain; all GQ heads of the group). Columns 1..: chunk
-//                    c = blockIdx.x - 1 covers tiles [c*NWARPS*TPW, (c+1)*NWARPS*TPW) of the context
-//                    (a tile = 16 tokens of one block, BS a multiple of 16): tq_attn_split's maths
-//                    (tensor-core scores and values from per-lane pair tables, online softmax per
-//                    warp, the block's warps merged into one partial), the records copied in place
-//                    through the block table. Tiles whose block is out of range or has a raw row
-//                    are skipped (no copy, no work). Chunk boundaries are fixed in tokens (NWARPS,
-//                    TPW compile-time), so a request's partials, and its output, do not depend on
-//                    the batch it shares a launch with; chunks past a request's length exit at once.
+//   tq_paged_prep    grid (n_dec*h_q + n_dec*H), RAW_THREADS threads. Blocks < n_dec*h_q: tq_attn_prep's
+//                    query preparation (permute by the KV head's key channels, rotate, fold
+//                    scale*log2(e), float16 hi+lo). Blocks past them: the RAW partial of one KV stream
+//                    (its new token and every context token whose block has a raw row, float32,
+//                    original domain, all GQ heads of the group, block-table order): small work
+//                    that overlaps the query preparation instead of holding split slots.
+//   tq_paged_split   grid (nchunks, n_dec*H), NWARPS warps. Row bh = r*H + h, column c: chunk c covers
+//                    tiles [c*NWARPS*TPW, (c+1)*NWARPS*TPW) of the context (a tile = 16 tokens of one
+//                    block, BS a multiple of 16): tq_attn_split's maths (tensor-core scores and
+//                    values from per-lane pair tables, online softmax per warp, the block's warps
+//                    merged into one partial), the records copied in place through the block table.
+//                    Tiles whose block is out of range or has a raw row are skipped (no copy, no
+//                    work). Chunk boundaries are fixed in tokens (NWARPS, TPW compile-time), so a
+//                    request's partials, and its output, do not depend on the batch it shares a
+//                    launch with; chunks past a request's context exit at once.
 //   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
 //                    domain) and its raw partial (original domain), un-rotates once, scatters
 //                    through the value channels and writes the output row in the output's dtype.
@@ -123,12 +125,245 @@ struct RawArgs {
 #ifndef TQ_PAGED_WRITE  // the write module builds the scatter kernel alone
 constexpr float LOG2E = 1.4426950408889634f;
 
+// ------------------------------------------------------------------------------------ raw partial
+#define RAW_THREADS (NWARPS * 32)  // threads of tq_paged_prep (its raw blocks use them all)
+#ifndef RAW_SCAN
+#define RAW_SCAN 8  // block-table entries per thread and pass of the raw scan
+#endif
+
+struct __align__(16) V16 {
+  u32 x, y, z, w;
+};
+
+// 16 bytes of KIND values -> floats at dst.
+template <int KIND>
+__device__ __forceinline__ void unpack16(const V16& v, float* dst) {
+  const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if constexpr (KIND == TQ_F32) {
+      dst[k] = __uint_as_float(w[k]);
+    } else if constexpr (KIND == TQ_F16) {
+      dst[2 * k] = h2f(static_cast<u16>(w[k]));
+      dst[2 * k + 1] = h2f(static_cast<u16>(w[k] >> 16));
+    } else {
+      dst[2 * k] = __uint_as_float(w[k] << 16);
+      dst[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  }
+}
+
+// One KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D] (original
+// channel order) over its new token and its raw-pool context tokens, in block-table order.
+// Shared memory (floats): qs[GQ][D] | kb[RAW_T][D] | vb[RAW_T][D] | lg[RAW_T][GQ] | mh, lh, al[GQ]
+// | ints: staged slot rows and offsets [RAW_T] each | listed raw rows and lengths [RAW_THREADS *
+// RAW_SCAN] each | warp counts [32] (cupy_paged._raw_smem mirrors this).
+__device__ void raw_partial(u8* smem, const RawArgs& a, const void* __restrict__ q, long long q_st,
+                            long long q_sh, float scale, const int* __restrict__ bt_row, int nblk, int ctx,
+                            const int* __restrict__ raw_slot, int num_blocks, int r, int kvh, int h_kv,
+                            float* __restrict__ raw_m, float* __restrict__ raw_l,
+                            float* __restrict__ raw_acc) {
+  constexpr int D = KC::D, NT_ = RAW_THREADS, NW_ = NT_ / 32, ACCN = (GQ * D + NT_ - 1) / NT_;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float* qs = reinterpret_cast<float*>(smem);
+  float* kb = qs + GQ * D;
+  float* vb = kb + RAW_T * D;
+  float* lg = vb + RAW_T * D;
+  float* mh = lg + RAW_T * GQ;
+  float* lh = mh + GQ;
+  float* al = lh + GQ;
+  int* srow = reinterpret_cast<int*>(al + GQ);  // per staged token: raw row (-1: the new token)
+  int* soff = srow + RAW_T;                     // slot in its block, -1: invalid
+  int* lrow = soff + RAW_T;                     // listed raw blocks of the current pass
+  int* llen = lrow + NT_ * RAW_SCAN;
+  int* wcnt = llen + NT_ * RAW_SCAN;
+
+  const u64 row0 = (static_cast<u64>(r) * h_kv + kvh) * GQ;
+  for (int i = tid; i < GQ * D; i += NT_) {
+    const int g = i / D, dim = i - g * D;
+    qs[i] = load_float<IN_KIND>(q, static_cast<u64>(r) * q_st + static_cast<u64>(kvh * GQ + g) * q_sh + dim) *
+            (scale * LOG2E);
+  }
+  if (tid < GQ) {
+    mh[tid] = -TQ_INF;
+    lh[tid] = 0.f;
+  }
+  float acc[ACCN];
+#pragma unroll
+  for (int k = 0; k < ACCN; ++k) acc[k] = 0.f;
+
+  // One round over the staged tokens (srow/soff set, soff -1 = none): load, logits, softmax update
+  // (warp g for head g, lanes over tokens), values.
+  auto round = [&](bool new_token) {
+    __syncthreads();  // srow/soff written; the previous round's buffers no longer read
+    // Raw-pool rows in 16-byte chunks, every load of the round in flight before the first use (the
+    // host checks the pool's alignment); the new token's row (srow -1) element by element.
+    constexpr int ES = RAW_KIND == TQ_F32 ? 4 : 2, EPC = 16 / ES, CPR = D / EPC;
+    constexpr int CPT = (RAW_T * CPR + NT_ - 1) / NT_;
+    V16 kr[CPT], vr[CPT];
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int i = tid + c * NT_, s = i / CPR, ch = i - s * CPR;
+      kr[c] = vr[c] = V16{0u, 0u, 0u, 0u};
+      if (i < RAW_T * CPR && soff[s] >= 0 && srow[s] >= 0) {
+        const u64 ek = static_cast<u64>(srow[s]) * a.rk_s0 + soff[s] * a.rk_s1 + kvh * a.rk_s2 + ch * EPC;
+        const u64 ev = static_cast<u64>(srow[s]) * a.rv_s0 + soff[s] * a.rv_s1 + kvh * a.rv_s2 + ch * EPC;
+        kr[c] = *reinterpret_cast<const V16*>(static_cast<const u8*>(a.raw_k) + ek * ES);
+        vr[c] = *reinterpret_cast<const V16*>(static_cast<const u8*>(a.raw_v) + ev * ES);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      const int i = tid + c * NT_, s = i / CPR, ch = i - s * CPR;
+      if (i < RAW_T * CPR && !(new_token && s == 0)) {
+        unpack16<RAW_KIND>(kr[c], kb + s * D + ch * EPC);
+        unpack16<RAW_KIND>(vr[c], vb + s * D + ch * EPC);
+      }
+    }
+    if (new_token)
+      for (int i = tid; i < D; i += NT_) {
+        kb[i] = load_float<NEW_KIND>(a.key, static_cast<u64>(r) * a.kv_st + kvh * a.kv_sh + i);
+        vb[i] = load_float<NEW_KIND>(a.value, static_cast<u64>(r) * a.vv_st + kvh * a.vv_sh + i);
+      }
+    __syncthreads();
+    for (int s = warp; s < RAW_T; s += NW_) {
+      float d[GQ];
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) d[g] = 0.f;
+      for (int i = lane; i < D; i += 32) {
+        const float kv = kb[s * D + i];
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) d[g] = fmaf(qs[g * D + i], kv, d[g]);
+      }
+      const bool ok = soff[s] >= 0;
+#pragma unroll
+      for (int g = 0; g < GQ; ++g) {
+        float v = d[g];
+        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) lg[s * GQ + g] = ok ? v : -TQ_INF;
+      }
+    }
+    __syncthreads();
+    for (int g = warp; g < GQ; g += NW_) {
+      float mx = -TQ_INF;
+      for (int s = lane; s < RAW_T; s += 32) mx = fmaxf(mx, lg[s * GQ + g]);
+      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mo = mh[g], mn = fmaxf(mo, mx), ms = mn == -TQ_INF ? 0.f : mn;
+      float l = 0.f;
+      for (int s = lane; s < RAW_T; s += 32) {
+        const float p = exp2f(lg[s * GQ + g] - ms);
+        lg[s * GQ + g] = p;
+        l += p;
+      }
+      for (int o = 16; o; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+      __syncwarp();
+      if (lane == 0) {
+        const float alpha = exp2f(mo - ms);
+        lh[g] = lh[g] * alpha + l;
+        mh[g] = mn;
+        al[g] = alpha;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < ACCN; ++k) {
+      const int i = tid + k * NT_;
+      if (i < GQ * D) {
+        const int g = i / D, dim = i - g * D;
+        float x = acc[k] * al[g];
+        for (int s = 0; s < RAW_T; ++s) x = fmaf(lg[s * GQ + g], vb[s * D + dim], x);
+        acc[k] = x;
+      }
+    }
+  };
+
+  // Passes over the block table (at least one: the new token, staged first); each lists its raw
+  // blocks in order, then stages their tokens RAW_T at a time.
+  for (int j0 = 0; j0 < max(nblk, 1); j0 += NT_ * RAW_SCAN) {
+    // Thread tid scans entries j0 + tid*RAW_SCAN + i (all loads in flight at once).
+    int rs[RAW_SCAN];
+    int cnt = 0;
+#pragma unroll
+    for (int i = 0; i < RAW_SCAN; ++i) {
+      const int lb = j0 + tid * RAW_SCAN + i;
+      const int b = raw_slot != nullptr && lb < nblk ? bt_row[lb] : -1;
+      rs[i] = b >= 0 && b < num_blocks ? b : -1;
+    }
+#pragma unroll
+    for (int i = 0; i < RAW_SCAN; ++i) {
+      const int x = rs[i] >= 0 ? raw_slot[rs[i]] : -1;
+      rs[i] = x < a.num_raw ? x : -1;
+      cnt += rs[i] >= 0;
+    }
+    int incl = cnt;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    __syncthreads();  // the previous pass's list is no longer read
+    if (lane == 31) wcnt[warp] = incl;
+    __syncthreads();
+    int base = incl - cnt, total = 0;
+    for (int w = 0; w < NW_; ++w) {
+      base += w < warp ? wcnt[w] : 0;
+      total += wcnt[w];
+    }
+#pragma unroll
+    for (int i = 0; i < RAW_SCAN; ++i)
+      if (rs[i] >= 0) {
+        const int lb = j0 + tid * RAW_SCAN + i;
+        lrow[base] = rs[i];
+        llen[base] = min(BS, ctx - lb * BS);
+        ++base;
+      }
+    const int extra = j0 == 0 ? 1 : 0, ntok = extra + total * BS;
+    for (int t0 = 0; t0 < ntok; t0 += RAW_T) {
+      __syncthreads();  // list written; the previous round done with srow/soff
+      for (int s = tid; s < RAW_T; s += NT_) {
+        const int t = t0 + s;
+        if (t < extra) {
+          srow[s] = -1;
+          soff[s] = 0;
+        } else {
+          const int u = t - extra, k = u / BS, o = u - k * BS;
+          const bool ok = t < ntok && o < llen[k];
+          srow[s] = ok ? lrow[k] : 0;
+          soff[s] = ok ? o : -1;
+        }
+      }
+      round(extra && t0 == 0);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < ACCN; ++k) {
+    const int i = tid + k * NT_;
+    if (i < GQ * D) raw_acc[row0 * D + i] = acc[k];
+  }
+  if (tid < GQ) {
+    raw_m[row0 + tid] = mh[tid];
+    raw_l[row0 + tid] = lh[tid];
+  }
+}
+
 // ------------------------------------------------------------------------------------ prep
-extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q_st, long long q_sh,
-                                         int h_q, const u16* __restrict__ kch,
-                                         const float* __restrict__ ktab, float scale,
-                                         float* __restrict__ q32, u16* __restrict__ qh,
-                                         float* __restrict__ qscale) {
+extern "C" __global__ void __launch_bounds__(RAW_THREADS)
+    tq_paged_prep(const void* __restrict__ q, long long q_st, long long q_sh, int h_q,
+                  const u16* __restrict__ kch, const float* __restrict__ ktab, float scale,
+                  u16* __restrict__ qh, float* __restrict__ qscale, const int* __restrict__ block_table, int bt_stride, int max_blocks,
+                  const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks, int h_kv,
+                  float* __restrict__ raw_m, float* __restrict__ raw_l, float* __restrict__ raw_acc,
+                  RAW_PARAMS) {
+  // Blocks past the query rows: one raw partial per KV stream (dynamic shared memory).
+  const int rows = static_cast<int>(gridDim.x) - static_cast<int>(gridDim.x) / (GQ + 1);
+  if (static_cast<int>(blockIdx.x) >= rows) {
+    extern __shared__ __align__(16) u8 dsm[];
+    const int bh = blockIdx.x - rows, r = bh / h_kv, kvh = bh - r * h_kv;
+    const int ctx = context_len(seq_lens, r, max_blocks * BS);
+    raw_partial(dsm, RAW_ARGS, q, q_st, q_sh, scale, block_table + static_cast<long long>(r) * bt_stride,
+                (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh, h_kv, raw_m, raw_l, raw_acc);
+    return;
+  }
   constexpr int D = KC::D, QD = KC::fdims();
   __shared__ float qo[D], qp[D], qf[QD];
   __shared__ float red[32];
@@ -138,7 +373,6 @@ extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
     const float v = load_float<IN_KIND>(q, src + i);
     qo[i] = v;
-    q32[static_cast<u64>(row) * D + i] = v;
   }
   __syncthreads();
   for (int i = threadIdx.x; i < D; i += blockDim.x) qp[i] = kch ? qo[kch[kvh * D + i]] : qo[i];
@@ -159,165 +393,6 @@ extern "C" __global__ void tq_paged_prep(const void* __restrict__ q, long long q
   if (threadIdx.x == 0) qscale[row] = inv;
 }
 
-// ------------------------------------------------------------------------------------ raw partial
-
-// One KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D] (original
-// channel order) over its new token and its raw-pool context tokens, in block-table order.
-// Shared memory (floats): qs[GQ][D] | kb[RAW_T][D] | vb[RAW_T][D] | lg[RAW_T][GQ] | mh, lh, al[GQ]
-// | slot rows and valid lengths [RAW_T] ints | list (raw row, tokens) [blockDim] int pairs | warp
-// counts [32].
-__device__ void raw_partial(u8* smem, const RawArgs& a, const float* __restrict__ q32, float scale,
-                            const int* __restrict__ bt_row, int nblk, int ctx,
-                            const int* __restrict__ raw_slot, int num_blocks, int r, int kvh, int h_kv,
-                            float* __restrict__ raw_m, float* __restrict__ raw_l,
-                            float* __restrict__ raw_acc) {
-  constexpr int D = KC::D, ACCN = (GQ * D + NWARPS * 32 - 1) / (NWARPS * 32);
-  const int tid = threadIdx.x, nthr = NWARPS * 32, lane = tid & 31, warp = tid >> 5;
-  float* qs = reinterpret_cast<float*>(smem);
-  float* kb = qs + GQ * D;
-  float* vb = kb + RAW_T * D;
-  float* lg = vb + RAW_T * D;
-  float* mh = lg + RAW_T * GQ;
-  float* lh = mh + GQ;
-  float* al = lh + GQ;
-  int* srow = reinterpret_cast<int*>(al + GQ);  // per staged token: raw row (-1: the new token)
-  int* soff = srow + RAW_T;                     // slot in its block, -1: invalid
-  int* lrow = soff + RAW_T;                     // compacted raw blocks of the current chunk
-  int* llen = lrow + nthr;
-  int* wcnt = llen + nthr;
-
-  const u64 row0 = (static_cast<u64>(r) * h_kv + kvh) * GQ;
-  for (int i = tid; i < GQ * D; i += nthr) qs[i] = q32[row0 * D + i] * (scale * LOG2E);
-  if (tid < GQ) {
-    mh[tid] = -TQ_INF;
-    lh[tid] = 0.f;
-  }
-  float acc[ACCN];
-#pragma unroll
-  for (int k = 0; k < ACCN; ++k) acc[k] = 0.f;
-
-  // One round over `cnt` staged tokens (srow/soff set): load, logits, softmax update, values.
-  auto round = [&](int cnt) {
-    __syncthreads();  // srow/soff written; the previous round's buffers no longer read
-    for (int i = tid; i < RAW_T * D; i += nthr) {
-      const int s = i / D, dim = i - s * D;
-      float kv = 0.f, vv = 0.f;
-      if (s < cnt && soff[s] >= 0) {
-        if (srow[s] < 0) {
-          kv = load_float<NEW_KIND>(a.key, static_cast<u64>(r) * a.kv_st + kvh * a.kv_sh + dim);
-          vv = load_float<NEW_KIND>(a.value, static_cast<u64>(r) * a.vv_st + kvh * a.vv_sh + dim);
-        } else {
-          kv = load_float<RAW_KIND>(a.raw_k, static_cast<u64>(srow[s]) * a.rk_s0 + soff[s] * a.rk_s1 +
-                                                 kvh * a.rk_s2 + dim);
-          vv = load_float<RAW_KIND>(a.raw_v, static_cast<u64>(srow[s]) * a.rv_s0 + soff[s] * a.rv_s1 +
-                                                 kvh * a.rv_s2 + dim);
-        }
-      }
-      kb[i] = kv;
-      vb[i] = vv;
-    }
-    __syncthreads();
-    for (int s = warp; s < RAW_T; s += NWARPS) {
-      float d[GQ];
-#pragma unroll
-      for (int g = 0; g < GQ; ++g) d[g] = 0.f;
-      for (int i = lane; i < D; i += 32) {
-        const float kv = kb[s * D + i];
-#pragma unroll
-        for (int g = 0; g < GQ; ++g) d[g] = fmaf(qs[g * D + i], kv, d[g]);
-      }
-#pragma unroll
-      for (int g = 0; g < GQ; ++g) {
-        float v = d[g];
-        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) lg[s * GQ + g] = (s < cnt && soff[s] >= 0) ? v : -TQ_INF;
-      }
-    }
-    __syncthreads();
-    if (tid < GQ) {
-      float mx = -TQ_INF;
-      for (int s = 0; s < RAW_T; ++s) mx = fmaxf(mx, lg[s * GQ + tid]);
-      const float mo = mh[tid], mn = fmaxf(mo, mx), ms = mn == -TQ_INF ? 0.f : mn;
-      const float alpha = exp2f(mo - ms);
-      float l = lh[tid] * alpha;
-      for (int s = 0; s < RAW_T; ++s) {
-        const float p = exp2f(lg[s * GQ + tid] - ms);
-        lg[s * GQ + tid] = p;
-        l += p;
-      }
-      lh[tid] = l;
-      mh[tid] = mn;
-      al[tid] = alpha;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < ACCN; ++k) {
-      const int i = tid + k * nthr;
-      if (i < GQ * D) {
-        const int g = i / D, dim = i - g * D;
-        float x = acc[k] * al[g];
-        for (int s = 0; s < RAW_T; ++s) x = fmaf(lg[s * GQ + g], vb[s * D + dim], x);
-        acc[k] = x;
-      }
-    }
-  };
-
-  // The new token first: the running maxima are finite from then on.
-  if (tid == 0) {
-    srow[0] = -1;
-    soff[0] = 0;
-  }
-  round(1);
-
-  if (raw_slot != nullptr) {
-    for (int j0 = 0; j0 < nblk; j0 += nthr) {
-      const int lb = j0 + tid;
-      int rs = -1;
-      if (lb < nblk) {
-        const int b = bt_row[lb];
-        if (b >= 0 && b < num_blocks) rs = raw_slot[b];
-        if (rs >= a.num_raw) rs = -1;
-      }
-      const bool f = rs >= 0;
-      const u32 bal = __ballot_sync(0xffffffffu, f);
-      __syncthreads();  // the previous chunk's list is no longer read
-      if (lane == 0) wcnt[warp] = __popc(bal);
-      __syncthreads();
-      int base = 0, total = 0;
-      for (int w = 0; w < NWARPS; ++w) {
-        base += w < warp ? wcnt[w] : 0;
-        total += wcnt[w];
-      }
-      if (f) {
-        const int pos = base + __popc(bal & ((1u << lane) - 1u));
-        lrow[pos] = rs;
-        llen[pos] = min(BS, ctx - lb * BS);
-      }
-      // Tokens of the listed blocks, RAW_T at a time (slot o of list entry k: token k*BS + o).
-      for (int t0 = 0; t0 < total * BS; t0 += RAW_T) {
-        __syncthreads();  // list written; the previous round done with srow/soff
-        for (int s = tid; s < RAW_T; s += nthr) {
-          const int t = t0 + s, k = t / BS, o = t - k * BS;
-          const bool ok = t < total * BS && o < llen[k];
-          srow[s] = ok ? lrow[k] : 0;
-          soff[s] = ok ? o : -1;
-        }
-        round(RAW_T);
-      }
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < ACCN; ++k) {
-    const int i = tid + k * nthr;
-    if (i < GQ * D) raw_acc[row0 * D + i] = acc[k];
-  }
-  if (tid < GQ) {
-    raw_m[row0 + tid] = mh[tid];
-    raw_l[row0 + tid] = lh[tid];
-  }
-}
-
 // ------------------------------------------------------------------------------------ split
 __device__ __forceinline__ u64 shfl64(u64 v, int src) {
   const u32 lo = __shfl_sync(0xffffffffu, static_cast<u32>(v), src);
@@ -332,20 +407,13 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                    const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks,
                    int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
                    const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
-                   float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc,
-                   int nchunks, const float* __restrict__ q32, float scale, float* __restrict__ raw_m,
-                   float* __restrict__ raw_l, float* __restrict__ raw_acc, RAW_PARAMS) {
+                   float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
   constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
   const int bh = blockIdx.y, r = bh / h_kv, kvh = bh - r * h_kv;
   const int* bt_row = block_table + static_cast<long long>(r) * bt_stride;
   const int ctx = context_len(seq_lens, r, max_blocks * BS);
-  if (blockIdx.x == 0) {
-    raw_partial(smem, RAW_ARGS, q32, scale, bt_row, (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh,
-                h_kv, raw_m, raw_l, raw_acc);
-    return;
-  }
-  const int chunk = blockIdx.x - 1;
+  const int chunk = blockIdx.x, nchunks = gridDim.x;
   const int ntiles = (ctx + TILE - 1) / TILE;
   if (chunk * NWARPS * TPW >= ntiles) return;  // past this request's context (block-uniform)
 
