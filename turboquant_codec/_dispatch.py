@@ -9,6 +9,7 @@ is read before availability, so a backend that cannot serve an op is never impor
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 from typing import Any
 
@@ -44,13 +45,19 @@ def backend(op: str, name: str, ref: Any, configs: tuple[CodecConfig, ...], dtyp
     dtype : str or None
         The float input's dtype name, when the op has one.
     """
-    explicit = _registry.requested(name)
+    where = "cuda" if _interop.on_gpu(ref) else "cpu"
+    return _choose(op, _registry.requested(name), where, configs, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(op: str, explicit: str | None, where: str, configs: tuple[CodecConfig, ...],
+            dtype: str | None) -> ModuleType:
+    """``backend``'s choice, cached per request kind (errors are raised again, never cached)."""
     if explicit is not None:
         refusal = _refusal(op, explicit, configs, dtype)
         if refusal:
             raise ValueError(f"backend {explicit!r} {refusal}")
         return _registry.load(explicit)
-    where = "cuda" if _interop.on_gpu(ref) else "cpu"
     reasons = []
     for candidate in _registry.PREFERENCE[where]:
         refusal = _refusal(op, candidate, configs, dtype)
