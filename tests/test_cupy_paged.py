@@ -107,6 +107,7 @@ class Scene:
         raw = None
         if raw_share > 0:
             has = rng.random(nb) < raw_share
+            has[rng.integers(nb)] = True
             rsb = np.full(nb, -1, np.int32)
             rsb[has] = rng.permutation(int(has.sum()))
             n_raw = int(has.sum()) + 1
@@ -208,9 +209,11 @@ CASES = {
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(CASES))
-def test_paged_attention_matches_reference(case: str) -> None:
-    bits, mode, d, dtype, bs, group, layout = CASES[case]
+@pytest.mark.parametrize("case", list(CASES) + ["side-stream"])
+def test_paged_attention_matches_reference(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case == "side-stream":  # raw partials on the forked stream, whatever the batch
+        monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
+    bits, mode, d, dtype, bs, group, layout = CASES.get(case, CASES["mse3.5-d128-bf16-b16-g4"])
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     reqs = _requests(rng, 5, 2, 700) + [(0, 1), (16 * 4096 // 16 + 37, 1)]  # empty and multi-chunk
     scene = Scene(rng, d=d, bits=bits, mode=mode, dtype=dtype, bs=bs, group=group, reqs=reqs, layout=layout)
@@ -303,8 +306,12 @@ def test_paged_write_matches_reference(cfg: tuple, pick_channels: bool) -> None:
     key = _rounded(kv_like(rng, (t, scene.h, d)), dtype)
     value = _rounded(rng.standard_normal((t, scene.h, d)).astype(np.float32), dtype)
     nb = cache_h.num_blocks
-    slots = rng.choice(nb * 16, t - 3, replace=False).astype(np.int64)
-    slots[::5] = -1  # padding; rows past len(slot_mapping) are ignored
+    # Slot 1 lands in a block with a raw row; every fifth token is padding; rows past
+    # len(slot_mapping) are ignored.
+    raw_slot = int(np.flatnonzero(cache_h.raw_slot_of_block >= 0)[0]) * 16 + 5
+    slots = rng.choice(np.setdiff1d(np.arange(nb * 16), [raw_slot]), t - 3, replace=False).astype(np.int64)
+    slots[1] = raw_slot
+    slots[::5] = -1
     raw_before = None if not cache_h.has_raw else cache_h.raw_k.copy()
     want = numpy_ref.paged_write(cache_h, key, value, slots)
     got = cupy_raw.paged_write(cache_g, _dev(key, dtype), _dev(value, dtype), cp.asarray(slots))
@@ -329,7 +336,8 @@ def test_paged_write_matches_reference(cfg: tuple, pick_channels: bool) -> None:
 # ------------------------------------------------------------------------------------ GPU: CUDA graph
 @gpu
 @pytest.mark.gpu
-def test_decode_step_graph_capture_equals_eager() -> None:
+@pytest.mark.parametrize("side", [False, True])
+def test_decode_step_graph_capture_equals_eager(side: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """32 layers of (paged_write, paged_attention) through the public API on torch tensors, captured
     in one torch CUDA graph; replays equal eager calls bitwise, also after new inputs are copied in."""
     torch = pytest.importorskip("torch")
@@ -337,6 +345,8 @@ def test_decode_step_graph_capture_equals_eager() -> None:
         pytest.skip("torch without CUDA")
     import turboquant_codec as tq
 
+    if side:  # raw partials on the forked stream: the capture follows the fork and the join
+        monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
     rng = np.random.default_rng()
     dev = torch.device("cuda")
     layers, b, h, group, d, bs = 32, 4, 2, 4, 128, 16

@@ -53,6 +53,10 @@ PREP_THREADS = 128
 # Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
 # memory, e.g. a contiguous [num_blocks, block_size, H, R] cache with many heads, goes generic).
 MAX_STAGE_BYTES = 8 * 1024
+# KV streams (requests x KV heads) from which the raw partials run on a side stream beside the split
+# (H100, 32/8 heads: 256 streams gained 3 us a call that way, 8 and 64 streams lost 8 and 2 us, their
+# split grid being about one wave that the raw blocks would hold SMs of).
+SIDE_STREAM_MIN_STREAMS = 128
 # Query rows per dense product on the generic path (bounds its logits' memory).
 GENERIC_ROWS = 256
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -222,7 +226,7 @@ class _Plan:
     prep: Any
     split: Any
     reduce: Any
-    prep_smem: int
+    raw_smem: int
     split_smem: int
     tables: tuple[Any, Any, Any, Any]
 
@@ -239,14 +243,14 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
     smem = _split_smem(k_cfg, v_cfg, group, layout)
     if smem > 48 * 1024:
         split.max_dynamic_shared_size_bytes = smem
-    prep_smem = _raw_smem(group, k_cfg.d)
-    if prep_smem > 48 * 1024:
-        prep.max_dynamic_shared_size_bytes = prep_smem
+    raw_smem = _raw_smem(group, k_cfg.d)
+    if raw_smem > 48 * 1024:
+        prep.max_dynamic_shared_size_bytes = raw_smem
     reduce_max = _reduce_smem(v_cfg, 4096)
     if reduce_max > 48 * 1024:
         reduce.max_dynamic_shared_size_bytes = reduce_max
     # Driver functions, called directly (a RawKernel looks its function up on every call).
-    return _Plan(prep.kernel, split.kernel, reduce.kernel, prep_smem, smem,
+    return _Plan(prep.kernel, split.kernel, reduce.kernel, raw_smem, smem,
                  (*cupy_raw._device_tables(device, k_cfg), *cupy_raw._device_tables(device, v_cfg)))
 
 
@@ -427,7 +431,7 @@ class _Launch:
 # Launches of recent decode calls, keyed on everything their arguments depend on (_sig of each
 # array, the scalars, the settings); None = the cache's layout is not fused (generic path). A hit
 # costs the key and three driver calls. Bounded; cleared when full.
-_LAUNCHES: dict[tuple[Any, ...], tuple[_Launch, ...] | None] = {}
+_LAUNCHES: dict[tuple[Any, ...], tuple[_Launch | None, _Launch, _Launch, _Launch] | None] = {}
 _MAX_LAUNCHES = 1024
 
 
@@ -435,7 +439,7 @@ def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: An
             scale: float, out: Any, n: int, device: int) -> bool:
     """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync), on the
     current stream; False (nothing launched) where the cache's layout is not fused."""
-    sig = (device, n, scale, PAGED_TILES_PER_WARP, cache.k_config, cache.v_config,
+    sig = (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, cache.k_config, cache.v_config,
            *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
                                 cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
                                 cache.raw_slot_of_block)))
@@ -447,30 +451,59 @@ def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: An
         launches = None if layout is None else _build_decode(
             cache, layout, query, key, value, block_table, seq_lens, scale, out, n, device, keep)
         if keep:  # converted copies (int32, contiguous): this call's launch only
-            stream = cupy_raw._stream(device).ptr
-            for fn in launches or ():
-                fn(stream)
+            if launches is not None:
+                _run(launches, device)
             return True
         if len(_LAUNCHES) >= _MAX_LAUNCHES:
             _LAUNCHES.clear()
         _LAUNCHES[sig] = launches
     if launches is None:
         return False
-    stream = cupy_raw._stream(device).ptr
-    for fn in launches:
-        fn(stream)
+    _run(launches, device)
     return True
 
 
+@functools.lru_cache(maxsize=16)
+def _side(device: int) -> tuple[Any, Any, Any]:
+    """(side stream, fork event, join event) of ``device``: the raw partial runs beside prep and split."""
+    cp = _cupy()
+    with cp.cuda.Device(device):
+        return (cp.cuda.Stream(non_blocking=True), cp.cuda.Event(block=False, disable_timing=True),
+                cp.cuda.Event(block=False, disable_timing=True))
+
+
+def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int) -> None:
+    """prep (with the raw partials), split, reduce on the current stream; or with the raw partials on
+    the side stream forked from it and joined before reduce. Event record and wait are stream
+    operations, so a CUDA graph capture follows the fork and the join."""
+    main = cupy_raw._stream(device).ptr
+    raw_part, prep, split, reduce = launches
+    if raw_part is None:
+        prep(main)
+        split(main)
+        reduce(main)
+        return
+    rt = _cupy().cuda.runtime
+    side, fork, join = _side(device)
+    rt.eventRecord(fork.ptr, main)
+    rt.streamWaitEvent(side.ptr, fork.ptr, 0)
+    raw_part(side.ptr)
+    rt.eventRecord(join.ptr, side.ptr)
+    prep(main)
+    split(main)
+    rt.streamWaitEvent(main, join.ptr, 0)
+    reduce(main)
+
+
 def _raw_smem(group: int, d: int) -> int:
-    """Dynamic shared memory of a raw-partial block of tq_paged_prep (mirrors raw_partial)."""
+    """Dynamic shared memory of tq_paged_prep's raw-partial blocks (mirrors raw_partial)."""
     return 4 * (group * d + 2 * RAW_T * d + RAW_T * group + 3 * group) + 4 * (
         2 * RAW_T + 2 * 32 * PAGED_WARPS * RAW_SCAN + 32)
 
 
 def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
                   seq_lens: Any, scale: float, out: Any, n: int, device: int,
-                  keep: list[Any]) -> tuple[_Launch, ...]:
+                  keep: list[Any]) -> tuple[_Launch | None, _Launch, _Launch, _Launch]:
     """The three launches of ``_decode``; arrays converted on the way (int32, contiguous) go to
     ``keep``: such launches are for this call only."""
     cp = _cupy()
@@ -512,10 +545,14 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     if rsb is not cache.raw_slot_of_block:
         keep.append(rsb)
     fscale = np.float32(scale)
-    prep = _Launch(plan.prep, (rows + streams,), (32 * PAGED_WARPS,),
-                   (_p(qw), np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), _p(kch), _p(ktab), fscale, qh,
-                    qscale, _p(bt), np.int32(bt.strides[0] // 4), np.int32(max_blocks), _p(sl), _p(rsb),
-                    np.int32(cache.num_blocks), np.int32(h), raw_m, raw_l, raw_acc, *raw), plan.prep_smem)
+    side = streams >= SIDE_STREAM_MIN_STREAMS
+    tail = (_p(bt), np.int32(bt.strides[0] // 4), np.int32(max_blocks), _p(sl), _p(rsb),
+            np.int32(cache.num_blocks), np.int32(h), raw_m, raw_l, raw_acc, *raw)
+    head = (_p(qw), np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), _p(kch), _p(ktab), fscale, qh, qscale)
+    raw_part = _Launch(plan.prep, (streams,), (32 * PAGED_WARPS,), (*head, np.int32(0), *tail),
+                       plan.raw_smem) if side else None
+    prep = _Launch(plan.prep, (rows + (0 if side else streams),), (32 * PAGED_WARPS,),
+                   (*head, np.int32(rows), *tail), 0 if side else plan.raw_smem)
     split = _Launch(plan.split, (nchunks, streams), (32 * PAGED_WARPS,),
                     (_p(kc), _p(vc), end, end, np.int64(kc.strides[0]), np.int64(kc.strides[2]),
                      np.int64(vc.strides[0]), np.int64(vc.strides[2]), _p(bt), np.int32(bt.strides[0] // 4),
@@ -525,7 +562,7 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
                      (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, _p(sl),
                       np.int32(max_tokens), np.int32(h_q), _p(vtab), _p(vch), _p(ow), np.int64(os_[0]),
                       np.int64(os_[1])), _reduce_smem(v_cfg, nchunks))
-    return prep, split, reduce
+    return raw_part, prep, split, reduce
 
 
 # ------------------------------------------------------------------------------------ generic path

@@ -11,13 +11,16 @@
 // Decode request r (r < num_decodes) owns query row r and context tokens 0 .. seq_lens[r] - 2 in the
 // cache; its own new token comes raw from key/value row r.
 //
-// Kernels (cupy_paged.paged_attention launches them in this order on one stream, no host sync):
-//   tq_paged_prep    grid (n_dec*h_q + n_dec*H), RAW_THREADS threads. Blocks < n_dec*h_q: tq_attn_prep's
-//                    query preparation (permute by the KV head's key channels, rotate, fold
-//                    scale*log2(e), float16 hi+lo). Blocks past them: the RAW partial of one KV stream
-//                    (its new token and every context token whose block has a raw row, float32,
-//                    original domain, all GQ heads of the group, block-table order): small work
-//                    that overlaps the query preparation instead of holding split slots.
+// Kernels (cupy_paged.paged_attention launches them on the caller's stream, no host sync):
+//   tq_paged_prep    grid (rows + raw blocks), RAW_THREADS threads. Blocks < rows (= n_dec*h_q):
+//                    tq_attn_prep's query preparation (permute by the KV head's key channels, rotate,
+//                    fold scale*log2(e), float16 hi+lo). Blocks past them: the RAW partial of one KV
+//                    stream each (its new token and every context token whose block has a raw row,
+//                    float32, original domain, all GQ heads of the group, block-table order); it
+//                    needs no other kernel's output. Launched either as one grid (rows + n_dec*H), or,
+//                    for many streams, as a rows-only grid plus a raws-only grid (rows = 0) on a side
+//                    stream forked from the caller's and joined before tq_paged_reduce, so the raw
+//                    partials overlap the split instead of delaying it.
 //   tq_paged_split   grid (nchunks, n_dec*H), NWARPS warps. Row bh = r*H + h, column c: chunk c covers
 //                    tiles [c*NWARPS*TPW, (c+1)*NWARPS*TPW) of the context (a tile = 16 tokens of one
 //                    block, BS a multiple of 16): tq_attn_split's maths (tensor-core scores and
@@ -350,12 +353,12 @@ __device__ void raw_partial(u8* smem, const RawArgs& a, const void* __restrict__
 extern "C" __global__ void __launch_bounds__(RAW_THREADS)
     tq_paged_prep(const void* __restrict__ q, long long q_st, long long q_sh, int h_q,
                   const u16* __restrict__ kch, const float* __restrict__ ktab, float scale,
-                  u16* __restrict__ qh, float* __restrict__ qscale, const int* __restrict__ block_table, int bt_stride, int max_blocks,
+                  u16* __restrict__ qh, float* __restrict__ qscale, int rows,
+                  const int* __restrict__ block_table, int bt_stride, int max_blocks,
                   const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks, int h_kv,
                   float* __restrict__ raw_m, float* __restrict__ raw_l, float* __restrict__ raw_acc,
                   RAW_PARAMS) {
-  // Blocks past the query rows: one raw partial per KV stream (dynamic shared memory).
-  const int rows = static_cast<int>(gridDim.x) - static_cast<int>(gridDim.x) / (GQ + 1);
+  // Blocks past the first `rows`: one raw partial per KV stream (dynamic shared memory).
   if (static_cast<int>(blockIdx.x) >= rows) {
     extern __shared__ __align__(16) u8 dsm[];
     const int bh = blockIdx.x - rows, r = bh / h_kv, kvh = bh - r * h_kv;
