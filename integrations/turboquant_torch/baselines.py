@@ -15,21 +15,40 @@ numbers the real format would give) and reports the honest bytes of the real for
 
 Outlier channel choice and codebooks are ``turboquant_codec``'s (``numpy_ref.select_channels``,
 ``lloyd_max``): the baselines differ from TurboQuant in the transform, not in those choices.
+
+``DecodedCopyCache`` is the earlier contiguous ``TurboQuantCache``, kept as the reference the paged
+cache is compared with: per layer ``[sinks | compressed | buffer]`` contiguous (B, H, n, *) tensors
+plus a decoded float copy of the compressed part, and ``update`` returns the whole history
+``[sinks | decoded | buffer]`` in the model dtype for any attention. Same flush rule, calibration,
+seeds and codec calls as ``TurboQuantCache``, so the two read every token as the same numbers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turboquant_codec.backends.numpy_ref import select_channels
 from turboquant_codec.codebooks import lloyd_max
 from turboquant_codec.config import CodecConfig
 
-from .hf_cache import KVQuantizer, QuantizerFactory
+from .hf_cache import (
+    DEFAULT_FLUSH,
+    DEFAULT_SINKS,
+    KVQuantizer,
+    LayerMemory,
+    QuantizerFactory,
+    _model_shape,
+    _nbytes,
+    check_states,
+    turboquant_factory,
+)
 
 
 def _f16(x: Tensor) -> Tensor:
@@ -204,3 +223,161 @@ def hadamard_factory(bits: float) -> QuantizerFactory:
         return HadamardQuantizer(head_dim, bits)
 
     return make
+
+
+# ----------------------------------------------------------------------------- decoded-copy cache
+def _cat(a: Tensor | None, b: Tensor) -> Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)
+
+
+class DecodedCopyLayer(CacheLayerMixin):
+    """One layer of ``DecodedCopyCache``: contiguous sinks, records, decoded copy and buffer."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, key_quantizer: KVQuantizer,
+                 value_quantizer: KVQuantizer, flush_interval: int, sinks: int) -> None:
+        super().__init__()
+        self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
+        self.kq, self.vq = key_quantizer, value_quantizer
+        self.flush_interval, self.sinks = flush_interval, sinks
+        self._clear()
+
+    def _clear(self) -> None:
+        self.sink_k: Tensor | None = None
+        self.sink_v: Tensor | None = None
+        self.buf_k: Tensor | None = None
+        self.buf_v: Tensor | None = None
+        self.rec_k: Tensor | None = None
+        self.rec_v: Tensor | None = None
+        self.dec_k: Tensor | None = None
+        self.dec_v: Tensor | None = None
+        self.length = 0
+        self.is_initialized = False
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype, self.batch_size = key_states.device, key_states.dtype, key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        """Append (B, H, q, d) states; return the whole history (B, H, L + q, d) in the model dtype."""
+        check_states(self, key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states, value_states
+        n_sink = self.sink_k.shape[-2] if self.sink_k is not None else 0
+        take = min(max(self.sinks - n_sink, 0), k.shape[-2])
+        if take:
+            self.sink_k = _cat(self.sink_k, k[..., :take, :])
+            self.sink_v = _cat(self.sink_v, v[..., :take, :])
+            k, v = k[..., take:, :], v[..., take:, :]
+        if k.shape[-2]:
+            self.buf_k, self.buf_v = _cat(self.buf_k, k), _cat(self.buf_v, v)
+        self.length += key_states.shape[-2]
+        parts_k = [t for t in (self.sink_k, self.dec_k, self.buf_k) if t is not None]
+        parts_v = [t for t in (self.sink_v, self.dec_v, self.buf_v) if t is not None]
+        keys, values = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        self._flush()
+        return keys, values
+
+    def _flush(self) -> None:
+        r = 0 if self.buf_k is None else self.buf_k.shape[-2]
+        n = (r // self.flush_interval) * self.flush_interval
+        if not n:
+            return
+        assert self.buf_k is not None and self.buf_v is not None
+        old_k, old_v = self.buf_k[..., :n, :], self.buf_v[..., :n, :]
+        if self.rec_k is None:
+            self.kq.calibrate(old_k)
+            self.vq.calibrate(old_v)
+        pk, pv = self.kq.encode(old_k), self.vq.encode(old_v)
+        self.rec_k, self.rec_v = _cat(self.rec_k, pk), _cat(self.rec_v, pv)
+        self.dec_k = _cat(self.dec_k, self.kq.decode(pk).to(self.dtype))
+        self.dec_v = _cat(self.dec_v, self.vq.decode(pv).to(self.dtype))
+        self.buf_k = self.buf_k[..., n:, :].clone() if n < r else None
+        self.buf_v = self.buf_v[..., n:, :].clone() if n < r else None
+
+    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
+        q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else int(query_length)
+        return self.length + q, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+        self.kq.reset()
+        self.vq.reset()
+
+    def _select(self, fn: Callable[[Tensor], Tensor]) -> None:
+        for name in ("sink_k", "sink_v", "buf_k", "buf_v", "rec_k", "rec_v", "dec_k", "dec_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        if self.sink_k is not None:
+            self.batch_size = self.sink_k.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("DecodedCopyCache cannot be cropped")
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def memory(self) -> LayerMemory:
+        n = 0 if self.rec_k is None else self.rec_k.shape[-2] * self.rec_k.shape[0]
+        records = 0
+        if self.rec_k is not None and self.rec_v is not None:
+            records = self.kq.stored_nbytes(self.rec_k) + self.vq.stored_nbytes(self.rec_v)
+        raw = sum(_nbytes(t) for t in (self.sink_k, self.sink_v, self.buf_k, self.buf_v))
+        decoded = _nbytes(self.dec_k) + _nbytes(self.dec_v)
+        meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
+        held = _nbytes(self.rec_k) + _nbytes(self.rec_v) + raw + decoded + meta
+        batch = self.batch_size if self.is_initialized else 0
+        return LayerMemory(records=records, metadata=meta, raw=raw, decoded=decoded, device=held,
+                           compressed_tokens=n, raw_tokens=self.length * batch - n)
+
+
+class DecodedCopyCache(Cache):
+    """The earlier contiguous cache with a decoded copy (module docstring); any attention works.
+
+    Parameters are ``TurboQuantCache``'s (without ``block_size``); full-attention models only.
+    """
+
+    def __init__(self, config: Any, *, key_bits: float = 3.5, value_bits: float = 3.5, key_mode: str = "mse",
+                 value_mode: str = "mse", flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS,
+                 seed: int = 0, quantizer: QuantizerFactory | None = None) -> None:
+        num_layers, kv_heads, head_dim, types = _model_shape(config)
+        if any(t != "full_attention" for t in types):
+            raise ValueError("DecodedCopyCache supports full-attention layers only")
+        make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
+        super().__init__(layers=[
+            DecodedCopyLayer(i, kv_heads, head_dim, make("key", i, head_dim), make("value", i, head_dim),
+                             int(flush_interval), int(sinks))
+            for i in range(num_layers)
+        ])
+        self.num_kv_heads, self.head_dim = kv_heads, head_dim
+
+    def memory(self) -> LayerMemory:
+        total = LayerMemory()
+        for layer in self.layers:
+            total = total + layer.memory()
+        return total

@@ -8,6 +8,9 @@ chunks, so every chunk attends to itself and the recent buffer uncompressed and 
 bits it reports perplexity and its change, mean KL(uncompressed || compressed) of the next-token
 distributions, top-1 agreement with the uncompressed model, and honest bytes per token.
 
+The model runs the registered ``"turboquant"`` attention: every chunk is a multi-token step, so each
+one attends over the compressed history decoded transiently (``hf_attention``).
+
 Recipes (all through ``TurboQuantCache``, same flush interval and sinks, so only the codec differs):
 TurboQuant mse keys / mse values, TurboQuant prod (QJL) keys / mse values, KIVI-style per-token
 uniform K and V, and the MSE-only Hadamard recipe (no random signs, no QJL) for K and V.
@@ -56,16 +59,24 @@ def model_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def load_model(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """(tokenizer, model) of SmolLM2-135M-Instruct, offline, eval mode."""
+def load_model(dtype: torch.dtype = torch.float32,
+               attn_implementation: str = "turboquant") -> tuple[Any, Any]:
+    """(tokenizer, model) of SmolLM2-135M-Instruct, offline, eval mode.
+
+    The default attention is the registered ``"turboquant"`` one (``hf_attention``), which
+    ``TurboQuantCache`` needs; with any other cache it is transformers' SDPA.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from . import hf_attention  # noqa: F401  (registers "turboquant")
+
     hf_logging.disable_progress_bar()
     path = model_dir()
     tok = AutoTokenizer.from_pretrained(path, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF, dtype=dtype,
+                                                 attn_implementation=attn_implementation).eval()
     return tok, model
 
 

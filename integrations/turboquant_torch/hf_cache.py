@@ -1,44 +1,51 @@
-"""A Hugging Face transformers ``Cache`` that keeps the KV history as TurboQuant records.
+"""A Hugging Face transformers ``Cache`` that keeps the KV history as TurboQuant records, paged.
 
-Layout of one layer's cache (``B`` batch, ``H`` KV heads, ``d`` head dim, positions in order)::
+Layout of one layer (``B`` batch rows, ``H`` KV heads, ``d`` head dim, ``bs`` tokens per block,
+``cap`` blocks per row, ``R_k`` / ``R_v`` record bytes; ``S`` sinks, ``F`` flush interval)::
 
-    positions [0, S)          sinks     raw (B, H, S, d), model dtype        kept uncompressed
-    positions [S, S + n)      compressed payload (B, H, n, R) per K and V    uint8 TurboQuant records
-                                         (+ decoded copy (B, H, n, d) when keep_decoded)
-    positions [S + n, L)      buffer    raw (B, H, r, d), model dtype        the recent tokens, r < F
-                                                                             between updates
+    packed      [B * cap, H, bs, R_k + R_v]  uint8   K record then V record per (block, head, slot)
+    k_records,  [B * cap, bs, H, R_k / R_v]  uint8   views of ``packed`` (``turboquant_codec.
+    v_records                                        paged_cache``'s layout; vLLM's packing)
+    raw_k,      [num_raw, bs, H, d]   model dtype    raw side pool: the blocks read uncompressed
+    raw_v
+    raw_of      [B, cap] int (host)                  raw-pool row of each block, -1 = read the records
+    raw_slot_of_block  [B * cap] int32 (device)      the same map, flat, as the paged op reads it
+    block_table [B, cap] int32 (device)              row r's block j is physical block r * cap + j
+    n, c        [B] int (host)                       per row: stored tokens; end of the compressed part
 
-Each ``update`` appends the new tokens (filling the sinks first), hands the model the whole history
-``[sinks | decode(compressed) | buffer]`` (the current step always sees its own tokens and the buffer
-uncompressed), then, once the buffer holds ``F = flush_interval`` tokens or more, compresses its oldest
-whole multiples of ``F`` in one batch. Tokens are compressed exactly once (no re-quantization). The
-first flush of a layer fixes each head's outlier channels (half-integer bits) from the tokens it
-compresses, pooled over the batch; sinks never enter that choice.
+Each row stores only its real tokens (masked, i.e. padded, positions are never stored), in order;
+RoPE is already in the keys, so a token's place in the row is all attention needs. Positions
+``[0, S)`` are the sinks, ``[S, c)`` are compressed, ``[c, n)`` are the recent buffer. When the
+buffer holds ``F`` tokens or more after a step, its oldest whole multiples of ``F`` are compressed
+in one batch (each token exactly once). The first such batch of a layer fixes each head's outlier
+channels (half-integer bits) from its tokens, pooled over the rows that flush; sinks and padding
+never enter that choice.
+
+A block is read raw (has a raw-pool row) when any of its positions is a sink or in the buffer; the
+others are read from their records. Compressed positions inside a raw block (``S`` or ``c`` not a
+multiple of ``bs``: at most two blocks per row) hold their *decoded* values in the raw row, so every
+token is read exactly as the decoded-copy cache (``baselines.DecodedCopyCache``) reads it, at any
+block size. Records are written when tokens are compressed, never before.
+
+Steps (the registered attention, ``hf_attention``, drives them): ``update`` only checks and holds
+the new tokens; the attention function then runs either ``tq.paged_attention`` over the records,
+the raw pool and the new token (one call per layer: single-token steps with every row's token real,
+once something is compressed), or SDPA over the history decoded transiently (multi-token steps,
+padded new tokens, or nothing compressed yet); ``commit`` then stores the new tokens and flushes.
 
 Seeds: layer ``i`` encodes keys with ``stream_seed(seed, 2 i)`` and values with
-``stream_seed(seed, 2 i + 1)``. The codec maths is ``turboquant_torch.ops`` / ``turboquant_codec``;
-this module only moves tensors. Other compressors (``baselines``) plug in through ``quantizer=``.
-
-Decoded copy: with ``keep_decoded=True`` (the default) each flush is decoded once and the float copy is
-kept beside the records, so a step costs one decode of the new batch; with ``False`` every step decodes
-the whole compressed history (measured on this CPU with the NumPy reference: ~28 ms per K or V stream
-of 2048 tokens, i.e. ~1.7 s per forward of SmolLM2's 30 layers, more than the model forward itself,
-versus ~0.1 s per flush). ``memory()`` reports the records and raw buffers (the stored form) and the
-decoded working copy separately.
-
-Defaults (measured, TurboQuant mse/mse, 2048 GPL-3 tokens in 128-token chunks, dPPL / KL / top-1):
-flush 128, sinks 4: 3.5 bits +0.65% / 0.0053 / 96.0%, 2.5 bits +2.07% / 0.0209 / 91.5%;
-flush 128, sinks 16: +0.61% / 0.0047 / 96.4%, +1.78% / 0.0199 / 91.9%;
-flush 256, sinks 4: +0.63% / 0.0041 / 96.7%, +1.54% / 0.0195 / 91.8% (chosen);
-flush 256, sinks 16: 2.5 bits +2.31% / 0.0209 / 92.5%. MSE keys beat QJL keys (docs/eval-smollm2.md).
+``stream_seed(seed, 2 i + 1)``. Other compressors (``baselines``) plug in through ``quantizer=``;
+their payloads are stored the same way (``[B * cap, bs, H, P]``) and always read decoded.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -54,6 +61,11 @@ DEFAULT_MODE = "mse"
 # Tuned on SmolLM2-135M / GPL-3 (docs/eval-smollm2.md): flush 256 beat 128; more sinks did not pay.
 DEFAULT_FLUSH = 256
 DEFAULT_SINKS = 4
+# 16: the fused CUDA decode kernel reads 16-token tiles of one block.
+DEFAULT_BLOCK = 16
+NOT_DRIVEN = ("the previous step's attention did not go through the registered attention: load the model "
+              "with attn_implementation='turboquant' (or call turboquant_torch.hf_attention.use(model)) "
+              "when using TurboQuantCache")
 
 
 class KVQuantizer(Protocol):
@@ -109,9 +121,13 @@ class TurboQuantizer:
         self.codec = TorchCodec(d, bits, mode, seed, check_finite=False)
         self.label = f"TurboQuant {mode} {self.codec.bits:g}"
 
-    def _channels(self, batch: int) -> Tensor | None:
+    @property
+    def record_bytes(self) -> int:
+        return self.codec.record_bytes
+
+    def _channels(self, batch: int, device: torch.device) -> Tensor | None:
         # Channels are per head (H, d); the op wants one permutation per (batch, head) stream.
-        ch = self.codec.channels
+        ch = self.codec.channels_on(device)
         return None if ch is None else ch.expand(batch, -1, -1).contiguous()
 
     def calibrate(self, x: Tensor) -> None:
@@ -122,14 +138,14 @@ class TurboQuantizer:
 
     def encode(self, x: Tensor) -> Tensor:
         c = self.codec
-        records, _ = _encode(x, bits=c.bits, mode=c.mode, seed=c.seed, channels=self._channels(x.shape[0]),
-                             check_finite=False)
+        records, _ = _encode(x, bits=c.bits, mode=c.mode, seed=c.seed,
+                             channels=self._channels(x.shape[0], x.device), check_finite=False)
         return records
 
     def decode(self, payload: Tensor) -> Tensor:
         c = self.codec
-        return _decode(payload, self._channels(payload.shape[0]), d=c.d, bits=c.bits, mode=c.mode,
-                       seed=c.seed)
+        return _decode(payload, self._channels(payload.shape[0], payload.device), d=c.d, bits=c.bits,
+                       mode=c.mode, seed=c.seed)
 
     def stored_nbytes(self, payload: Tensor) -> int:
         return int(payload.numel() * payload.element_size())
@@ -164,21 +180,26 @@ class LayerMemory:
     Attributes
     ----------
     records : int
-        Compressed payload of K and V (honest bytes: norms, scales, padding included).
+        Compressed payload of K and V for the compressed tokens (honest bytes: norms, scales,
+        padding included).
     metadata : int
         Fixed per-layer state (outlier channel permutations).
     raw : int
-        Uncompressed sinks and recent buffer, at the model dtype.
+        Uncompressed sinks and recent buffer at the model dtype (whole raw blocks).
     decoded : int
-        The decoded working copy (``keep_decoded``); not part of the stored form.
+        A decoded working copy of compressed tokens (``DecodedCopyCache`` only; 0 here).
+    device : int
+        Every byte the layer's tensors occupy: record and raw pools at their allocated capacity,
+        block tables, channel lists (the decoded copy too, for ``DecodedCopyCache``).
     compressed_tokens, raw_tokens : int
-        Tokens (per sequence) in each part.
+        Tokens in each part, summed over batch rows.
     """
 
     records: int = 0
     metadata: int = 0
     raw: int = 0
     decoded: int = 0
+    device: int = 0
     compressed_tokens: int = 0
     raw_tokens: int = 0
 
@@ -189,7 +210,7 @@ class LayerMemory:
 
     def __add__(self, other: LayerMemory) -> LayerMemory:
         return LayerMemory(self.records + other.records, self.metadata + other.metadata,
-                           self.raw + other.raw, self.decoded + other.decoded,
+                           self.raw + other.raw, self.decoded + other.decoded, self.device + other.device,
                            self.compressed_tokens + other.compressed_tokens,
                            self.raw_tokens + other.raw_tokens)
 
@@ -198,12 +219,37 @@ def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else int(t.numel() * t.element_size())
 
 
-def _cat(a: Tensor | None, b: Tensor) -> Tensor:
-    return b if a is None else torch.cat([a, b], dim=-2)
+def check_states(layer: Any, k: Tensor, v: Tensor) -> None:
+    """ValueError unless ``k``, ``v`` (B, H, q, d) fit ``layer`` (its heads, head dim, dtype, batch)."""
+    for name, t in (("key_states", k), ("value_states", v)):
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} have dtype {t.dtype}; TurboQuantCache supports "
+                             f"{', '.join(str(d) for d in DTYPES)}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (batch, kv_heads, tokens, head_dim), got {tuple(t.shape)}")
+        if t.shape[1] != layer.num_kv_heads:
+            raise ValueError(f"layer {layer.layer_idx}: the model gives {t.shape[1]} KV heads but the "
+                             f"cache was built for num_kv_heads={layer.num_kv_heads}")
+        if t.shape[3] != layer.head_dim:
+            raise ValueError(f"layer {layer.layer_idx}: the model gives head_dim={t.shape[3]} but the "
+                             f"cache was built for head_dim={layer.head_dim}")
+    if k.shape != v.shape:
+        raise ValueError(f"key_states {tuple(k.shape)} and value_states {tuple(v.shape)} differ")
+    if layer.is_initialized:
+        if k.dtype != layer.dtype:
+            raise ValueError(f"layer {layer.layer_idx}: new states have dtype {k.dtype} but the cache "
+                             f"holds {layer.dtype} (a cache cannot be reused across models)")
+        if k.shape[0] != layer.batch_size:
+            raise ValueError(f"layer {layer.layer_idx}: new states have batch {k.shape[0]} but the cache "
+                             f"holds batch {layer.batch_size}")
+
+
+def _index(a: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
 class TurboQuantLayer(CacheLayerMixin):
-    """One attention layer's compressed KV (layout in the module docstring).
+    """One attention layer's paged compressed KV (layout in the module docstring).
 
     Parameters
     ----------
@@ -213,9 +259,9 @@ class TurboQuantLayer(CacheLayerMixin):
     flush_interval : int
         ``F``: the buffer is compressed, in whole batches of ``F`` tokens, once it holds ``F`` or more.
     sinks : int
-        Leading tokens kept uncompressed.
-    keep_decoded : bool
-        Keep a decoded float copy of the compressed tokens (decode each batch once).
+        Leading tokens of each row kept uncompressed.
+    block_size : int
+        Tokens per block of the record and raw pools.
     """
 
     is_sliding = False
@@ -224,106 +270,334 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, key_quantizer: KVQuantizer,
                  value_quantizer: KVQuantizer, flush_interval: int = DEFAULT_FLUSH,
-                 sinks: int = DEFAULT_SINKS, keep_decoded: bool = True) -> None:
+                 sinks: int = DEFAULT_SINKS, block_size: int = DEFAULT_BLOCK) -> None:
         super().__init__()
         self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
         self.kq, self.vq = key_quantizer, value_quantizer
-        self.flush_interval, self.sinks, self.keep_decoded = flush_interval, sinks, keep_decoded
+        self.flush_interval, self.sinks, self.block_size = flush_interval, sinks, block_size
+        # Only TurboQuant records can be read in place by the paged op; other payloads are decoded.
+        self.paged = isinstance(key_quantizer, TurboQuantizer) and isinstance(value_quantizer, TurboQuantizer)
         self._clear()
 
     def _clear(self) -> None:
-        self.sink_k: Tensor | None = None
-        self.sink_v: Tensor | None = None
-        self.buf_k: Tensor | None = None
-        self.buf_v: Tensor | None = None
+        self.length = 0
+        self.batch_size = 0
+        self.n = np.zeros(0, np.int64)
+        self.c = np.zeros(0, np.int64)
+        self.cap = 0
+        self.packed: Tensor | None = None
         self.rec_k: Tensor | None = None
         self.rec_v: Tensor | None = None
-        self.dec_k: Tensor | None = None
-        self.dec_v: Tensor | None = None
-        self.length = 0
+        self.raw_k: Tensor | None = None
+        self.raw_v: Tensor | None = None
+        self.raw_of = np.full((0, 0), -1, np.int64)
+        self.free: list[int] = []
+        self.pending: tuple[Tensor, Tensor] | None = None
+        self._dev: dict[str, Tensor] = {}  # device copies of the step metadata
+        self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
         self.is_initialized = False
         self.keys = self.values = None
 
-    # ------------------------------------------------------------------------------------ checks
-    def _check(self, k: Tensor, v: Tensor) -> None:
-        for name, t in (("key_states", k), ("value_states", v)):
-            if t.dtype not in DTYPES:
-                raise ValueError(f"{name} have dtype {t.dtype}; TurboQuantCache supports "
-                                 f"{', '.join(str(d) for d in DTYPES)}")
-            if t.dim() != 4:
-                raise ValueError(f"{name} must be (batch, kv_heads, tokens, head_dim), got {tuple(t.shape)}")
-            if t.shape[1] != self.num_kv_heads:
-                raise ValueError(f"layer {self.layer_idx}: the model gives {t.shape[1]} KV heads but the "
-                                 f"cache was built for num_kv_heads={self.num_kv_heads}")
-            if t.shape[3] != self.head_dim:
-                raise ValueError(f"layer {self.layer_idx}: the model gives head_dim={t.shape[3]} but the "
-                                 f"cache was built for head_dim={self.head_dim}")
-        if k.shape != v.shape:
-            raise ValueError(f"key_states {tuple(k.shape)} and value_states {tuple(v.shape)} differ")
-        if self.is_initialized:
-            if k.dtype != self.dtype:
-                raise ValueError(f"layer {self.layer_idx}: new states have dtype {k.dtype} but the cache "
-                                 f"holds {self.dtype} (a cache cannot be reused across models)")
-            if k.shape[0] != self.batch_size:
-                raise ValueError(f"layer {self.layer_idx}: new states have batch {k.shape[0]} but the cache "
-                                 f"holds batch {self.batch_size}")
-
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.device, self.dtype, self.batch_size = key_states.device, key_states.dtype, key_states.shape[0]
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size = b = key_states.shape[0]
+        self.n = np.zeros(b, np.int64)
+        self.c = np.full(b, self.sinks, np.int64)
+        self.raw_of = np.full((b, 0), -1, np.int64)
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------------ update
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
-        """Append (B, H, q, d) states; return the whole history (B, H, L + q, d) in the model dtype."""
-        self._check(key_states, value_states)
+        """Hold the new (B, H, q, d) states for the step; return them, tagged with this layer.
+
+        The registered attention finds the layer through the tag, attends over the stored history
+        and the new tokens, then calls ``commit``.
+        """
+        check_states(self, key_states, value_states)
+        if self.pending is not None:
+            raise RuntimeError(NOT_DRIVEN)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        k, v = key_states, value_states
-        n_sink = self.sink_k.shape[-2] if self.sink_k is not None else 0
-        take = min(max(self.sinks - n_sink, 0), k.shape[-2])
-        if take:
-            self.sink_k = _cat(self.sink_k, k[..., :take, :])
-            self.sink_v = _cat(self.sink_v, v[..., :take, :])
-            k, v = k[..., take:, :], v[..., take:, :]
-        if k.shape[-2]:
-            self.buf_k, self.buf_v = _cat(self.buf_k, k), _cat(self.buf_v, v)
+        self.pending = (key_states, value_states)
         self.length += key_states.shape[-2]
-        keys = self._history(self.sink_k, self.rec_k, self.dec_k, self.buf_k, self.kq)
-        values = self._history(self.sink_v, self.rec_v, self.dec_v, self.buf_v, self.vq)
-        self._flush()
-        return keys, values
+        key_states._tq_layer = weakref.ref(self)  # type: ignore[attr-defined]
+        return key_states, value_states
 
-    def _history(self, sink: Tensor | None, rec: Tensor | None, dec: Tensor | None, buf: Tensor | None,
-                 q: KVQuantizer) -> Tensor:
-        if rec is not None and dec is None:
-            dec = q.decode(rec).to(self.dtype)
-        parts = [t for t in (sink, dec, buf) if t is not None]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    # ------------------------------------------------------------------------------ what attention reads
+    @property
+    def compressed(self) -> bool:
+        """Whether any row holds compressed tokens."""
+        return bool(self.rec_k is not None and (self.c > self.sinks).any())
 
-    def _flush(self) -> None:
-        """Compress the buffer's oldest whole multiples of ``flush_interval`` tokens."""
-        r = 0 if self.buf_k is None else self.buf_k.shape[-2]
-        n = (r // self.flush_interval) * self.flush_interval
-        if not n:
+    def can_page(self) -> bool:
+        """Whether a one-token step of real tokens can run the paged op (records exist and are
+        TurboQuant's)."""
+        return self.paged and self.compressed
+
+    def paged_args(self) -> dict[str, Any]:
+        """Keyword arguments of ``turboquant_torch.paged.paged_attention`` for a one-token step."""
+        dev = self._device_meta()
+        return dict(k_cache=self.rec_k, v_cache=self.rec_v, block_table=dev["table"], seq_lens=dev["seq"],
+                    query_start_loc=dev["qsl"], k_codec=self.kq.codec, v_codec=self.vq.codec,  # type: ignore[attr-defined]
+                    raw_k=self.raw_k, raw_v=self.raw_v, raw_slot_of_block=dev["rsb"],
+                    num_decodes=self.batch_size)
+
+    def _device_meta(self) -> dict[str, Tensor]:
+        dev = self._dev
+        if "table" not in dev:
+            b, cap = self.batch_size, self.cap
+            dev["table"] = (torch.arange(b * cap, dtype=torch.int32).view(b, cap)).to(self.device)
+            dev["qsl"] = torch.arange(b + 1, dtype=torch.int32).to(self.device)
+        if "rsb" not in dev:
+            dev["rsb"] = torch.from_numpy(self.raw_of.reshape(-1).astype(np.int32)).to(self.device)
+        if "seq" not in dev:
+            dev["seq"] = torch.from_numpy((self.n + 1).astype(np.int32)).to(self.device)
+        return dev
+
+    def history(self) -> tuple[Tensor, Tensor]:
+        """The stored tokens, decoded transiently: (B, H, max n, d) each in the model dtype, row r's
+        tokens at ``[0, n[r])`` (zeros after)."""
+        b, h, d, bs = self.batch_size, self.num_kv_heads, self.head_dim, self.block_size
+        longest = int(self.n.max()) if b else 0
+        blocks = -(-longest // bs)
+        out = []
+        for raw, rec, q in ((self.raw_k, self.rec_k, self.kq), (self.raw_v, self.rec_v, self.vq)):
+            full = torch.zeros(b, blocks, bs, h, d, dtype=self.dtype, device=self.device)
+            if blocks:
+                used = np.arange(blocks)[None, :] * bs < self.n[:, None]
+                rows = self.raw_of[:, :blocks]
+                is_raw = used & (rows >= 0)
+                if is_raw.any():
+                    full[torch.from_numpy(is_raw)] = raw[_index(rows[is_raw], self.device)]  # type: ignore[index]
+                comp = used & (rows < 0)
+                if comp.any():
+                    r_idx, j_idx = np.nonzero(comp)
+                    phys = _index(r_idx * self.cap + j_idx, self.device)
+                    payload = rec[phys]  # type: ignore[index]  # [N, bs, H, P]
+                    n_blk = payload.shape[0]
+                    vec = q.decode(payload.permute(2, 0, 1, 3).reshape(1, h, n_blk * bs, -1))
+                    vec = vec[0].to(self.dtype).view(h, n_blk, bs, d)
+                    full[torch.from_numpy(comp)] = vec.permute(1, 2, 0, 3)
+            out.append(full.view(b, blocks * bs, h, d)[:, :longest].transpose(1, 2))
+        return out[0], out[1]
+
+    # ------------------------------------------------------------------------------------ commit
+    def commit(self, real: np.ndarray | None) -> None:
+        """Store the held new tokens (those ``real`` marks; all when None) and flush.
+
+        Parameters
+        ----------
+        real : ndarray [B, q] bool, or None
+            Which new tokens are real (not padding), from the attention mask.
+        """
+        assert self.pending is not None
+        key, value = self.pending
+        self.pending = None
+        b, h, q, d = key.shape
+        if real is None and q == 1 and self._next_slot is not None and not (
+                (self.n + 1 - self.c >= self.flush_interval).any()):
+            self._append_fast(key, value)
             return
-        assert self.buf_k is not None and self.buf_v is not None
-        old_k, old_v = self.buf_k[..., :n, :], self.buf_v[..., :n, :]
-        if self.rec_k is None:  # first flush: fix the outlier channels of every head
-            self.kq.calibrate(old_k)
-            self.vq.calibrate(old_v)
-        pk, pv = self.kq.encode(old_k), self.vq.encode(old_v)
-        self.rec_k, self.rec_v = _cat(self.rec_k, pk), _cat(self.rec_v, pv)
-        if self.keep_decoded:
-            self.dec_k = _cat(self.dec_k, self.kq.decode(pk).to(self.dtype))
-            self.dec_v = _cat(self.dec_v, self.vq.decode(pv).to(self.dtype))
-        # Clone the remainder so the flushed prefix's storage is released.
-        self.buf_k = self.buf_k[..., n:, :].clone() if n < r else None
-        self.buf_v = self.buf_v[..., n:, :].clone() if n < r else None
+        counts = np.full(b, q, np.int64) if real is None else real.sum(1).astype(np.int64)
+        self._commit(key, value, real, counts)
+
+    def _append_fast(self, key: Tensor, value: Tensor) -> None:
+        """One real token per row, inside each row's current raw block, no flush."""
+        assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
+        h, d = self.num_kv_heads, self.head_dim
+        self.raw_k.view(-1, h, d).index_copy_(0, self._next_slot, key[:, :, 0])
+        self.raw_v.view(-1, h, d).index_copy_(0, self._next_slot, value[:, :, 0])
+        self.n += 1
+        self._next_slot += 1
+        if "seq" in self._dev:
+            self._dev["seq"] += 1
+        if (self.n % self.block_size == 0).any():
+            self._next_slot = None
+            self._ensure_cap(int(-(-(self.n.max() + 1) // self.block_size)))
+
+    def _commit(self, key: Tensor, value: Tensor, real: np.ndarray | None, counts: np.ndarray) -> None:
+        b, h, q, d = key.shape
+        bs, sinks, flush = self.block_size, self.sinks, self.flush_interval
+        old_n, new_n = self.n, self.n + counts
+        buf = new_n - self.c
+        new_c = self.c + np.where(buf >= flush, (buf // flush) * flush, 0)
+        # Room for the next step's token too: the paged op's block table covers seq_lens = n + 1.
+        self._ensure_cap(int(-(-(new_n.max() + 1) // bs)) if b else 0)
+        # New token i of row r is row r * q + i of the flattened new states.
+        new_k = key.transpose(1, 2).reshape(b * q, h, d)
+        new_v = value.transpose(1, 2).reshape(b * q, h, d)
+        cols = [np.arange(q) if real is None else np.flatnonzero(real[r]) for r in range(b)]
+
+        def sources(r: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(is_new, index): new-state row, or raw-pool slot, of row r's positions ``pos``."""
+            is_new = pos >= old_n[r]
+            idx = np.empty(pos.size, np.int64)
+            if is_new.any():
+                idx[is_new] = r * q + cols[r][pos[is_new] - old_n[r]]
+            old = pos[~is_new]
+            idx[~is_new] = self.raw_of[r, old // bs] * bs + old % bs
+            return is_new, idx
+
+        def gather(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor]:
+            is_new = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, bool)
+            idx = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+            out_k = new_k.new_empty(idx.size, h, d)
+            out_v = new_v.new_empty(idx.size, h, d)
+            sel_new, sel_raw = np.flatnonzero(is_new), np.flatnonzero(~is_new)
+            if sel_new.size:
+                i, j = _index(sel_new, self.device), _index(idx[sel_new], self.device)
+                out_k[i], out_v[i] = new_k[j], new_v[j]
+            if sel_raw.size:
+                assert self.raw_k is not None and self.raw_v is not None
+                i, j = _index(sel_raw, self.device), _index(idx[sel_raw], self.device)
+                out_k[i], out_v[i] = self.raw_k.view(-1, h, d)[j], self.raw_v.view(-1, h, d)[j]
+            return out_k, out_v
+
+        # 1. Tokens to compress: positions [c, new_c) of each row, rows in order.
+        enc_rows = [np.arange(self.c[r], new_c[r]) for r in range(b)]
+        enc_pos = [(r, p) for r, p in enumerate(enc_rows) if p.size]
+        payload_k = payload_v = None
+        if enc_pos:
+            vec_k, vec_v = gather([sources(r, p) for r, p in enc_pos])
+            xk = vec_k.transpose(0, 1).unsqueeze(0)  # (1, H, T, d)
+            xv = vec_v.transpose(0, 1).unsqueeze(0)
+            if self.rec_k is None:
+                self.kq.calibrate(xk)
+                self.vq.calibrate(xv)
+            payload_k, payload_v = self.kq.encode(xk), self.vq.encode(xv)  # (1, H, T, P)
+            self._ensure_records(payload_k, payload_v)
+            pos = np.concatenate([p for _, p in enc_pos])
+            row = np.concatenate([np.full(p.size, r) for r, p in enc_pos])
+            blk, off = _index(row * self.cap + pos // bs, self.device), _index(pos % bs, self.device)
+            assert self.rec_k is not None and self.rec_v is not None
+            self.rec_k[blk, off] = payload_k[0].transpose(0, 1).to(self.rec_k.dtype)
+            self.rec_v[blk, off] = payload_v[0].transpose(0, 1).to(self.rec_v.dtype)
+
+        # 2. Raw blocks after the step: any sink or buffer position in them.
+        writes_src: list[tuple[np.ndarray, np.ndarray]] = []
+        writes_at: list[tuple[int, np.ndarray]] = []
+        dec_sel: list[np.ndarray] = []  # indices into the compressed batch read back decoded
+        dec_at: list[tuple[int, np.ndarray]] = []
+        enc_start = 0
+        new_raw_blocks: list[tuple[int, int]] = []
+        freed: list[tuple[int, int]] = []
+        for r in range(b):
+            n_blocks = -(-int(new_n[r]) // bs)
+            j = np.arange(n_blocks)
+            is_raw = (j * bs < sinks) | ((j + 1) * bs > new_c[r])
+            have = self.raw_of[r, :n_blocks] >= 0
+            new_raw_blocks += [(r, int(x)) for x in np.flatnonzero(is_raw & ~have)]
+            freed += [(r, int(x)) for x in np.flatnonzero(~is_raw & have)]
+            # New positions in raw blocks that stay raw (sinks or buffer) are copied as given.
+            p_new = np.arange(old_n[r], new_n[r])
+            keep = is_raw[p_new // bs] & ((p_new < sinks) | (p_new >= new_c[r]))
+            if keep.any():
+                writes_src.append(sources(r, p_new[keep]))
+                writes_at.append((r, p_new[keep]))
+            # Compressed positions in raw blocks hold their decoded values.
+            p_enc = enc_rows[r]
+            back = is_raw[p_enc // bs] if p_enc.size else np.zeros(0, bool)
+            if back.any():
+                dec_sel.append(enc_start + np.flatnonzero(back))
+                dec_at.append((r, p_enc[back]))
+            enc_start += p_enc.size
+        raw_vals = gather(writes_src) if writes_src else None
+        dec_vals = None
+        if dec_sel and payload_k is not None and payload_v is not None:
+            sel = _index(np.concatenate(dec_sel), self.device)
+            dec_vals = tuple(q_.decode(p[:, :, sel])[0].transpose(0, 1).to(self.dtype)
+                             for q_, p in ((self.kq, payload_k), (self.vq, payload_v)))
+        for r, j in freed:
+            self.free.append(int(self.raw_of[r, j]))
+            self.raw_of[r, j] = -1
+        self._alloc_raw(new_raw_blocks)
+        for vals, at in ((raw_vals, writes_at), (dec_vals, dec_at)):
+            if vals is None:
+                continue
+            slots = np.concatenate([self.raw_of[r, p // bs] * bs + p % bs for r, p in at])
+            s = _index(slots, self.device)
+            assert self.raw_k is not None and self.raw_v is not None
+            self.raw_k.view(-1, h, d).index_copy_(0, s, vals[0])
+            self.raw_v.view(-1, h, d).index_copy_(0, s, vals[1])
+
+        self.n, self.c = new_n, new_c
+        self._dev.pop("rsb", None)
+        self._dev.pop("seq", None)
+        # The fast path's slots: each row's next position inside an existing raw block.
+        nxt = self.raw_of[np.arange(b), np.minimum(self.n // bs, self.cap - 1)] if self.cap else None
+        if nxt is not None and b and (self.n % bs != 0).all() and (nxt >= 0).all():
+            self._next_slot = _index(nxt * bs + self.n % bs, self.device)
+        else:
+            self._next_slot = None
+
+    # ---------------------------------------------------------------------------------- storage
+    def _ensure_cap(self, blocks: int) -> None:
+        """At least ``blocks`` blocks per row (physical ids ``r * cap + j`` move when cap grows)."""
+        if blocks <= self.cap:
+            return
+        # Headroom of one flush interval (at most 64 blocks): records grow about once per flush.
+        cap = blocks + min(max(self.flush_interval // self.block_size, 1), 64)
+        b = self.batch_size
+        raw_of = np.full((b, cap), -1, np.int64)
+        raw_of[:, : self.cap] = self.raw_of
+        self.raw_of = raw_of
+        if self.packed is not None:
+            packed = self.packed.new_empty((b, cap, *self.packed.shape[1:]))
+            packed[:, : self.cap] = self.packed.view(b, self.cap, *self.packed.shape[1:])
+            self._set_records(packed.view(b * cap, *self.packed.shape[1:]))
+        elif self.rec_k is not None and self.rec_v is not None:
+            recs = []
+            for rec in (self.rec_k, self.rec_v):
+                new = rec.new_empty((b, cap, *rec.shape[1:]))
+                new[:, : self.cap] = rec.view(b, self.cap, *rec.shape[1:])
+                recs.append(new.view(b * cap, *rec.shape[1:]))
+            self.rec_k, self.rec_v = recs
+        self.cap = cap
+        self._dev.clear()
+
+    def _set_records(self, packed: Tensor) -> None:
+        """``packed`` [B * cap, H, bs, R_k + R_v] and its K / V views [B * cap, bs, H, R]."""
+        self.packed = packed
+        r_k = self.kq.record_bytes  # type: ignore[attr-defined]
+        self.rec_k = packed[..., :r_k].transpose(1, 2)
+        self.rec_v = packed[..., r_k:].transpose(1, 2)
+
+    def _ensure_records(self, payload_k: Tensor, payload_v: Tensor) -> None:
+        if self.rec_k is not None:
+            return
+        nb, bs, h = self.batch_size * self.cap, self.block_size, self.num_kv_heads
+        if self.paged:
+            r = payload_k.shape[-1] + payload_v.shape[-1]
+            self._set_records(torch.empty(nb, h, bs, r, dtype=torch.uint8, device=self.device))
+        else:
+            self.rec_k = payload_k.new_zeros((nb, bs, h, payload_k.shape[-1]))
+            self.rec_v = payload_v.new_zeros((nb, bs, h, payload_v.shape[-1]))
+
+    def _alloc_raw(self, blocks: list[tuple[int, int]]) -> None:
+        """Give each (row, block) a raw-pool row, growing the pool when the free list runs out."""
+        short = len(blocks) - len(self.free)
+        if short > 0:
+            have = 0 if self.raw_k is None else self.raw_k.shape[0]
+            # Headroom of one block per row: the window grows a block at a time on decode steps.
+            size = have + short + self.batch_size
+            shape = (size, self.block_size, self.num_kv_heads, self.head_dim)
+            grown = []
+            for old in (self.raw_k, self.raw_v):
+                new = torch.empty(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    new[:have] = old
+                grown.append(new)
+            self.raw_k, self.raw_v = grown
+            self.free.extend(range(have, size))
+        self.free.sort(reverse=True)  # lowest rows first: pop() from the end
+        for r, j in blocks:
+            self.raw_of[r, j] = self.free.pop()
 
     # ---------------------------------------------------------------------------- Cache protocol
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
+        q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else int(query_length)
+        return self.length + q, 0
 
     def get_seq_length(self) -> int:
         return self.length
@@ -336,22 +610,46 @@ class TurboQuantLayer(CacheLayerMixin):
         self.kq.reset()
         self.vq.reset()
 
-    def _select(self, fn: Callable[[Tensor], Tensor]) -> None:
-        for name in ("sink_k", "sink_v", "buf_k", "buf_v", "rec_k", "rec_v", "dec_k", "dec_v"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-        if self.sink_k is not None:
-            self.batch_size = self.sink_k.shape[0]
+    def _select_rows(self, index: Tensor) -> None:
+        """Keep / repeat / reorder batch rows: row i becomes old row ``index[i]``."""
+        if not self.is_initialized:
+            return
+        idx = index.detach().to("cpu", torch.int64).numpy()
+        b_old, b, cap, bs = self.batch_size, idx.size, self.cap, self.block_size
+        t_idx = _index(idx, self.device)
+        if self.packed is not None:
+            shape = self.packed.shape[1:]
+            self._set_records(self.packed.view(b_old, cap, *shape)[t_idx].reshape(b * cap, *shape))
+        elif self.rec_k is not None and self.rec_v is not None:
+            self.rec_k, self.rec_v = (r.view(b_old, cap, *r.shape[1:])[t_idx].reshape(b * cap, *r.shape[1:])
+                                      for r in (self.rec_k, self.rec_v))
+        raw_of = self.raw_of[idx]
+        src = raw_of[raw_of >= 0]
+        if self.raw_k is not None and self.raw_v is not None:
+            # A fresh pool in block order, plus the usual headroom.
+            gather = _index(src, self.device)
+            pad = b
+            shape = (src.size + pad, bs, self.num_kv_heads, self.head_dim)
+            new_k = self.raw_k.new_empty(shape)
+            new_v = self.raw_v.new_empty(shape)
+            new_k[: src.size], new_v[: src.size] = self.raw_k[gather], self.raw_v[gather]
+            self.raw_k, self.raw_v = new_k, new_v
+            raw_of[raw_of >= 0] = np.arange(src.size)
+            self.free = list(range(src.size, src.size + pad))
+        self.raw_of = raw_of
+        self.n, self.c = self.n[idx], self.c[idx]
+        self.batch_size = b
+        self._dev.clear()
+        self._next_slot = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select_rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._select_rows(torch.arange(self.batch_size).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        self._select(lambda t: t[indices, ...])
+        self._select_rows(torch.arange(self.batch_size)[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("TurboQuantCache cannot be cropped: compressed tokens cannot be restored exactly")
@@ -365,41 +663,64 @@ class TurboQuantLayer(CacheLayerMixin):
     # ------------------------------------------------------------------------------------ memory
     def memory(self) -> LayerMemory:
         """Bytes held by this layer (see ``LayerMemory``)."""
-        n = 0 if self.rec_k is None else self.rec_k.shape[-2]
+        comp = int(np.clip(self.c - self.sinks, 0, None).sum()) if self.batch_size else 0
+        comp = min(comp, int(self.n.sum())) if self.batch_size else 0
+        h, bs = self.num_kv_heads, self.block_size
         records = 0
         if self.rec_k is not None and self.rec_v is not None:
-            records = self.kq.stored_nbytes(self.rec_k) + self.vq.stored_nbytes(self.rec_v)
-        raw_parts = (self.sink_k, self.sink_v, self.buf_k, self.buf_v)
+            per = (self.rec_k.shape[-1] * self.rec_k.element_size()
+                   + self.rec_v.shape[-1] * self.rec_v.element_size())
+            if self.paged:
+                records = comp * h * per
+            else:
+                # Baselines store a working payload; count the bytes their real format needs.
+                k1, v1 = self.rec_k[:1, :1], self.rec_v[:1, :1]
+                records = comp * (self.kq.stored_nbytes(k1) + self.vq.stored_nbytes(v1))
+        raw_rows = int((self.raw_of >= 0).sum())
+        elem = torch.finfo(self.dtype).bits // 8 if self.is_initialized else 0
+        meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
+        dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *self._dev.values(),
+                                       self._next_slot))
+        if self.packed is None:
+            dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(
             records=records,
-            metadata=self.kq.metadata_nbytes() + self.vq.metadata_nbytes(),
-            raw=sum(_nbytes(t) for t in raw_parts),
-            decoded=_nbytes(self.dec_k) + _nbytes(self.dec_v),
-            compressed_tokens=n,
-            raw_tokens=self.length - n,
+            metadata=meta,
+            raw=raw_rows * bs * h * self.head_dim * elem * 2,
+            device=dev + meta,
+            compressed_tokens=comp,
+            raw_tokens=int(self.n.sum()) - comp if self.batch_size else 0,
         )
 
 
-def _model_shape(config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a decoder config; full attention only."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+def _text_config(config: Any) -> Any:
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _model_shape(config: Any) -> tuple[int, int, int, list[str]]:
+    """(num_layers, num_kv_heads, head_dim, layer types) of a decoder config."""
+    text = _text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    layer_types = getattr(text, "layer_types", None) or []
-    others = sorted({t for t in layer_types if t != "full_attention"})
+    layers = int(text.num_hidden_layers)
+    types = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    others = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if others:
-        raise ValueError(f"TurboQuantCache supports full-attention layers only; the config has {others}")
-    return int(text.num_hidden_layers), int(kv_heads), int(head_dim)
+        raise ValueError(f"TurboQuantCache serves full-attention layers (and keeps sliding-window ones "
+                         f"uncompressed); the config also has {others}")
+    return layers, int(kv_heads), int(head_dim), types
 
 
 class TurboQuantCache(Cache):
-    """transformers ``Cache`` holding the KV history as TurboQuant records (plus raw sinks and buffer).
+    """transformers ``Cache`` holding the KV history as paged TurboQuant records (plus raw sinks and
+    recent window), read in place by the registered attention (``hf_attention``).
 
     Parameters
     ----------
     config : PretrainedConfig
         The model's config: fixes the number of layers, KV heads and head dim the cache accepts.
+        Sliding-window layers get transformers' own ``DynamicSlidingWindowLayer``.
     key_bits, value_bits : float
         Nominal code bits per channel (halves quantize half the channels, the outliers, a bit finer).
     key_mode, value_mode : {"mse", "prod"}
@@ -407,50 +728,67 @@ class TurboQuantCache(Cache):
     flush_interval : int
         Recent tokens kept raw before being compressed together (``F`` in the module docstring).
     sinks : int
-        Leading tokens kept uncompressed (attention sinks).
+        Leading tokens of each row kept uncompressed (attention sinks).
     seed : int
         Base seed; layer ``i`` uses ``stream_seed(seed, 2 i)`` (K) and ``stream_seed(seed, 2 i + 1)`` (V).
-    keep_decoded : bool
-        Keep each flushed batch's decoded copy (fast steps) instead of decoding the history every step.
+    block_size : int
+        Tokens per block of the record and raw pools (16: what the fused CUDA kernel reads).
     quantizer : callable, optional
         ``quantizer(kind, layer_idx, head_dim) -> KVQuantizer`` replacing TurboQuant (``baselines``);
-        the bits/mode/seed arguments are then unused.
+        the bits/mode/seed arguments are then unused and every step reads the history decoded.
 
     Examples
     --------
-    >>> cache = TurboQuantCache(model.config)                       # doctest: +SKIP
-    >>> model.generate(**inputs, cache=cache, max_new_tokens=32)     # doctest: +SKIP
-    >>> cache.memory().stored                                        # doctest: +SKIP
+    >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="turboquant")  # doctest: +SKIP
+    >>> cache = TurboQuantCache(model.config)                         # doctest: +SKIP
+    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> cache.memory().device                                          # doctest: +SKIP
     """
 
     def __init__(self, config: Any, *, key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS,
                  key_mode: str = DEFAULT_MODE, value_mode: str = DEFAULT_MODE,
                  flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS, seed: int = 0,
-                 keep_decoded: bool = True, quantizer: QuantizerFactory | None = None) -> None:
+                 block_size: int = DEFAULT_BLOCK, quantizer: QuantizerFactory | None = None) -> None:
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        from . import hf_attention  # noqa: F401  (registers the "turboquant" attention)
+
         if int(flush_interval) < 1:
             raise ValueError(f"flush_interval must be >= 1, got {flush_interval}")
         if int(sinks) < 0:
             raise ValueError(f"sinks must be >= 0, got {sinks}")
-        num_layers, kv_heads, head_dim = _model_shape(config)
+        if int(block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        num_layers, kv_heads, head_dim, types = _model_shape(config)
         make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
-        layers = [
-            TurboQuantLayer(i, kv_heads, head_dim, make("key", i, head_dim), make("value", i, head_dim),
-                            int(flush_interval), int(sinks), keep_decoded)
-            for i in range(num_layers)
-        ]
+        layers: list[Any] = []
+        for i, kind in enumerate(types[:num_layers]):
+            if kind == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=_text_config(config).sliding_window))
+            else:
+                layers.append(TurboQuantLayer(i, kv_heads, head_dim, make("key", i, head_dim),
+                                              make("value", i, head_dim), int(flush_interval), int(sinks),
+                                              int(block_size)))
         super().__init__(layers=layers)
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
+        self.mask_memo: dict[str, Any] = {}  # the step's mask, read once for all layers
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"the model asks for layer {layer_idx} but the cache was built for "
                              f"{len(self.layers)} layers (a cache cannot be reused across models)")
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, TurboQuantLayer):
+            keys._tq_cache = weakref.ref(self)  # type: ignore[attr-defined]
+        return keys, values
 
     def memory(self) -> LayerMemory:
-        """Bytes held by all layers (``LayerMemory``; token counts summed over layers)."""
+        """Bytes held by the compressed layers (``LayerMemory``; token counts summed over layers
+        and rows). Sliding-window layers are not included."""
         total = LayerMemory()
         for layer in self.layers:
-            total = total + layer.memory()
+            if isinstance(layer, TurboQuantLayer):
+                total = total + layer.memory()
         return total

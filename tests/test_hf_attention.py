@@ -1,0 +1,199 @@
+"""The registered ``"turboquant"`` attention with ``TurboQuantCache`` on tiny random Llama and Qwen3
+models (CPU): against ``DynamicCache`` where nothing is compressed (bitwise), against the
+decoded-copy cache where it is, with left padding, sampling and beam search.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from turboquant_torch import hf_attention  # noqa: E402
+from turboquant_torch.baselines import DecodedCopyCache  # noqa: E402
+from turboquant_torch.hf_cache import TurboQuantCache  # noqa: E402
+
+ALL_RAW = 10**6
+SHAPE = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0)
+
+
+def _model(kind: str = "llama"):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=512))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE))
+    return hf_attention.use(model.eval())
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request):
+    return _model(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _model("llama")
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """Two rows, left-padded: (input_ids (2, 33), attention_mask, row 0 (1, 20), row 1 (1, 33))."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, 128, (1, 20), generator=g), torch.randint(1, 128, (1, 33), generator=g)
+    ids = torch.zeros(2, 33, dtype=torch.long)
+    ids[0, 13:], ids[1] = a[0], b[0]
+    mask = torch.ones_like(ids)
+    mask[0, :13] = 0
+    return ids, mask, a, b
+
+
+def _gen(model, ids, mask, cache, n=16, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              cache=cache, **kw)
+
+
+@pytest.fixture
+def paged_calls(monkeypatch):
+    """Counts the decode steps that ran the paged op."""
+    calls = [0]
+    real = hf_attention.paged_attention
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "paged_attention", counting)
+    return calls
+
+
+def test_registered_under_one_name() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert AttentionInterface._global_mapping["turboquant"] is hf_attention.turboquant_attention
+    assert "turboquant" in AttentionMaskInterface._global_mapping
+
+
+def test_padded_batch_all_raw_equals_dynamic_cache(model, padded) -> None:
+    ids, mask, _, _ = padded
+    expected = _gen(model, ids, mask, DynamicCache(config=model.config))
+    ours = _gen(model, ids, mask, TurboQuantCache(model.config, flush_interval=ALL_RAW))
+    assert torch.equal(ours, expected)
+
+
+def test_beam_search_all_raw_equals_dynamic_cache(llama, padded) -> None:
+    ids, mask, _, _ = padded
+    kw = dict(num_beams=3, do_sample=False, n=10)
+    expected = _gen(llama, ids, mask, DynamicCache(config=llama.config), **kw)
+    assert torch.equal(_gen(llama, ids, mask, TurboQuantCache(llama.config, flush_interval=ALL_RAW), **kw),
+                       expected)
+
+
+def test_sampling_all_raw_equals_dynamic_cache(llama, padded) -> None:
+    ids, mask, _, _ = padded
+    out = []
+    for cache in (DynamicCache(config=llama.config), TurboQuantCache(llama.config, flush_interval=ALL_RAW)):
+        torch.manual_seed(5)
+        out.append(_gen(llama, ids, mask, cache, do_sample=True, top_k=20))
+    assert torch.equal(out[0], out[1])
+
+
+@torch.no_grad()
+def test_decode_steps_read_records_like_the_decoded_copy(model, paged_calls) -> None:
+    """Chunked prefill (dense path: bitwise) then one-token steps on the paged op (float32
+    rounding of the same numbers), with flushes during decoding and a sink block that mixes raw
+    and compressed tokens."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 60), generator=g)
+    kw = dict(flush_interval=8, sinks=5)
+    ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
+    for s in range(0, 30, 10):
+        a = model(input_ids=ids[:, s : s + 10], cache=ours).logits
+        assert torch.equal(a, model(input_ids=ids[:, s : s + 10], cache=ref).logits)
+    worst = 0.0
+    for t in range(30, 60):
+        a = model(input_ids=ids[:, t : t + 1], cache=ours).logits
+        b = model(input_ids=ids[:, t : t + 1], cache=ref).logits
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    assert paged_calls[0] == 30 * model.config.num_hidden_layers
+    assert worst < 1e-5
+    assert ours.memory().decoded == 0 and ref.memory().decoded > 0
+
+
+def test_greedy_matches_decoded_copy(model) -> None:
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(3))
+    one = torch.ones_like(ids)
+    for bits in (3.5, 4.0):
+        kw = dict(flush_interval=8, key_bits=bits, value_bits=bits)
+        expected = _gen(model, ids, one, DecodedCopyCache(model.config, **kw), n=24)
+        assert torch.equal(_gen(model, ids, one, TurboQuantCache(model.config, **kw), n=24), expected)
+
+
+def test_left_padding_is_not_stored(llama, padded, paged_calls) -> None:
+    """At integer bits (no calibration shared by rows) a padded row generates what it does alone."""
+    ids, mask, a, b = padded
+    kw = dict(flush_interval=8, key_bits=4.0, value_bits=4.0)
+    cache = TurboQuantCache(llama.config, **kw)
+    both = _gen(llama, ids, mask, cache)
+    assert paged_calls[0] > 0
+    assert list(cache.layers[0].n) == [20 + 15, 33 + 15]  # real tokens only (the last one not yet stored)
+    alone_a = _gen(llama, a, torch.ones_like(a), TurboQuantCache(llama.config, **kw))
+    alone_b = _gen(llama, b, torch.ones_like(b), TurboQuantCache(llama.config, **kw))
+    assert torch.equal(both[0, 33:], alone_a[0, 20:])
+    assert torch.equal(both[1, 33:], alone_b[0, 33:])
+
+
+@torch.no_grad()
+def test_calibration_ignores_padding(llama) -> None:
+    """The same rows with and without 13 leading pad tokens choose the same outlier channels."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 128, (2, 24), generator=g)
+    pad = torch.cat([torch.full((2, 13), 7), ids], dim=1)
+    pad_mask = torch.cat([torch.zeros(2, 13, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    plain = TurboQuantCache(llama.config, flush_interval=8)
+    padded_cache = TurboQuantCache(llama.config, flush_interval=8)
+    llama(input_ids=ids, cache=plain)
+    llama(input_ids=pad, attention_mask=pad_mask, position_ids=(pad_mask.cumsum(-1) - 1).clamp(min=0),
+          cache=padded_cache)
+    for x, y in zip(plain.layers, padded_cache.layers, strict=True):
+        assert torch.equal(x.kq.codec.channels, y.kq.codec.channels)
+        assert torch.equal(x.vq.codec.channels, y.vq.codec.channels)
+
+
+def test_beam_search_compressed_matches_decoded_copy(llama) -> None:
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(6))
+    kw = dict(flush_interval=8, key_bits=4.0, value_bits=4.0)
+    gen = dict(num_beams=3, do_sample=False, n=12)
+    one = torch.ones_like(ids)
+    expected = _gen(llama, ids, one, DecodedCopyCache(llama.config, **kw), **gen)
+    assert torch.equal(_gen(llama, ids, one, TurboQuantCache(llama.config, **kw), **gen), expected)
+
+
+def test_sliding_window_layers_stay_stock() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**SHAPE, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    cfg.layer_types = ["full_attention", "sliding_attention"]
+    model = hf_attention.use(transformers.Qwen3ForCausalLM(cfg).eval())
+    cache = TurboQuantCache(cfg, flush_interval=ALL_RAW)
+    assert type(cache.layers[1]).__name__ == "DynamicSlidingWindowLayer"
+    ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(7))
+    one = torch.ones_like(ids)
+    assert torch.equal(_gen(model, ids, one, cache), _gen(model, ids, one, DynamicCache(config=cfg)))
+
+
+def test_other_attention_is_refused(padded) -> None:
+    model = _model("llama")
+    model.config = copy.deepcopy(model.config)
+    model.set_attn_implementation("sdpa")
+    ids, mask, _, _ = padded
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="attn_implementation='turboquant'"):
+        warnings.simplefilter("ignore")
+        _gen(model, ids, mask, TurboQuantCache(model.config))
