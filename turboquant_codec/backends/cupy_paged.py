@@ -12,9 +12,16 @@ What this module owns:
   attention (host synchronisation allowed; compute-bound).
 - Scratch (``_scratch``): one buffer per (device, use) that only grows and is never freed while the
   process lives, so the decode path allocates nothing and a CUDA graph that captured it keeps valid
-  pointers. One stream per device is assumed (calls on two streams at once would share it).
+  pointers. One caller stream per device at a time is assumed (calls on two streams at once would
+  share it, and the side stream).
 - Split: chunks of ``PAGED_WARPS * PAGED_TILES_PER_WARP`` 16-token tiles, fixed in tokens, so a
-  request's output is bitwise the same in any batch.
+  request's output is bitwise the same in any batch; the raw partials (new token + raw-pool tokens)
+  run in the prep launch, or from ``SIDE_STREAM_MIN_STREAMS`` KV streams on, on a side stream forked
+  from the caller's and joined before the reduce (same kernel, same results: only the overlap
+  changes).
+- Launches (``_LAUNCHES``): per call signature (every array's address, shape, strides and dtype, the
+  scalars, the settings) the kernels' arguments packed once as driver parameter arrays, so a repeated
+  call costs the signature and one ``cuLaunchKernel`` per kernel.
 
 Host synchronisation: none on the decode path when ``num_decodes`` is given, the layout is fast
 and block_table / seq_lens are int32; none in ``paged_write`` when the channels are set.
@@ -49,13 +56,12 @@ PAGED_STAGES = 4
 RAW_T = 64
 RAW_SCAN = 8
 REDUCE_THREADS = 256
-PREP_THREADS = 128
 # Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
 # memory, e.g. a contiguous [num_blocks, block_size, H, R] cache with many heads, goes generic).
 MAX_STAGE_BYTES = 8 * 1024
-# KV streams (requests x KV heads) from which the raw partials run on a side stream beside the split
-# (H100, 32/8 heads: 256 streams gained 3 us a call that way, 8 and 64 streams lost 8 and 2 us, their
-# split grid being about one wave that the raw blocks would hold SMs of).
+# KV streams (requests x KV heads) from which the raw partials run on a side stream beside the split:
+# below it the split grid is about one wave, and raw blocks beside it would hold SMs it needs
+# (RESULTS-paged.md has the timings of both placements).
 SIDE_STREAM_MIN_STREAMS = 128
 # Query rows per dense product on the generic path (bounds its logits' memory).
 GENERIC_ROWS = 256
