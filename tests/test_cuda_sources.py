@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from turboquant_codec.backends import cupy_raw
+from turboquant_codec.backends import cupy_paged, cupy_raw
 from turboquant_codec.config import CodecConfig
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
 
-# (source, options): codec kernels per dtype/config, attention per K/V config, q/tail dtype and GQA.
+# (source, options): codec kernels per dtype/config, attention per K/V config, q/tail dtype and GQA;
+# paged attention per layout (K and V packed in one state, or apart), block size and GQA.
 _C = CodecConfig
+_PAGED = cupy_paged.compile_options
 CASES = {
     "codec-d128-mse3.5-bf16": ("tq_codec.cu", cupy_raw.compile_options(
         "codec", cfg=_C(128, 3.5), dtype="bfloat16")),
@@ -48,6 +50,21 @@ CASES = {
     "attn-d128-prod3.5-gqa12-bf16": ("tq_attention.cu", cupy_raw.compile_options(
         "attention", k_cfg=_C(128, 3.5, "prod"), v_cfg=_C(128, 3.5, "prod"), dtype="bfloat16",
         tail_dtype="float16", group=12)),
+    "paged-d128-mse3.5-gqa4-bf16-packed": ("tq_paged.cu", _PAGED(
+        "attention", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), dtype="bfloat16",
+        new_dtype="bfloat16", raw_dtype="bfloat16", out_dtype="bfloat16", group=4, block_size=16,
+        layout=cupy_paged.Layout(True, 120, 120, 60))),
+    "paged-d64-prod2.5-gqa12-f16-apart-b32": ("tq_paged.cu", _PAGED(
+        "attention", k_cfg=_C(64, 2.5, "prod"), v_cfg=_C(64, 2.5, "prod", seed=1), dtype="float16",
+        new_dtype="float16", raw_dtype="float32", out_dtype="float32", group=12, block_size=32,
+        layout=cupy_paged.Layout(False, 28, 28, 0))),
+    "paged-d64-mse4-mse2.5-gqa1-f32-packed": ("tq_paged.cu", _PAGED(
+        "attention", k_cfg=_C(64, 4.0), v_cfg=_C(64, 2.5, seed=1), dtype="float32",
+        new_dtype="float32", raw_dtype="float16", out_dtype="float16", group=1, block_size=16,
+        layout=cupy_paged.Layout(True, 60, 60, 36))),
+    "paged-write-d128-mse3.5-bf16": ("tq_paged.cu", _PAGED(
+        "write", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), new_dtype="bfloat16",
+        raw_dtype="float16")),
 }
 
 

@@ -46,7 +46,7 @@ from . import cupy_raw_tc
 from .occupancy import resident_blocks
 
 CUDA_DIR = Path(__file__).with_name("cuda")
-SOURCES = ("tq_codec.cu", "tq_attention.cu")
+SOURCES = ("tq_codec.cu", "tq_attention.cu", "tq_paged.cu")  # tq_paged.cu: built by cupy_paged
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 # Warps per attention block and cp.async ring depth: one block of 16 warps per SM shares one copy
 # of the per-lane replicated pair tables (40 KB at 3.5 bits, at most ~66 KB) and keeps 16 x 4 tiles of

@@ -105,8 +105,9 @@ def asarray(x: Any) -> Any:
     On a GPU, C-contiguous arrays come back as ``numba_launch.DeviceView`` (a pointer, shape and
     dtype: cheap to make and to launch with), strided ones and host copies as Numba device arrays
     (the paged ops write through strided cache views in place); under the simulator, as its device
-    arrays, its own ones as they are. bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or ml_dtypes on the
-    host) comes back as uint16 of the same bits, which every kernel here reads as bfloat16.
+    arrays, its own ones as they are. bfloat16 (``__cuda_array_interface__`` typestr ``<V2``, or
+    ml_dtypes on the host) comes back as uint16 of the same bits, which every kernel here reads as
+    bfloat16.
     """
     if _simulated() and hasattr(x, "copy_to_host"):
         return x  # the simulator's own device arrays (no array interface): in-place writes must land
