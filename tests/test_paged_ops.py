@@ -147,3 +147,35 @@ def test_bad_metadata_is_named(override: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         tq.paged_attention(p.cache, query, key, value, table, seq, qsl, scale=override.get("scale", 0.125),
                            num_decodes=override.get("num_decodes"))
+
+
+@pytest.mark.gpu
+def test_repeated_gpu_calls_read_new_values_and_check_new_shapes() -> None:
+    """The public API keeps checks and views per call signature on the GPU: the same buffers with new
+    values give the new results, and a new shape is checked again."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+    def gpu(a: np.ndarray) -> object:
+        return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+    p = make([45, 100, 20], 64, 3.5, raw_blocks=4, seed=21)
+    c = p.cache
+    cache = PagedCache(gpu(c.k_cache), gpu(c.v_cache), c.k_config, c.v_config, gpu(c.k_channels),
+                       gpu(c.v_channels), gpu(c.raw_k), gpu(c.raw_v), gpu(c.raw_slot_of_block))
+    table, out = gpu(p.table), torch.zeros(5, H * GROUP, 64, device="cuda")
+    buffers = None
+    for seed in (22, 23):
+        query, key, value, seq, qsl = step(p, [1, 1, 1], seed=seed)
+        ref = tq.paged_attention(c, query, key, value, p.table, seq, qsl, scale=0.125, backend="numpy")
+        if buffers is None:
+            buffers = [gpu(a) for a in (query, key, value, seq, qsl)]
+        else:
+            for buf, a in zip(buffers, (query, key, value, seq, qsl), strict=True):
+                buf.copy_(torch.from_numpy(a))
+        q, k, v, s, sl = buffers
+        tq.paged_attention(cache, q, k, v, table, s, sl, scale=0.125, out=out, num_decodes=3)
+        np.testing.assert_allclose(out.cpu().numpy()[:3], ref[:3], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="query must be"):
+        tq.paged_attention(cache, q[:, :5], k, v, table, s, sl, scale=0.125, num_decodes=3)

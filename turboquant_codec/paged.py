@@ -4,18 +4,64 @@ Host inputs are checked completely before anything is written: every index a req
 write must lie inside the cache. GPU inputs are checked by shape and dtype only (reading their
 values would synchronise); the GPU kernels skip out-of-range indices instead of touching memory
 outside the cache.
+
+A serving engine calls these ops every step of every layer with the same persistent buffers, so
+for torch and CuPy GPU inputs the checks and the backend's native views are kept per call
+signature (data pointers, shapes, strides, dtypes): a repeated call validates nothing again and
+converts nothing again. The kept views hold their arrays alive; the tables are small and bounded.
 """
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import numpy as np
 
 from . import _dispatch, _interop, _validate
+from . import backends as _registry
 from .paged_cache import PagedCache
 
 _INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
+
+
+_MEMO_SIZE = 256
+# call signature -> (backend module, converted cache, native arrays); GPU torch / CuPy inputs only.
+_PREPARED: collections.OrderedDict[tuple[Any, ...], tuple[Any, PagedCache, list[Any]]] = (
+    collections.OrderedDict())
+
+
+def _key(x: Any) -> tuple[Any, ...] | None:
+    """What identifies a GPU torch tensor or CuPy array's memory and layout; None for anything else
+    (host arrays are validated by value on every call)."""
+    if x is None:
+        return ()
+    module = type(x).__module__.split(".")[0]
+    if module == "torch" and x.is_cuda:
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device.index)
+    if module == "cupy":
+        return (x.data.ptr, x.shape, x.strides, x.dtype, x.device.id)
+    return None
+
+
+def _prepared(signature: tuple[Any, ...] | None, build: Any) -> tuple[Any, PagedCache, list[Any]]:
+    if signature is None:
+        return build()
+    hit = _PREPARED.get(signature)
+    if hit is None:
+        hit = _PREPARED[signature] = build()
+        if len(_PREPARED) > _MEMO_SIZE:
+            _PREPARED.popitem(last=False)
+    return hit
+
+
+def _signature(op: str, cache: PagedCache, arrays: tuple[Any, ...], backend: str,
+               *extra: Any) -> tuple[Any, ...] | None:
+    keys = [_key(a) for a in (cache.k_cache, cache.v_cache, cache.k_channels, cache.v_channels,
+                              cache.raw_k, cache.raw_v, cache.raw_slot_of_block, *arrays)]
+    if any(k is None for k in keys):
+        return None
+    return (op, cache.k_config, cache.v_config, _registry.requested(backend), *keys, *extra)
 
 
 def _ints(x: Any, name: str, ndim: int) -> tuple[int, ...]:
@@ -111,19 +157,28 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any, *,
     ValueError
         On a shape, dtype or (host inputs) a slot outside the cache, before anything is written.
     """
-    _check_cache(cache)
-    t = _check_new(cache, key, value)[0]
-    (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
-    if n_slots > t:
-        raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
-    slots = _host_ints(slot_mapping)
-    capacity = cache.num_blocks * cache.block_size
-    if slots is not None and slots.size and slots.max() >= capacity:
-        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {capacity} slots")
-    module = _dispatch.backend("paged_write", backend, cache.k_cache, (cache.k_config, cache.v_config),
-                               _interop.dtype_name(key))
-    k_ch, v_ch = module.paged_write(cache.converted(module.asarray), module.asarray(key),
-                                    module.asarray(value), module.asarray(slot_mapping))
+    def build() -> tuple[Any, PagedCache, list[Any]]:
+        _check_cache(cache)
+        t = _check_new(cache, key, value)[0]
+        (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
+        if n_slots > t:
+            raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
+        slots = _host_ints(slot_mapping)
+        capacity = cache.num_blocks * cache.block_size
+        if slots is not None and slots.size and slots.max() >= capacity:
+            raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has "
+                             f"{capacity} slots")
+        module = _dispatch.backend("paged_write", backend, cache.k_cache, (cache.k_config, cache.v_config),
+                                   _interop.dtype_name(key))
+        natives = [module.asarray(a) for a in (key, value, slot_mapping)]
+        return module, cache.converted(module.asarray), natives
+
+    # Channels still to be chosen make the call a one-off: nothing is kept for it.
+    first = any(channels is None and cfg.split for channels, cfg in (
+        (cache.k_channels, cache.k_config), (cache.v_channels, cache.v_config)))
+    signature = None if first else _signature("paged_write", cache, (key, value, slot_mapping), backend)
+    module, native, arrays = _prepared(signature, build)
+    k_ch, v_ch = module.paged_write(native, *arrays)
     if cache.k_channels is None and k_ch is not None:
         k_ch = _interop.like(k_ch, cache.k_cache)
     if cache.v_channels is None and v_ch is not None:
@@ -200,6 +255,26 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     array, [T, h_q, d]
         ``out``.
     """
+    if out is None:
+        out = _zeros_like(query)
+    arrays = (query, key, value, block_table, seq_lens, query_start_loc, out)
+
+    def build() -> tuple[Any, PagedCache, list[Any]]:
+        _check_attention(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out,
+                         num_decodes)
+        module = _dispatch.backend("paged_attention", backend, cache.k_cache,
+                                   (cache.k_config, cache.v_config), _interop.dtype_name(query))
+        return module, cache.converted(module.asarray), [module.asarray(a) for a in arrays]
+
+    signature = _signature("paged_attention", cache, arrays, backend, scale, num_decodes)
+    module, native, natives = _prepared(signature, build)
+    result = module.paged_attention(native, *natives[:6], float(scale), natives[6],
+                                    None if num_decodes is None else int(num_decodes))
+    return out if result is natives[6] else _interop.like(result, out)
+
+
+def _check_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                     query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> None:
     _check_cache(cache)
     t, h, d = _check_new(cache, key, value)
     q_shape = _validate.float_array(query, "query", 3)
@@ -212,17 +287,9 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     _check_metadata(cache, t, block_table, seq_lens, query_start_loc, num_decodes)
-    if out is None:
-        out = _zeros_like(query)
-    elif tuple(out.shape) != q_shape or _interop.dtype_name(out) not in ("float16", "bfloat16", "float32"):
+    if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
                          f"{tuple(out.shape)}")
-    module = _dispatch.backend("paged_attention", backend, cache.k_cache, (cache.k_config, cache.v_config),
-                               _interop.dtype_name(query))
-    native = [module.asarray(a) for a in (query, key, value, block_table, seq_lens, query_start_loc, out)]
-    result = module.paged_attention(cache.converted(module.asarray), *native[:6], float(scale), native[6],
-                                    None if num_decodes is None else int(num_decodes))
-    return out if result is native[6] else _interop.like(result, out)
 
 
 def _zeros_like(x: Any) -> Any:
