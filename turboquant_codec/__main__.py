@@ -15,8 +15,9 @@ def info() -> int:
         status = "available" + (f" ({r.reason})" if r.reason else "") if r.available else (
             f"unavailable: {r.reason}")
         print(f"{r.name:<{width}}  {r.device:<6}  {status}")
-    print("\nbackend='auto' uses numpy for host arrays and the first available GPU backend for GPU "
-          "arrays; TQ_BACKEND overrides it.")
+    print("\nbackend='auto' takes, for where the data lives, the first available backend that serves the "
+          "request (capabilities.py): host arrays numba_cpu (paged attention) then numpy, GPU arrays "
+          "cupy_raw then numba_cuda; TQ_BACKEND overrides it.")
     return 0
 
 
