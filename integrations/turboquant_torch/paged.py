@@ -133,17 +133,17 @@ def _paged_write_op(
     k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, slot_mapping: Tensor,
     k_channels: Tensor | None, v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
     raw_slot_of_block: Tensor | None, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
-    v_mode: str, v_seed: int,
+    v_mode: str, v_seed: int, backend: str,
 ) -> None:
     d = key.shape[-1]
     cache = _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
                    make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
-    tq.paged_write(cache, key, value, slot_mapping)
+    tq.paged_write(cache, key, value, slot_mapping, backend=backend)
 
 
 @_paged_write_op.register_fake
 def _(k_cache, v_cache, key, value, slot_mapping, k_channels, v_channels, raw_k, raw_v,  # type: ignore[no-untyped-def]
-      raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed):
+      raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend):
     return None
 
 
@@ -153,19 +153,19 @@ def _paged_attention_op(
     k_channels: Tensor | None, v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
     raw_slot_of_block: Tensor | None, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
     scale: float, num_decodes: int, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
-    v_mode: str, v_seed: int,
+    v_mode: str, v_seed: int, backend: str,
 ) -> None:
     d = key.shape[-1]
     cache = _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
                    make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
     tq.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc, scale=scale,
-                       out=out, num_decodes=None if num_decodes < 0 else num_decodes)
+                       out=out, num_decodes=None if num_decodes < 0 else num_decodes, backend=backend)
 
 
 @_paged_attention_op.register_fake
 def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v,  # type: ignore[no-untyped-def]
       raw_slot_of_block, block_table, seq_lens, query_start_loc, scale, num_decodes, k_bits, k_mode,
-      k_seed, v_bits, v_mode, v_seed):
+      k_seed, v_bits, v_mode, v_seed, backend):
     return None
 
 
@@ -188,6 +188,7 @@ def write_compressed(
     k_codec: TorchCodec,
     v_codec: TorchCodec,
     raw: tuple[Tensor, Tensor, Tensor] | None = None,
+    backend: str = "auto",
 ) -> None:
     """Encode new tokens' K/V into their slots, and copy them raw where their block has a raw row.
 
@@ -203,6 +204,8 @@ def write_compressed(
         once per layer).
     raw : (raw_k, raw_v, raw_slot_of_block), optional
         The raw side pool ``[num_raw_blocks, block_size, H, d]`` x 2 and its ``[num_blocks]`` map.
+    backend : str
+        ``turboquant_codec`` backend name, or "auto" (by device and the capability table).
     """
     _check_int(slot_mapping, "slot_mapping", 1)
     config = _config_args(key, k_codec, v_codec)
@@ -216,7 +219,7 @@ def write_compressed(
     device = key.device
     torch.ops.turboquant.paged_write(
         k_cache, v_cache, key, value, slot_mapping, k_codec.channels_on(device), v_codec.channels_on(device),
-        raw_k, raw_v, raw_map, *config)
+        raw_k, raw_v, raw_map, *config, backend)
 
 
 def paged_attention(
@@ -236,6 +239,7 @@ def paged_attention(
     raw_slot_of_block: Tensor | None = None,
     out: Tensor | None = None,
     num_decodes: int | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """Causal attention of a batch mixing prefill and decode requests over the paged compressed cache.
 
@@ -264,6 +268,8 @@ def paged_attention(
     num_decodes : int, optional
         The first ``num_decodes`` requests have one new token each (vLLM orders decodes first);
         covering every request, it keeps a CUDA step free of host synchronisation.
+    backend : str
+        ``turboquant_codec`` backend name, or "auto" (by device and the capability table).
 
     Returns
     -------
@@ -276,5 +282,5 @@ def paged_attention(
     torch.ops.turboquant.paged_attention(
         out, query, key, value, k_cache, v_cache, k_codec.channels_on(device), v_codec.channels_on(device),
         raw_k, raw_v, raw_slot_of_block, block_table, seq_lens, query_start_loc, float(scale),
-        -1 if num_decodes is None else int(num_decodes), *config)
+        -1 if num_decodes is None else int(num_decodes), *config, backend)
     return out
