@@ -47,6 +47,8 @@ from .occupancy import resident_blocks
 
 CUDA_DIR = Path(__file__).with_name("cuda")
 SOURCES = ("tq_codec.cu", "tq_attention.cu", "tq_paged.cu")  # tq_paged.cu: built by cupy_paged
+# Headers the sources include, outermost first: tq_attn_common.cuh includes tq_common.cuh.
+HEADERS = ("tq_attn_common.cuh", "tq_common.cuh")
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 # Warps per attention block and cp.async ring depth: one block of 16 warps per SM shares one copy
 # of the per-lane replicated pair tables (40 KB at 3.5 bits, at most ~66 KB) and keeps 16 x 4 tiles of
@@ -407,10 +409,12 @@ def _module(device: int, source: str, options: tuple[str, ...]) -> Any:
     """Compiled RawModule of ``source`` for ``device`` (memoised; CuPy also caches on disk)."""
     cp = _cupy()
     with cp.cuda.Device(device):
-        # The shared header is inlined: CuPy's disk cache keys on the source text, so an edited
-        # header must change the key.
-        header = (CUDA_DIR / "tq_common.cuh").read_text()
-        code = (CUDA_DIR / source).read_text().replace('#include "tq_common.cuh"', header)
+        # The shared headers are inlined: CuPy's disk cache keys on the source text, so an edited
+        # header must change the key. Each is inlined once, at its first include (#pragma once).
+        code = (CUDA_DIR / source).read_text()
+        for name in HEADERS:
+            include = f'#include "{name}"'
+            code = code.replace(include, (CUDA_DIR / name).read_text(), 1).replace(include, "")
         mod = cp.RawModule(code=code, options=("-std=c++17", *options), backend="nvrtc")
         mod.compile()
         return mod

@@ -33,10 +33,17 @@
 //   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
 //                    domain) and its raw partial (original domain), un-rotates once, scatters
 //                    through the value channels and writes the output row in the output's dtype.
+//
+// Shared with tq_attention.cu through tq_attn_common.cuh (which also describes the fragment and
+// pair-table layouts): the query preparation, the per-tile maths, the warp merge and the merge of
+// partials. This file keeps the paged addressing and the raw partial.
 #include "tq_common.cuh"
 
 TQ_CODEC(KC, K)
 TQ_CODEC(VC, V)
+#ifndef TQ_PAGED_WRITE  // the write module builds the scatter kernel alone (no query heads)
+#include "tq_attn_common.cuh"
+#endif
 
 #ifndef NWARPS
 #define NWARPS 16
@@ -53,9 +60,6 @@ TQ_CODEC(VC, V)
 #ifndef RAW_T
 #define RAW_T 64  // raw tokens staged per round of the raw partial
 #endif
-#define NT ((GQ + 7) / 8)
-#define PACK (GQ <= 4)
-#define TILE 16
 #define SPAN_K (TILE * KTS)
 #define SPAN_V (TILE * VTS)
 #define TILE_BYTES_K (SPAN_K + 32)  // + 16 B over-read padding (load_stream) + alignment slack
@@ -72,23 +76,6 @@ static_assert(TPW >= 1 && TPW <= 32, "TPW: one tile per lane");
 static_assert(BS % TILE == 0, "the fused kernel reads whole 16-token tiles of a block");
 static_assert(KTS % 4 == 0 && VTS % 4 == 0 && VOFF % 4 == 0, "records must be 4-byte aligned");
 #endif
-
-__device__ __forceinline__ float px2(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
-
-template <class Op>
-__device__ __forceinline__ float reduce_all(float v, float* red, Op op) {
-  for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = red[0];
-  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) v = op(v, red[i]);
-  return v;
-}
 
 template <int KIND>
 __device__ __forceinline__ void store_float(void* p, u64 i, float v) {
@@ -125,9 +112,7 @@ struct RawArgs {
 #define RAW_ARGS \
   RawArgs { key, value, kv_st, kv_sh, vv_st, vv_sh, raw_k, raw_v, rk_s0, rk_s1, rk_s2, rv_s0, rv_s1, rv_s2, num_raw }
 
-#ifndef TQ_PAGED_WRITE  // the write module builds the scatter kernel alone
-constexpr float LOG2E = 1.4426950408889634f;
-
+#ifndef TQ_PAGED_WRITE
 // ------------------------------------------------------------------------------------ raw partial
 #define RAW_THREADS (NWARPS * 32)  // threads of tq_paged_prep (its raw blocks use them all)
 #ifndef RAW_SCAN
@@ -380,20 +365,7 @@ extern "C" __global__ void __launch_bounds__(RAW_THREADS)
   __syncthreads();
   for (int i = threadIdx.x; i < D; i += blockDim.x) qp[i] = kch ? qo[kch[kvh * D + i]] : qo[i];
   __syncthreads();
-  rotate_fields<KC>(ktab, qp, qf);
-  float amax = 0.f;
-  for (int i = threadIdx.x; i < QD; i += blockDim.x) amax = fmaxf(amax, fabsf(qf[i] * scale * LOG2E));
-  amax = reduce_all(amax, red, [](float a, float b) { return fmaxf(a, b); });
-  int ex = 0;
-  if (amax > 0.f) frexpf(amax, &ex);
-  const float e = ldexpf(1.f, -ex), inv = ldexpf(1.f, ex);
-  for (int i = threadIdx.x; i < QD; i += blockDim.x) {
-    const float v = qf[i] * scale * LOG2E * e;
-    const u16 hi = f2h(v);
-    qh[(static_cast<u64>(row) * 2) * QD + i] = hi;
-    qh[(static_cast<u64>(row) * 2 + 1) * QD + i] = f2h(v - h2f(hi));
-  }
-  if (threadIdx.x == 0) qscale[row] = inv;
+  prep_query(ktab, qp, qf, red, scale, row, qh, qscale);
 }
 
 // ------------------------------------------------------------------------------------ split
@@ -411,7 +383,6 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                    int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
                    const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
                    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
-  constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   extern __shared__ __align__(16) u8 smem[];
   const int bh = blockIdx.y, r = bh / h_kv, kvh = bh - r * h_kv;
   const int* bt_row = block_table + static_cast<long long>(r) * bt_stride;
@@ -420,26 +391,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   const int ntiles = (ctx + TILE - 1) / TILE;
   if (chunk * NWARPS * TPW >= ntiles) return;  // past this request's context (block-uniform)
 
-  u32* klut = reinterpret_cast<u32*>(smem);
-#if KV_SAME_LUT
-  u32* vlut = klut;
-  u8* ring_all = reinterpret_cast<u8*>(klut + 32 * KC::lutn());
-#else
-  u32* vlut = klut + 32 * KC::lutn();
-  u8* ring_all = reinterpret_cast<u8*>(vlut + 32 * VC::lutn());
-#endif
+  u32 *klut, *vlut;
+  u8* ring_all = load_tables<NWARPS>(smem, klutv, vlutv, klut, vlut);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gid = lane >> 2, t = lane & 3;
-  const u32 lane4 = static_cast<u32>(lane) << 2;
-#pragma unroll 4
-  for (int e = warp; e < KC::lutn(); e += NWARPS) klut[32 * e + lane] = klutv[e];
-#if !KV_SAME_LUT
-#pragma unroll 4
-  for (int e = warp; e < VC::lutn(); e += NWARPS) vlut[32 * e + lane] = vlutv[e];
-#else
-  (void)vlutv;
-#endif
-
   const int tile0 = (chunk * NWARPS + warp) * TPW;
   const int my_tiles = max(0, min(TPW, ntiles - tile0));
   u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
@@ -468,49 +422,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   }
   const u32 use = __ballot_sync(0xffffffffu, ok);
   __syncthreads();  // tables in place
-
-  constexpr int KSTEPS = KQD / 16, QW = PACK ? 2 : 4;
-  u32 qf[KSTEPS][NT][QW];
-  float qsc[NT][2];
-  static_for<0, KNF>([&](auto fi) {
-    constexpr int f = decltype(fi)::value, G = KC::fdim(f), S0 = KC::foff(f) / 16;
-#pragma unroll
-    for (int j = 0; j < G / 16; ++j)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int h = PACK ? gid & 3 : nt * 8 + gid, half = PACK ? gid >> 2 : 0;
-        const int dim = KC::foff(f) + t * (G / 4) + 4 * j;
-        const u16* base = qh + ((static_cast<u64>(bh) * GQ + h) * 2 + half) * KQD;
-        const bool hok = h < GQ;
-#pragma unroll
-        for (int w = 0; w < QW; ++w)
-          qf[S0 + j][nt][w] = hok ? *reinterpret_cast<const u32*>(base + (w >> 1) * KQD + dim + 2 * (w & 1)) : 0u;
-      }
-  });
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int h = PACK ? (2 * t + e) & 3 : nt * 8 + 2 * t + e;
-      qsc[nt][e] = h < GQ ? qscale[static_cast<u64>(bh) * GQ + h] : 0.f;
-    }
-
-  constexpr int VTILES = VQD / 16;
-  float acc[VTILES][NT][4];
-#pragma unroll
-  for (int i = 0; i < VTILES; ++i)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[i][nt][c] = 0.f;
-  float m_run[NT][2], l_run[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      m_run[nt][e] = -TQ_INF;
-      l_run[nt][e] = 0.f;
-    }
+  WarpAttn wa(klut, vlut, qh, qscale, bh);
 
   // A span of SPAN bytes at a 16-byte aligned address (the host checks pointers and strides);
   // chunks past `end` (the cache's last byte + 1) are zero-filled, never read.
@@ -545,227 +457,19 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 #endif
     }
   };
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < my_tiles) issue(s);
-    cp_async_commit();
-  }
-
-  for (int it = 0; it < my_tiles; ++it) {
-    cp_async_wait<STAGES - 2>();
-    __syncwarp();
+  ring_loop<STAGES>(my_tiles, issue, [&](int it) {
     if ((use >> it) & 1u) {
       const u8* st = ring + (it % STAGES) * STAGE_BYTES;
-      const int left = ctx - (tile0 + it) * TILE;
-      const u8* kt = st;
 #if MERGED
       const u8* vt = st + VOFF;
 #else
       const u8* vt = st + TILE_BYTES_K;
 #endif
-
-      float s[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) s[nt][c] = 0.f;
-      static_for<0, KNF>([&](auto fi) {
-        constexpr int f = decltype(fi)::value, G = KC::fdim(f), B = KC::fbits(f);
-        constexpr int SEGB = (G / 4) * B, NWD = (SEGB + 31) / 32, S0 = KC::foff(f) / 16;
-        const u32* lut = klut + 32 * KC::flut(f);
-        u32 w0[NWD], w1[NWD];
-        load_stream<NWD>(kt + gid * KTS, KC::fbitoff(f) + t * SEGB, w0);
-        load_stream<NWD>(kt + (gid + 8) * KTS, KC::fbitoff(f) + t * SEGB, w1);
-        float c[4][NT][4];
-#pragma unroll
-        for (int a = 0; a < 4; ++a)
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int k = 0; k < 4; ++k) c[a][nt][k] = 0.f;
-        static_for<0, G / 16>([&](auto ji) {
-          constexpr int j = decltype(ji)::value;
-          const u32 o0 = bits_scaled<(4 * j) * B, 2 * B, 7>(w0) | lane4;
-          const u32 o1 = bits_scaled<(4 * j) * B, 2 * B, 7>(w1) | lane4;
-          const u32 o2 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w0) | lane4;
-          const u32 o3 = bits_scaled<(4 * j + 2) * B, 2 * B, 7>(w1) | lane4;
-          const u32 h0 = lds_at(lut, o0), h1 = lds_at(lut, o1), h2 = lds_at(lut, o2), h3 = lds_at(lut, o3);
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            mma16816(c[(j & 1) * 2][nt], h0, h1, h2, h3, qf[S0 + j][nt][0], qf[S0 + j][nt][1]);
-            if constexpr (!PACK)
-              mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
-          }
-        });
-        const float sc0 = rec_half(kt + gid * KTS, KC::fscale(f)) * KC::pfactor(f);
-        const float sc1 = rec_half(kt + (gid + 8) * KTS, KC::fscale(f)) * KC::pfactor(f);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          float cs[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) cs[k] = (c[0][nt][k] + c[2][nt][k]) + (c[1][nt][k] + c[3][nt][k]);
-          s[nt][0] = fmaf(sc0, cs[0], s[nt][0]);
-          s[nt][1] = fmaf(sc0, cs[1], s[nt][1]);
-          s[nt][2] = fmaf(sc1, cs[2], s[nt][2]);
-          s[nt][3] = fmaf(sc1, cs[3], s[nt][3]);
-        }
-      });
-      if constexpr (PACK) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) s[0][k] += __shfl_xor_sync(0xffffffffu, s[0][k], 2);
-      }
-
-      const bool valid0 = gid < left, valid1 = gid + 8 < left;
-      float pr[NT][2][2], al[NT][2];
-      bool grew = false;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float x0 = valid0 ? s[nt][e] * qsc[nt][e] : -TQ_INF;
-          const float x1 = valid1 ? s[nt][2 + e] * qsc[nt][e] : -TQ_INF;
-          float mx = fmaxf(x0, x1);
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-          const float mnew = fmaxf(m_run[nt][e], mx);
-          const float msafe = mnew == -TQ_INF ? 0.f : mnew;
-          const float alpha = px2(m_run[nt][e] - msafe);
-          pr[nt][e][0] = px2(x0 - msafe);
-          pr[nt][e][1] = px2(x1 - msafe);
-          l_run[nt][e] = l_run[nt][e] * alpha + pr[nt][e][0] + pr[nt][e][1];
-          m_run[nt][e] = mnew;
-          al[nt][e] = alpha;
-          grew |= alpha != 1.f;
-        }
-      if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-#pragma unroll
-            for (int i = 0; i < VTILES; ++i) {
-              acc[i][nt][e] *= al[nt][e];
-              acc[i][nt][2 + e] *= al[nt][e];
-            }
-      }
-
-      static_for<0, VNF>([&](auto fi) {
-        constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
-        constexpr int SEG = G / 8, NWD = (SEG * B + 31) / 32, M0 = VC::foff(f) / 16;
-        const float sc[2] = {rec_half(vt + gid * VTS, VC::fscale(f)) * VC::pfactor(f),
-                             rec_half(vt + (gid + 8) * VTS, VC::fscale(f)) * VC::pfactor(f)};
-        const bool valid[2] = {valid0, valid1};
-        u32 bhi[NT][2], blo[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            const float x0 = valid[rr] ? pr[nt][0][rr] * sc[rr] : 0.f;
-            const float x1 = valid[rr] ? pr[nt][1][rr] * sc[rr] : 0.f;
-            const u32 hi = pack_h2(x0, x1);
-            const u32 lo = pack_h2(x0 - h2f(static_cast<u16>(hi)), x1 - h2f(static_cast<u16>(hi >> 16)));
-            if constexpr (PACK) {
-              bhi[nt][rr] = transpose8x8(t >= 2 ? lo : hi);
-            } else {
-              bhi[nt][rr] = transpose8x8(hi);
-              blo[nt][rr] = transpose8x8(lo);
-            }
-          }
-        (void)blo;
-        const u32* lut = vlut + 32 * VC::flut(f);
-        u32 w[4][NWD];
-        const int rows[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
-#pragma unroll
-        for (int rr = 0; rr < 4; ++rr) load_stream<NWD>(vt + rows[rr] * VTS, VC::fbitoff(f) + gid * SEG * B, w[rr]);
-        constexpr int CH = (32 / B) & ~1;
-        static_for<0, (SEG + CH - 1) / CH>([&](auto ci) {
-          constexpr int C0 = decltype(ci)::value * CH, LEN = (SEG - C0 < CH ? SEG - C0 : CH) * B;
-          u32 e01, o01, e23, o23;
-          pair_codes<B>(bits_at<C0 * B, LEN>(w[0]), bits_at<C0 * B, LEN>(w[1]), e01, o01);
-          pair_codes<B>(bits_at<C0 * B, LEN>(w[2]), bits_at<C0 * B, LEN>(w[3]), e23, o23);
-          static_for<0, LEN / B / 2>([&](auto ki) {
-            constexpr int k = decltype(ki)::value, i = C0 / 2 + k;
-            const u32 a0 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e01) | lane4);
-            const u32 a1 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o01) | lane4);
-            const u32 a2 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&e23) | lane4);
-            const u32 a3 = lds_at(lut, bits_scaled<2 * k * B, 2 * B, 7>(&o23) | lane4);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-              mma16816(acc[M0 + i][nt], a0, a1, a2, a3, bhi[nt][0], bhi[nt][1]);
-              if constexpr (!PACK) mma16816(acc[M0 + i][nt], a0, a1, a2, a3, blo[nt][0], blo[nt][1]);
-            }
-          });
-        });
-      });
+      wa.tile<KTS, VTS>(st, vt, ctx - (tile0 + it) * TILE);
     }
-    __syncwarp();
-    if (it + STAGES - 1 < my_tiles) issue(it + STAGES - 1);
-    cp_async_commit();
-  }
-  cp_async_wait<0>();
-  if constexpr (PACK) {
-#pragma unroll
-    for (int i = 0; i < VTILES; ++i)
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[i][0][k] += __shfl_xor_sync(0xffffffffu, acc[i][0][k], 2);
-  }
-
-  // Merge the block's warps (tq_attn_split's epilogue): partial rows (bh, chunk, head).
-  constexpr int HR = GQ < 8 ? GQ : 8;
-  constexpr int WS = VQD + VQD / 16 + (20 - (VQD + VQD / 16) % 16) % 16;
-  float* wm = reinterpret_cast<float*>(smem);
-  float* wl = wm + NWARPS * HR;
-  float* wacc = wl + NWARPS * HR;
-  const u64 prow0 = (static_cast<u64>(bh) * nchunks + chunk) * GQ;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    __syncthreads();
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      float l = l_run[nt][e];
-      l += __shfl_xor_sync(0xffffffffu, l, 4);
-      l += __shfl_xor_sync(0xffffffffu, l, 8);
-      l += __shfl_xor_sync(0xffffffffu, l, 16);
-      const int hr = 2 * t + e;
-      if (nt * 8 + hr < GQ) {
-        if (gid == 0) {
-          wm[warp * HR + hr] = m_run[nt][e];
-          wl[warp * HR + hr] = l;
-        }
-        float* dst = wacc + (warp * HR + hr) * WS;
-        static_for<0, VNF>([&](auto fi) {
-          constexpr int f = decltype(fi)::value, G = VC::fdim(f), M0 = VC::foff(f) / 16;
-#pragma unroll
-          for (int i = 0; i < G / 16; ++i) {
-            const int dim = VC::foff(f) + gid * (G / 8) + 2 * i;
-            dst[dim + dim / 16] = acc[M0 + i][nt][e];
-            dst[dim + 1 + dim / 16] = acc[M0 + i][nt][2 + e];
-          }
-        });
-      }
-    }
-    __syncthreads();
-    const int heads = min(HR, GQ - nt * 8);
-    for (int i = threadIdx.x; i < heads * (VQD + 1); i += NWARPS * 32) {
-      const int hr = i % heads, dim = i / heads - 1;
-      float mx = -TQ_INF;
-#pragma unroll
-      for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, wm[w * HR + hr]);
-      const float ms = mx == -TQ_INF ? 0.f : mx;
-      float a = 0.f;
-#pragma unroll
-      for (int w = 0; w < NWARPS; ++w)
-        a = fmaf(exp2f(wm[w * HR + hr] - ms), dim < 0 ? wl[w * HR + hr] : wacc[(w * HR + hr) * WS + dim + dim / 16], a);
-      const u64 prow = prow0 + nt * 8 + hr;
-      if (dim < 0) {
-        part_m[prow] = mx;
-        part_l[prow] = a;
-      } else {
-        part_acc[prow * VQD + dim] = a;
-      }
-    }
-  }
+  });
+  // One partial per head: rows (bh, chunk, head).
+  wa.merge<NWARPS>(smem, (static_cast<u64>(bh) * nchunks + chunk) * GQ, part_m, part_l, part_acc);
 }
 
 // ------------------------------------------------------------------------------------ reduce
@@ -786,61 +490,20 @@ extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, con
   float* yw = red + 32;
   const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
   const int r = row / h_q, kvh = (row % h_q) / GQ;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int ctx = context_len(seq_lens, r, max_tokens);
   const int nparts = ((ctx + TILE - 1) / TILE + NWARPS * TPW - 1) / (NWARPS * TPW);
   const u64 prow0 = static_cast<u64>(bh) * nchunks * GQ + h;
 
+  // The chunk partials' max joins the raw partial's.
   const float rm = raw_m[row];
-  float M = rm;
-  for (int p = threadIdx.x; p < nparts; p += blockDim.x) M = fmaxf(M, part_m[prow0 + static_cast<u64>(p) * GQ]);
-  M = reduce_all(M, red, [](float a, float b) { return fmaxf(a, b); });
-  const float Ms = M == -TQ_INF ? 0.f : M;
-  float L = 0.f;
-  for (int p = threadIdx.x; p < nparts; p += blockDim.x) {
-    const u64 pr = prow0 + static_cast<u64>(p) * GQ;
-    const float wp = exp2f(part_m[pr] - Ms);
-    L += wp * part_l[pr];
-    w[p] = wp;
-  }
-  L = reduce_all(L, red, [](float a, float b) { return a + b; });
-  const float wr = exp2f(rm - Ms);
-  L += wr * raw_l[row];
-  constexpr int YPL = (VQD + 31) / 32;
-  float ya[YPL];
-#pragma unroll
-  for (int k = 0; k < YPL; ++k) ya[k] = 0.f;
-  for (int p = warp; p < nparts; p += nw) {
-    const float* src = part_acc + (prow0 + static_cast<u64>(p) * GQ) * VQD;
-    const float wp = w[p];
-#pragma unroll
-    for (int k = 0; k < YPL; ++k)
-      if (lane + 32 * k < VQD) ya[k] = fmaf(wp, src[lane + 32 * k], ya[k]);
-  }
-#pragma unroll
-  for (int k = 0; k < YPL; ++k)
-    if (lane + 32 * k < VQD) yw[warp * VQD + lane + 32 * k] = ya[k];
-  __syncthreads();
-  for (int j = threadIdx.x; j < VQD; j += blockDim.x) {
-    float a = 0.f;
-    for (int v = 0; v < nw; ++v) a += yw[v * VQD + j];
-    y[j] = a;
-  }
+  const Merged mg = merge_partials(part_m, part_l, part_acc, nparts, prow0, rm, w, y, yw, red);
+  const float wr = exp2f(rm - mg.Ms);
+  const float L = mg.L + wr * raw_l[row];
   __syncthreads();
 
-  for_group_rows<VC>([&](auto gi, int i) {
-    constexpr int g = decltype(gi)::value, G = VC::gdim(g), fc = g * (1 + VC::QJL);
-    float a = y[VC::foff(fc) + i];
-    if constexpr (VC::QJL) a += dot_column<G>(vtab + VC::gproj(g), y + VC::foff(fc + 1), i);
-    z[VC::gstart(g) + i] = a;
-  });
-  __syncthreads();
   const float invL = 1.f / L;
   const u64 obase = static_cast<u64>(r) * o_st + static_cast<u64>(row % h_q) * o_sh;
-  for_group_rows<VC>([&](auto gi, int i) {
-    constexpr int g = decltype(gi)::value, G = VC::gdim(g);
-    const float a = dot_column<G>(vtab + VC::grot(g), z + VC::gstart(g), i);
-    const int pos = VC::gstart(g) + i;
+  unrotate_values(vtab, y, z, [&](int pos, float a) {
     const int ch = vch ? vch[kvh * D + pos] : pos;
     store_float<OUT_KIND>(out, obase + ch, (a + wr * raw_acc[static_cast<u64>(row) * D + ch]) * invL);
   });
