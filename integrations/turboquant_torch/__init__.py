@@ -13,10 +13,14 @@ paged
     ``slot_mapping``; attention over block tables for batches mixing prefill and decode requests),
     which blocks need raw copies, and views of vLLM's packed K+V cache tensor.
 hf_cache
-    ``TurboQuantCache``: a Hugging Face transformers cache on compressed KV (raw sinks and a raw
-    recent buffer flushed in batches); importing it imports transformers, so it loads on first use.
+    ``TurboQuantCache``: a Hugging Face transformers cache holding paged TurboQuant records, raw
+    sinks and a raw recent window; importing it imports transformers, so it loads on first use.
+hf_attention
+    The ``"turboquant"`` attention registered with transformers (attention and mask interfaces),
+    which decode steps run as one paged op per layer over the records; ``use(model)`` selects it.
 baselines, eval
-    The real-model evaluation (``python -m turboquant_torch.eval``) and its comparison recipes.
+    The real-model evaluation (``python -m turboquant_torch.eval``), its comparison recipes and the
+    earlier decoded-copy cache (``DecodedCopyCache``) the paged one is checked against.
 
 The codec maths lives in ``turboquant_codec`` only; this package moves tensors and masks.
 """

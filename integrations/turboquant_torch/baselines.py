@@ -379,5 +379,6 @@ class DecodedCopyCache(Cache):
     def memory(self) -> LayerMemory:
         total = LayerMemory()
         for layer in self.layers:
+            assert isinstance(layer, DecodedCopyLayer)
             total = total + layer.memory()
         return total

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .baselines import hadamard_factory, kivi_factory  # noqa: E402
-from .hf_cache import DEFAULT_FLUSH, DEFAULT_SINKS, TurboQuantCache  # noqa: E402
+from .hf_cache import CACHE_ARG, DEFAULT_FLUSH, DEFAULT_SINKS, TurboQuantCache  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -129,7 +129,7 @@ def run_pass(model: Any, ids: Tensor, cache: Any, chunk: int, ref: list[Tensor] 
     kept: list[Tensor] = []
     for i, s in enumerate(range(0, n, chunk)):
         x = ids[:, s : s + chunk]
-        out = model(input_ids=x, cache=cache, use_cache=True)
+        out = model(input_ids=x, **{CACHE_ARG: cache}, use_cache=True)
         lp = torch.log_softmax(out.logits[0].float(), -1)
         targets = ids[0, s + 1 : s + 1 + x.shape[1]]
         lp = lp[: targets.shape[0]]  # the text's last position predicts nothing

@@ -15,8 +15,8 @@ What the function receives (transformers' contract; ``../shared/HF.md``)::
 
 Paths, per layer and step:
 
-- one new token per row, every one real, something compressed: ``turboquant_torch.paged.
-  paged_attention`` over [sinks | records | window | new token] (the fused kernel on CUDA, the
+- one new token per row, every one real, something compressed: ``turboquant_codec.paged_attention``
+  over [sinks | records | window | new token] (the fused kernel on CUDA, the
   compiled CPU kernel on the host), GQA by head groups; no decoded history anywhere;
 - otherwise (prefill, chunked prefill, a padded new token, nothing compressed yet): transformers'
   SDPA over the stored history decoded transiently and the new tokens. Rows keep only their real
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .paged import paged_attention
+from turboquant_codec import paged_attention
 
 NAME = "turboquant"
 
@@ -97,8 +97,13 @@ def _dense(module: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor, m
 
 def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     """One token per row over the paged records: (B, 1, H_q, d)."""
-    out = paged_attention(query[:, :, 0].contiguous(), key[:, :, 0].contiguous(), value[:, :, 0].contiguous(),
-                          scale=scale, **layer.paged_args())
+    q = query[:, :, 0].contiguous()
+    a = layer.paged_args()
+    # The codec's op directly: its torch.library wrapper only adds host time per call, and this
+    # cache is neither compiled nor graph-captured.
+    out = paged_attention(a["cache"], q, key[:, :, 0].contiguous(), value[:, :, 0].contiguous(),
+                          a["block_table"], a["seq_lens"], a["query_start_loc"], scale=scale,
+                          out=torch.empty_like(q), num_decodes=a["num_decodes"])
     return out.unsqueeze(1)
 
 

