@@ -2,7 +2,8 @@
 
 Serves ``paged_attention`` (mode "mse" K and V; ``capabilities`` says so, everything else falls to
 the NumPy reference). Decode requests (one new token) run one compiled task per (request, KV head),
-spread over the cores; prefill requests go through the reference's dense path, which is BLAS-bound.
+spread over the cores; prefill requests go through the reference's dense path in float32, whose
+products are BLAS matrix products.
 
 Per task, for the ``G`` query heads of one KV head (the query rotated and permuted once, on the
 host, into record order; ``scale`` folded in)::
@@ -224,7 +225,7 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     decodes = np.flatnonzero(q_lens == 1)
     for r in np.flatnonzero(q_lens > 1):
         numpy_ref.attend_request(cache, query, key, value, table[r], int(seq[r]),
-                                 slice(int(starts[r]), int(starts[r + 1])), scale, out)
+                                 slice(int(starts[r]), int(starts[r + 1])), scale, out, np.float32)
     if decodes.size == 0:
         return out
     rows = starts[decodes]

@@ -238,21 +238,29 @@ def _context(cache: PagedCache, table_row: np.ndarray, length: int) -> tuple[np.
 
 
 def attend_request(cache: PagedCache, query: Any, key: Any, value: Any, table_row: np.ndarray, seq_len: int,
-                   rows: slice, scale: float, out: Any) -> None:
-    """One request's causal attention (query rows ``rows``) in float64, written to ``out[rows]``."""
-    h_q, h_kv = query.shape[1], key.shape[1]
-    n = rows.stop - rows.start
+                   rows: slice, scale: float, out: Any, dtype: Any = np.float64) -> None:
+    """One request's causal attention (query rows ``rows``), written to ``out[rows]``.
+
+    Computed in ``dtype``: float64 for the reference, float32 where a host backend reuses it (the
+    products run as batched matrix products either way).
+    """
+    h_q, h_kv, d = query.shape[1], key.shape[1], key.shape[2]
+    group, n = h_q // h_kv, rows.stop - rows.start
     ctx = seq_len - n
     k_ctx, v_ctx = _context(cache, table_row, ctx)
-    k_all = np.concatenate([k_ctx, np.asarray(key[rows]).astype(np.float64).transpose(1, 0, 2)], 1)
-    v_all = np.concatenate([v_ctx, np.asarray(value[rows]).astype(np.float64).transpose(1, 0, 2)], 1)
-    q = np.asarray(query[rows]).astype(np.float64).reshape(n, h_kv, h_q // h_kv, -1)
-    logits = np.einsum("nhgd,hld->hgnl", q, k_all) * scale
+    k_all = np.concatenate([k_ctx.astype(dtype), np.asarray(key[rows]).astype(dtype).transpose(1, 0, 2)], 1)
+    v_all = np.concatenate([v_ctx.astype(dtype), np.asarray(value[rows]).astype(dtype).transpose(1, 0, 2)], 1)
+    # Query rows of one KV head's group stacked: [H, G * n, d].
+    q = np.asarray(query[rows]).astype(dtype).reshape(n, h_kv, group, d).transpose(1, 2, 0, 3)
+    logits = (q.reshape(h_kv, group * n, d) @ k_all.transpose(0, 2, 1)).reshape(h_kv, group, n, ctx + n)
+    logits *= dtype(scale)
     causal = np.arange(ctx + n)[None, :] <= ctx + np.arange(n)[:, None]  # [n, L]
-    logits = np.where(causal, logits, -np.inf)
-    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    out[rows] = np.einsum("hgnl,hld->nhgd", weights, v_all).reshape(n, h_q, -1).astype(out.dtype)
+    logits += np.where(causal, 0.0, -np.inf).astype(dtype)
+    logits -= logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    result = (logits.reshape(h_kv, group * n, ctx + n) @ v_all).reshape(h_kv, group, n, d)
+    out[rows] = result.transpose(2, 0, 1, 3).reshape(n, h_q, d).astype(out.dtype)
 
 
 def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
