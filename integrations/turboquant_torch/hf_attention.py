@@ -98,12 +98,14 @@ def _dense(module: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor, m
 def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     """One token per row over the paged records: (B, 1, H_q, d)."""
     q = query[:, :, 0].contiguous()
+    k, v = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
     a = layer.paged_args()
-    # The codec's op directly: its torch.library wrapper only adds host time per call, and this
-    # cache is neither compiled nor graph-captured.
-    out = paged_attention(a["cache"], q, key[:, :, 0].contiguous(), value[:, :, 0].contiguous(),
-                          a["block_table"], a["seq_lens"], a["query_start_loc"], scale=scale,
-                          out=torch.empty_like(q), num_decodes=a["num_decodes"])
+    # The codec's op directly (its torch.library wrapper only adds host time per call, and this
+    # cache is neither compiled nor graph-captured); on the host, on NumPy views.
+    out = torch.empty_like(q)
+    args = (q, k, v, out) if not a["host"] else (q.numpy(), k.numpy(), v.numpy(), out.numpy())
+    paged_attention(a["cache"], *args[:3], a["block_table"], a["seq_lens"], a["query_start_loc"], scale=scale,
+                    out=args[3], num_decodes=a["num_decodes"])
     return out.unsqueeze(1)
 
 

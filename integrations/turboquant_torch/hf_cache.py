@@ -348,16 +348,29 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def paged_args(self) -> dict[str, Any]:
         """Arguments of ``turboquant_codec.paged_attention`` for a one-token step (all but the new
-        tokens, ``scale`` and ``out``)."""
+        tokens, ``scale`` and ``out``). On the host (float16/float32) they are NumPy views of the
+        tensors, which the codec takes without conversion."""
         dev = self._device_meta()
         if "cache" not in dev:
             kc, vc = self.kq.codec, self.vq.codec  # type: ignore[attr-defined]
+            host = self.device.type == "cpu" and self.dtype != torch.bfloat16
+            dev["host"] = host
+
+            def arr(t: Tensor | None) -> Any:
+                if t is None or not host:
+                    return t
+                # torch's uint16 support is partial: the channel lists go through int32.
+                return t.to(torch.int32).numpy().astype(np.uint16) if t.dtype == torch.uint16 else t.numpy()
+
             dev["cache"] = tq.PagedCache(
-                self.rec_k, self.rec_v, kc.config, vc.config,
-                kc.channels_on(self.device) if kc.split else None,
-                vc.channels_on(self.device) if vc.split else None, self.raw_k, self.raw_v, dev["rsb"])
-        return dict(cache=dev["cache"], block_table=dev["table"], seq_lens=dev["seq"],
-                    query_start_loc=dev["qsl"], num_decodes=self.batch_size)
+                arr(self.rec_k), arr(self.rec_v), kc.config, vc.config,
+                arr(kc.channels_on(self.device)) if kc.split else None,
+                arr(vc.channels_on(self.device)) if vc.split else None,
+                arr(self.raw_k), arr(self.raw_v), arr(dev["rsb"]))
+            dev["meta"] = tuple(arr(dev[k]) for k in ("table", "seq", "qsl"))
+        table, seq, qsl = dev["meta"]
+        return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
+                    num_decodes=self.batch_size, host=dev["host"])
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
@@ -370,6 +383,7 @@ class TurboQuantLayer(CacheLayerMixin):
             dev.pop("cache", None)
         if "seq" not in dev:
             dev["seq"] = torch.from_numpy((self.n + 1).astype(np.int32)).to(self.device)
+            dev.pop("cache", None)
         return dev
 
     def history(self) -> tuple[Tensor, Tensor]:
@@ -697,7 +711,7 @@ class TurboQuantLayer(CacheLayerMixin):
         raw_rows = int((self.raw_of >= 0).sum())
         elem = torch.finfo(self.dtype).bits // 8 if self.is_initialized else 0
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
-        tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
+        tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]  # not the views
         dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *tensors, self._next_slot))
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
