@@ -159,7 +159,9 @@ def test_starts_with_default_max_num_seqs(server):
 # completion may part from the sequential one only at a near-tie: the concurrent token is one of the
 # sequential run's two best and those two lie within GAP_TOL nats. A request that attends to another
 # request's blocks, or to stale rows of the raw pool, moves log-probabilities by whole nats and parts
-# at clear choices.
+# at clear choices. The raw pool (70 rows of 16 tokens) holds every block of the 16 concurrent
+# sequences (at most 2 blocks each here), so concurrent and sequential runs read the same raw values;
+# a load that exhausted it would read some windows compressed and move log-probabilities further.
 LP_TOL, GAP_TOL = 0.25, 1.0
 MAX_TOKENS = 12
 
