@@ -122,9 +122,13 @@ def _markers(server) -> list[dict]:
 def test_completions_and_chat(server):
     text = _complete(server, "The capital of France is", 16)["choices"][0]["text"]
     assert "Paris" in text
+    # "What is the capital of France?" is a near-tie for this model: stock's best first tokens "The"
+    # and "L" lie 0.125 nats apart and the plugin's rounding picks either ("L'Étoile, la Marseillaise,
+    # ..." in one run). This question's greedy answer "The capital city of France is Paris." has a
+    # first-token margin of 0.5 nats (stock) / 0.75 (plugin) and >= 1.25 over its next 7 tokens.
     chat = _post(server["base"] + "/v1/chat/completions", {
         "model": server["model"], "max_tokens": 24, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        "messages": [{"role": "user", "content": "Name the capital city of France."}]})
     answer = chat["choices"][0]["message"]["content"]
     assert chat["choices"][0]["message"]["role"] == "assistant" and "Paris" in answer, answer
     assert "KV cache size" in server["log"].read_text()
