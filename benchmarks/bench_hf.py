@@ -101,68 +101,96 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
 
 @torch.no_grad()
 def gpu(args: argparse.Namespace) -> dict[str, Any]:
-    import cupy
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dev = torch.device("cuda")
-    pool = cupy.get_default_memory_pool()
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def torch_bytes() -> int:
+        return torch.cuda.memory_allocated() if cuda else 0
+
+    def pool_bytes(total: bool = False) -> int:
+        return (pool.total_bytes() if total else pool.used_bytes()) if cuda else 0
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                       num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                      head_dim=128,
-                      max_position_embeddings=args.tokens + args.steps + 64)
+                      head_dim=128, max_position_embeddings=args.tokens + args.steps + 64)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(dev, torch.bfloat16).eval()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with dev:  # initialise on the device: no host-side init of the weights
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(default)
     hf_attention.use(model)
     gen = torch.Generator(device=dev).manual_seed(0)
 
-    def used() -> int:
-        return torch.cuda.memory_allocated() + pool.used_bytes()
-
-    def run(make: Any, tokens: int, steps: int) -> dict[str, float]:
+    def run(make: Any, tokens: int, steps: int) -> tuple[dict[str, float], Any]:
         ids = torch.randint(0, cfg.vocab_size, (args.batch, tokens + steps), device=dev, generator=gen)
         gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        pool.free_all_blocks()  # the pool then holds only what is in use: its growth bounds its peak
-        before, torch_before, pool_before = used(), torch.cuda.memory_allocated(), pool.total_bytes()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if cuda:
+            torch.cuda.empty_cache()
+            pool.free_all_blocks()  # the pool then holds only what is in use: its growth bounds its peak
+            torch.cuda.reset_peak_memory_stats()
+        t_before, p_before, p_total = torch_bytes(), pool_bytes(), pool_bytes(total=True)
         cache = make()
         model(input_ids=ids[:, :tokens], **{CACHE_ARG: cache}, logits_to_keep=1)
-        torch.cuda.synchronize()
-        after = used()
-        peak = torch.cuda.max_memory_allocated() - torch_before + pool.total_bytes() - pool_before + before
-        times = []
+        sync()
+        kv = torch_bytes() - t_before + pool_bytes() - p_before
+        peak = ((torch.cuda.max_memory_allocated() if cuda else 0) - t_before
+                + pool_bytes(total=True) - p_total)
+        times, logits = [], []
         for s in range(steps):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
-            model(input_ids=ids[:, tokens + s : tokens + s + 1], **{CACHE_ARG: cache})
-            torch.cuda.synchronize()
+            out = model(input_ids=ids[:, tokens + s : tokens + s + 1], **{CACHE_ARG: cache})
+            sync()
             times.append(time.perf_counter() - t0)
-        result = {"kv_bytes": after - before, "peak_prefill_bytes": peak - before,
-                  "step_ms": 1e3 * statistics.median(times[args.warmup:]),
-                  "held_bytes": held_bytes(cache)}
+            logits.append(out.logits.float())
+        result = {"kv_bytes": kv, "peak_prefill_bytes": peak, "held_bytes": held_bytes(cache),
+                  "step_ms": 1e3 * statistics.median(times[min(args.warmup, steps - 1):])}
         del cache
-        return result
+        return result, torch.cat(logits, dim=1)
 
     makers = {"DynamicCache": lambda: DynamicCache(config=cfg),
               "TurboQuantCache (paged)": lambda: TurboQuantCache(cfg)}
-    run(makers["TurboQuantCache (paged)"], 1024, 4)  # compile the kernels
+    # Warm-up (compiles the kernels) and a check: 1024-token prompts, 772 tokens compressed, against
+    # the decoded-copy cache, which reads the same numbers.
+    gen.manual_seed(1)
+    _, ours = run(makers["TurboQuantCache (paged)"], 1024, 4)
+    gen.manual_seed(1)
+    _, ref = run(lambda: DecodedCopyCache(cfg), 1024, 4)
+    check = float((ours - ref).abs().max() / ref.abs().max())
+    print(f"check: decode-step logits vs decoded copy, max |diff| / max |ref| = {check:.2e}", flush=True)
     run(makers["DynamicCache"], 1024, 4)
     rows = []
     for name, make in makers.items():
-        rows.append({"cache": name, **run(make, args.tokens, args.steps)})
+        gen.manual_seed(2)
+        rows.append({"cache": name, **run(make, args.tokens, args.steps)[0]})
+        print(rows[-1], flush=True)
     for r in rows:
         r["step_vs_dynamic"] = r["step_ms"] / rows[0]["step_ms"]
-        r["kv_vs_dynamic"] = r["kv_bytes"] / rows[0]["kv_bytes"]
-        r["peak_vs_dynamic"] = r["peak_prefill_bytes"] / rows[0]["peak_prefill_bytes"]
-    return {"machine": torch.cuda.get_device_name(), "batch": args.batch, "tokens": args.tokens,
-            "layers": args.layers, "steps": args.steps, "rows": rows}
+        r["kv_vs_dynamic"] = r["kv_bytes"] / rows[0]["kv_bytes"] if rows[0]["kv_bytes"] else float("nan")
+        r["peak_vs_dynamic"] = (r["peak_prefill_bytes"] / rows[0]["peak_prefill_bytes"]
+                                if rows[0]["peak_prefill_bytes"] else float("nan"))
+    name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
+    return {"machine": name, "batch": args.batch, "tokens": args.tokens, "layers": args.layers,
+            "steps": args.steps, "check_rel_diff": check, "rows": rows}
 
 
 def table(res: dict[str, Any]) -> str:
     gib = 2.0**30
-    keys = [k for k in ("step_ms", "step_vs_dynamic", "kv_bytes", "kv_vs_dynamic", "peak_prefill_bytes",
-                        "peak_vs_dynamic", "prefill_s") if k in res["rows"][0]]
+    keys = [k for k in ("step_ms", "step_vs_dynamic", "kv_bytes", "kv_vs_dynamic", "held_bytes",
+                        "peak_prefill_bytes", "peak_vs_dynamic", "prefill_s") if k in res["rows"][0]]
     lines = ["| cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in res["rows"]:
         cells = []
@@ -188,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--greedy", type=int, default=64, help="cpu: greedy tokens compared")
     p.add_argument("--batch", type=int, default=4, help="gpu: rows")
     p.add_argument("--layers", type=int, default=16, help="gpu: decoder layers")
+    p.add_argument("--hidden", type=int, default=2048, help="gpu: hidden size")
+    p.add_argument("--device", default="cuda", help="gpu: torch device (cpu for a dry run)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.tokens = args.tokens or (2048 if args.mode == "cpu" else 16384)
