@@ -243,11 +243,6 @@ class TurboQuantConfig:
                 b_mse=base, b_qjl=qjl,
             )
 
-    def export_env(self) -> None:
-        """Hand the codec backend choice to ``turboquant_codec`` (its ``TQ_BACKEND`` variable)."""
-        if self.codec_backend != "auto":
-            os.environ["TQ_BACKEND"] = self.codec_backend
-
     # ------------------------------------------------------------------------------ validation
     def validate(
         self,

@@ -17,9 +17,7 @@ logger = logging.getLogger("vllm.turboquant_vllm")
 @functools.cache
 def env_config() -> TurboQuantConfig:
     """The process's configuration from ``TQ_*`` (identical in every vLLM process: same environment)."""
-    cfg = TurboQuantConfig.from_env()
-    cfg.export_env()
-    return cfg
+    return TurboQuantConfig.from_env()
 
 
 def is_selected(vllm_config: Any) -> bool:
