@@ -151,8 +151,8 @@ def test_bad_metadata_is_named(override: dict, message: str) -> None:
 
 @pytest.mark.gpu
 def test_repeated_gpu_calls_read_new_values_and_check_new_shapes() -> None:
-    """The public API keeps checks and views per call signature on the GPU: the same buffers with new
-    values give the new results, and a new shape is checked again."""
+    """The public API keeps a GPU cache's checks and views per cache signature: the same buffers with
+    new values give the new results, and a step's new shape is still checked."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

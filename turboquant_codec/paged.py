@@ -5,10 +5,11 @@ write must lie inside the cache. GPU inputs are checked by shape and dtype only 
 values would synchronise); the GPU kernels skip out-of-range indices instead of touching memory
 outside the cache.
 
-A serving engine calls these ops every step of every layer with the same persistent buffers, so
-for torch and CuPy GPU inputs the checks and the backend's native views are kept per call
-signature (data pointers, shapes, strides, dtypes): a repeated call validates nothing again and
-converts nothing again. The kept views hold their arrays alive; the tables are small and bounded.
+A serving engine calls these ops every step of every layer on the same cache, so for torch and
+CuPy GPU caches the cache's checks and the backend's views of its arrays are kept per cache
+signature (data pointers, shapes, strides, dtypes, configurations, backend): a repeated call checks
+and converts only the step's own arrays. Only cache arrays are kept (they live as long as the
+engine); a step's activations never are, so nothing is held alive past its step.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ _INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 
 
 _MEMO_SIZE = 256
-# call signature -> (backend module, converted cache, native arrays); GPU torch / CuPy inputs only.
-_PREPARED: collections.OrderedDict[tuple[Any, ...], tuple[Any, PagedCache, list[Any]]] = (
-    collections.OrderedDict())
+# cache signature -> (backend module, the cache as that backend's arrays); GPU torch / CuPy caches.
+_PREPARED: collections.OrderedDict[tuple[Any, ...], tuple[Any, PagedCache]] = collections.OrderedDict()
 
 
 def _key(x: Any) -> tuple[Any, ...] | None:
@@ -44,24 +44,26 @@ def _key(x: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def _prepared(signature: tuple[Any, ...] | None, build: Any) -> tuple[Any, PagedCache, list[Any]]:
-    if signature is None:
-        return build()
-    hit = _PREPARED.get(signature)
+def _prepared(signature: tuple[Any, ...] | None, op: str, cache: PagedCache, backend: str,
+              dtype: str) -> tuple[Any, PagedCache]:
+    """The backend for ``op`` and ``cache`` as its arrays, kept per signature (None: not kept)."""
+    hit = None if signature is None else _PREPARED.get(signature)
     if hit is None:
-        hit = _PREPARED[signature] = build()
-        if len(_PREPARED) > _MEMO_SIZE:
-            _PREPARED.popitem(last=False)
+        module = _dispatch.backend(op, backend, cache.k_cache, (cache.k_config, cache.v_config), dtype)
+        hit = module, cache.converted(module.asarray)
+        if signature is not None:
+            _PREPARED[signature] = hit
+            if len(_PREPARED) > _MEMO_SIZE:
+                _PREPARED.popitem(last=False)
     return hit
 
 
-def _signature(op: str, cache: PagedCache, arrays: tuple[Any, ...], backend: str,
-               *extra: Any) -> tuple[Any, ...] | None:
+def _signature(op: str, cache: PagedCache, backend: str, dtype: str) -> tuple[Any, ...] | None:
     keys = [_key(a) for a in (cache.k_cache, cache.v_cache, cache.k_channels, cache.v_channels,
-                              cache.raw_k, cache.raw_v, cache.raw_slot_of_block, *arrays)]
+                              cache.raw_k, cache.raw_v, cache.raw_slot_of_block)]
     if any(k is None for k in keys):
         return None
-    return (op, cache.k_config, cache.v_config, _registry.requested(backend), *keys, *extra)
+    return (op, cache.k_config, cache.v_config, _registry.requested(backend), dtype, *keys)
 
 
 def _ints(x: Any, name: str, ndim: int) -> tuple[int, ...]:
@@ -78,9 +80,12 @@ def _host_ints(x: Any) -> np.ndarray | None:
     return None if _interop.on_gpu(x) else _interop.to_numpy(x).astype(np.int64)
 
 
-def _check_cache(cache: PagedCache) -> None:
+def _check_type(cache: Any) -> None:
     if not isinstance(cache, PagedCache):
         raise TypeError(f"cache must be a PagedCache, got {type(cache).__name__}")
+
+
+def _check_cache(cache: PagedCache) -> None:
     if cache.k_config.d != cache.v_config.d:
         raise ValueError(f"k_config has d={cache.k_config.d} but v_config has d={cache.v_config.d}")
     lead = None
@@ -157,28 +162,25 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any, *,
     ValueError
         On a shape, dtype or (host inputs) a slot outside the cache, before anything is written.
     """
-    def build() -> tuple[Any, PagedCache, list[Any]]:
-        _check_cache(cache)
-        t = _check_new(cache, key, value)[0]
-        (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
-        if n_slots > t:
-            raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
-        slots = _host_ints(slot_mapping)
-        capacity = cache.num_blocks * cache.block_size
-        if slots is not None and slots.size and slots.max() >= capacity:
-            raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has "
-                             f"{capacity} slots")
-        module = _dispatch.backend("paged_write", backend, cache.k_cache, (cache.k_config, cache.v_config),
-                                   _interop.dtype_name(key))
-        natives = [module.asarray(a) for a in (key, value, slot_mapping)]
-        return module, cache.converted(module.asarray), natives
+    _check_type(cache)
+    dtype = _interop.dtype_name(key)
 
     # Channels still to be chosen make the call a one-off: nothing is kept for it.
     first = any(channels is None and cfg.split for channels, cfg in (
         (cache.k_channels, cache.k_config), (cache.v_channels, cache.v_config)))
-    signature = None if first else _signature("paged_write", cache, (key, value, slot_mapping), backend)
-    module, native, arrays = _prepared(signature, build)
-    k_ch, v_ch = module.paged_write(native, *arrays)
+    signature = None if first else _signature("paged_write", cache, backend, dtype)
+    if signature not in _PREPARED:
+        _check_cache(cache)
+    t = _check_new(cache, key, value)[0]
+    (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
+    if n_slots > t:
+        raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
+    slots = _host_ints(slot_mapping)
+    capacity = cache.num_blocks * cache.block_size
+    if slots is not None and slots.size and slots.max() >= capacity:
+        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {capacity} slots")
+    module, native = _prepared(signature, "paged_write", cache, backend, dtype)
+    k_ch, v_ch = module.paged_write(native, *(module.asarray(a) for a in (key, value, slot_mapping)))
     if cache.k_channels is None and k_ch is not None:
         k_ch = _interop.like(k_ch, cache.k_cache)
     if cache.v_channels is None and v_ch is not None:
@@ -255,27 +257,25 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     array, [T, h_q, d]
         ``out``.
     """
+    _check_type(cache)
     if out is None:
         out = _zeros_like(query)
-    arrays = (query, key, value, block_table, seq_lens, query_start_loc, out)
+    dtype = _interop.dtype_name(query)
 
-    def build() -> tuple[Any, PagedCache, list[Any]]:
-        _check_attention(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out,
-                         num_decodes)
-        module = _dispatch.backend("paged_attention", backend, cache.k_cache,
-                                   (cache.k_config, cache.v_config), _interop.dtype_name(query))
-        return module, cache.converted(module.asarray), [module.asarray(a) for a in arrays]
-
-    signature = _signature("paged_attention", cache, arrays, backend, scale, num_decodes)
-    module, native, natives = _prepared(signature, build)
+    signature = _signature("paged_attention", cache, backend, dtype)
+    if signature not in _PREPARED:
+        _check_cache(cache)
+    _check_step(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, num_decodes)
+    module, native = _prepared(signature, "paged_attention", cache, backend, dtype)
+    natives = [module.asarray(a) for a in (query, key, value, block_table, seq_lens, query_start_loc, out)]
     result = module.paged_attention(native, *natives[:6], float(scale), natives[6],
                                     None if num_decodes is None else int(num_decodes))
     return out if result is natives[6] else _interop.like(result, out)
 
 
-def _check_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
-                     query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> None:
-    _check_cache(cache)
+def _check_step(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> None:
+    """The step's own arrays against the (checked) cache."""
     t, h, d = _check_new(cache, key, value)
     q_shape = _validate.float_array(query, "query", 3)
     if len(q_shape) != 3 or q_shape[0] != t or q_shape[2] != d or q_shape[1] % h:
