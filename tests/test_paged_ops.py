@@ -179,3 +179,31 @@ def test_repeated_gpu_calls_read_new_values_and_check_new_shapes() -> None:
         np.testing.assert_allclose(out.cpu().numpy()[:3], ref[:3], rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="query must be"):
         tq.paged_attention(cache, q[:, :5], k, v, table, s, sl, scale=0.125, num_decodes=3)
+
+
+def test_kept_cache_views_serve_new_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-cache keeping (GPU caches) driven on the host by keying NumPy arrays as the GPU path
+    keys tensors: the cache is checked once, every step's own arrays on every call, and each step's
+    result equals a fresh reference call."""
+    from turboquant_codec import paged
+
+    def host_key(x: object) -> tuple | None:
+        if x is None:
+            return ()
+        return (x.__array_interface__["data"][0], x.shape, x.strides, x.dtype)  # type: ignore[attr-defined]
+
+    checks = []
+    monkeypatch.setattr(paged, "_key", host_key)
+    monkeypatch.setattr(paged, "_PREPARED", paged.collections.OrderedDict())
+    real_check = paged._check_cache
+    monkeypatch.setattr(paged, "_check_cache", lambda c: (checks.append(c), real_check(c)))
+    p = make([45, 100, 20], 64, 3.5, raw_blocks=4, seed=31)
+    checks.clear()  # the writes' own checks
+    for seed in (32, 33, 34):
+        query, key, value, seq, qsl = step(p, [1, 1, 1], seed=seed)
+        got = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125, num_decodes=3)
+        ref = tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl, scale=0.125, backend="numpy")
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    assert len(checks) == 2  # once for the auto backend, once for the reference's own entry
+    with pytest.raises(ValueError, match="query_start_loc must rise from 0"):
+        tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl[::-1].copy(), scale=0.125)
