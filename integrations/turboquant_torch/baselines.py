@@ -43,6 +43,7 @@ from .hf_cache import (
     DEFAULT_SINKS,
     KVQuantizer,
     LayerMemory,
+    LengthProtocol,
     QuantizerFactory,
     _model_shape,
     _nbytes,
@@ -230,7 +231,7 @@ def _cat(a: Tensor | None, b: Tensor) -> Tensor:
     return b if a is None else torch.cat([a, b], dim=-2)
 
 
-class DecodedCopyLayer(CacheLayerMixin):
+class DecodedCopyLayer(LengthProtocol, CacheLayerMixin):
     """One layer of ``DecodedCopyCache``: contiguous sinks, records, decoded copy and buffer."""
 
     is_sliding = False
@@ -300,21 +301,6 @@ class DecodedCopyLayer(CacheLayerMixin):
         self.dec_v = _cat(self.dec_v, self.vq.decode(pv).to(self.dtype))
         self.buf_k = self.buf_k[..., n:, :].clone() if n < r else None
         self.buf_v = self.buf_v[..., n:, :].clone() if n < r else None
-
-    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
-        q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else int(query_length)
-        return self.length + q, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._clear()
-        self.kq.reset()
-        self.vq.reset()
 
     def _select(self, fn: Callable[[Tensor], Tensor]) -> None:
         for name in ("sink_k", "sink_v", "buf_k", "buf_v", "rec_k", "rec_v", "dec_k", "dec_v"):

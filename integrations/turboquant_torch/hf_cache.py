@@ -259,7 +259,34 @@ def _index(a: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
-class TurboQuantLayer(CacheLayerMixin):
+class LengthProtocol:
+    """transformers' length queries and reset for a layer that counts ``length`` tokens and clears
+    its state with ``_clear`` (shared by ``TurboQuantLayer`` and ``baselines.DecodedCopyLayer``)."""
+
+    length: int
+    kq: KVQuantizer
+    vq: KVQuantizer
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
+        q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else int(query_length)
+        return self.length + q, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+        self.kq.reset()
+        self.vq.reset()
+
+
+class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
     """One attention layer's paged compressed KV (layout in the module docstring).
 
     Parameters
@@ -627,21 +654,6 @@ class TurboQuantLayer(CacheLayerMixin):
             self.raw_of[r, j] = self.free.pop()
 
     # ---------------------------------------------------------------------------- Cache protocol
-    def get_mask_sizes(self, query_length: Any, *args: Any) -> tuple[int, int]:
-        q = int(query_length.shape[0]) if isinstance(query_length, Tensor) else int(query_length)
-        return self.length + q, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._clear()
-        self.kq.reset()
-        self.vq.reset()
-
     def _select_rows(self, index: Tensor) -> None:
         """Keep / repeat / reorder batch rows: row i becomes old row ``index[i]``."""
         if not self.is_initialized:
