@@ -32,8 +32,8 @@ def encode(
         bits quantize the ``d/2`` outlier channels of each stream one bit finer than the rest.
     mode : {"mse", "prod"}
         "mse": TurboQuant_mse (lowest reconstruction error; the default, as MSE keys measured best
-        for attention). "prod": TurboQuant_prod, ``bits - 1`` code bits plus a 1-bit QJL sketch of
-        the residual, for unbiased inner products.
+        for attention: docs/eval-smollm2.md). "prod": TurboQuant_prod, ``bits - 1`` code bits plus
+        a 1-bit QJL sketch of the residual, for unbiased inner products.
     seed : int
         Seeds the rotations and QJL projections; use a different seed per layer/stream
         (``transforms.stream_seed``).

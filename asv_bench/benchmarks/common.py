@@ -23,7 +23,7 @@ from turboquant_codec import _interop
 from turboquant_codec.capabilities import CAPABILITIES
 from turboquant_codec.testing import kv_like, unit_vectors  # noqa: F401  (re-exported for the benchmarks)
 
-# The registry module itself (before 2cb151d, ``turboquant_codec.backends`` was a function).
+# The registry module itself (at older commits ``turboquant_codec.backends`` is a function).
 registry = importlib.import_module("turboquant_codec.backends")
 
 # The backends of the current registry in a fixed order (a backend not registered at an older

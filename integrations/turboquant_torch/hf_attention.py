@@ -4,7 +4,7 @@ Registered on import in ``transformers.AttentionInterface`` and, with transforme
 ``AttentionMaskInterface`` (without the mask registration a padded batch would get no mask). Select
 it with ``from_pretrained(..., attn_implementation="turboquant")`` or ``use(model)``.
 
-What the function receives (transformers' contract; ``../shared/HF.md``)::
+What the function receives (transformers' attention-interface contract)::
 
     query            (B, H_q, q, d)   possibly a transposed view
     key, value       (B, H, q, d)     what the cache's ``update`` returned: only the new tokens, tagged

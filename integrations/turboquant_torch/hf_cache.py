@@ -768,7 +768,8 @@ class TurboQuantCache(Cache):
     key_bits, value_bits : float
         Nominal code bits per channel (halves quantize half the channels, the outliers, a bit finer).
     key_mode, value_mode : {"mse", "prod"}
-        TurboQuant_mse or TurboQuant_prod (QJL). MSE keys measured better for attention.
+        TurboQuant_mse or TurboQuant_prod (QJL). MSE keys measured better for attention
+        (docs/eval-smollm2.md).
     flush_interval : int
         Recent tokens kept raw before being compressed together (``F`` in the module docstring).
     sinks : int

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from turboquant_codec.config import CodecConfig
 
-#: The defaults, in one place (the torch wrapper's evaluation found MSE keys best; QUALITY.md).
+#: The defaults, in one place (MSE keys measured best: docs/eval-smollm2.md, docs/calibration.md).
 DEFAULTS: dict[str, object] = {
     "b_mse": 3.5,
     "b_qjl": 0,

@@ -67,10 +67,10 @@ def test_capacity_counts_the_raw_pool(runs):
 
 
 def test_teacher_forced_logprobs_close_to_stock(runs):
-    # Tolerance: QUALITY.md measured +0.94% perplexity for this recipe (3.5-bit MSE K/V, 128-token raw
-    # window, 4 sinks) on the same model and text with fake quantization; the bf16 model and a different
-    # attention kernel add a little noise. 3% on perplexity leaves room for that and still fails a
-    # backend that quantizes on write (+14%) or reads wrong blocks (far worse).
+    # Tolerance: docs/calibration.md measured +0.94% perplexity for this recipe (3.5-bit MSE K/V,
+    # 128-token raw window, 4 sinks) on the same model and text with fake quantization; the bf16 model
+    # and a different attention kernel add a little noise. 3% on perplexity leaves room for that and
+    # still fails a backend that quantizes on write (+14%) or reads wrong blocks (far worse).
     stock, tq = runs["stock"], runs["tq"]
     assert len(stock["logprobs"]) == len(tq["logprobs"]) == 1024
     dppl = math.exp(_nll(tq) - _nll(stock)) - 1

@@ -22,7 +22,7 @@ Record layout and math: exactly ``numpy_ref`` (see ``turboquant_codec.config``),
 with float64 norms; codes may differ from the float64 reference only where a value lies on a
 codebook boundary to float32 rounding. The tensor-core encode (``tq_encode_tc``) rotates with split
 16-bit products (~17 bits for bfloat16 input, ~22 otherwise) and float32 norms: its codes differ on
-up to ~1e-5 of coordinates (measured <= 1.1e-5; the tests allow 1e-4), its norms within float16
+up to ~1e-5 of coordinates (the tests allow 1e-4), its norms within float16
 rounding.
 """
 
@@ -72,9 +72,7 @@ ENC_TV, ENC_TV_PROD = 32, 16
 ENC_TC_WARPS: int | None = None
 ENC_TC_MT: int | None = None
 # 12 warps leave it 168 registers per thread, no spills; 14 and 16 warps cap it at 128 and spill
-# (H200, 2M bf16 vectors d=128, 3.5 bits: 0.367 ms at 12 warps, 0.409 at 14, 0.411 at 16, 0.442 at
-# 10; the double-buffered kernel before it, 8 warps per SM: 0.486; re-checked at f5290f7: 0.270 ms
-# at 12 warps, 0.301 at 8).
+# (timings per warp count: benchmarks/RESULTS-cupy_raw.md).
 ENC_TC_MAX_WARPS = 12
 # Shared memory a block may opt into on sm_90 (227 KB); compile_options' default, where no device is
 # at hand (tests/test_cuda_sources.py).

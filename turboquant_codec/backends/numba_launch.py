@@ -1,9 +1,9 @@
 """Numba kernel launches with the arguments packed here, and the light device arrays they take.
 
 Why: Numba's launch path types every argument, checks the CUDA context several times per array and
-marshals arrays through Python objects. With this backend's 10-30 arguments per kernel that is
-~0.2 ms per kernel (numba-cuda issue #477), and a decode-attention call (three kernels) spent ~1.5 ms
-on the host for ~0.3 ms of GPU work. Here a kernel is compiled once per (device, argument types)
+marshals arrays through Python objects. With this backend's 10-30 arguments per kernel that host
+time exceeds a decode step's GPU work (numba-cuda issue #477; figures in
+``docs/design-measurements.md``). Here a kernel is compiled once per (device, argument types)
 through its Numba dispatcher; each call then packs its arguments directly and launches with
 ``cuda.core.launch``, the call Numba itself ends in.
 

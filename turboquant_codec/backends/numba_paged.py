@@ -66,8 +66,8 @@ STATIC_SMEM = MAX_TK * (4 + 8 + 4)
 # rows per pass.
 TOKEN_TILES = (16, 8, 4)
 ROW_TILES = (16, 8, 4)
-# Blocks of the element-wise grid-stride kernels: enough to fill a GPU; one in the simulator, which
-# costs ~2.5 ms per simulated thread.
+# Blocks of the element-wise grid-stride kernels: enough to fill a GPU; one in the simulator, where
+# every simulated thread is slow.
 ELEMENTWISE_BLOCKS = 1024
 # Token sources of an attention tile.
 SKIP, COMPRESSED, RAW, NEW = 0, 1, 2, 3
