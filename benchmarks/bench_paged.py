@@ -32,6 +32,7 @@ import numpy as np
 from timing import host_us, timed
 
 import turboquant_codec as tq
+from turboquant_codec import paged as public_paged
 from turboquant_codec.backends import availability, cupy_paged, cupy_raw
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.paged_cache import PagedCache
@@ -144,6 +145,20 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     log.append(f"B={b} T={t}: launch cache {cached} -> {len(cupy_paged._LAUNCHES)} entries over the host "
                f"timing; driver launchKernel: {hasattr(cp.cuda.driver, 'launchKernel')}")
     us_api = host_us(api_call)
+
+    def api_checked(api_call=api_call):  # no replay kept: checks, conversions, kept launches
+        public_paged._REPLAYS.clear()
+        api_call()
+
+    def api_first_sight(api_call=api_call):  # arrays never seen: no replay, launches built anew
+        public_paged._REPLAYS.clear()
+        cupy_paged._LAUNCHES.clear()
+        api_call()
+
+    us_checked, us_first = host_us(api_checked), host_us(api_first_sight)
+    log.append(f"B={b} T={t}: public API host us/call: replay {us_api:.1f}, checked (no replay) "
+               f"{us_checked:.1f}, first sight (nothing kept) {us_first:.1f}")
+    print(log[-1], flush=True)
     scratch = sum(int(buf.nbytes) for (dev, name), buf in cupy_paged._SCRATCH.items() if name == "attention")
     pool_growth = mp.used_bytes() - used0
     # The unpaged kernel (cupy_raw.attention) on the same tokens, contiguous records, no tail.

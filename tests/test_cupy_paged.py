@@ -413,3 +413,51 @@ def test_decode_step_graph_capture_equals_eager(side: bool, monkeypatch: pytest.
     assert torch.equal(replayed, out)
     assert not torch.equal(replayed, eager)
 
+
+
+# ------------------------------------------------------------------------------------ GPU: public replays
+@gpu
+@pytest.mark.gpu
+def test_public_decode_replay_follows_new_contents(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated all-decode ``tq.paged_attention`` call on the same GPU arrays replays the prepared
+    launches (the backend is not called again) and reads the arrays' new contents: new queries and
+    new tokens, and a block table and seq_lens permuted in place; a call on another ``out`` goes
+    through the backend again."""
+    import cupy as cp
+
+    import turboquant_codec as tq
+    from turboquant_codec import paged as public_paged
+
+    rng = np.random.default_rng()
+    reqs = [(int(rng.integers(1, 3000)), 1) for _ in range(6)]
+    scene = Scene(rng, d=128, bits=3.5, mode="mse", dtype="float16", bs=16, group=4, reqs=reqs)
+    cache = scene.gpu_cache()
+    arrays = [cp.asarray(a) for a in (scene.query.astype(np.float16), scene.key.astype(np.float16),
+                                      scene.value.astype(np.float16), scene.block_table, scene.seq_lens,
+                                      scene.qsl)]
+    out = cp.full(scene.query.shape, np.nan, cp.float16)
+    n = scene.num_decodes
+
+    def call(o: Any) -> Any:
+        return tq.paged_attention(cache, *arrays, scale=scene.scale, out=o, num_decodes=n, backend="cupy_raw")
+
+    _check(scene, call(out))
+    assert len(public_paged._REPLAYS) > 0
+
+    def backend_called(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the backend ran: no replay")
+
+    monkeypatch.setattr(cupy_raw, "paged_attention", backend_called)
+    perm = rng.permutation(len(reqs))
+    scene.reqs = [scene.reqs[i] for i in perm]
+    scene.block_table, scene.seq_lens = scene.block_table[perm], scene.seq_lens[perm]
+    for name in ("query", "key", "value"):
+        fresh = _rounded(rng.standard_normal(getattr(scene, name).shape).astype(np.float32), "float16")
+        setattr(scene, name, fresh)
+    for dst, src in zip(arrays, (scene.query, scene.key, scene.value, scene.block_table, scene.seq_lens),
+                        strict=False):
+        dst[...] = cp.asarray(src.astype(dst.dtype))
+    out.fill(np.nan)
+    _check(scene, call(out))
+    with pytest.raises(AssertionError, match="no replay"):
+        call(cp.full(scene.query.shape, np.nan, cp.float16))

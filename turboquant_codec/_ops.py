@@ -23,6 +23,11 @@ paged_attention  cache: PagedCache, query [T, h_q, d], key/value       out [T, h
                  num_decodes (int or None)
 ===============  ====================================================  =================================
 
+Optional, for GPU backends: ``paged_attention_replay`` (the arguments of a ``paged_attention``
+call just made) returns a callable that repeats that call holding no array (its launches on the
+then current stream), or None; the public API replays it for later calls with the same arrays
+(addresses, layouts) and scalars.
+
 The paged layout and its rules are owned by ``paged_cache.PagedCache``. Paged ops never
 synchronise with the host on a GPU when ``num_decodes`` is given and every request is a decode
 (the CUDA-graph case).

@@ -441,14 +441,43 @@ _LAUNCHES: dict[tuple[Any, ...], tuple[_Launch | None, _Launch, _Launch, _Launch
 _MAX_LAUNCHES = 1024
 
 
+def _decode_sig(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                scale: float, out: Any, n: int, device: int) -> tuple[Any, ...]:
+    return (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, cache.k_config, cache.v_config,
+            *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
+                                 cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
+                                 cache.raw_slot_of_block)))
+
+
+def paged_attention_replay(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any,
+                           seq_lens: Any, query_start_loc: Any, scale: float, out: Any,
+                           num_decodes: int | None) -> Any:
+    """A callable that repeats this call (already made) without arguments and holding no array: its
+    cached launches on the then current stream. None unless every request took the fused decode
+    path with launches kept (see ``_LAUNCHES``)."""
+    b = int(block_table.shape[0])
+    if num_decodes is None or num_decodes < b or b == 0:
+        return None
+    qw = query.words if isinstance(query, _Raw16) else query
+    device = int(qw.data.device_id)
+    launches = _LAUNCHES.get(_decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, b,
+                                         device))
+    return None if launches is None else functools.partial(_replay, launches, device)
+
+
+def _replay(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int) -> None:
+    if _cupy().cuda.runtime.getDevice() == device:
+        _run(launches, device)
+        return
+    with _cupy().cuda.Device(device):
+        _run(launches, device)
+
+
 def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
             scale: float, out: Any, n: int, device: int) -> bool:
     """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync), on the
     current stream; False (nothing launched) where the cache's layout is not fused."""
-    sig = (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, cache.k_config, cache.v_config,
-           *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
-                                cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
-                                cache.raw_slot_of_block)))
+    sig = _decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, n, device)
     if sig in _LAUNCHES:
         launches = _LAUNCHES[sig]
     else:

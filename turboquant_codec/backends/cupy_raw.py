@@ -998,3 +998,13 @@ def paged_attention(cache: Any, query: Any, key: Any, value: Any, block_table: A
 
     return cupy_paged.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc,
                                       scale, out, num_decodes)
+
+
+def paged_attention_replay(cache: Any, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                           query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
+    """The repeat of a paged_attention call just made, as a callable holding no array, or None:
+    ``cupy_paged.paged_attention_replay``."""
+    from . import cupy_paged
+
+    return cupy_paged.paged_attention_replay(cache, query, key, value, block_table, seq_lens,
+                                             query_start_loc, scale, out, num_decodes)
