@@ -151,6 +151,26 @@ def test_attention_matches_reference(backend: BackendUnderTest, groups: int, tai
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
 
 
+def test_attention_writes_out(backend: BackendUnderTest) -> None:
+    """``out=``: the result lands in the given array, which is returned; a wrong shape or dtype is
+    refused before anything runs."""
+    d = 64
+    _supported("attention", backend.name, d, 3.5, "mse")
+    rng = np.random.default_rng()
+    k_enc = tq.encode(kv_like(rng, (2, 9, d)), bits=3.5, seed=1, backend="numpy")
+    v_enc = tq.encode(rng.standard_normal((2, 9, d)).astype(np.float32), bits=3.5, seed=2, backend="numpy")
+    q = rng.standard_normal((4, d)).astype(np.float32)
+    want = tq.attention(q, k_enc, v_enc, scale=0.125, backend="numpy")
+    on = [tq.Encoded(backend.put(e.records), backend.put(e.channels), e.config) for e in (k_enc, v_enc)]
+    out = backend.put(np.full((4, d), np.nan, np.float32))
+    got = tq.attention(backend.put(q), *on, scale=0.125, backend=backend.name, out=out, check_finite=False)
+    assert got is out
+    np.testing.assert_allclose(backend.get(out), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+    for bad in (np.zeros((4, d), np.float16), np.zeros((3, d), np.float32)):
+        with pytest.raises(ValueError, match="out must be float32 of shape"):
+            tq.attention(backend.put(q), *on, scale=0.125, backend=backend.name, out=backend.put(bad))
+
+
 def test_attention_reference_equals_dense_softmax() -> None:
     """The reference attention is softmax(scale q k^T) v over decoded K/V and the raw tail, per group."""
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -178,6 +179,57 @@ def test_attention_graph_capture() -> None:
         stream.synchronize()
     want = tq.attention(cp.asnumpy(q), ke, ve, scale=0.1, backend="numpy")
     np.testing.assert_allclose(cp.asnumpy(out), want, rtol=1e-4, atol=1e-4 * np.sqrt(d))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tail", [0, 7])
+def test_public_attention_replay_follows_new_contents(tail: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated ``tq.attention(..., out=, check_finite=False)`` on the same torch CUDA tensors
+    replays the prepared launches (the backend is not called) and reads new query and tail
+    contents; another ``out`` goes through the backend again."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    from turboquant_codec.backends import cupy_raw
+
+    rng = np.random.default_rng()
+    d = 128
+    ke = tq.encode(kv_like(rng, (2, 2, 900, d)), bits=3.5, seed=1, backend="numpy")
+    ve = tq.encode(rng.standard_normal((2, 2, 900, d)).astype(np.float32), bits=3.5, seed=2, backend="numpy")
+    on = [tq.Encoded(torch.from_numpy(e.records).cuda(), torch.from_numpy(e.channels).cuda(), e.config)
+          for e in (ke, ve)]
+    q = torch.randn(2, 8, d, device="cuda", dtype=torch.bfloat16)
+    tails = {}
+    if tail:
+        tails = {"k_tail": torch.randn(2, 2, tail, d, device="cuda", dtype=torch.bfloat16),
+                 "v_tail": torch.randn(2, 2, tail, d, device="cuda", dtype=torch.bfloat16)}
+    out = torch.full((2, 8, d), float("nan"), device="cuda")
+
+    def call(o: Any) -> Any:
+        return tq.attention(q, *on, scale=d**-0.5, out=o, check_finite=False, backend="cupy_raw", **tails)
+
+    def want() -> np.ndarray:
+        host = {key: t.float().cpu().numpy() for key, t in tails.items()}
+        return tq.attention(q.float().cpu().numpy(), ke, ve, scale=d**-0.5, backend="numpy", **host)
+
+    vmax = float(np.abs(tq.decode(ve, backend="numpy")).max())
+    assert call(out) is out
+    np.testing.assert_allclose(out.cpu().numpy(), want(), rtol=1e-4, atol=3e-4 * vmax)
+
+    def backend_called(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the backend ran: no replay")
+
+    monkeypatch.setattr(cupy_raw, "attention", backend_called)
+    q.copy_(torch.randn_like(q))
+    for t in tails.values():
+        t.copy_(torch.randn_like(t))
+    out.fill_(float("nan"))
+    assert call(out) is out
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(out.cpu().numpy(), want(), rtol=1e-4, atol=3e-4 * vmax)
+    with pytest.raises(AssertionError, match="no replay"):
+        call(torch.empty_like(out))
 
 
 @gpu

@@ -70,6 +70,20 @@ def layout_key(x: Any) -> tuple[Any, ...]:
     return (x.data_ptr(), x.shape, x.stride())
 
 
+def gpu_key(x: Any) -> tuple[Any, ...] | None:
+    """What identifies a GPU torch tensor's or CuPy array's memory and layout: address, shape,
+    strides, dtype (device addresses are unique across devices: unified addressing); ``()`` for
+    None; None for anything else (host arrays, Numba device arrays)."""
+    if x is None:
+        return ()
+    lib = library_of(x)
+    if lib == "torch":
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype) if x.is_cuda else None
+    if lib == "cupy":
+        return (x.data.ptr, x.shape, x.strides, x.dtype)
+    return None
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy view or copy of ``x``; torch bfloat16 becomes ml_dtypes' bfloat16."""
     lib = library_of(x)
@@ -111,6 +125,21 @@ def like(result: Any, ref: Any) -> Any:
 
         return cuda.as_cuda_array(result) if library_of(result) != "numpy" else cuda.to_device(result)
     return to_numpy(result)
+
+
+def copy_into(dst: Any, src: Any) -> None:
+    """Copy ``src`` into ``dst`` in place, both of ``dst``'s library and device (``like``)."""
+    lib = library_of(dst)
+    if lib == "torch":
+        dst.copy_(src)
+    elif lib == "cupy":
+        import cupy
+
+        cupy.copyto(dst, src)
+    elif hasattr(dst, "copy_to_device"):  # Numba device arrays, the CUDA simulator's included
+        dst.copy_to_device(src)
+    else:
+        np.copyto(dst, src)
 
 
 # Result dtypes a torch tensor is made of through ``__cuda_array_interface__`` (what the ops return

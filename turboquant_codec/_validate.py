@@ -69,3 +69,18 @@ def permutation(channels: Any, d: int) -> None:
     rows = np.sort(_interop.to_numpy(channels).reshape(-1, d).astype(np.int64), axis=1)
     if not np.array_equal(rows, np.broadcast_to(np.arange(d), rows.shape)):
         raise ValueError(f"channels must hold a permutation of 0..{d - 1} in every row")
+
+
+def output(out: Any, shape: tuple[int, ...], like: Any, name: str) -> None:
+    """Raise unless ``out`` is a float32 array of ``shape`` in the library of ``like`` (on the GPU
+    when ``like`` is)."""
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise TypeError(f"{name} must be an array or tensor, got {type(out).__name__}")
+    def where(x: Any) -> str:
+        return f"{_interop.library_of(x)} array on the {'GPU' if _interop.on_gpu(x) else 'host'}"
+
+    if where(out) != where(like):
+        raise ValueError(f"{name} must be a {where(like)} like the query, got a {where(out)}")
+    if tuple(map(int, out.shape)) != shape or _interop.dtype_name(out) != "float32":
+        raise ValueError(f"{name} must be float32 of shape {shape}, got {_interop.dtype_name(out)} "
+                         f"{tuple(map(int, out.shape))}")

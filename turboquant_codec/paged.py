@@ -11,73 +11,46 @@ signature (data pointers, shapes, strides, dtypes, configurations, backend): a r
 and converts only the step's own arrays. Only cache arrays are kept (they live as long as the
 engine); a step's activations never are, so nothing is held alive past its step.
 
-Replays: a GPU decode call (every request a decode, ``out`` given) whose arrays all match an earlier
-checked call (address, shape, strides, dtype) with the same scalars runs that call's prepared
-launches again (``Backend.paged_attention_replay``), with no check and no conversion. Every check of
-GPU inputs is of metadata the key pins, and the launches hold addresses, no arrays: an address
-reused by a new array of the same layout is read and written as that array, as a CUDA graph replay
-does. A decode loop whose buffers are persistent (or handed out again by a caching allocator) takes
-this path every step.
+Replays (``_replay`` says why they are sound): an all-decode GPU call with ``out`` and
+``num_decodes`` given, whose arrays and scalars match an earlier checked call, runs the backend's
+``paged_attention_replay`` of it: no check, no conversion, only its launches.
 """
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _dispatch, _interop, _validate
+from . import _dispatch, _interop, _replay, _validate
 from . import backends as _registry
 from .paged_cache import PagedCache
 
 _INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 
 
-_MEMO_SIZE = 256
 # cache signature -> (backend module, the cache as that backend's arrays); GPU torch / CuPy caches.
-_PREPARED: collections.OrderedDict[tuple[Any, ...], tuple[Any, PagedCache]] = collections.OrderedDict()
+_PREPARED = _replay.Memo()
 # call signature -> the backend's replay of that call (holds no array); GPU decode calls only.
-_REPLAYS: collections.OrderedDict[tuple[Any, ...], Callable[[], None]] = collections.OrderedDict()
-
-
-def _remember(memo: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
-    memo[key] = value
-    if len(memo) > _MEMO_SIZE:
-        memo.popitem(last=False)
-
-
-def _key(x: Any) -> tuple[Any, ...] | None:
-    """What identifies a GPU torch tensor or CuPy array's memory and layout (device addresses are
-    unique across devices: unified addressing); None for anything else (host arrays are validated
-    by value on every call)."""
-    if x is None:
-        return ()
-    lib = _interop.library_of(x)
-    if lib == "torch":
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype) if x.is_cuda else None
-    if lib == "cupy":
-        return (x.data.ptr, x.shape, x.strides, x.dtype)
-    return None
+_REPLAYS = _replay.Memo()
 
 
 def _prepared(signature: tuple[Any, ...] | None, op: str, cache: PagedCache, backend: str,
               dtype: str) -> tuple[Any, PagedCache]:
     """The backend for ``op`` and ``cache`` as its arrays, kept per signature (None: not kept)."""
-    hit = None if signature is None else _PREPARED.get(signature)
+    hit = _PREPARED.get(signature)
     if hit is None:
         module = _dispatch.backend(op, backend, cache.k_cache, (cache.k_config, cache.v_config), dtype)
         hit = module, cache.converted(module.asarray)
         if signature is not None:
-            _remember(_PREPARED, signature, hit)
+            _PREPARED.put(signature, hit)
     return hit
 
 
 def _signature(op: str, cache: PagedCache, backend: str, dtype: str) -> tuple[Any, ...] | None:
-    keys = [_key(a) for a in (cache.k_cache, cache.v_cache, cache.k_channels, cache.v_channels,
-                              cache.raw_k, cache.raw_v, cache.raw_slot_of_block)]
-    if any(k is None for k in keys):
+    keys = _replay.arrays_key((cache.k_cache, cache.v_cache, cache.k_channels, cache.v_channels,
+                               cache.raw_k, cache.raw_v, cache.raw_slot_of_block))
+    if keys is None:
         return None
     return (op, cache.k_config, cache.v_config, _registry.requested(backend), dtype, *keys)
 
@@ -277,7 +250,7 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     step = (query, key, value, block_table, seq_lens, query_start_loc, out)
     call = None if out is None or num_decodes is None else _call_signature(cache, step, scale, num_decodes,
                                                                            backend)
-    replay = None if call is None else _REPLAYS.get(call)
+    replay = _REPLAYS.get(call)
     if replay is not None:
         replay()
         return out
@@ -296,21 +269,19 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     if call is not None and signature is not None and hasattr(module, "paged_attention_replay"):
         replay = module.paged_attention_replay(*args)
         if replay is not None:
-            _remember(_REPLAYS, call, replay)
+            _REPLAYS.put(call, replay)
     return out if result is natives[6] else _interop.like(result, out)
 
 
 def _call_signature(cache: PagedCache, step: tuple[Any, ...], scale: Any, num_decodes: Any,
                     backend: str) -> tuple[Any, ...] | None:
-    """What a decode call's launches depend on: every array's ``_key``, the scalars, the
-    configurations and the backend asked for; None unless every array is on the GPU."""
-    keys = [_key(a) for a in step]
-    if not keys[0] or any(k is None for k in keys):  # keys[0]: the query, never None
+    """What a decode call's launches depend on (``_replay``): the cache's signature, the scalars and
+    every step array's key; None unless every array is on the GPU."""
+    keys = _replay.arrays_key(step)
+    if keys is None or not keys[0] or type(scale) not in (float, int) or type(num_decodes) is not int:
         return None
     cache_keys = _signature("paged_attention", cache, backend, "")
-    if cache_keys is None or type(scale) not in (float, int) or type(num_decodes) is not int:
-        return None
-    return (*cache_keys, scale, num_decodes, *keys)
+    return None if cache_keys is None else (*cache_keys, scale, num_decodes, *keys)
 
 
 def _check_step(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,

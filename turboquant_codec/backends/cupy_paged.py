@@ -29,7 +29,6 @@ and block_table / seq_lens are int32; none in ``paged_write`` when the channels 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
 from . import cupy_raw
+from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
 
 SOURCE = "tq_paged.cu"
@@ -407,31 +407,6 @@ def _sig(a: Any) -> Any:
 def _p(a: Any) -> Any:
     """An array argument as its device address (cached launches hold no references)."""
     return _NULL if a is None else np.uint64(a.data.ptr)
-
-
-_CTYPES: dict[np.dtype, Any] = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
-           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float}
-
-
-class _Launch:
-    """One kernel launch with its arguments packed once as the driver's parameter array, so a call
-    is one ``cuLaunchKernel`` (CuPy's launcher converts every argument on every call: tens of
-    microseconds for the split kernel's 24 arguments)."""
-
-    def __init__(self, fn: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...],
-                 smem: int) -> None:
-        self.fn, self.grid, self.block, self.args, self.smem = fn, grid, block, args, smem
-        self.values = [_CTYPES[np.asarray(a).dtype](a.item()) for a in args]
-        self.params = (ctypes.c_void_p * len(self.values))(*(ctypes.addressof(v) for v in self.values))
-        g, bl = (*grid, 1, 1), (*block, 1, 1)
-        self.dims = (int(g[0]), int(g[1]), int(g[2]), int(bl[0]), int(bl[1]), int(bl[2]), int(smem))
-
-    def __call__(self, stream: int) -> None:
-        launch = getattr(_cupy().cuda.driver, "launchKernel", None)
-        if launch is None:  # a CuPy without the driver binding: its own launcher
-            self.fn(self.grid, self.block, self.args, self.smem)
-            return
-        launch(self.fn.ptr, *self.dims, stream, ctypes.addressof(self.params), 0)
 
 
 # Launches of recent decode calls, keyed on everything their arguments depend on (_sig of each

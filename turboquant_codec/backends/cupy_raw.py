@@ -982,6 +982,71 @@ def attention(
         return out
 
 
+def attention_replay(q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, v_tail: Any,
+                     out: Any) -> Any:
+    """A callable repeating ``attention(q, k, v, scale, k_tail, v_tail)`` into ``out``, holding no
+    array: its three launches packed once (``cupy_launch``) on a scratch buffer kept for replays.
+
+    Parameters
+    ----------
+    As ``attention``, and ``out``: (*lead, h_q, d) float32 C-contiguous CuPy array.
+
+    Returns
+    -------
+    Callable[[], None] or None
+        None where an operand would need a copy (not C-contiguous, misaligned records, tails of two
+        dtypes) or ``out`` is not as above: such calls are not replayed. Replays share one scratch
+        buffer per device: one caller stream per device at a time, as ``cupy_paged``.
+    """
+    from . import cupy_launch, cupy_paged
+
+    cp = _cupy()
+    qw = q.words if isinstance(q, _Raw16) else q
+    tails = [] if k_tail is None else [t.words if isinstance(t, _Raw16) else t for t in (k_tail, v_tail)]
+    arrays = [qw, *tails, out, k.records, v.records]
+    if not all(isinstance(a, cp.ndarray) and a.flags.c_contiguous for a in arrays):
+        return None
+    if out.dtype != cp.float32 or out.shape != qw.shape or k.records.data.ptr % 16 or v.records.data.ptr % 16:
+        return None
+    channels = [e.channels for e in (k, v)]
+    if any(c is not None and not (isinstance(c, cp.ndarray) and c.dtype == cp.uint16 and c.flags.c_contiguous)
+           for c in channels):
+        return None
+    dtype = q.dtype if isinstance(q, _Raw16) else str(qw.dtype)
+    if tails:
+        tail_dtypes = {t.dtype if isinstance(t, _Raw16) else str(t.dtype) for t in (k_tail, v_tail)}
+        if len(tail_dtypes) != 1:
+            return None
+        tail_dtype, t_len = tail_dtypes.pop(), np.int32(tails[0].shape[-2])
+    else:
+        tail_dtype, t_len = "float32", np.int32(0)
+    device = int(qw.data.device_id)
+    h_q, d = qw.shape[-2], qw.shape[-1]
+    h_kv, n = k.records.shape[-3], k.records.shape[-2]
+    group = h_q // h_kv
+    with cp.cuda.Device(device):
+        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
+        lay = _attention_layout(plan, device, qw.size // (h_q * d) * h_kv, n, d, group, k.config, v.config)
+        base = cupy_paged._scratch(device, "attention-replay", lay.nbytes).data.ptr
+    q32, qh, qscale, part_m, part_l, part_acc = (np.uint64(base + off) for off in lay.offsets)
+    ktab, klut, vtab, vlut = (np.uint64(t.data.ptr) for t in plan.tables)
+    kch, vch = (np.uint64(0 if c is None else c.data.ptr) for c in channels)
+    ktw, vtw = (np.uint64(t.data.ptr) for t in tails) if tails else (np.uint64(0), np.uint64(0))
+    fscale = np.float32(scale)
+    launches = [cupy_launch.Launch(plan.prep, lay.rows_grid, (128,),
+                                   (np.uint64(qw.data.ptr), kch, ktab, fscale, q32, qh, qscale), 0)]
+    if lay.nparts:
+        launches.append(cupy_launch.Launch(
+            plan.split, lay.split_grid, lay.split_block,
+            (np.uint64(k.records.data.ptr), np.uint64(v.records.data.ptr), qh, qscale, klut, vlut, part_m,
+             part_l, part_acc, np.int32(n), np.int32(lay.per_warp), np.int32(lay.nparts)), plan.split_smem))
+    launches.append(cupy_launch.Launch(
+        plan.reduce, lay.rows_grid, (REDUCE_THREADS,),
+        (part_m, part_l, part_acc, np.int32(lay.nblocks), q32, ktw, vtw, t_len, fscale, vtab, vch,
+         np.uint64(out.data.ptr)), lay.reduce_smem))
+    return functools.partial(cupy_launch.run_in_order, tuple(launches), device)
+
+
 # ------------------------------------------------------------------------------------ paged ops
 def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
     """Encode and scatter new tokens into a paged cache: ``cupy_paged.paged_write``."""
