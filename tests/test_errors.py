@@ -122,7 +122,7 @@ def test_attention_shape_mismatches() -> None:
                      v_tail=np.ones((2, 2, 32), np.float32))
     with pytest.raises(ValueError, match="k_enc has shape"):
         tq.attention(np.ones((4, 64), np.float32), k, tq.encode(kv[:, :5]), scale=0.1)
-    with pytest.raises(ValueError, match="scale must be positive"):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
         tq.attention(np.ones((4, 64), np.float32), k, v, scale=0.0)
 
 

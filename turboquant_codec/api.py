@@ -54,12 +54,7 @@ def encode(
     shape = _validate.float_array(x, "x", 2)
     cfg = CodecConfig(d=shape[-1], bits=bits, mode=mode, seed=seed)
     if channels is not None:
-        if not cfg.split:
-            raise ValueError(f"channels were given but bits={cfg.bits:g} has no channel split")
-        if tuple(channels.shape) != shape[:-2] + (cfg.d,):
-            raise ValueError(
-                f"channels must have shape {shape[:-2] + (cfg.d,)}, got {tuple(channels.shape)}"
-            )
+        _validate.given_channels(channels, shape[:-2], cfg)
         _validate.permutation(channels, cfg.d)
     if check_finite:
         _validate.finite(x, "x")
@@ -168,9 +163,7 @@ def scores(q: Any, keys: Encoded, *, backend: str = "auto") -> Any:
     """
     if not isinstance(keys, Encoded):
         raise TypeError(f"scores expects Encoded keys, got {type(keys).__name__}")
-    shape = _validate.float_array(q, "q", 2)
-    _validate.same_head_dim(shape, keys.shape, "q", "keys")
-    _validate.same_lead(shape[:-2], keys.shape[:-2], "q", "keys")
+    _validate.scores_inputs(q, keys.shape)
     _validate.finite(q, "q")
     module = _dispatch.backend("scores", backend, keys.records, (keys.config,), _interop.dtype_name(q))
     return _interop.backend_result(module.scores(module.asarray(q), _native(module, keys)), keys.records)
@@ -205,8 +198,8 @@ def attention(
     backend : str
         See ``encode``.
     check_finite : bool
-        Reject a query holding NaN/Inf (a synchronisation on GPU: pass False in a decode loop or
-        under CUDA-graph capture, where a non-finite query then gives non-finite outputs).
+        Reject a query or tail holding NaN/Inf (a synchronisation on GPU: pass False in a decode
+        loop or under CUDA-graph capture, where a non-finite input then gives non-finite outputs).
     out : array, shape (..., h_q, d), float32, optional
         Written in place and returned (same library and device as ``q``). On the GPU with
         ``check_finite=False``, a repeat of a call (same arrays: addresses, layouts; same scalars)
@@ -224,35 +217,16 @@ def attention(
         if replay is not None:
             replay()
             return out
-    enc_shapes = []
     for name, enc in (("k_enc", k_enc), ("v_enc", v_enc)):
         if not isinstance(enc, Encoded):
             raise TypeError(f"{name} must be an Encoded, got {type(enc).__name__}")
-        enc_shapes.append(enc.shape)
-        if len(enc_shapes[-1]) < 3:
-            raise ValueError(f"{name} must have shape (..., h_kv, n, d), got {enc_shapes[-1]}")
-    k_shape, v_shape = enc_shapes
-    shape = _validate.float_array(q, "q", 2)
-    if k_shape != v_shape:
-        raise ValueError(f"k_enc has shape {k_shape} but v_enc has {v_shape}")
-    _validate.same_head_dim(shape, k_shape, "q", "k_enc")
-    _validate.same_lead(shape[:-2], k_shape[:-3], "q", "k_enc")
-    h_q, h_kv = shape[-2], k_shape[-3]
-    if h_q % h_kv:
-        raise ValueError(f"query heads ({h_q}) must be a multiple of KV heads ({h_kv})")
-    if (k_tail is None) != (v_tail is None):
-        raise ValueError("k_tail and v_tail must be given together")
-    if k_tail is not None:
-        for name, tail in (("k_tail", k_tail), ("v_tail", v_tail)):
-            tail_shape = _validate.float_array(tail, name, 2)
-            _validate.same_head_dim(shape, tail_shape, "q", name)
-            _validate.same_lead(k_shape[:-2], tail_shape[:-2], "k_enc", name)
-        if tuple(k_tail.shape) != tuple(v_tail.shape):
-            raise ValueError(f"k_tail has shape {tuple(k_tail.shape)} but v_tail has {tuple(v_tail.shape)}")
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    shape = _validate.attention_inputs(q, k_enc.shape, v_enc.shape, k_tail, v_tail)
+    scale = _validate.positive_finite(scale, "scale")
     if check_finite:
         _validate.finite(q, "q")
+        if k_tail is not None:
+            _validate.finite(k_tail, "k_tail")
+            _validate.finite(v_tail, "v_tail")
     if out is not None:
         _validate.output(out, shape, q, "out")
     module = _dispatch.backend(

@@ -27,17 +27,16 @@ import functools
 import math
 from dataclasses import dataclass
 
+from . import _validate
+from ._validate import DTYPES, MAX_SEED  # noqa: F401  (re-exported: the rules live in _validate)
+
 MODES = ("mse", "prod")
-# Input dtypes the codec accepts (bfloat16 through ml_dtypes on the host).
-DTYPES = ("float16", "bfloat16", "float32")
 # Per-group bits the Lloyd-Max tables cover; prod adds one QJL bit on top of the code bits.
 MSE_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 PROD_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 # Records hold whole bytes per group and an even split of channels: d must divide by 16.
 HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 1024
-# Seeds travel as uint64 in the byte header.
-MAX_SEED = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -96,22 +95,25 @@ class CodecConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
+        if not isinstance(self.mode, str) or self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        bits = _validate.real(self.bits, "bits")
         allowed = MSE_BITS if self.mode == "mse" else PROD_BITS
-        if float(self.bits) not in allowed:
+        if bits not in allowed:
             raise ValueError(
                 f"bits={self.bits!r} is not supported for mode {self.mode!r}; "
                 f"choose one of {', '.join(f'{b:g}' for b in allowed)}"
             )
-        if not isinstance(self.d, int) or self.d % HEAD_DIM_MULTIPLE or not 0 < self.d <= MAX_HEAD_DIM:
+        d = _validate.integer(self.d, "head dimension d")
+        if d % HEAD_DIM_MULTIPLE or not 0 < d <= MAX_HEAD_DIM:
             raise ValueError(
-                f"head dimension d={self.d!r} must be a positive multiple of {HEAD_DIM_MULTIPLE} "
+                f"head dimension d={d!r} must be a positive multiple of {HEAD_DIM_MULTIPLE} "
                 f"up to {MAX_HEAD_DIM}"
             )
-        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
-        object.__setattr__(self, "bits", float(self.bits))
+        # Plain Python values: configs key caches and equal configs must hash alike.
+        object.__setattr__(self, "d", d)
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "seed", _validate.seed(self.seed))
 
     @property
     def split(self) -> bool:

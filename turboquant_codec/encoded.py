@@ -37,23 +37,9 @@ class Encoded:
     config: CodecConfig
 
     def __post_init__(self) -> None:
-        cfg = self.config
-        shape = tuple(self.records.shape)
-        if len(shape) < 2 or shape[-1] != cfg.record_bytes:
-            raise ValueError(
-                f"records must have shape (..., n, {cfg.record_bytes}) for {cfg}, got {shape}"
-            )
-        if _interop.dtype_name(self.records) != "uint8":
-            raise ValueError(f"records must be uint8, got {_interop.dtype_name(self.records)}")
-        if cfg.split:
-            if self.channels is None:
-                raise ValueError(f"bits={cfg.bits:g} splits channels: a channel permutation is required")
-            if tuple(self.channels.shape) != shape[:-2] + (cfg.d,):
-                raise ValueError(
-                    f"channels must have shape {shape[:-2] + (cfg.d,)}, got {tuple(self.channels.shape)}"
-                )
-        elif self.channels is not None:
-            raise ValueError(f"bits={cfg.bits:g} has no channel split: channels must be None")
+        _validate.encoded_arrays(self.records, self.channels, self.config)
+        if self.channels is not None:
+            _validate.permutation(self.channels, self.config.d)
 
     def _memo(self) -> dict[str, Any]:
         """Data derived from this object and kept with it by the layers that call a backend (native
@@ -115,8 +101,6 @@ class Encoded:
             On truncated or corrupted data, an unknown format version or an invalid permutation.
         """
         cfg, records, channels = serialization.loads(data)
-        if channels is not None:
-            _validate.permutation(channels, cfg.d)
         return cls(records=records, channels=channels, config=cfg)
 
     def __repr__(self) -> str:

@@ -26,9 +26,6 @@ from . import _dispatch, _interop, _replay, _validate
 from . import backends as _registry
 from .paged_cache import PagedCache
 
-_INTS = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
-
-
 # cache signature -> (backend module, the cache as that backend's arrays); GPU torch / CuPy caches.
 _PREPARED = _replay.Memo()
 # call signature -> the backend's replay of that call (holds no array); GPU decode calls only.
@@ -53,16 +50,6 @@ def _signature(op: str, cache: PagedCache, backend: str, dtype: str) -> tuple[An
     if keys is None:
         return None
     return (op, cache.k_config, cache.v_config, _registry.requested(backend), dtype, *keys)
-
-
-def _ints(x: Any, name: str, ndim: int) -> tuple[int, ...]:
-    if not hasattr(x, "shape") or _interop.dtype_name(x) not in _INTS:
-        raise TypeError(f"{name} must be an integer array, got "
-                        f"{_interop.dtype_name(x) if hasattr(x, 'dtype') else type(x).__name__}")
-    shape = tuple(int(s) for s in x.shape)
-    if len(shape) != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {shape}")
-    return shape
 
 
 def _host_ints(x: Any) -> np.ndarray | None:
@@ -107,7 +94,7 @@ def _check_cache(cache: PagedCache) -> None:
             if len(shape) != 4 or tuple(shape[1:]) != expected:
                 raise ValueError(f"{name} must be [num_raw_blocks, {expected[0]}, {expected[1]}, "
                                  f"{expected[2]}] to match the cache, got {tuple(shape)}")
-        (n,) = _ints(cache.raw_slot_of_block, "raw_slot_of_block", 1)
+        (n,) = _validate.int_array(cache.raw_slot_of_block, "raw_slot_of_block", 1)
         if n != cache.num_blocks:
             raise ValueError(f"raw_slot_of_block has {n} entries but the cache has {cache.num_blocks} blocks")
         rows = _host_ints(cache.raw_slot_of_block)
@@ -161,13 +148,7 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any, *,
     if signature not in _PREPARED:
         _check_cache(cache)
     t = _check_new(cache, key, value)[0]
-    (n_slots,) = _ints(slot_mapping, "slot_mapping", 1)
-    if n_slots > t:
-        raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
-    slots = _host_ints(slot_mapping)
-    capacity = cache.num_blocks * cache.block_size
-    if slots is not None and slots.size and slots.max() >= capacity:
-        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {capacity} slots")
+    _check_slots(cache, t, slot_mapping)
     module, native = _prepared(signature, "paged_write", cache, backend, dtype)
     k_ch, v_ch = module.paged_write(native, *(module.asarray(a) for a in (key, value, slot_mapping)))
     if cache.k_channels is None and k_ch is not None:
@@ -178,15 +159,34 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any, *,
                                cache.v_channels if cache.v_channels is not None else v_ch)
 
 
+def check_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> None:
+    """Every check ``paged_write`` makes before writing (ValueError / TypeError naming the argument),
+    for callers that must refuse a batch before acting on it (choosing channels from it)."""
+    _check_type(cache)
+    _check_cache(cache)
+    _check_slots(cache, _check_new(cache, key, value)[0], slot_mapping)
+
+
+def _check_slots(cache: PagedCache, t: int, slot_mapping: Any) -> None:
+    """``slot_mapping`` [<= t] int; on the host, every non-negative slot inside the cache."""
+    (n_slots,) = _validate.int_array(slot_mapping, "slot_mapping", 1)
+    if n_slots > t:
+        raise ValueError(f"slot_mapping has {n_slots} entries but only {t} new tokens are given")
+    slots = _host_ints(slot_mapping)
+    capacity = cache.num_blocks * cache.block_size
+    if slots is not None and slots.size and slots.max() >= capacity:
+        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {capacity} slots")
+
+
 def _check_metadata(cache: PagedCache, t: int, block_table: Any, seq_lens: Any, query_start_loc: Any,
                     num_decodes: int | None) -> None:
-    b, max_blocks = _ints(block_table, "block_table", 2)
-    if _ints(seq_lens, "seq_lens", 1) != (b,) or _ints(query_start_loc, "query_start_loc", 1) != (b + 1,):
+    b, max_blocks = _validate.int_array(block_table, "block_table", 2)
+    if (_validate.int_array(seq_lens, "seq_lens", 1) != (b,)
+            or _validate.int_array(query_start_loc, "query_start_loc", 1) != (b + 1,)):
         raise ValueError(f"block_table has {b} rows, so seq_lens needs {b} entries (got "
                          f"{seq_lens.shape[0]}) and query_start_loc {b + 1} (got {query_start_loc.shape[0]})")
-    integral = isinstance(num_decodes, int | np.integer) and not isinstance(num_decodes, bool)
-    if num_decodes is not None and not (integral and 0 <= num_decodes <= b):
-        raise ValueError(f"num_decodes must be an integer in 0..{b} (requests), got {num_decodes!r}")
+    if num_decodes is not None:
+        num_decodes = _validate.integer(num_decodes, "num_decodes", 0, b)
     starts, seq, table = (_host_ints(a) for a in (query_start_loc, seq_lens, block_table))
     if starts is None or seq is None or table is None:
         return
@@ -295,8 +295,7 @@ def _check_step(cache: PagedCache, query: Any, key: Any, value: Any, block_table
                                 (cache.v_config, cache.v_channels, "v_channels")):
         if cfg.split and channels is None:
             raise ValueError(f"{name} is None: a paged_write (which picks the channels) must come first")
-    if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    _validate.positive_finite(scale, "scale")
     _check_metadata(cache, t, block_table, seq_lens, query_start_loc, num_decodes)
     if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "

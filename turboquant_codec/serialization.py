@@ -24,6 +24,7 @@ backend on any machine decodes to the same values.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 
@@ -54,9 +55,14 @@ def dumps(cfg: CodecConfig, records: np.ndarray, channels: np.ndarray | None) ->
 
 
 def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
-    """Parse ``dumps`` output; every inconsistency raises ValueError naming it."""
+    """Parse ``dumps`` output; every inconsistency raises ValueError naming it.
+
+    Sizes are checked against the stream's length before anything is allocated, so no header can
+    make this hold more than the stream itself. Records must hold what an encoder writes: finite,
+    non-negative norms and zero padding.
+    """
     data = bytes(data)
-    if len(data) < _HEAD.size + _CRC.size:
+    if len(data) < _HEAD.size + 1 + _CRC.size:
         raise ValueError(f"encoded stream truncated: {len(data)} bytes is shorter than a header")
     magic, version, d, bits2, mode, seed, ndim = _HEAD.unpack_from(data)
     if magic != MAGIC:
@@ -73,17 +79,42 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
         raise ValueError(f"encoded stream names unknown mode {mode}")
     cfg = CodecConfig(d=d, bits=bits2 / 2, mode=MODES[mode], seed=seed)
     pos = _HEAD.size
+    if ndim < 1 or len(body) < pos + 8 * ndim + 1:
+        raise ValueError(f"encoded stream has a shape of {ndim} dimensions in a {len(body)}-byte body")
     shape = struct.unpack_from(f"<{ndim}Q", body, pos)
     pos += 8 * ndim
-    has_channels = body[pos]
+    if 0 in shape:
+        raise ValueError(f"encoded stream has an empty shape {shape}")
+    flag = body[pos]
     pos += 1
-    lead = int(np.prod(shape[:-1], dtype=np.int64))
-    expected = pos + (lead * d * 2 if has_channels else 0) + int(np.prod(shape)) * cfg.record_bytes
+    if flag not in (0, 1) or flag != cfg.split:
+        raise ValueError(f"encoded stream's channel flag is {flag} but bits={cfg.bits:g} "
+                         f"{'splits' if cfg.split else 'does not split'} channels")
+    # Python integers: a crafted shape cannot overflow the size it is checked against.
+    lead = math.prod(shape[:-1])
+    expected = pos + lead * d * 2 * flag + math.prod(shape) * cfg.record_bytes
     if len(body) != expected:
         raise ValueError(f"encoded stream holds {len(body)} bytes, its header describes {expected}")
     channels = None
-    if has_channels:
+    if flag:
         channels = np.frombuffer(body, "<u2", lead * d, pos).reshape(*shape[:-1], d).astype(np.uint16)
         pos += lead * d * 2
     records = np.frombuffer(body, np.uint8, offset=pos).reshape(*shape, cfg.record_bytes).copy()
+    _check_records(cfg, records)
     return cfg, records, channels
+
+
+def _check_records(cfg: CodecConfig, records: np.ndarray) -> None:
+    """ValueError unless every record's norms are finite and >= 0 and its padding is zero."""
+    flat = records.reshape(-1, cfg.record_bytes)
+    n_norms = len(cfg.groups) * cfg.norms_per_group
+    norms = np.ascontiguousarray(flat[:, : 2 * n_norms]).view("<f2")
+    bad = ~(np.isfinite(norms) & (norms >= 0))
+    if bad.any():
+        i, j = (int(a[0]) for a in np.nonzero(bad))
+        raise ValueError(f"encoded stream's record {i} holds norm {float(norms[i, j])!r} (norms are "
+                         f"finite and non-negative)")
+    used = max(max(g.code_offset + g.code_bytes, g.sign_offset + g.sign_bytes) for g in cfg.groups)
+    if flat[:, used:].any():
+        i = int(np.nonzero(flat[:, used:].any(axis=1))[0][0])
+        raise ValueError(f"encoded stream's record {i} has non-zero padding bytes")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _validate
 from .codebooks import codec_codebook
 from .config import CodecConfig
 
@@ -43,8 +44,8 @@ def stream_seed(seed: int, stream: int) -> int:
     int
         A 64-bit seed; distinct streams give unrelated transforms.
     """
-    if not (0 <= seed < 2**64 and 0 <= stream < 2**32):
-        raise ValueError(f"seed must be in [0, 2**64) and stream in [0, 2**32), got {seed}, {stream}")
+    seed = _validate.seed(seed)
+    stream = _validate.integer(stream, "stream", 0, 2**32 - 1)
     key = np.random.Philox(key=np.array([seed, stream | (3 << 56)], dtype=np.uint64))
     return int(key.random_raw())
 

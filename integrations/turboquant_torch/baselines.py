@@ -47,6 +47,7 @@ from .hf_cache import (
     QuantizerFactory,
     _model_shape,
     _nbytes,
+    check_layout,
     check_states,
     turboquant_factory,
 )
@@ -307,8 +308,10 @@ class DecodedCopyLayer(LengthProtocol, CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-        if self.sink_k is not None:
-            self.batch_size = self.sink_k.shape[0]
+        # Any held tensor gives the new batch (with sinks=0 there are no sink tensors).
+        held = [t for t in (self.sink_k, self.buf_k, self.rec_k) if t is not None]
+        if held:
+            self.batch_size = held[0].shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -351,13 +354,14 @@ class DecodedCopyCache(Cache):
     def __init__(self, config: Any, *, key_bits: float = 3.5, value_bits: float = 3.5, key_mode: str = "mse",
                  value_mode: str = "mse", flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS,
                  seed: int = 0, quantizer: QuantizerFactory | None = None) -> None:
+        flush_interval, sinks, _ = check_layout(flush_interval, sinks)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
         if any(t != "full_attention" for t in types):
             raise ValueError("DecodedCopyCache supports full-attention layers only")
         make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
         super().__init__(layers=[
             DecodedCopyLayer(i, kv_heads, head_dim, make("key", i, head_dim), make("value", i, head_dim),
-                             int(flush_interval), int(sinks))
+                             flush_interval, sinks)
             for i in range(num_layers)
         ])
         self.num_kv_heads, self.head_dim = kv_heads, head_dim

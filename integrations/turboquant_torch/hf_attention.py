@@ -123,6 +123,8 @@ def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
     q, d = query.shape[2], query.shape[3]
     scale = float(scaling) if scaling is not None else d ** -0.5
     try:
+        if cache is not None and getattr(module, "config", None) is not None:
+            cache.check_model(module.config)
         real = _real_new(cache, attention_mask, layer.length, q)
         if q == 1 and real is None and layer.can_page():
             result: tuple[Tensor, Any] = (_paged(layer, query, key, value, scale), None)

@@ -51,6 +51,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import turboquant_codec as tq
+from turboquant_codec import _validate
 from turboquant_codec.transforms import stream_seed
 
 from .ops import DTYPES, TorchCodec
@@ -224,6 +225,12 @@ class LayerMemory:
                            self.raw + other.raw, self.decoded + other.decoded, self.device + other.device,
                            self.compressed_tokens + other.compressed_tokens,
                            self.raw_tokens + other.raw_tokens)
+
+
+def check_layout(flush_interval: Any, sinks: Any, block_size: Any = DEFAULT_BLOCK) -> tuple[int, int, int]:
+    """The caches' integer arguments, checked (``turboquant_codec._validate``'s rules)."""
+    return (_validate.integer(flush_interval, "flush_interval", 1), _validate.integer(sinks, "sinks", 0),
+            _validate.integer(block_size, "block_size", 1))
 
 
 def _nbytes(t: Tensor | None) -> int:
@@ -798,12 +805,7 @@ class TurboQuantCache(Cache):
 
         from . import hf_attention  # noqa: F401  (registers the "turboquant" attention)
 
-        if int(flush_interval) < 1:
-            raise ValueError(f"flush_interval must be >= 1, got {flush_interval}")
-        if int(sinks) < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
-        if int(block_size) < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        flush_interval, sinks, block_size = check_layout(flush_interval, sinks, block_size)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
         make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
         layers: list[Any] = []
@@ -812,22 +814,46 @@ class TurboQuantCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=_text_config(config).sliding_window))
             else:
                 layers.append(TurboQuantLayer(i, kv_heads, head_dim, make("key", i, head_dim),
-                                              make("value", i, head_dim), int(flush_interval), int(sinks),
-                                              int(block_size)))
+                                              make("value", i, head_dim), flush_interval, sinks, block_size))
         super().__init__(layers=layers)
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
         self.mask_memo: dict[str, Any] = {}  # the step's mask, read once for all layers
+        self._model_config: Any = None  # the config ``check_model`` last accepted
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"the model asks for layer {layer_idx} but the cache was built for "
                              f"{len(self.layers)} layers (a cache cannot be reused across models)")
+        if layer_idx == 0:
+            self._check_every_layer_driven()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, TurboQuantLayer):
             keys._tq_cache = weakref.ref(self)  # type: ignore[attr-defined]
         return keys, values
+
+    def _check_every_layer_driven(self) -> None:
+        """ValueError unless the previous steps reached every compressed layer (a model with fewer
+        layers than the cache's config leaves the others behind)."""
+        lengths = [layer.length for layer in self.layers if isinstance(layer, TurboQuantLayer)]
+        if lengths and min(lengths) != max(lengths):
+            behind = [i for i, layer in enumerate(self.layers)
+                      if isinstance(layer, TurboQuantLayer) and layer.length != lengths[0]]
+            raise ValueError(f"the cache's layers {behind} missed earlier steps that layer 0 saw: the model "
+                             f"has fewer layers than the {len(self.layers)} the cache was built for (a cache "
+                             f"cannot be reused across models)")
+
+    def check_model(self, config: Any) -> None:
+        """ValueError when the model (``config``) has fewer layers than the cache was built for
+        (more are refused by ``update``); checked once per config object."""
+        if self._model_config is config:
+            return
+        layers = _model_shape(config)[0]
+        if layers < len(self.layers):
+            raise ValueError(f"the model has {layers} layers but the cache was built for {len(self.layers)} "
+                             f"(a cache cannot be reused across models)")
+        self._model_config = config
 
     def memory(self) -> LayerMemory:
         """Bytes held by the compressed layers (``LayerMemory``; token counts summed over layers

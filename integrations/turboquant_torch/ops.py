@@ -24,6 +24,7 @@ codec maths here: every op is a call into ``turboquant_codec``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 import turboquant_codec as tq
+from turboquant_codec import _validate
 from turboquant_codec.config import CodecConfig
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,25 +41,24 @@ _U64 = (1 << 64) - 1
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def seed_arg(seed: int) -> int:
-    """A 64-bit unsigned seed as the int64 the op schema carries (two's complement)."""
-    seed = int(seed) & _U64
+def seed_arg(seed: int, name: str = "seed") -> int:
+    """A codec seed (an integer in [0, 2**64), checked) as the int64 the op schema carries (two's
+    complement)."""
+    seed = _validate.seed(seed, name)
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def make_config(d: int, bits: float, mode: str, seed: int) -> CodecConfig:
-    """``CodecConfig`` from op arguments (``seed`` may be the schema's signed int64)."""
-    return CodecConfig(d=int(d), bits=float(bits), mode=str(mode), seed=int(seed) & _U64)
+    """``CodecConfig`` from op arguments: ``seed`` is the schema's signed int64 (``seed_arg``)."""
+    seed = _validate.integer(seed, "seed", -(1 << 63), _U64)
+    return CodecConfig(d=d, bits=bits, mode=mode, seed=seed & _U64)
 
 
 def check_float(x: Tensor, name: str) -> None:
     """ValueError unless ``x`` is a float16/bfloat16/float32 tensor."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPES:
-        raise ValueError(
-            f"{name} has dtype {x.dtype}; supported: {', '.join(str(t) for t in DTYPES)}"
-        )
+    _validate.float_dtype(x, name)
 
 
 def check_records(records: Tensor, cfg: CodecConfig, name: str) -> None:
@@ -155,9 +156,12 @@ def _encode_op(
 
 @_encode_op.register_fake
 def _(x, channels, bits, mode, seed, check_finite):  # type: ignore[no-untyped-def]
-    check_float(x, "x")
+    shape = _validate.float_array(x, "x", 2)
     cfg = make_config(x.shape[-1], bits, mode, seed)
     lead = tuple(x.shape[:-2])
+    ch = _channels_in(channels, cfg)
+    if ch is not None:
+        _validate.given_channels(ch, shape[:-2], cfg)
     records = x.new_empty(tuple(x.shape[:-1]) + (cfg.record_bytes,), dtype=torch.uint8)
     return records, x.new_empty(lead + (cfg.d if cfg.split else 0,), dtype=CHANNEL_DTYPE)
 
@@ -189,7 +193,8 @@ def encode(
     channels : Tensor, shape (*lead, d), uint16, or None for integer bits
     """
     check_float(x, "x")
-    records, out = torch.ops.turboquant.encode(x, channels, float(bits), mode, seed_arg(seed), check_finite)
+    bits, seed = _validate.real(bits, "bits"), seed_arg(seed)
+    records, out = torch.ops.turboquant.encode(x, channels, bits, mode, seed, check_finite)
     return records, (out if make_config(x.shape[-1], bits, mode, seed).split else None)
 
 
@@ -208,6 +213,7 @@ def _decode_op(
 def _(records, channels, d, bits, mode, seed):  # type: ignore[no-untyped-def]
     cfg = make_config(d, bits, mode, seed)
     check_records(records, cfg, "records")
+    _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
 
 
@@ -228,7 +234,8 @@ def decode(
     -------
     Tensor, shape (*lead, n, d), float32, on the device of ``records``
     """
-    return torch.ops.turboquant.decode(records, channels, int(d), float(bits), mode, seed_arg(seed))
+    return torch.ops.turboquant.decode(records, channels, _validate.integer(d, "d"),
+                                       _validate.real(bits, "bits"), mode, seed_arg(seed))
 
 
 # -------------------------------------------------------------------------------------------- scores
@@ -247,7 +254,11 @@ def _scores_op(
 @_scores_op.register_fake
 def _(q, records, channels, bits, mode, seed):  # type: ignore[no-untyped-def]
     check_float(q, "q")
-    check_records(records, make_config(q.shape[-1], bits, mode, seed), "records")
+    cfg = make_config(q.shape[-1], bits, mode, seed)
+    check_records(records, cfg, "records")
+    _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
+    _validate.scores_inputs(q, tuple(records.shape[:-1]) + (cfg.d,))
+    _same_device(("q", q), ("records", records), ("channels", channels))
     return q.new_empty(tuple(q.shape[:-1]) + (records.shape[-2],), dtype=torch.float32)
 
 
@@ -268,7 +279,8 @@ def scores(
     Tensor, shape (*lead, m, n), float32
     """
     check_float(q, "q")
-    return torch.ops.turboquant.scores(q, records, channels, float(bits), mode, seed_arg(seed))
+    return torch.ops.turboquant.scores(q, records, channels, _validate.real(bits, "bits"), mode,
+                                       seed_arg(seed))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -313,8 +325,18 @@ def _attention_op(
 def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,  # type: ignore[no-untyped-def]
       v_seed, scale, k_tail, v_tail):
     check_float(q, "q")
-    check_records(k_records, make_config(q.shape[-1], k_bits, k_mode, k_seed), "k_records")
-    check_records(v_records, make_config(q.shape[-1], v_bits, v_mode, v_seed), "v_records")
+    d = q.shape[-1]
+    shapes = []
+    for name, records, channels, cfg in (
+            ("k_records", k_records, k_channels, make_config(d, k_bits, k_mode, k_seed)),
+            ("v_records", v_records, v_channels, make_config(d, v_bits, v_mode, v_seed))):
+        check_records(records, cfg, name)
+        _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
+        shapes.append(tuple(records.shape[:-1]) + (d,))
+    _validate.attention_inputs(q, shapes[0], shapes[1], k_tail, v_tail)
+    _validate.positive_finite(scale, "scale")
+    _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
+                 ("v_tail", v_tail))
     return torch.empty_like(q, dtype=torch.float32)
 
 
@@ -352,7 +374,7 @@ def attention(
         q, k_records, k_channels, v_records, v_channels,
         k_codec.bits, k_codec.mode, seed_arg(k_codec.seed),
         v_codec.bits, v_codec.mode, seed_arg(v_codec.seed),
-        float(scale), k_tail, v_tail,
+        _validate.positive_finite(scale, "scale"), k_tail, v_tail,
     )
 
 
@@ -374,6 +396,11 @@ class TorchCodec:
         every later record of a stream uses the same channel split.
     check_finite : bool
         Reject NaN/Inf on encode (a synchronisation on CUDA).
+
+    Notes
+    -----
+    One codec may be shared by threads: the first choice of the permutation (``encode``,
+    ``keep_first_channels``) happens once, under a lock, and every thread encodes with it.
     """
 
     d: int
@@ -383,13 +410,23 @@ class TorchCodec:
     channels: Tensor | None = None
     check_finite: bool = True
     _on_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _first: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.seed = _validate.seed(self.seed)
         self.config = make_config(self.d, self.bits, self.mode, self.seed)
-        self.bits = self.config.bits
+        self.d, self.bits = self.config.d, self.config.bits
         if self.channels is not None:
             given, self.channels = self.channels, None
             self.set_channels(given)
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        del state["_first"]  # a lock is not copied: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state, _first=threading.Lock())
 
     @property
     def record_bytes(self) -> int:
@@ -429,22 +466,40 @@ class TorchCodec:
             self._on_device[device] = self.channels.to(device)
         return self._on_device[device]
 
+    def choose_channels(self, x: Tensor) -> Tensor | None:
+        """The permutation calibration vectors ``x`` (*streams, n, d) would fix (largest mean
+        square per stream), without fixing it; None for integer bits."""
+        if not self.split:
+            return None
+        return encode(x, bits=self.bits, mode=self.mode, seed=self.seed, check_finite=self.check_finite)[1]
+
     def calibrate(self, x: Tensor) -> None:
-        """Fix the permutation from calibration vectors ``x`` (*streams, n, d) (largest mean square)."""
-        if self.split:
-            self.set_channels(encode(x, bits=self.bits, mode=self.mode, seed=self.seed,
-                                     check_finite=self.check_finite)[1])
+        """Fix the permutation from calibration vectors ``x`` (*streams, n, d), replacing any."""
+        channels = self.choose_channels(x)
+        if channels is not None:
+            with self._first:
+                self.set_channels(channels)
+
+    def keep_first_channels(self, channels: Tensor) -> bool:
+        """Fix ``channels`` unless a permutation is already set (atomically); whether it was kept."""
+        with self._first:
+            if self.channels is not None:
+                return False
+            self.set_channels(channels)
+            return True
 
     def encode(self, x: Tensor) -> Tensor:
         """Records (*streams, n, R) of ``x`` (*streams, n, d); fixes the permutation on first use."""
-        records, channels = encode(
-            x, bits=self.bits, mode=self.mode, seed=self.seed, channels=self.channels_on(x.device),
-            check_finite=self.check_finite,
-        )
         if self.split and self.channels is None:
-            assert channels is not None
-            self.set_channels(channels)
-        return records
+            with self._first:
+                if self.channels is None:
+                    records, channels = encode(x, bits=self.bits, mode=self.mode, seed=self.seed,
+                                               check_finite=self.check_finite)
+                    assert channels is not None
+                    self.set_channels(channels)
+                    return records
+        return encode(x, bits=self.bits, mode=self.mode, seed=self.seed, channels=self.channels_on(x.device),
+                      check_finite=self.check_finite)[0]
 
     def decode(self, records: Tensor) -> Tensor:
         """Vectors (*streams, n, d) float32 of ``records`` (*streams, n, R)."""

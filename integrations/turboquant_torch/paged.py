@@ -32,17 +32,10 @@ import torch
 from torch import Tensor
 
 import turboquant_codec as tq
+from turboquant_codec import _validate
+from turboquant_codec.paged import check_write
 
 from .ops import TorchCodec, make_config, seed_arg
-
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _check_int(t: Tensor, name: str, ndim: int) -> None:
-    if not isinstance(t, Tensor) or t.dtype not in _INT_DTYPES:
-        raise ValueError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -103,8 +96,11 @@ def raw_blocks_needed(
     Tensor, [num_needed], int64
         Sorted unique physical block ids; blocks not listed can give their raw slot back.
     """
-    _check_int(block_table, "block_table", 2)
-    _check_int(seq_lens, "seq_lens", 1)
+    _validate.int_array(block_table, "block_table", 2)
+    _validate.int_array(seq_lens, "seq_lens", 1)
+    block_size = _validate.integer(block_size, "block_size", 1)
+    window = _validate.integer(window, "window", 0)
+    sink_tokens = _validate.integer(sink_tokens, "sink_tokens", 0)
     if seq_lens.shape[0] != block_table.shape[0]:
         raise ValueError(
             f"seq_lens has {seq_lens.shape[0]} entries but block_table has {block_table.shape[0]} rows"
@@ -207,15 +203,22 @@ def write_compressed(
     backend : str
         ``turboquant_codec`` backend name, or "auto" (by device and the capability table).
     """
-    _check_int(slot_mapping, "slot_mapping", 1)
+    _validate.int_array(slot_mapping, "slot_mapping", 1)
     config = _config_args(key, k_codec, v_codec)
-    for codec, x in ((k_codec, key), (v_codec, value)):
-        if codec.split and codec.channels is None:
-            rows = torch.nonzero(slot_mapping >= 0).squeeze(1)
-            if rows.numel() == 0:
-                return  # nothing to write, nothing to calibrate on
-            codec.calibrate(x[rows].transpose(0, 1))
     raw_k, raw_v, raw_map = raw if raw is not None else (None, None, None)
+    unset = [(c, x) for c, x in ((k_codec, key), (v_codec, value)) if c.split and c.channels is None]
+    if unset:
+        rows = torch.nonzero(slot_mapping >= 0).squeeze(1)
+        if rows.numel() == 0:
+            return  # nothing to write, nothing to calibrate on
+        # A batch the write would refuse must not fix the channels: check it whole first, then
+        # choose both codecs' permutations before keeping either.
+        check_write(_cache(k_cache, v_cache, None, None, raw_k, raw_v, raw_map, k_codec.config,
+                           v_codec.config), key, value, slot_mapping)
+        chosen = [(c, c.choose_channels(x[rows].transpose(0, 1))) for c, x in unset]
+        for codec, channels in chosen:
+            assert channels is not None
+            codec.keep_first_channels(channels)
     device = key.device
     torch.ops.turboquant.paged_write(
         k_cache, v_cache, key, value, slot_mapping, k_codec.channels_on(device), v_codec.channels_on(device),
@@ -281,6 +284,7 @@ def paged_attention(
     device = query.device
     torch.ops.turboquant.paged_attention(
         out, query, key, value, k_cache, v_cache, k_codec.channels_on(device), v_codec.channels_on(device),
-        raw_k, raw_v, raw_slot_of_block, block_table, seq_lens, query_start_loc, float(scale),
-        -1 if num_decodes is None else int(num_decodes), *config, backend)
+        raw_k, raw_v, raw_slot_of_block, block_table, seq_lens, query_start_loc,
+        _validate.positive_finite(scale, "scale"),
+        -1 if num_decodes is None else _validate.integer(num_decodes, "num_decodes", 0), *config, backend)
     return out
