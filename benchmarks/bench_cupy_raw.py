@@ -6,7 +6,7 @@
    (B=8, T=32k), (B=1, T=128k), (B=32, T=8k): cupy_raw vs torch SDPA in bf16 (best of the flash and
    cuDNN kernels) vs the numba_cuda backend when available. Achieved GB/s of compressed bytes.
 4. Encode throughput (bf16 in, records out; GB/s read + written) vs copy bandwidth: the tensor-core
-   kernel (tq_encode_tc) and the scalar one (tq_encode, cupy_raw.ENCODE_PATH = "scalar"), same run,
+   kernel (tq_encode_tc) and the scalar one (tq_encode, encode_path "scalar"), same run,
    after checking both against the reference for every input dtype at d=64/128, 2.5/3.5/4 bits.
    ``--encode-only``: only the encode checks, copy bandwidth and encode timings (3 shapes x 3 bits),
    also as kernel time alone (``timing.timed(primed=True)``) and host time per call.
@@ -20,6 +20,7 @@ Usage: python benchmarks/bench_cupy_raw.py [--out benchmarks/RESULTS-cupy_raw.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -27,6 +28,7 @@ import numpy as np
 from timing import host_us, timed
 
 import turboquant_codec as tq
+from turboquant_codec import tuning
 from turboquant_codec.backends import availability, cupy_raw
 
 H_Q, H_KV, D = 32, 8, 128
@@ -39,13 +41,20 @@ def _vname(var: tuple[int, int, int]) -> str:
     return "w{}s{}b{}".format(*var)
 
 
+def _set(**changes: object) -> None:
+    """Put these cupy_raw settings in force (builds and plans are cached per settings object)."""
+    now = tuning.current()
+    tuning.use(dataclasses.replace(now, cupy_raw=dataclasses.replace(now.cupy_raw, **changes)))
+
+
 def use_variant(var: tuple[int, int, int]) -> None:
     """Set the split kernel's launch shape (warps per block, ring stages, min blocks per SM)."""
-    if (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS) == var:
-        return
-    cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS = var
-    for fn in (cupy_raw._attention_module, cupy_raw._split_smem, cupy_raw._attention_launch):
-        fn.cache_clear()
+    _set(attn_warps=var[0], attn_stages=var[1], attn_minblocks=var[2])
+
+
+def set_encode_path(path: str) -> None:
+    """Which encode kernel runs: "auto" (tensor cores where they serve) or "scalar"."""
+    _set(encode_path=path)
 
 
 def check_correctness() -> list[str]:
@@ -99,7 +108,7 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
                 ch = None if ref.channels is None else cupy_raw._cupy().asarray(ref.channels)
                 worst = {}
                 for path in ("scalar", "auto"):
-                    cupy_raw.ENCODE_PATH = path
+                    set_encode_path(path)
                     rec, _ = cupy_raw.encode(cupy_raw.asarray(xt), cfg, ch)
                     got = cupy_raw._cupy().asnumpy(rec)
                     mism = max(float(np.mean(numpy_ref._codes(got, g) != numpy_ref._codes(ref.records, g)))
@@ -107,7 +116,7 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
                     nerr = max(float(np.max(np.abs(numpy_ref._norms(got, g, 0) / np.maximum(
                         numpy_ref._norms(ref.records, g, 0), 1e-30) - 1))) for g in cfg.groups)
                     worst[path] = (mism, nerr)
-                cupy_raw.ENCODE_PATH = "auto"
+                set_encode_path("auto")
                 ok = all(m <= 1e-3 and e <= 2**-10 for m, e in worst.values())
                 tc = "tc" if cupy_raw.tc_encode_ok(cfg) else "scalar only"
                 lines.append(f"encode check d={d} bits={bits} {dtype} ({tc}): code mismatch tc/auto "
@@ -139,7 +148,8 @@ def main() -> None:
         raise SystemExit(f"cupy_raw unavailable: {status.reason}")
     torch.cuda.init()
     card = torch.cuda.get_device_name()
-    default = (cupy_raw.ATTN_WARPS, cupy_raw.ATTN_STAGES, cupy_raw.ATTN_MINBLOCKS)
+    now = tuning.current().cupy_raw
+    default = (now.attn_warps, now.attn_stages, now.attn_minblocks)
     variants = [default] + [tuple(int(x) for x in v.split(",")) for v in args.variants.split()]
     log = [f"card: {card}"]
     for var in [] if args.encode_only else variants:
@@ -217,10 +227,10 @@ def main() -> None:
             enc_bytes = k.numel() * 2 + kc.nbytes
             ms_path = {}
             for path in ("scalar", "auto"):  # tq_encode vs tq_encode_tc (where tc_encode_ok)
-                cupy_raw.ENCODE_PATH = path
+                set_encode_path(path)
                 ms_path[path] = timed(lambda kn=kn, chn=chn, cfg=ke.config: cupy_raw.encode(kn, cfg, chn),
                                       reps=5, batch=10)
-            cupy_raw.ENCODE_PATH = "auto"
+            set_encode_path("auto")
             ms_enc = ms_path["auto"]
             enc_rows.append((b, t, bits, ms_enc, enc_bytes / ms_enc / 1e6, copy_gbs, ms_path["scalar"]))
             del ke, ve, native, kc
@@ -288,11 +298,11 @@ def enc_only(log: list[str]) -> None:
 
             res = {}
             for path in ("auto", "scalar"):
-                cupy_raw.ENCODE_PATH = path
+                set_encode_path(path)
                 # 10 back-to-back calls per event pair: the host's time per call overlaps the GPU,
                 # as in a prefill loop.
                 res[path] = timed(call, reps=15, batch=10)
-            cupy_raw.ENCODE_PATH = "auto"
+            set_encode_path("auto")
             res["kernel"] = timed(call, reps=15, batch=10, primed=True)
             base = {"auto": copy_gbs, "scalar": copy_gbs, "kernel": copy_primed}
             pct = {p: 100 * nbytes / m / 1e6 / base[p] for p, m in res.items()}

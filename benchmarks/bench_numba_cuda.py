@@ -17,6 +17,7 @@ reference first, with SDPA measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ import triton.testing
 from timing import timed
 
 import turboquant_codec as tq
+from turboquant_codec import tuning
 from turboquant_codec.backends import numba_cuda as nc
 from turboquant_codec.backends import numba_warp_attention as nw
 from turboquant_codec.backends import numpy_ref
@@ -128,9 +130,10 @@ def bench_codec(cfg: CodecConfig, rows: list[tuple[str, ...]]) -> None:
 
 
 def _set_variant(variant: dict) -> None:
-    nw.ATTN_PREFETCH = variant["prefetch"]
-    nw.ATTN_MAX_REGISTERS = variant["max_registers"]
-    nw.fast_attention_kernel.cache_clear()
+    """Put the warp attention's compile options in force (its kernels are cached per settings)."""
+    settings = tuning.NumbaCudaTuning(attn_prefetch=variant["prefetch"],
+                                      attn_max_registers=variant["max_registers"])
+    tuning.use(dataclasses.replace(tuning.current(), numba_cuda=settings))
 
 
 def bench_attention(bits: float, rows: list[tuple[str, ...]]) -> None:

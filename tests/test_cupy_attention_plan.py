@@ -11,6 +11,7 @@ from turboquant_codec.backends import cupy_raw, occupancy
 from turboquant_codec.capabilities import ALL_BITS, CAPABILITIES
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.transforms import tables
+from turboquant_codec.tuning import CupyRawTuning
 
 SUPPORT = CAPABILITIES["attention"]["cupy_raw"]
 CONFIGS = [
@@ -20,6 +21,7 @@ CONFIGS = [
     for bits in widths
 ]
 H100_SMS = 132
+DEFAULT = CupyRawTuning()
 
 
 def _halves(words: np.ndarray) -> np.ndarray:
@@ -51,14 +53,15 @@ def test_pair_tables_hold_scaled_centroids_exactly(cfg: CodecConfig) -> None:
 
 @pytest.mark.parametrize("v_cfg", CONFIGS, ids=lambda c: f"v-d{c.d}-{c.mode}{c.bits:g}")
 def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
+    warps = DEFAULT.attn_warps
     for k_cfg in (c for c in CONFIGS if c.d == v_cfg.d):
-        stages = cupy_raw.attention_stages(k_cfg, v_cfg)
-        assert 2 <= stages <= cupy_raw.ATTN_STAGES
-        assert cupy_raw._split_smem(k_cfg, v_cfg, stages) <= cupy_raw.SMEM_LIMIT
+        stages = cupy_raw.attention_stages(k_cfg, v_cfg, DEFAULT)
+        assert 2 <= stages <= DEFAULT.attn_stages
+        assert cupy_raw._split_smem(k_cfg, v_cfg, stages, warps) <= cupy_raw.SMEM_LIMIT
         for group in (1, 4, 8, 32):
-            assert cupy_raw._merge_smem(v_cfg, group) <= cupy_raw.SMEM_LIMIT
-        if stages < cupy_raw.ATTN_STAGES:
-            assert cupy_raw._split_smem(k_cfg, v_cfg, stages + 1) > cupy_raw.SMEM_LIMIT
+            assert cupy_raw._merge_smem(v_cfg, group, warps) <= cupy_raw.SMEM_LIMIT
+        if stages < DEFAULT.attn_stages:
+            assert cupy_raw._split_smem(k_cfg, v_cfg, stages + 1, warps) > cupy_raw.SMEM_LIMIT
 
 
 @pytest.mark.parametrize(
@@ -68,18 +71,18 @@ def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
 def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.MonkeyPatch,
                                                           batch_heads: int, n: int) -> None:
     monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: H100_SMS)
-    per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0)
+    per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0, DEFAULT)
     ntiles = -(-n // cupy_raw.TILE)
     assert per_warp >= 1 and parts >= 1
     assert (parts - 1) * per_warp < ntiles <= parts * per_warp  # every tile once, no empty partial
-    blocks = batch_heads * -(-parts // cupy_raw.ATTN_WARPS)
-    slots = H100_SMS * cupy_raw.ATTN_MINBLOCKS
-    if ntiles >= 64 * 4 * cupy_raw.ATTN_WARPS and batch_heads <= slots:
+    blocks = batch_heads * -(-parts // DEFAULT.attn_warps)
+    slots = H100_SMS * DEFAULT.attn_minblocks
+    if ntiles >= 64 * 4 * DEFAULT.attn_warps and batch_heads <= slots:
         # Long enough for any of the plan's 1..64 blocks per stream (>= 4 tiles per warp): whole
         # waves, at least 95% of the resident block slots busy.
         assert blocks / (-(-blocks // slots) * slots) >= 0.95
     # At most MAX_BLOCKS_PER_STREAM partials per stream: the reduce's shared memory is sized for it.
-    assert -(-parts // cupy_raw.ATTN_WARPS) <= cupy_raw.MAX_BLOCKS_PER_STREAM
+    assert -(-parts // DEFAULT.attn_warps) <= cupy_raw.MAX_BLOCKS_PER_STREAM
 
 
 # H100 per-SM limits: registers, shared memory (bytes), threads.

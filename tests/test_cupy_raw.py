@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 import turboquant_codec as tq
+from turboquant_codec import tuning
 from turboquant_codec.backends import availability as backend_availability
 from turboquant_codec.backends import cupy_raw_tc, numpy_ref
+from turboquant_codec.tuning import CupyRawTuning
 
 from .conftest import kv_like
 
@@ -414,34 +416,37 @@ def test_tc_wgmma_table_is_the_fragment_table_in_core_matrices(bits: float, dtyp
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("bits", [2.5, 4.0])
-def test_tc_encode_warps_fit_shared_memory(monkeypatch, bits: float, dtype: str, wgmma: bool) -> None:
-    """The encode's warps per block: as many as its shared memory holds (at most ENC_TC_MAX_WARPS,
+def test_tc_encode_warps_fit_shared_memory(bits: float, dtype: str, wgmma: bool) -> None:
+    """The encode's warps per block: as many as its shared memory holds (at most enc_tc_max_warps,
     whole warpgroups for wgmma); a forced count that does not fit is refused with the numbers, not
     left to a launch failure."""
     from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
     cfg, optin, unit = CodecConfig(128, bits), cupy_raw.SM90_SMEM_OPTIN, 4 if wgmma else 1
-    warps = cupy_raw._tc_warps(cfg, dtype, optin, wgmma)
-    assert unit <= warps <= cupy_raw.ENC_TC_MAX_WARPS and warps % unit == 0
-    fixed, per_warp = cupy_raw._tc_smem_parts(cfg, dtype)
-    assert cupy_raw._tc_smem(cfg, dtype, warps) == fixed + warps * per_warp <= optin
+    default = CupyRawTuning()
+    mt = cupy_raw._tc_mt(dtype, default)
+    warps = cupy_raw._tc_warps(cfg, dtype, optin, wgmma, default)
+    assert unit <= warps <= default.enc_tc_max_warps and warps % unit == 0
+    fixed, per_warp = cupy_raw._tc_smem_parts(cfg, dtype, mt)
+    assert cupy_raw._tc_smem(cfg, dtype, warps, mt) == fixed + warps * per_warp <= optin
     small = fixed + 5 * per_warp  # a device with room for 5 warps
-    assert cupy_raw._tc_warps(cfg, dtype, small, wgmma) == (4 if wgmma else 5)
-    monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", 6)
-    with pytest.raises(ValueError, match="ENC_TC_WARPS=6.*fits 1 to 5 warps"):
-        cupy_raw._tc_warps(cfg, dtype, small, wgmma)
+    assert cupy_raw._tc_warps(cfg, dtype, small, wgmma, default) == (4 if wgmma else 5)
+    six = CupyRawTuning(enc_tc_warps=6)
+    with pytest.raises(ValueError, match="enc_tc_warps=6.*fits 1 to 5 warps"):
+        cupy_raw._tc_warps(cfg, dtype, small, wgmma, six)
     if wgmma:
         with pytest.raises(ValueError, match="whole warpgroups"):
-            cupy_raw._tc_warps(cfg, dtype, optin, wgmma)
+            cupy_raw._tc_warps(cfg, dtype, optin, wgmma, six)
     else:
-        assert cupy_raw._tc_warps(cfg, dtype, optin, wgmma) == 6
+        assert cupy_raw._tc_warps(cfg, dtype, optin, wgmma, six) == 6
 
 
 def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     """The codec module is built for the launch the encode makes: sm_90a and whole warpgroups where
-    wgmma is on, a changed ENC_TC_WARPS or ENC_TC_MT builds anew (no stale module for another block
-    or tile size), and each build opts its tq_encode_tc into the shared memory that launch uses."""
+    wgmma is on, a changed enc_tc_warps or enc_tc_mt setting builds anew (no stale module for another
+    block or tile size, nothing to clear), and each build opts its tq_encode_tc into the shared memory
+    that launch uses."""
     from types import SimpleNamespace
 
     from turboquant_codec.backends import cupy_raw
@@ -460,16 +465,16 @@ def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     cfg = CodecConfig(128, 3.5)
     try:
         for wgmma, warps, mt in ((True, None, None), (False, None, None), (False, 8, None), (False, 8, 1)):
-            monkeypatch.setattr(cupy_raw, "ENC_TC_WGMMA", wgmma)
-            monkeypatch.setattr(cupy_raw, "ENC_TC_WARPS", warps)
-            monkeypatch.setattr(cupy_raw, "ENC_TC_MT", mt)
-            mod = cupy_raw._codec_module(0, cfg, "bfloat16")
-            want_warps, want_mt = warps or cupy_raw.ENC_TC_MAX_WARPS, mt or 2
+            settings = CupyRawTuning(enc_tc_wgmma=wgmma, enc_tc_warps=warps, enc_tc_mt=mt)
+            with tuning.using(cupy_raw=settings):
+                mod = cupy_raw._codec_module(0, cfg, "bfloat16")
+            want_warps, want_mt = warps or settings.enc_tc_max_warps, mt or 2
             assert f"-DENC_WARPS={want_warps}" in mod.options and f"-DENC_MT={want_mt}" in mod.options
             assert ("-arch=sm_90a" in mod.options) == wgmma
             smem = mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes
-            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want_warps) > 48 * 1024
-            assert cupy_raw._tc_launch(0, cfg, "bfloat16") == (wgmma, want_warps, want_mt)
+            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want_warps, want_mt) > 48 * 1024
+            assert cupy_raw._tc_launch(0, cfg, "bfloat16", settings) == (wgmma, want_warps, want_mt)
+            assert cupy_raw._codec_module(0, cfg, "bfloat16", settings) is mod  # same settings: same build
         assert len(built) == 4
     finally:
         cupy_raw._codec_build.cache_clear()
@@ -506,16 +511,13 @@ def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str)
     cfg = CodecConfig(d, bits, seed=6)
     assert cupy_raw.tc_encode_ok(cfg)
     ch = None if ref.channels is None else cp.asarray(ref.channels)
-    try:
-        for path in ("auto", "scalar"):
-            cupy_raw.ENCODE_PATH = path
+    for path in ("auto", "scalar"):
+        with tuning.using(cupy_raw=CupyRawTuning(encode_path=path)):
             rec, _ = cupy_raw.encode(cupy_raw.asarray(x), cfg, ch)
-            got = cp.asnumpy(rec)
-            for g in cfg.groups:
-                assert np.mean(numpy_ref._codes(got, g) != numpy_ref._codes(ref.records, g)) <= 1e-4, path
-                np.testing.assert_allclose(numpy_ref._norms(got, g, 0), numpy_ref._norms(ref.records, g, 0),
-                                           rtol=2**-10)
-            used = 2 * len(cfg.groups) + sum(g.code_bytes for g in cfg.groups)
-            assert not got[..., used:].any()
-    finally:
-        cupy_raw.ENCODE_PATH = "auto"
+        got = cp.asnumpy(rec)
+        for g in cfg.groups:
+            assert np.mean(numpy_ref._codes(got, g) != numpy_ref._codes(ref.records, g)) <= 1e-4, path
+            np.testing.assert_allclose(numpy_ref._norms(got, g, 0), numpy_ref._norms(ref.records, g, 0),
+                                       rtol=2**-10)
+        used = 2 * len(cfg.groups) + sum(g.code_bytes for g in cfg.groups)
+        assert not got[..., used:].any()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 import types
 from dataclasses import dataclass
 from types import ModuleType
 
+from .. import tuning
 from .._ops import Availability
 
 # name -> (module, where its inputs live)
@@ -30,7 +30,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
 # "auto" takes the first of these, for where the data lives, that serves the request and is
 # available: compiled kernels before the references.
 PREFERENCE = {"cpu": ("numba_cpu", "numpy"), "cuda": ("cupy_raw", "numba_cuda")}
-ENV_VAR = "TQ_BACKEND"
+ENV_VAR = tuning.BACKEND_VAR
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def load(name: str) -> ModuleType:
 def requested(name: str) -> str | None:
     """The backend named by ``name`` or, for ``"auto"``, by ``TQ_BACKEND``; None leaves it to ``auto``."""
     if name == "auto":
-        name = os.environ.get(ENV_VAR, "auto") or "auto"
+        name = tuning.requested_backend()
     if name == "auto":
         return None
     _check_name(name)

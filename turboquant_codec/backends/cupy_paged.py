@@ -295,15 +295,7 @@ def _int32(a: Any) -> Any:
 def _encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, device: int) -> None:
     """``cupy_raw.encode``'s kernels into a given records buffer (no allocation): xw [H, n, d]
     C-contiguous and 16-byte aligned, rec [H, n, R]."""
-    streams, n = int(xw.shape[0]), int(xw.shape[1])
-    if n and cupy_raw.ENCODE_PATH != "scalar" and cupy_raw.tc_encode_ok(cfg):
-        cupy_raw._encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
-        return
-    tab, _ = cupy_raw._device_tables(device, cfg)
-    tv = cupy_raw.ENC_TV_PROD if cfg.mode == "prod" else cupy_raw.ENC_TV
-    cupy_raw._codec_module(device, cfg, dtype).get_function("tq_encode")(
-        (-(-n // tv), streams), (cupy_raw.ENC_THREADS,),
-        (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
+    cupy_raw.encode_into(xw, dtype, cfg, ch, rec, device)
 
 
 def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from .. import tuning as _tuning
 from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..transforms import tables
+from ..tuning import CupyRawTuning
 from . import cupy_raw_tc
 from .occupancy import resident_blocks
 
@@ -50,13 +51,8 @@ SOURCES = ("tq_codec.cu", "tq_attention.cu", "tq_paged.cu")  # tq_paged.cu: buil
 # Headers the sources include, outermost first: tq_attn_common.cuh includes tq_common.cuh.
 HEADERS = ("tq_attn_common.cuh", "tq_common.cuh")
 _DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-# Warps per attention block and cp.async ring depth: one block of 16 warps per SM shares one copy
-# of the per-lane replicated pair tables (40 KB at 3.5 bits, at most ~66 KB) and keeps 16 x 4 tiles of
-# ~2 KB in flight; 16 warps per SM cap registers at 128 per thread. Configurations whose tables
-# and ring overflow shared memory get fewer stages (attention_stages).
-ATTN_WARPS = 16
-ATTN_STAGES = 4
-ATTN_MINBLOCKS = 1
+# Launch shapes (warps, ring stages, tensor-core encode tiling, which encode runs) are settings:
+# tuning.CupyRawTuning, read at each call and part of every build and plan cache key.
 # Threads of tq_attn_reduce: its warps split a stream's partials (one per split block) and the
 # un-rotation's rows.
 REDUCE_THREADS = 256
@@ -66,25 +62,9 @@ TILE = 16
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
-# Tensor-core encode (tq_encode_tc): warps of its one block per SM (None: as many as its shared memory
-# holds, at most ENC_TC_MAX_WARPS) and 16-vector m-tiles per warp tile (None: 2, or 1 for float32
-# input, whose hi/lo split doubles the fragments). Its tables: cupy_raw_tc.
-ENC_TC_WARPS: int | None = None
-ENC_TC_MT: int | None = None
-# 12 warps leave it 168 registers per thread, no spills; 14 and 16 warps cap it at 128 and spill
-# (timings per warp count: benchmarks/RESULTS-cupy_raw.md).
-ENC_TC_MAX_WARPS = 12
 # Shared memory a block may opt into on sm_90 (227 KB); compile_options' default, where no device is
 # at hand (tests/test_cuda_sources.py).
 SM90_SMEM_OPTIN = 227 * 1024
-# Whether the codec kernels are built for sm_90a, where tq_encode_tc rotates with warpgroup mma
-# (wgmma: each rotation fragment read from shared memory once per 64 vectors by the tensor cores)
-# instead of mma.sync: None = on every compute capability 9.0 device; False = mma.sync everywhere.
-# Environment: TQ_CUPY_RAW_WGMMA=0 or 1 sets it.
-ENC_TC_WGMMA: bool | None = {"0": False, "1": True}.get(os.environ.get("TQ_CUPY_RAW_WGMMA", ""))
-# Which encode kernel runs: "auto" (tensor cores where tc_encode_ok), "scalar" (tq_encode always).
-# Read at every call; the environment variable sets the default.
-ENCODE_PATH = os.environ.get("TQ_CUPY_RAW_ENCODE", "auto")
 # Null device pointer argument (8 bytes, as the kernels expect a pointer).
 _NULL = np.uint64(0)
 
@@ -362,18 +342,20 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         which sets the encode's warps per block; default: sm_90's), ``wgmma`` (warps in whole
         warpgroups; the caller builds for sm_90a), ``warps`` and ``mt`` (m-tiles per warp tile;
         given: those). attention: ``k_cfg``, ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group``
-        (query heads per KV head).
+        (query heads per KV head). Both: ``tuning`` (``CupyRawTuning``; default: the settings in
+        force).
 
     Returns
     -------
     list of str
         Also used by ``tests/test_cuda_sources.py`` to compile the same instantiations with nvcc.
     """
+    tuning = params.get("tuning") or _tuning.current().cupy_raw
     if kind == "codec":
         cfg, dtype = params["cfg"], params["dtype"]
         optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
-        warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma)
-        mt = params.get("mt") or _tc_mt(dtype)
+        mt = params.get("mt") or _tc_mt(dtype, tuning)
+        warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma, tuning)
         return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
                 f"-DENC_WARPS={warps}", f"-DENC_MT={mt}", *_tc_grid_macros(cfg),
                 f"-DTC_RS_EXP={cupy_raw_tc.RS_EXP}", f"-DTC_WG_LBO={cupy_raw_tc.WG_LBO}",
@@ -385,9 +367,9 @@ def compile_options(kind: str, **params: Any) -> list[str]:
         f"-DTAIL_KIND={_DTYPE_KIND[params.get('tail_dtype', 'float32')]}",
         f"-DGQ={params['group']}",
         f"-DKV_SAME_LUT={int(_same_lut(params['k_cfg'], params['v_cfg']))}",
-        f"-DNWARPS={ATTN_WARPS}",
-        f"-DSTAGES={attention_stages(params['k_cfg'], params['v_cfg'])}",
-        f"-DMINBLOCKS={ATTN_MINBLOCKS}",
+        f"-DNWARPS={tuning.attn_warps}",
+        f"-DSTAGES={attention_stages(params['k_cfg'], params['v_cfg'], tuning)}",
+        f"-DMINBLOCKS={tuning.attn_minblocks}",
     ]
 
 
@@ -438,8 +420,8 @@ def _smem_optin(device: int) -> int:
     return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
 
 
-def _wgmma(device: int) -> bool:
-    return _sm90(device) if ENC_TC_WGMMA is None else ENC_TC_WGMMA
+def _wgmma(device: int, tuning: CupyRawTuning) -> bool:
+    return _sm90(device) if tuning.enc_tc_wgmma is None else tuning.enc_tc_wgmma
 
 
 @functools.cache
@@ -448,22 +430,24 @@ def _sm90(device: int) -> bool:
     return bool(_cupy().cuda.Device(device).compute_capability == "90")
 
 
-def _codec_module(device: int, cfg: CodecConfig, dtype: str) -> Any:
-    return _codec_build(device, cfg, dtype, *_tc_launch(device, cfg, dtype))
+def _codec_module(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning | None = None) -> Any:
+    """The codec kernels of ``cfg`` for ``dtype`` input, built for ``tuning`` (default: the settings
+    in force)."""
+    launch = _tc_launch(device, cfg, dtype, tuning or _tuning.current().cupy_raw)
+    return _codec_build(device, cfg, dtype, *launch)
 
 
-def _tc_launch(device: int, cfg: CodecConfig, dtype: str) -> tuple[bool, int, int]:
-    """(wgmma, warps per block, m-tiles per warp tile) of tq_encode_tc on ``device``, from the
-    settings as they are now."""
-    wgmma = _wgmma(device)
-    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma), _tc_mt(dtype)
+def _tc_launch(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning) -> tuple[bool, int, int]:
+    """(wgmma, warps per block, m-tiles per warp tile) of tq_encode_tc on ``device`` under ``tuning``."""
+    wgmma = _wgmma(device, tuning)
+    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma, tuning), _tc_mt(dtype, tuning)
 
 
 @functools.cache
 def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int, mt: int) -> Any:
     opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps, mt=mt)
     mod = _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
-    smem = _tc_smem(cfg, dtype, warps)
+    smem = _tc_smem(cfg, dtype, warps, mt)
     if tc_encode_ok(cfg) and smem > 48 * 1024:
         # The opt-in is an attribute of the driver's function handle: set once per build, not per call.
         mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes = smem
@@ -485,35 +469,36 @@ def _device_tc_table(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> 
         return cp.asarray(cupy_raw_tc.fragment_table(cfg, dtype, wgmma))
 
 
-def _tc_smem_parts(cfg: CodecConfig, dtype: str) -> tuple[int, int]:
-    """Dynamic shared memory of tq_encode_tc (mirrors its layout): (fragment tables, per warp: its
-    staged tile, channel list and record buffer)."""
+def _tc_smem_parts(cfg: CodecConfig, dtype: str, mt: int) -> tuple[int, int]:
+    """Dynamic shared memory of tq_encode_tc (mirrors its layout) with ``mt`` m-tiles per warp tile:
+    (fragment tables, per warp: its staged tile, channel list and record buffer)."""
     es = 4 if dtype == "float32" else 2
-    nv = 16 * _tc_mt(dtype)
+    nv = 16 * mt
     tables_ = sum(4 * g.dim**2 for g in cfg.groups)
     return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
 
 
-def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int, wgmma: bool) -> int:
-    fixed, per_warp = _tc_smem_parts(cfg, dtype)
+def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int, wgmma: bool, tuning: CupyRawTuning) -> int:
+    fixed, per_warp = _tc_smem_parts(cfg, dtype, _tc_mt(dtype, tuning))
     fit = (smem_optin - fixed) // per_warp
     unit = 4 if wgmma else 1  # wgmma: whole warpgroups
-    if ENC_TC_WARPS is None:
-        return max(unit, min(ENC_TC_MAX_WARPS, fit) // unit * unit)
-    if not 1 <= ENC_TC_WARPS <= fit or ENC_TC_WARPS % unit:
-        raise ValueError(f"ENC_TC_WARPS={ENC_TC_WARPS}: tq_encode_tc fits 1 to {fit} warps per block "
+    want = tuning.enc_tc_warps
+    if want is None:
+        return max(unit, min(tuning.enc_tc_max_warps, fit) // unit * unit)
+    if not 1 <= want <= fit or want % unit:
+        raise ValueError(f"enc_tc_warps={want}: tq_encode_tc fits 1 to {fit} warps per block "
                          f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)"
                          + (", in whole warpgroups of 4 (wgmma)" if wgmma else ""))
-    return ENC_TC_WARPS
+    return want
 
 
-def _tc_smem(cfg: CodecConfig, dtype: str, warps: int) -> int:
-    fixed, per_warp = _tc_smem_parts(cfg, dtype)
+def _tc_smem(cfg: CodecConfig, dtype: str, warps: int, mt: int) -> int:
+    fixed, per_warp = _tc_smem_parts(cfg, dtype, mt)
     return fixed + warps * per_warp
 
 
-def _tc_mt(dtype: str) -> int:
-    return ENC_TC_MT if ENC_TC_MT is not None else (1 if dtype == "float32" else 2)
+def _tc_mt(dtype: str, tuning: CupyRawTuning) -> int:
+    return tuning.enc_tc_mt if tuning.enc_tc_mt is not None else (1 if dtype == "float32" else 2)
 
 
 @dataclass(frozen=True)
@@ -528,17 +513,12 @@ class _TcPlan:
     vectors: int  # per warp tile
 
 
-def _tc_plan_now(device: int, cfg: CodecConfig, dtype: str) -> _TcPlan:
-    """The plan for the encode settings as they are now (a changed setting plans anew)."""
-    return _tc_plan(device, cfg, dtype, ENC_TC_WGMMA, ENC_TC_WARPS, ENC_TC_MT)
-
-
 @functools.cache
-def _tc_plan(device: int, cfg: CodecConfig, dtype: str, *settings: Any) -> _TcPlan:
-    # settings: only a cache key; _tc_launch reads them.
-    wgmma, warps, mt = _tc_launch(device, cfg, dtype)
+def _tc_plan(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning) -> _TcPlan:
+    """The encode plan under ``tuning`` (a changed setting plans anew)."""
+    wgmma, warps, mt = _tc_launch(device, cfg, dtype, tuning)
     fn = _codec_build(device, cfg, dtype, wgmma, warps, mt).get_function("tq_encode_tc")
-    smem = _tc_smem(cfg, dtype, warps)
+    smem = _tc_smem(cfg, dtype, warps, mt)
     attrs = _cupy().cuda.Device(device).attributes
     per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
                              attrs["MaxRegistersPerMultiprocessor"],
@@ -548,9 +528,14 @@ def _tc_plan(device: int, cfg: CodecConfig, dtype: str, *settings: Any) -> _TcPl
                    16 * mt)
 
 
+def use_tc_encode(cfg: CodecConfig, n: int, tuning: CupyRawTuning) -> bool:
+    """Whether an encode of ``n`` vectors runs tq_encode_tc under ``tuning`` (else tq_encode)."""
+    return bool(n) and tuning.encode_path != "scalar" and tc_encode_ok(cfg)
+
+
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
-               device: int) -> None:
-    plan = _tc_plan_now(device, cfg, dtype)
+               device: int, tuning: CupyRawTuning | None = None) -> None:
+    plan = _tc_plan(device, cfg, dtype, tuning or _tuning.current().cupy_raw)
     tiles = streams * -(-n // plan.vectors)
     grid = max(1, min(plan.blocks, -(-tiles // plan.warps)))
     if ch is not None and ch.data.ptr % 16:
@@ -561,7 +546,7 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
 
 
 # ------------------------------------------------------------------------------------ channels
-def select_channels(x: Any, cfg: CodecConfig, dtype: str) -> Any:
+def select_channels(x: Any, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning | None = None) -> Any:
     """GPU twin of ``numpy_ref.select_channels``: (*lead, d) uint16, no host synchronisation.
 
     Mean squares are summed in float64; ranks break ties towards the lower channel index.
@@ -570,7 +555,7 @@ def select_channels(x: Any, cfg: CodecConfig, dtype: str) -> Any:
     *lead, n, d = x.shape
     streams = math.prod(lead)
     device = int(x.device.id)
-    mod = _codec_module(device, cfg, dtype)
+    mod = _codec_module(device, cfg, dtype, tuning)
     energy = cp.zeros((streams, d), cp.float64)
     chunk = max(64, -(-n // max(1, (4 * _sm_count(device)) // max(1, streams * -(-d // 32)))))
     grid = (streams, -(-d // 32), -(-n // chunk))
@@ -599,27 +584,40 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
     """
     cp = _cupy()
     device = _array_device(x)
+    tuning = _tuning.current().cupy_raw
     with cp.cuda.Device(device), _stream(device):
         xw, dtype = _words(x)
         *lead, n, d = xw.shape
         if cfg.split and channels is None:
-            channels = select_channels(xw, cfg, dtype)
-        streams = math.prod(lead)
+            channels = select_channels(xw, cfg, dtype, tuning)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
-        if n and ENCODE_PATH != "scalar" and tc_encode_ok(cfg):
-            if xw.data.ptr % 16:  # cp.async reads 16-byte chunks
-                xw = xw.copy()
-            _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device)
-            return rec, channels
-        tab, _ = _device_tables(device, cfg)
-        tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
-        _codec_module(device, cfg, dtype).get_function("tq_encode")(
-            (-(-n // tv), streams),
-            (ENC_THREADS,),
-            (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec),
-        )
+        if use_tc_encode(cfg, n, tuning) and xw.data.ptr % 16:  # cp.async reads 16-byte chunks
+            xw = xw.copy()
+        encode_into(xw.reshape(math.prod(lead), n, d), dtype, cfg, ch, rec, device, tuning)
         return rec, channels
+
+
+def encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, device: int,
+                tuning: CupyRawTuning | None = None) -> None:
+    """``encode``'s kernels into a given records buffer (no allocation), on the current stream.
+
+    Parameters
+    ----------
+    xw : cupy.ndarray (streams, n, d), C-contiguous words of ``dtype``; 16-byte aligned when the
+        tensor-core encode runs
+    ch : cupy.ndarray (streams, d) uint16, C-contiguous, or None
+    rec : cupy.ndarray (streams, n, record_bytes) uint8, written
+    """
+    tuning = tuning or _tuning.current().cupy_raw
+    streams, n = int(xw.shape[0]), int(xw.shape[1])
+    if use_tc_encode(cfg, n, tuning):
+        _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device, tuning)
+        return
+    tab, _ = _device_tables(device, cfg)
+    tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
+    _codec_module(device, cfg, dtype, tuning).get_function("tq_encode")(
+        (-(-n // tv), streams), (ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
 
 
 def decode(enc: Encoded) -> Any:
@@ -669,24 +667,26 @@ def scores(q: Any, keys: Encoded) -> Any:
 
 @functools.cache
 def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
-                      group: int) -> Any:
+                      group: int, tuning: CupyRawTuning) -> Any:
     opts = compile_options(
-        "attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, tail_dtype=tail_dtype, group=group
+        "attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, tail_dtype=tail_dtype, group=group, tuning=tuning
     )
     return _module(device, "tq_attention.cu", tuple(opts))
 
 
-def attention_stages(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
-    """cp.async ring depth of the split kernel: ATTN_STAGES, or fewer where shared memory is short."""
-    for stages in range(ATTN_STAGES, 1, -1):
-        if _split_smem(k_cfg, v_cfg, stages) <= SMEM_LIMIT:
+def attention_stages(k_cfg: CodecConfig, v_cfg: CodecConfig, tuning: CupyRawTuning) -> int:
+    """cp.async ring depth of the split kernel: ``tuning.attn_stages``, or fewer where shared memory
+    is short."""
+    for stages in range(tuning.attn_stages, 1, -1):
+        if _split_smem(k_cfg, v_cfg, stages, tuning.attn_warps) <= SMEM_LIMIT:
             return stages
     raise ValueError(f"attention tables of {k_cfg} / {v_cfg} do not fit {SMEM_LIMIT} B of shared memory")
 
 
 @functools.cache
-def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int | None = None) -> int:
-    """Dynamic shared memory of tq_attn_split (mirrors the carve-up at the top of the kernel)."""
+def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int, warps: int) -> int:
+    """Dynamic shared memory of tq_attn_split with ``warps`` warps and a ``stages``-deep ring
+    (mirrors the carve-up at the top of the kernel)."""
 
     def lutn(cfg: CodecConfig) -> int:
         return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
@@ -695,15 +695,15 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int | None = Non
     stage = -(-(tile_k + tile_v) // 16) * 16
     # Pair tables, 4 B per entry and lane: K's, and V's unless V shares them.
     luts = 4 * 32 * (lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
-    return luts + ATTN_WARPS * (stages or attention_stages(k_cfg, v_cfg)) * stage
+    return luts + warps * stages * stage
 
 
-def _merge_smem(v_cfg: CodecConfig, group: int) -> int:
+def _merge_smem(v_cfg: CodecConfig, group: int, warps: int) -> int:
     """Shared memory of tq_attn_split's closing merge (mirrors its wm | wl | wacc carve-up)."""
     heads = min(group, 8)
     vqd = _fdims(v_cfg)
     row = vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
-    return 4 * ATTN_WARPS * heads * (2 + row)
+    return 4 * warps * heads * (2 + row)
 
 
 def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
@@ -716,19 +716,20 @@ def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
 MAX_BLOCKS_PER_STREAM = 64
 
 
-def attention_plan(batch_heads: int, n: int, device: int) -> tuple[int, int]:
+def attention_plan(batch_heads: int, n: int, device: int, tuning: CupyRawTuning) -> tuple[int, int]:
     """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
 
-    Partials per stream come in whole blocks of ``ATTN_WARPS`` warps. The number of blocks per
+    Partials per stream come in whole blocks of ``tuning.attn_warps`` warps. The number of blocks per
     stream is the smallest that fills the GPU's resident block slots to >= 95% in whole waves
     (a last, partly filled wave leaves SMs idle), else the best-filling one; warps keep >= 4 tiles.
     O(1) per call once the block count of (``batch_heads``, cap) is known: a decode loop's ``n``
     changes every step.
     """
+    warps = tuning.attn_warps
     ntiles = max(1, -(-n // TILE))
-    most = max(1, min(MAX_BLOCKS_PER_STREAM, ntiles // (4 * ATTN_WARPS)))
-    m = _blocks_per_stream(batch_heads, most, _sm_count(device) * ATTN_MINBLOCKS)
-    per_warp = -(-ntiles // (m * ATTN_WARPS))
+    most = max(1, min(MAX_BLOCKS_PER_STREAM, ntiles // (4 * warps)))
+    m = _blocks_per_stream(batch_heads, most, _sm_count(device) * tuning.attn_minblocks)
+    per_warp = -(-ntiles // (m * warps))
     return per_warp, -(-ntiles // per_warp)
 
 
@@ -757,8 +758,10 @@ class _AttentionLaunch:
 
     ``prep``, ``split`` and ``reduce`` are the driver functions of the device the launch was built
     for (a ``RawKernel`` looks its function up per call, by the current device); ``table_args`` are
-    the tables as launch arguments (``_pointer_arg``), ``tables`` keeps them alive."""
+    the tables as launch arguments (``_pointer_arg``), ``tables`` keeps them alive; ``tuning``: the
+    settings it was built for."""
 
+    tuning: CupyRawTuning
     prep: Any
     split: Any
     reduce: Any
@@ -798,8 +801,9 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
     layout = plan.layouts.get((bh, n))
     if layout is not None:
         return layout
-    per_warp, nparts = attention_plan(bh, n, device) if n > 0 else (1, 0)
-    nblocks = -(-nparts // ATTN_WARPS)  # one partial per split block
+    warps = plan.tuning.attn_warps
+    per_warp, nparts = attention_plan(bh, n, device, plan.tuning) if n > 0 else (1, 0)
+    nblocks = -(-nparts // warps)  # one partial per split block
     kqd, vqd = _fdims(k_cfg), _fdims(v_cfg)
     rows = bh * group
     parts = bh * max(nblocks, 1) * group
@@ -810,7 +814,7 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
         at += -(-size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
     ints = tuple(_by_value(np.int32(v)) for v in (n, per_warp, nparts, nblocks))
     layout = _AttentionLayout(
-        rows, per_warp, nparts, nblocks, tuple(offsets), at, (rows,), (nblocks, bh), (32 * ATTN_WARPS,),
+        rows, per_warp, nparts, nblocks, tuple(offsets), at, (rows,), (nblocks, bh), (32 * warps,),
         _reduce_smem(v_cfg, nblocks), ints,
     )
     if len(plan.layouts) >= _MAX_LAYOUTS:
@@ -821,19 +825,21 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
 
 @functools.lru_cache(maxsize=256)
 def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
-                      group: int) -> _AttentionLaunch:
-    """``attention``'s kernels for one configuration (cached: looking them up and setting their
-    attributes costs tens of microseconds of Python, as much as the kernels at small batches).
-    Called with ``device`` current."""
-    mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group)
-    split_smem = max(_split_smem(k_cfg, v_cfg), _merge_smem(v_cfg, group))
+                      group: int, tuning: CupyRawTuning) -> _AttentionLaunch:
+    """``attention``'s kernels for one configuration under ``tuning`` (cached: looking them up and
+    setting their attributes costs tens of microseconds of Python, as much as the kernels at small
+    batches). Called with ``device`` current."""
+    mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group, tuning)
+    warps = tuning.attn_warps
+    split_smem = max(_split_smem(k_cfg, v_cfg, attention_stages(k_cfg, v_cfg, tuning), warps),
+                     _merge_smem(v_cfg, group, warps))
     split, reduce = mod.get_function("tq_attn_split"), mod.get_function("tq_attn_reduce")
     for fn, smem in ((split, split_smem), (reduce, _reduce_smem(v_cfg, MAX_BLOCKS_PER_STREAM))):
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
     tables = (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg))
-    return _AttentionLaunch(mod.get_function("tq_attn_prep").kernel, split.kernel, reduce.kernel, split_smem,
-                            tables, tuple(_pointer_arg(t.data.ptr) for t in tables))
+    return _AttentionLaunch(tuning, mod.get_function("tq_attn_prep").kernel, split.kernel, reduce.kernel,
+                            split_smem, tables, tuple(_pointer_arg(t.data.ptr) for t in tables))
 
 
 # ------------------------------------------------------------------------------------ launch arguments
@@ -953,7 +959,8 @@ def attention(
         else:
             ktw = vtw = null
             tail_dtype, t_len = "float32", _no_tail_arg()
-        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
+        settings = _tuning.current().cupy_raw
+        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, settings)
         ktab, klut, vtab, vlut = plan.table_args
         lay = _attention_layout(plan, device, bh, n, d, group, k.config, v.config)
         # One allocation for the query prep's outputs and the partials (one pool call instead of six);

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 from numba import cuda, float32, int32, int64, uint32, uint64
 
+from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..transforms import tables as host_tables
+from ..tuning import NumbaCudaTuning
 from .numba_kernels import NEG_INF, SMEM_LIMIT
 from .numba_launch import simulated
 
@@ -30,11 +32,7 @@ POW2_M25 = np.float32(2.0**-25)
 # Lanes per warp and keys per tile.
 WARP = 32
 TILE = 32
-# Register cap of the warp attention kernel (None: the compiler's choice); the benchmark tries both.
-ATTN_MAX_REGISTERS: int | None = None
-# Load the next key tile's record words into registers while working on this one (hides global
-# latency, costs ~KWORDS+VWORDS registers); the benchmark times both.
-ATTN_PREFETCH = False
+# The kernel's register cap and prefetch are settings: tuning.NumbaCudaTuning, part of its cache key.
 
 
 # The simulator has no warp intrinsics: there, one warp per block and block barriers stand in.
@@ -192,7 +190,8 @@ def _store_words(dst, base, pitch, src, nwords, lane):  # pragma: no cover
             dst[uint64(base + j * pitch + idx - j * nwords)] = src[r]
 
 
-def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> dict[str, Any] | None:
+def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int,
+                         tuning: NumbaCudaTuning) -> dict[str, Any] | None:
     """Compile-time constants of the warp attention kernel, or None where it does not apply."""
     d = kcfg.d
     if vcfg.d != d or heads > 8:
@@ -228,13 +227,20 @@ def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> di
     if not warps:
         return None
     return dict(d=d, heads=heads, wk=wk, wv=wv, cpl=cpl, k=k, v=v, warps=warps,
-                prefetch=ATTN_PREFETCH)
+                prefetch=tuning.attn_prefetch, max_registers=tuning.attn_max_registers)
+
+
+def fast_attention_kernel(kcfg: CodecConfig, vcfg: CodecConfig, heads: int,
+                          tuning: NumbaCudaTuning | None = None) -> tuple[Any, int] | None:
+    """(kernel, warps per block) of the warp attention for one (K config, V config, GQA group),
+    compiled for ``tuning`` (default: the settings in force); None where it does not apply."""
+    return _fast_attention_kernel(kcfg, vcfg, heads, tuning or _tuning.current().numba_cuda)
 
 
 @functools.lru_cache(maxsize=64)
-def fast_attention_kernel(kcfg: CodecConfig, vcfg: CodecConfig, heads: int) -> tuple[Any, int] | None:
-    """(kernel, warps per block) of the warp attention for one (K config, V config, GQA group)."""
-    spec = _fast_attention_spec(kcfg, vcfg, heads)
+def _fast_attention_kernel(kcfg: CodecConfig, vcfg: CodecConfig, heads: int,
+                           tuning: NumbaCudaTuning) -> tuple[Any, int] | None:
+    spec = _fast_attention_spec(kcfg, vcfg, heads, tuning)
     if spec is None:
         return None
     return _build_fast_attention(spec), spec["warps"]
@@ -285,8 +291,8 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
     NEG = np.float32(NEG_INF)
 
     options: dict[str, Any] = {}
-    if ATTN_MAX_REGISTERS is not None:
-        options["max_registers"] = ATTN_MAX_REGISTERS
+    if spec["max_registers"] is not None:
+        options["max_registers"] = spec["max_registers"]
 
     @cuda.jit(**options)
     def kernel(qext, krec, vrec, n, chunk, nsplit, scale, kcent, vcent,

@@ -1,0 +1,101 @@
+"""Tuning settings (``turboquant_codec.tuning``): defaults, the environment, and that a changed
+setting builds and plans its own cache entries. Host-only: builds are counted with the compiler
+replaced, plans are pure arithmetic, Numba kernels are made (not launched) on the simulator."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from turboquant_codec import tuning
+from turboquant_codec.backends import cupy_raw
+from turboquant_codec.config import CodecConfig
+from turboquant_codec.tuning import CupyRawTuning, NumbaCudaTuning, Tuning
+
+
+def test_defaults_are_the_tuned_values() -> None:
+    assert dataclasses.astuple(CupyRawTuning()) == (16, 4, 1, None, None, 12, None, "auto")
+    assert dataclasses.astuple(NumbaCudaTuning()) == (None, False)
+    assert tuning.from_env({}) == Tuning()
+
+
+def test_environment_is_read_into_settings() -> None:
+    got = tuning.from_env({"TQ_CUPY_RAW_WGMMA": "0", "TQ_CUPY_RAW_ENCODE": "scalar"}).cupy_raw
+    assert (got.enc_tc_wgmma, got.encode_path) == (False, "scalar")
+    assert tuning.from_env({"TQ_CUPY_RAW_WGMMA": "1"}).cupy_raw.enc_tc_wgmma is True
+    with pytest.raises(ValueError, match="TQ_CUPY_RAW_WGMMA must be 0 or 1"):
+        tuning.from_env({"TQ_CUPY_RAW_WGMMA": "yes"})
+    with pytest.raises(ValueError, match="TQ_CUPY_RAW_ENCODE must be one of"):
+        tuning.from_env({"TQ_CUPY_RAW_ENCODE": "fast"})
+    assert tuning.requested_backend({}) == tuning.requested_backend({"TQ_BACKEND": ""}) == "auto"
+    assert tuning.requested_backend({"TQ_BACKEND": "numpy"}) == "numpy"
+
+
+def test_bad_settings_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="attn_warps must be a positive int"):
+        CupyRawTuning(attn_warps=0)
+    with pytest.raises(ValueError, match="attn_stages must be >= 2"):
+        CupyRawTuning(attn_stages=1)
+    with pytest.raises(ValueError, match="encode_path must be one of"):
+        CupyRawTuning(encode_path="tc")
+    with pytest.raises(ValueError, match="attn_max_registers"):
+        NumbaCudaTuning(attn_max_registers=-1)
+    with pytest.raises(TypeError, match="Tuning.cupy_raw must be a CupyRawTuning"):
+        Tuning(cupy_raw=NumbaCudaTuning())  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CupyRawTuning().attn_warps = 8  # type: ignore[misc]
+
+
+def test_using_replaces_and_restores() -> None:
+    before = tuning.current()
+    with tuning.using(cupy_raw=CupyRawTuning(attn_warps=8)) as inside:
+        assert tuning.current() is inside
+        assert inside.cupy_raw.attn_warps == 8 and inside.numba_cuda is before.numba_cuda
+    assert tuning.current() is before
+
+
+def test_a_changed_attention_setting_builds_its_own_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[str, ...]] = []
+
+    def build(device, source, options):
+        built.append(options)
+        return SimpleNamespace(options=options)
+
+    monkeypatch.setattr(cupy_raw, "_module", build)
+    cfg = CodecConfig(128, 3.5, seed=11)  # a seed no other test builds with
+    args = (0, cfg, cfg, "float16", "float32", 4)
+    default, eight, deep = CupyRawTuning(), CupyRawTuning(attn_warps=8), CupyRawTuning(attn_stages=3)
+    mods = [cupy_raw._attention_module(*args, t) for t in (default, eight, deep, CupyRawTuning())]
+    assert len(built) == 3 and mods[3] is mods[0]  # an equal settings object finds the same build
+    assert "-DNWARPS=16" in mods[0].options and "-DSTAGES=4" in mods[0].options
+    assert "-DNWARPS=8" in mods[1].options and "-DSTAGES=3" in mods[2].options
+    with tuning.using(cupy_raw=eight):  # the default argument is the settings in force
+        assert "-DNWARPS=8" in cupy_raw.compile_options("attention", k_cfg=cfg, v_cfg=cfg, dtype="float16",
+                                                        group=4)
+
+
+def test_a_changed_attention_setting_plans_its_own_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: 132)
+    n = 1 << 17
+    for settings in (CupyRawTuning(), CupyRawTuning(attn_warps=8)):
+        per_warp, parts = cupy_raw.attention_plan(8, n, 0, settings)
+        blocks = -(-parts // settings.attn_warps)
+        assert per_warp * parts >= n // cupy_raw.TILE and blocks * settings.attn_warps >= parts
+    assert cupy_raw.attention_plan(8, n, 0, CupyRawTuning()) != cupy_raw.attention_plan(
+        8, n, 0, CupyRawTuning(attn_warps=8))
+
+
+def test_a_changed_numba_setting_makes_its_own_kernel() -> None:
+    pytest.importorskip("numba")
+    from turboquant_codec.backends import numba_warp_attention as nw
+
+    cfg = CodecConfig(64, 3.5, seed=12)
+    default = nw.fast_attention_kernel(cfg, cfg, 2, NumbaCudaTuning())
+    prefetch = nw.fast_attention_kernel(cfg, cfg, 2, NumbaCudaTuning(attn_prefetch=True))
+    assert default is not None and prefetch is not None
+    assert default is nw.fast_attention_kernel(cfg, cfg, 2, NumbaCudaTuning())
+    assert prefetch[0] is not default[0]
+    with tuning.using(numba_cuda=NumbaCudaTuning(attn_prefetch=True)):
+        assert nw.fast_attention_kernel(cfg, cfg, 2) is prefetch
