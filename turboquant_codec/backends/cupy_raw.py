@@ -1031,8 +1031,9 @@ def attention_replay(q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, 
     h_q, d = qw.shape[-2], qw.shape[-1]
     h_kv, n = k.records.shape[-3], k.records.shape[-2]
     group = h_q // h_kv
+    settings = _tuning.current().cupy_raw
     with cp.cuda.Device(device):
-        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group)
+        plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, settings)
         lay = _attention_layout(plan, device, qw.size // (h_q * d) * h_kv, n, d, group, k.config, v.config)
         base = cupy_paged._scratch(device, "attention-replay", lay.nbytes).data.ptr
     q32, qh, qscale, part_m, part_l, part_acc = (np.uint64(base + off) for off in lay.offsets)
