@@ -29,7 +29,7 @@ from timing import host_us, timed
 
 import turboquant_codec as tq
 from turboquant_codec import tuning
-from turboquant_codec.backends import availability, cupy_raw
+from turboquant_codec.backends import availability, cupy_raw, cupy_raw_tc
 
 H_Q, H_KV, D = 32, 8, 128
 SCALE = D**-0.5
@@ -118,7 +118,7 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
                     worst[path] = (mism, nerr)
                 set_encode_path("auto")
                 ok = all(m <= 1e-3 and e <= 2**-10 for m, e in worst.values())
-                tc = "tc" if cupy_raw.tc_encode_ok(cfg) else "scalar only"
+                tc = "tc" if cupy_raw_tc.tc_encode_ok(cfg) else "scalar only"
                 lines.append(f"encode check d={d} bits={bits} {dtype} ({tc}): code mismatch tc/auto "
                              f"{worst['auto'][0]:.1e} scalar {worst['scalar'][0]:.1e}, norm rel err "
                              f"{worst['auto'][1]:.1e} -> {'OK' if ok else 'FAIL'}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from turboquant_codec.backends import cupy_paged, cupy_raw
+from turboquant_codec.backends import cupy_paged, cupy_raw_build
 from turboquant_codec.config import CodecConfig
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
@@ -26,28 +26,28 @@ NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nv
 _C = CodecConfig
 _PAGED = cupy_paged.compile_options
 CASES = {
-    "codec-d128-mse3.5-bf16": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d128-mse3.5-bf16": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(128, 3.5), dtype="bfloat16")),
     # sm_90a: the encode's warpgroup-mma path (both group widths of its n32 / n64 products).
-    "codec-d128-mse4-bf16-sm90a": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d128-mse4-bf16-sm90a": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(128, 4.0), dtype="bfloat16", wgmma=True)),
-    "codec-d64-mse2.5-f32-sm90a": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d64-mse2.5-f32-sm90a": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(64, 2.5), dtype="float32", wgmma=True)),
-    "codec-d64-prod3-f32": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d64-prod3-f32": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(64, 3.0, "prod"), dtype="float32")),
-    "codec-d128-mse1-f16": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d128-mse1-f16": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(128, 1.0), dtype="float16")),
-    "codec-d128-mse4-f32": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d128-mse4-f32": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(128, 4.0), dtype="float32")),
-    "codec-d64-mse2.5-f16": ("tq_codec.cu", cupy_raw.compile_options(
+    "codec-d64-mse2.5-f16": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(64, 2.5), dtype="float16")),
-    "attn-d128-mse3.5-gqa4-f16": ("tq_attention.cu", cupy_raw.compile_options(
+    "attn-d128-mse3.5-gqa4-f16": ("tq_attention.cu", cupy_raw_build.compile_options(
         "attention", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), dtype="float16",
         tail_dtype="bfloat16", group=4)),
-    "attn-d64-prod3-mse2.5-gqa1-f32": ("tq_attention.cu", cupy_raw.compile_options(
+    "attn-d64-prod3-mse2.5-gqa1-f32": ("tq_attention.cu", cupy_raw_build.compile_options(
         "attention", k_cfg=_C(64, 3.0, "prod"), v_cfg=_C(64, 2.5), dtype="float32",
         tail_dtype="float32", group=1)),
-    "attn-d128-prod3.5-gqa12-bf16": ("tq_attention.cu", cupy_raw.compile_options(
+    "attn-d128-prod3.5-gqa12-bf16": ("tq_attention.cu", cupy_raw_build.compile_options(
         "attention", k_cfg=_C(128, 3.5, "prod"), v_cfg=_C(128, 3.5, "prod"), dtype="bfloat16",
         tail_dtype="float16", group=12)),
     "paged-d128-mse3.5-gqa4-bf16-packed": ("tq_paged.cu", _PAGED(
@@ -72,13 +72,13 @@ def _compile(source: str, options: list[str], out: Path) -> subprocess.Completed
     # sm_90a as the backend builds it (NVRTC -arch=sm_90a) for the cases named so.
     arch = "-gencode=arch=compute_90a,code=sm_90a" if out.stem.endswith("-sm90a") else "-arch=sm_90"
     cmd = [NVCC, "-cubin", arch, "-std=c++17", "-Werror", "all-warnings",
-           f"-I{cupy_raw.CUDA_DIR}", *options, "-o", str(out), str(cupy_raw.CUDA_DIR / source)]
+           f"-I{cupy_raw_build.CUDA_DIR}", *options, "-o", str(out), str(cupy_raw_build.CUDA_DIR / source)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def test_every_source_is_covered() -> None:
-    on_disk = {p.name for p in cupy_raw.CUDA_DIR.glob("*.cu")}
-    assert on_disk == {src for src, _ in CASES.values()} == set(cupy_raw.SOURCES)
+    on_disk = {p.name for p in cupy_raw_build.CUDA_DIR.glob("*.cu")}
+    assert on_disk == {src for src, _ in CASES.values()} == set(cupy_raw_build.SOURCES)
 
 
 def test_sources_compile_for_sm90(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from turboquant_codec.backends import cupy_raw, occupancy
+from turboquant_codec.backends import cupy_raw_attn, cupy_raw_device, cupy_raw_tables, occupancy
 from turboquant_codec.capabilities import ALL_BITS, CAPABILITIES
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.transforms import tables
@@ -32,11 +32,11 @@ def _halves(words: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"d{c.d}-{c.mode}{c.bits:g}")
 def test_pair_tables_hold_scaled_centroids_exactly(cfg: CodecConfig) -> None:
-    lut = cupy_raw._lut_values(cfg)
+    lut = cupy_raw_tables.lut_values(cfg)
     assert lut.dtype == np.uint32 and lut.ndim == 1
     start = 0
     for g, t in zip(cfg.groups, tables(cfg), strict=True):
-        s = cupy_raw._centroid_scale(cfg, g.index)
+        s = cupy_raw_tables.centroid_scale(cfg, g.index)
         assert 1.0 <= s < 2.0
         fields = [(t.centroids * s, g.code_bits)]
         if g.qjl:
@@ -55,13 +55,13 @@ def test_pair_tables_hold_scaled_centroids_exactly(cfg: CodecConfig) -> None:
 def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
     warps = DEFAULT.attn_warps
     for k_cfg in (c for c in CONFIGS if c.d == v_cfg.d):
-        stages = cupy_raw.attention_stages(k_cfg, v_cfg, DEFAULT)
+        stages = cupy_raw_attn.attention_stages(k_cfg, v_cfg, DEFAULT)
         assert 2 <= stages <= DEFAULT.attn_stages
-        assert cupy_raw._split_smem(k_cfg, v_cfg, stages, warps) <= cupy_raw.SMEM_LIMIT
+        assert cupy_raw_attn.split_smem(k_cfg, v_cfg, stages, warps) <= occupancy.SM90_SMEM_OPTIN
         for group in (1, 4, 8, 32):
-            assert cupy_raw._merge_smem(v_cfg, group, warps) <= cupy_raw.SMEM_LIMIT
+            assert cupy_raw_attn.merge_smem(v_cfg, group, warps) <= occupancy.SM90_SMEM_OPTIN
         if stages < DEFAULT.attn_stages:
-            assert cupy_raw._split_smem(k_cfg, v_cfg, stages + 1, warps) > cupy_raw.SMEM_LIMIT
+            assert cupy_raw_attn.split_smem(k_cfg, v_cfg, stages + 1, warps) > occupancy.SM90_SMEM_OPTIN
 
 
 @pytest.mark.parametrize(
@@ -70,9 +70,9 @@ def test_every_configuration_fits_shared_memory(v_cfg: CodecConfig) -> None:
 )
 def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.MonkeyPatch,
                                                           batch_heads: int, n: int) -> None:
-    monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: H100_SMS)
-    per_warp, parts = cupy_raw.attention_plan(batch_heads, n, 0, DEFAULT)
-    ntiles = -(-n // cupy_raw.TILE)
+    monkeypatch.setattr(cupy_raw_device, "sm_count", lambda device: H100_SMS)
+    per_warp, parts = cupy_raw_attn.attention_plan(batch_heads, n, 0, DEFAULT)
+    ntiles = -(-n // cupy_raw_attn.TILE)
     assert per_warp >= 1 and parts >= 1
     assert (parts - 1) * per_warp < ntiles <= parts * per_warp  # every tile once, no empty partial
     blocks = batch_heads * -(-parts // DEFAULT.attn_warps)
@@ -82,7 +82,7 @@ def test_attention_plan_covers_every_tile_and_fills_waves(monkeypatch: pytest.Mo
         # waves, at least 95% of the resident block slots busy.
         assert blocks / (-(-blocks // slots) * slots) >= 0.95
     # At most MAX_BLOCKS_PER_STREAM partials per stream: the reduce's shared memory is sized for it.
-    assert -(-parts // DEFAULT.attn_warps) <= cupy_raw.MAX_BLOCKS_PER_STREAM
+    assert -(-parts // DEFAULT.attn_warps) <= cupy_raw_attn.MAX_BLOCKS_PER_STREAM
 
 
 # H100 per-SM limits: registers, shared memory (bytes), threads.
@@ -107,3 +107,26 @@ H100_SM = (65536, 233472, 2048)
 )
 def test_resident_blocks_takes_the_tightest_sm_limit(regs: int, smem: int, threads: int, blocks: int) -> None:
     assert occupancy.resident_blocks(regs, smem, threads, *H100_SM) == blocks
+
+
+def test_shared_layouts_name_the_kernels_parts_in_order() -> None:
+    """Each planned shared-memory layout lists the parts the kernel carves, in the kernel's order
+    (read from the .cu text), and its size is the sum of the parts."""
+    import re
+
+    from turboquant_codec.backends import cupy_raw_build
+
+    attention = (cupy_raw_build.CUDA_DIR / "tq_attention.cu").read_text()
+    common = (cupy_raw_build.CUDA_DIR / "tq_attn_common.cuh").read_text()
+    cfg = CodecConfig(128, 3.5, "prod")
+    body = attention[attention.index("void tq_attn_reduce("):]
+    cu_parts = re.findall(r"float\* (\w+) = (?:sm|\w+ \+ \w+);", body[:body.index("const int row")])
+    reduce = cupy_raw_attn.reduce_layout(cfg, 5)
+    assert [name for name, _ in reduce.parts] == cu_parts
+    assert reduce.offset("yw") == 4 * (5 + 2 * 128 + 3 * 128 + 64)
+    merge_parts = re.findall(r"float\* (\w+) = [^;]*;\s*// \[NW\]\[HR\]", common)
+    merge = cupy_raw_attn.merge_layout(cfg, 4, 16)
+    assert [name for name, _ in merge.parts] == merge_parts == ["wm", "wl", "wacc"]
+    split = cupy_raw_attn.split_layout(cfg, cfg, 2, 16)
+    assert [name for name, _ in split.parts] == ["K pair tables", "rings"]  # V's tables equal K's
+    assert split.nbytes == sum(size for _, size in split.parts) == cupy_raw_attn.split_smem(cfg, cfg, 2, 16)

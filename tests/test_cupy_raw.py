@@ -366,11 +366,10 @@ def test_tc_grid_counts_boundaries_below(d: int, bits: float) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_tc_encode_emulation_matches_reference(d: int, bits: float, dtype: str) -> None:
     """The tensor-core encode's arithmetic (emulated) meets the parity suite's code tolerance."""
-    from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
     cfg = CodecConfig(d, bits)
-    assert cupy_raw.tc_encode_ok(cfg)
+    assert cupy_raw_tc.tc_encode_ok(cfg)
     rng = np.random.default_rng(int(bits * 10) + d)
     x = kv_like(rng, (1, 400, d)) * rng.uniform(1e-3, 1e3, (1, 400, 1)).astype(np.float32)
     if dtype == "bfloat16":
@@ -420,26 +419,27 @@ def test_tc_encode_warps_fit_shared_memory(bits: float, dtype: str, wgmma: bool)
     """The encode's warps per block: as many as its shared memory holds (at most enc_tc_max_warps,
     whole warpgroups for wgmma); a forced count that does not fit is refused with the numbers, not
     left to a launch failure."""
-    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.backends import cupy_raw_tc
+    from turboquant_codec.backends.occupancy import SM90_SMEM_OPTIN
     from turboquant_codec.config import CodecConfig
 
-    cfg, optin, unit = CodecConfig(128, bits), cupy_raw.SM90_SMEM_OPTIN, 4 if wgmma else 1
+    cfg, optin, unit = CodecConfig(128, bits), SM90_SMEM_OPTIN, 4 if wgmma else 1
     default = CupyRawTuning()
-    mt = cupy_raw._tc_mt(dtype, default)
-    warps = cupy_raw._tc_warps(cfg, dtype, optin, wgmma, default)
+    mt = cupy_raw_tc.encode_m_tiles(dtype, default)
+    warps = cupy_raw_tc.encode_warps(cfg, dtype, optin, wgmma, default)
     assert unit <= warps <= default.enc_tc_max_warps and warps % unit == 0
-    fixed, per_warp = cupy_raw._tc_smem_parts(cfg, dtype, mt)
-    assert cupy_raw._tc_smem(cfg, dtype, warps, mt) == fixed + warps * per_warp <= optin
+    fixed, per_warp = cupy_raw_tc.encode_smem_parts(cfg, dtype, mt)
+    assert cupy_raw_tc.encode_smem(cfg, dtype, warps, mt) == fixed + warps * per_warp <= optin
     small = fixed + 5 * per_warp  # a device with room for 5 warps
-    assert cupy_raw._tc_warps(cfg, dtype, small, wgmma, default) == (4 if wgmma else 5)
+    assert cupy_raw_tc.encode_warps(cfg, dtype, small, wgmma, default) == (4 if wgmma else 5)
     six = CupyRawTuning(enc_tc_warps=6)
     with pytest.raises(ValueError, match="enc_tc_warps=6.*fits 1 to 5 warps"):
-        cupy_raw._tc_warps(cfg, dtype, small, wgmma, six)
+        cupy_raw_tc.encode_warps(cfg, dtype, small, wgmma, six)
     if wgmma:
         with pytest.raises(ValueError, match="whole warpgroups"):
-            cupy_raw._tc_warps(cfg, dtype, optin, wgmma, six)
+            cupy_raw_tc.encode_warps(cfg, dtype, optin, wgmma, six)
     else:
-        assert cupy_raw._tc_warps(cfg, dtype, optin, wgmma, six) == 6
+        assert cupy_raw_tc.encode_warps(cfg, dtype, optin, wgmma, six) == 6
 
 
 def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
@@ -449,7 +449,8 @@ def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
     that launch uses."""
     from types import SimpleNamespace
 
-    from turboquant_codec.backends import cupy_raw
+    from turboquant_codec.backends import cupy_raw_build, cupy_raw_device, cupy_raw_tc
+    from turboquant_codec.backends.occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT
     from turboquant_codec.config import CodecConfig
 
     built = []
@@ -459,35 +460,35 @@ def test_codec_build_follows_the_encode_settings(monkeypatch) -> None:
         built.append(options)
         return SimpleNamespace(options=options, get_function=fns.__getitem__)
 
-    monkeypatch.setattr(cupy_raw, "_module", build)
-    monkeypatch.setattr(cupy_raw, "_smem_optin", lambda device: cupy_raw.SM90_SMEM_OPTIN)
-    cupy_raw._codec_build.cache_clear()
+    monkeypatch.setattr(cupy_raw_build, "module", build)
+    monkeypatch.setattr(cupy_raw_device, "smem_optin", lambda device: SM90_SMEM_OPTIN)
+    cupy_raw_build.codec_build.cache_clear()
     cfg = CodecConfig(128, 3.5)
     try:
         for wgmma, warps, mt in ((True, None, None), (False, None, None), (False, 8, None), (False, 8, 1)):
             settings = CupyRawTuning(enc_tc_wgmma=wgmma, enc_tc_warps=warps, enc_tc_mt=mt)
             with tuning.using(cupy_raw=settings):
-                mod = cupy_raw._codec_module(0, cfg, "bfloat16")
+                mod = cupy_raw_build.codec_module(0, cfg, "bfloat16")
             want_warps, want_mt = warps or settings.enc_tc_max_warps, mt or 2
             assert f"-DENC_WARPS={want_warps}" in mod.options and f"-DENC_MT={want_mt}" in mod.options
             assert ("-arch=sm_90a" in mod.options) == wgmma
             smem = mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes
-            assert smem == cupy_raw._tc_smem(cfg, "bfloat16", want_warps, want_mt) > 48 * 1024
-            assert cupy_raw._tc_launch(0, cfg, "bfloat16", settings) == (wgmma, want_warps, want_mt)
-            assert cupy_raw._codec_module(0, cfg, "bfloat16", settings) is mod  # same settings: same build
+            assert smem == cupy_raw_tc.encode_smem(cfg, "bfloat16", want_warps, want_mt) > STATIC_SMEM_LIMIT
+            assert cupy_raw_build.tc_launch(0, cfg, "bfloat16", settings) == (wgmma, want_warps, want_mt)
+            # The same settings find the same build.
+            assert cupy_raw_build.codec_module(0, cfg, "bfloat16", settings) is mod
         assert len(built) == 4
     finally:
-        cupy_raw._codec_build.cache_clear()
+        cupy_raw_build.codec_build.cache_clear()
 
 
 def test_tc_encode_predicate() -> None:
-    from turboquant_codec.backends import cupy_raw
     from turboquant_codec.config import CodecConfig
 
-    assert all(cupy_raw.tc_encode_ok(CodecConfig(d, b)) for d in (64, 128) for b in (2.5, 3.5, 4.0, 1.0))
-    assert not cupy_raw.tc_encode_ok(CodecConfig(128, 3.5, "prod"))  # QJL: scalar kernel
-    assert not cupy_raw.tc_encode_ok(CodecConfig(32, 3.5))  # 16-channel groups
-    assert not cupy_raw.tc_encode_ok(CodecConfig(512, 4.0))  # 512-channel group
+    assert all(cupy_raw_tc.tc_encode_ok(CodecConfig(d, b)) for d in (64, 128) for b in (2.5, 3.5, 4.0, 1.0))
+    assert not cupy_raw_tc.tc_encode_ok(CodecConfig(128, 3.5, "prod"))  # QJL: scalar kernel
+    assert not cupy_raw_tc.tc_encode_ok(CodecConfig(32, 3.5))  # 16-channel groups
+    assert not cupy_raw_tc.tc_encode_ok(CodecConfig(512, 4.0))  # 512-channel group
 
 
 @gpu
@@ -509,7 +510,7 @@ def test_tc_encode_matches_reference_and_scalar(d: int, bits: float, dtype: str)
     x = x.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     ref = tq.encode(x.astype(np.float32), bits=bits, seed=6, backend="numpy")
     cfg = CodecConfig(d, bits, seed=6)
-    assert cupy_raw.tc_encode_ok(cfg)
+    assert cupy_raw_tc.tc_encode_ok(cfg)
     ch = None if ref.channels is None else cp.asarray(ref.channels)
     for path in ("auto", "scalar"):
         with tuning.using(cupy_raw=CupyRawTuning(encode_path=path)):

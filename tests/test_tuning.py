@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from turboquant_codec import tuning
-from turboquant_codec.backends import cupy_raw
+from turboquant_codec.backends import cupy_raw_attn, cupy_raw_build, cupy_raw_device
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.tuning import CupyRawTuning, NumbaCudaTuning, Tuning
 
@@ -63,27 +63,27 @@ def test_a_changed_attention_setting_builds_its_own_module(monkeypatch: pytest.M
         built.append(options)
         return SimpleNamespace(options=options)
 
-    monkeypatch.setattr(cupy_raw, "_module", build)
+    monkeypatch.setattr(cupy_raw_build, "module", build)
     cfg = CodecConfig(128, 3.5, seed=11)  # a seed no other test builds with
     args = (0, cfg, cfg, "float16", "float32", 4)
     default, eight, deep = CupyRawTuning(), CupyRawTuning(attn_warps=8), CupyRawTuning(attn_stages=3)
-    mods = [cupy_raw._attention_module(*args, t) for t in (default, eight, deep, CupyRawTuning())]
+    mods = [cupy_raw_build.attention_module(*args, t) for t in (default, eight, deep, CupyRawTuning())]
     assert len(built) == 3 and mods[3] is mods[0]  # an equal settings object finds the same build
     assert "-DNWARPS=16" in mods[0].options and "-DSTAGES=4" in mods[0].options
     assert "-DNWARPS=8" in mods[1].options and "-DSTAGES=3" in mods[2].options
     with tuning.using(cupy_raw=eight):  # the default argument is the settings in force
-        assert "-DNWARPS=8" in cupy_raw.compile_options("attention", k_cfg=cfg, v_cfg=cfg, dtype="float16",
-                                                        group=4)
+        options = cupy_raw_build.compile_options("attention", k_cfg=cfg, v_cfg=cfg, dtype="float16", group=4)
+        assert "-DNWARPS=8" in options
 
 
 def test_a_changed_attention_setting_plans_its_own_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cupy_raw, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cupy_raw_device, "sm_count", lambda device: 132)
     n = 1 << 17
     for settings in (CupyRawTuning(), CupyRawTuning(attn_warps=8)):
-        per_warp, parts = cupy_raw.attention_plan(8, n, 0, settings)
+        per_warp, parts = cupy_raw_attn.attention_plan(8, n, 0, settings)
         blocks = -(-parts // settings.attn_warps)
-        assert per_warp * parts >= n // cupy_raw.TILE and blocks * settings.attn_warps >= parts
-    assert cupy_raw.attention_plan(8, n, 0, CupyRawTuning()) != cupy_raw.attention_plan(
+        assert per_warp * parts >= n // cupy_raw_attn.TILE and blocks * settings.attn_warps >= parts
+    assert cupy_raw_attn.attention_plan(8, n, 0, CupyRawTuning()) != cupy_raw_attn.attention_plan(
         8, n, 0, CupyRawTuning(attn_warps=8))
 
 

@@ -55,7 +55,7 @@ class CupyRawTuning:
         tiles of ~2 KB in flight; 16 warps per SM cap registers at 128 per thread.
     attn_stages : int
         Its cp.async ring depth; configurations whose tables and ring overflow shared memory get
-        fewer stages (``cupy_raw.attention_stages``).
+        fewer stages (``cupy_raw_attn.attention_stages``).
     attn_minblocks : int
         Its ``__launch_bounds__`` minimum blocks per SM.
     enc_tc_warps : int or None
@@ -72,7 +72,7 @@ class CupyRawTuning:
         warpgroup mma (each rotation fragment read from shared memory once per 64 vectors) instead
         of mma.sync: None = on every compute capability 9.0 device; False = mma.sync everywhere.
     encode_path : {"auto", "scalar"}
-        Which encode kernel runs: "auto" (tensor cores where ``cupy_raw.tc_encode_ok``), "scalar"
+        Which encode kernel runs: "auto" (tensor cores where ``cupy_raw_tc.tc_encode_ok``), "scalar"
         (``tq_encode`` always).
     """
 

@@ -40,9 +40,10 @@ import numpy as np
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
-from . import cupy_raw
+from . import cupy_raw, cupy_raw_build, cupy_raw_tables
 from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
+from .occupancy import SM90_SMEM_OPTIN
 
 SOURCE = "tq_paged.cu"
 TILE = 16
@@ -179,14 +180,14 @@ def compile_options(kind: str, **p: Any) -> list[str]:
     raw_dtype, out_dtype, group, block_size, layout) or "write" (k_cfg, v_cfg, new_dtype,
     raw_dtype). Also what ``tests/test_cupy_paged.py`` compiles with nvcc."""
     k_cfg, v_cfg = p["k_cfg"], p["v_cfg"]
-    base = [*cupy_raw._codec_macros("K", k_cfg), *cupy_raw._codec_macros("V", v_cfg),
+    base = [*cupy_raw_build.codec_macros("K", k_cfg), *cupy_raw_build.codec_macros("V", v_cfg),
             f"-DNEW_KIND={_KIND[p['new_dtype']]}",
             f"-DRAW_KIND={_KIND[p.get('raw_dtype') or p['new_dtype']]}"]
     if kind == "write":
         return [*base, "-DTQ_PAGED_WRITE=1"]
     lay: Layout = p["layout"]
     return [*base, f"-DIN_KIND={_KIND[p['dtype']]}", f"-DOUT_KIND={_KIND[p['out_dtype']]}",
-            f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw._same_lut(k_cfg, v_cfg))}",
+            f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw_tables.same_lut(k_cfg, v_cfg))}",
             f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}", f"-DRAW_T={RAW_T}",
             f"-DRAW_SCAN={RAW_SCAN}",
             f"-DSTAGES={_stages(k_cfg, v_cfg, lay)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
@@ -197,12 +198,12 @@ def _luts_bytes(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
     def lutn(cfg: CodecConfig) -> int:
         return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
 
-    return 4 * 32 * (lutn(k_cfg) + (0 if cupy_raw._same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
+    return 4 * 32 * (lutn(k_cfg) + (0 if cupy_raw_tables.same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
 
 
 def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout) -> int:
     for stages in range(PAGED_STAGES, 1, -1):
-        if _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * stages * _stage_bytes(layout) <= cupy_raw.SMEM_LIMIT:
+        if _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * stages * _stage_bytes(layout) <= SM90_SMEM_OPTIN:
             return stages
     raise ValueError(f"paged attention tables of {k_cfg} / {v_cfg} do not fit shared memory")
 
@@ -216,12 +217,12 @@ def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layo
 
 
 def _ws(v_cfg: CodecConfig) -> int:
-    vqd = cupy_raw._fdims(v_cfg)
+    vqd = cupy_raw_tables.fdims(v_cfg)
     return vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
 
 
 def _reduce_smem(v_cfg: CodecConfig, nchunks: int) -> int:
-    vqd = cupy_raw._fdims(v_cfg)
+    vqd = cupy_raw_tables.fdims(v_cfg)
     return 4 * (nchunks + vqd + v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd)
 
 
@@ -243,7 +244,7 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
     opts = compile_options("attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, new_dtype=new_dtype,
                            raw_dtype=raw_dtype, out_dtype=out_dtype, group=group, block_size=block_size,
                            layout=layout, tpw=tpw)
-    mod = cupy_raw._module(device, SOURCE, tuple(opts))
+    mod = cupy_raw_build.module(device, SOURCE, tuple(opts))
     prep = mod.get_function("tq_paged_prep")
     split, reduce = mod.get_function("tq_paged_split"), mod.get_function("tq_paged_reduce")
     smem = _split_smem(k_cfg, v_cfg, group, layout)
@@ -256,14 +257,14 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
     if reduce_max > 48 * 1024:
         reduce.max_dynamic_shared_size_bytes = reduce_max
     # Driver functions, called directly (a RawKernel looks its function up on every call).
-    return _Plan(prep.kernel, split.kernel, reduce.kernel, raw_smem, smem,
-                 (*cupy_raw._device_tables(device, k_cfg), *cupy_raw._device_tables(device, v_cfg)))
+    tables = (*cupy_raw_tables.device_tables(device, k_cfg), *cupy_raw_tables.device_tables(device, v_cfg))
+    return _Plan(prep.kernel, split.kernel, reduce.kernel, raw_smem, smem, tables)
 
 
 @functools.lru_cache(maxsize=64)
 def _write_kernel(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, new_dtype: str, raw_dtype: str) -> Any:
     opts = compile_options("write", k_cfg=k_cfg, v_cfg=v_cfg, new_dtype=new_dtype, raw_dtype=raw_dtype)
-    return cupy_raw._module(device, SOURCE, tuple(opts)).get_function("tq_paged_scatter")
+    return cupy_raw_build.module(device, SOURCE, tuple(opts)).get_function("tq_paged_scatter")
 
 
 def _raw_params(cache: PagedCache, key: Any, value: Any) -> tuple[tuple[Any, ...], str]:
@@ -529,7 +530,7 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     ntiles = -(-max_tokens // TILE)
     nchunks = max(1, -(-ntiles // (PAGED_WARPS * tpw)))
     rows, streams = n * h_q, n * h
-    kqd, vqd = cupy_raw._fdims(k_cfg), cupy_raw._fdims(v_cfg)
+    kqd, vqd = cupy_raw_tables.fdims(k_cfg), cupy_raw_tables.fdims(v_cfg)
     parts = [((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
              ((streams * nchunks * group,), cp.float32), ((streams * nchunks * group,), cp.float32),
              ((streams * nchunks * group, vqd), cp.float32), ((rows,), cp.float32), ((rows,), cp.float32),

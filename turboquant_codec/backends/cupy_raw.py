@@ -1,29 +1,33 @@
 """CuPy RawModule backend: tuned CUDA C++ kernels (``backends/cuda/*.cu``) for every op.
 
-What this module owns:
+Its jobs, one module each:
 
-- Compilation: each ``.cu`` is compiled with NVRTC (``-std=c++17``) once per (device, kernel
-  family, configuration); the configuration reaches the C++ as ``#define``\\ d constants (record
-  layout, table offsets, dtype codes, query heads per KV head), so every loop over fields, k-steps
-  and bits is unrolled at compile time. Modules are memoised per device, and CuPy caches the
-  binaries on disk.
-- Tables: per (device, config) one float32 buffer with, per channel group, the rotation, its
-  transpose, the QJL projection and its transpose (prod), the centroids and the boundaries; plus
-  the per-field value tables the attention kernel replicates into shared memory; and the
-  tensor-core encode's fragment tables and code grids (laid out in ``cupy_raw_tc``). Uploaded once.
+- ``cupy_raw_device``: availability, CuPy (imported on first use), device attributes.
+- ``cupy_raw_build``: NVRTC compilation of the ``.cu`` files and the ``-D`` options they take.
+- ``cupy_raw_tables``: the per-configuration tables the kernels read, laid out and uploaded once.
+- ``cupy_raw_tc``: the tensor-core encode's fragment tables and launch shape.
+- ``cupy_raw_attn``: the fused attention's shared-memory layouts, ring depth and split planning.
+- this module: the ops (encode, decode, scores, attention and its replay; the paged ops are
+  ``cupy_paged``'s), the arrays they take, the streams they launch on, and the launch plans kept
+  per configuration.
+
+Layout owned here
+-----------------
 - Inputs: CuPy arrays, torch CUDA tensors and Numba device arrays are used in place
-  (``__cuda_array_interface__`` / DLPack), on their own device; bfloat16 travels as raw 16-bit words.
-  Launches go to CuPy's current stream, or torch's current stream when torch is in use and CuPy's
-  is the default one, so the attention path can be captured in either library's CUDA graph.
+  (``__cuda_array_interface__`` / DLPack, or a view of a plain torch tensor's pointer), on their own
+  device; bfloat16 travels as raw 16-bit words (``_Raw16``).
+- Streams: launches go to CuPy's current stream, or torch's current stream when torch is in use and
+  CuPy's is the default one, so the attention path can be captured in either library's CUDA graph.
 - Attention is three launches and no host synchronisation: query prep, the split kernel (one
-  partial per warp-run of 16-token tiles), the reduce kernel (merge, tail tokens, un-rotation).
+  partial per warp-run of 16-token tiles), the reduce kernel (merge, tail tokens, un-rotation); its
+  scratch (prep outputs and partials) is one allocation carved at ``_AttentionLayout.offsets``.
 
 Record layout and math: exactly ``numpy_ref`` (see ``turboquant_codec.config``), in float32 on the GPU,
 with float64 norms; codes may differ from the float64 reference only where a value lies on a
 codebook boundary to float32 rounding. The tensor-core encode (``tq_encode_tc``) rotates with split
 16-bit products (~17 bits for bfloat16 input, ~22 otherwise) and float32 norms: its codes differ on
-up to ~1e-5 of coordinates (the tests allow 1e-4), its norms within float16
-rounding.
+up to ~1e-5 of coordinates (the tests allow 1e-4), its norms within float16 rounding. Tuning:
+``turboquant_codec.tuning.CupyRawTuning``.
 """
 
 from __future__ import annotations
@@ -32,76 +36,33 @@ import functools
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import tuning as _tuning
-from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
-from ..transforms import tables
 from ..tuning import CupyRawTuning
+from . import cupy_raw_attn as _attn
+from . import cupy_raw_build as _build
+from . import cupy_raw_device as _device
+from . import cupy_raw_tables as _tables
 from . import cupy_raw_tc
-from .occupancy import resident_blocks
+from .cupy_raw_device import availability
+from .cupy_raw_device import cupy as _cupy
+from .occupancy import STATIC_SMEM_LIMIT, resident_blocks
 
-CUDA_DIR = Path(__file__).with_name("cuda")
-SOURCES = ("tq_codec.cu", "tq_attention.cu", "tq_paged.cu")  # tq_paged.cu: built by cupy_paged
-# Headers the sources include, outermost first: tq_attn_common.cuh includes tq_common.cuh.
-HEADERS = ("tq_attn_common.cuh", "tq_common.cuh")
-_DTYPE_KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
-# Launch shapes (warps, ring stages, tensor-core encode tiling, which encode runs) are settings:
-# tuning.CupyRawTuning, read at each call and part of every build and plan cache key.
-# Threads of tq_attn_reduce: its warps split a stream's partials (one per split block) and the
-# un-rotation's rows.
-REDUCE_THREADS = 256
-# Opt-in shared memory per block on sm_90 (H100/H200).
-SMEM_LIMIT = 227 * 1024
-TILE = 16
+__all__ = ["asarray", "attention", "attention_replay", "availability", "decode", "encode", "paged_attention",
+           "paged_attention_replay", "paged_write", "scores"]
+
 # Encode kernel tiling (mirrors ENC_THREADS / ENC_TV in tq_codec.cu).
 ENC_THREADS = 256
 ENC_TV, ENC_TV_PROD = 32, 16
-# Shared memory a block may opt into on sm_90 (227 KB); compile_options' default, where no device is
-# at hand (tests/test_cuda_sources.py).
-SM90_SMEM_OPTIN = 227 * 1024
 # Null device pointer argument (8 bytes, as the kernels expect a pointer).
 _NULL = np.uint64(0)
 
 
-# ------------------------------------------------------------------------------------ availability
-def availability() -> Availability:
-    """Whether CuPy, a CUDA device and NVRTC are usable here; the reason when not."""
-    try:
-        import cupy
-    except ImportError:
-        return Availability(False, "cupy not installed")
-    except Exception as exc:  # a broken install is a reason, not a crash
-        return Availability(False, f"cupy failed to import: {type(exc).__name__}: {exc}")
-    try:
-        if not cupy.cuda.is_available():
-            try:
-                cupy.cuda.runtime.getDeviceCount()
-                detail = "cupy.cuda.is_available() is False"
-            except Exception as exc:
-                detail = f"{type(exc).__name__}: {exc}"
-            return Availability(False, f"no CUDA device: {detail}")
-    except Exception as exc:
-        return Availability(False, f"no CUDA device: {type(exc).__name__}: {exc}")
-    try:
-        cupy.cuda.nvrtc.getVersion()
-    except Exception as exc:
-        return Availability(False, f"NVRTC missing: {type(exc).__name__}: {exc}")
-    return Availability(True)
-
-
-def _cupy() -> Any:
-    import cupy
-
-    return cupy
-
-
-# ------------------------------------------------------------------------------------ arrays
 class _Raw16:
     """A bfloat16 array CuPy cannot type: its raw 16-bit words plus the dtype name."""
 
@@ -109,12 +70,6 @@ class _Raw16:
         self.words = words
         self.dtype = dtype
         self.shape = tuple(words.shape)
-
-
-def _device_of(x: Any) -> int | None:
-    if type(x).__module__.split(".")[0] == "torch":
-        return int(x.device.index) if x.is_cuda else None
-    return None
 
 
 def asarray(x: Any) -> Any:
@@ -240,267 +195,6 @@ def _external_stream(ptr: int, device: int) -> Any:
     return _cupy().cuda.ExternalStream(ptr, device)
 
 
-# ------------------------------------------------------------------------------------ tables
-@functools.cache
-def _layout(cfg: CodecConfig) -> tuple[np.ndarray, dict[str, int]]:
-    """Host float32 table buffer of ``cfg`` and the float offsets of its parts (macro names)."""
-    parts: list[np.ndarray] = []
-    offsets: dict[str, int] = {}
-    at = 0
-
-    def put(name: str, a: np.ndarray) -> None:
-        nonlocal at
-        a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-        pad = (-a.size) % 4  # keep each part 16-byte aligned
-        offsets[name] = at
-        parts.append(np.concatenate([a, np.zeros(pad, np.float32)]))
-        at += a.size + pad
-
-    for g, t in zip(cfg.groups, tables(cfg), strict=False):
-        put(f"G{g.index}_ROT", t.rotation)
-        put(f"G{g.index}_ROTT", t.rotation.T)
-        if t.projection is not None:
-            put(f"G{g.index}_PROJ", t.projection)
-            put(f"G{g.index}_PROJT", t.projection.T)
-        put(f"G{g.index}_CENT", t.centroids)
-        put(f"G{g.index}_BND", t.boundaries)
-    return np.concatenate(parts), offsets
-
-
-@functools.cache
-def _centroid_scale(cfg: CodecConfig, group: int) -> float:
-    """Factor s = sqrt(g) / 2**k in [1, 2) for group ``group``'s centroid table.
-
-    Codec centroids are float16 values divided by sqrt(g) (``codebooks.codec_codebook``), so
-    s * centroid is a float16 value times 2**-k: the attention kernel's float16 tensor-core operands
-    hold every centroid exactly. 1/s joins the per-token norm scale.
-    """
-    root = math.sqrt(cfg.groups[group].dim)
-    return root / 2.0 ** math.floor(math.log2(root))
-
-
-@functools.cache
-def _lut_values(cfg: CodecConfig) -> np.ndarray:
-    """Per field (group by group, codes before signs) its PAIR table, concatenated: (entries,)
-    uint32 of float16 pairs. Entry ``e0 | e1 << bits`` holds float16(s * value) of code e0 in bits
-    0-15 and of e1 in bits 16-31 (s from ``_centroid_scale`` for codes, 1 for signs {-1, +1}), so
-    one lookup yields one mma register (two adjacent codes of a key, or one dim of two value tokens)."""
-    out = []
-    for g, t in zip(cfg.groups, tables(cfg), strict=False):
-        fields = [(t.centroids * _centroid_scale(cfg, g.index), g.code_bits)]
-        if g.qjl:
-            fields.append((np.array([-1.0, 1.0]), 1))
-        for vals, bits in fields:
-            h = vals.astype(np.float16).view(np.uint16).astype(np.uint32)
-            idx = np.arange(1 << (2 * bits))
-            out.append(h[idx & ((1 << bits) - 1)] | (h[idx >> bits] << 16))
-    return np.concatenate(out).astype(np.uint32)
-
-
-def _fdims(cfg: CodecConfig) -> int:
-    """Width of ``cfg``'s rotated domain: the code fields, plus as many QJL sign fields in prod mode
-    (``fdims()`` of tq_common.cuh)."""
-    return cfg.d * (2 if cfg.mode == "prod" else 1)
-
-
-def _codec_macros(prefix: str, cfg: CodecConfig) -> list[str]:
-    """``-D`` options describing ``cfg``'s record and table layout to the C++ (tq_common.cuh)."""
-    _, offs = _layout(cfg)
-    groups = cfg.groups
-    m: dict[str, int | str] = {
-        "D": cfg.d,
-        "R": cfg.record_bytes,
-        "NG": len(groups),
-        "QJL": int(cfg.mode == "prod"),
-    }
-    for i in range(2):
-        g = groups[min(i, len(groups) - 1)]
-        m.update(
-            {
-                f"G{i}_DIM": g.dim,
-                f"G{i}_BITS": g.code_bits,
-                f"G{i}_CODE": g.code_offset,
-                f"G{i}_SIGN": max(g.sign_offset, 0),
-                f"G{i}_NORM": g.norm_offset,
-                f"G{i}_QJL": f"{math.sqrt(math.pi / 2) / g.dim!r}f",
-                f"G{i}_CS": f"{1.0 / _centroid_scale(cfg, g.index)!r}f",
-            }
-        )
-        for part in ("ROT", "ROTT", "PROJ", "PROJT", "CENT", "BND"):
-            m[f"G{i}_{part}"] = offs.get(f"G{g.index}_{part}", 0)
-    return [f"-D{prefix}_{k}={v}" for k, v in m.items()]
-
-
-def compile_options(kind: str, **params: Any) -> list[str]:
-    """The ``-D`` options of one kernel family (``"codec"`` or ``"attention"``).
-
-    Parameters
-    ----------
-    kind : {"codec", "attention"}
-    **params
-        codec: ``cfg``, ``dtype``, optionally ``smem_optin`` (the device's shared memory per block,
-        which sets the encode's warps per block; default: sm_90's), ``wgmma`` (warps in whole
-        warpgroups; the caller builds for sm_90a), ``warps`` and ``mt`` (m-tiles per warp tile;
-        given: those). attention: ``k_cfg``, ``v_cfg``, ``dtype`` (query), ``tail_dtype``, ``group``
-        (query heads per KV head). Both: ``tuning`` (``CupyRawTuning``; default: the settings in
-        force).
-
-    Returns
-    -------
-    list of str
-        Also used by ``tests/test_cuda_sources.py`` to compile the same instantiations with nvcc.
-    """
-    tuning = params.get("tuning") or _tuning.current().cupy_raw
-    if kind == "codec":
-        cfg, dtype = params["cfg"], params["dtype"]
-        optin, wgmma = params.get("smem_optin", SM90_SMEM_OPTIN), params.get("wgmma", False)
-        mt = params.get("mt") or _tc_mt(dtype, tuning)
-        warps = params.get("warps") or _tc_warps(cfg, dtype, optin, wgmma, tuning)
-        return [*_codec_macros("C", cfg), f"-DIN_KIND={_DTYPE_KIND[dtype]}",
-                f"-DENC_WARPS={warps}", f"-DENC_MT={mt}", *_tc_grid_macros(cfg),
-                f"-DTC_RS_EXP={cupy_raw_tc.RS_EXP}", f"-DTC_WG_LBO={cupy_raw_tc.WG_LBO}",
-                f"-DTC_WG_SBO={cupy_raw_tc.WG_SBO}"]
-    return [
-        *_codec_macros("K", params["k_cfg"]),
-        *_codec_macros("V", params["v_cfg"]),
-        f"-DIN_KIND={_DTYPE_KIND[params['dtype']]}",
-        f"-DTAIL_KIND={_DTYPE_KIND[params.get('tail_dtype', 'float32')]}",
-        f"-DGQ={params['group']}",
-        f"-DKV_SAME_LUT={int(_same_lut(params['k_cfg'], params['v_cfg']))}",
-        f"-DNWARPS={tuning.attn_warps}",
-        f"-DSTAGES={attention_stages(params['k_cfg'], params['v_cfg'], tuning)}",
-        f"-DMINBLOCKS={tuning.attn_minblocks}",
-    ]
-
-
-def _tc_grid_macros(cfg: CodecConfig) -> list[str]:
-    """Each group slot's ``cupy_raw_tc.grid`` (the second repeats a lone group): ``-DTC_GS{g}``
-    scale (exact hex float), ``-DTC_GO{g}`` offset, ``-DTC_GN{g}`` bins, ``-DTC_GI{g}`` whether
-    counts are indices."""
-    grids = list(cupy_raw_tc.group_grids(cfg))
-    grids += grids[-1:] * (2 - len(grids))
-    return [opt for g, gr in enumerate(grids)
-            for opt in (f"-DTC_GS{g}={float(gr.scale).hex()}f", f"-DTC_GO{g}={gr.offset}",
-                        f"-DTC_GN{g}={len(gr.bound)}", f"-DTC_GI{g}={int(gr.below_is_index)}")]
-
-
-@functools.cache
-def _module(device: int, source: str, options: tuple[str, ...]) -> Any:
-    """Compiled RawModule of ``source`` for ``device`` (memoised; CuPy also caches on disk)."""
-    cp = _cupy()
-    with cp.cuda.Device(device):
-        # The shared headers are inlined: CuPy's disk cache keys on the source text, so an edited
-        # header must change the key. Each is inlined once, at its first include (#pragma once).
-        code = (CUDA_DIR / source).read_text()
-        for name in HEADERS:
-            include = f'#include "{name}"'
-            code = code.replace(include, (CUDA_DIR / name).read_text(), 1).replace(include, "")
-        mod = cp.RawModule(code=code, options=("-std=c++17", *options), backend="nvrtc")
-        mod.compile()
-        return mod
-
-
-@functools.cache
-def _device_tables(device: int, cfg: CodecConfig) -> tuple[Any, Any]:
-    """(table buffer, field value tables) of ``cfg`` on ``device``, uploaded once."""
-    cp = _cupy()
-    with cp.cuda.Device(device):
-        buf, _ = _layout(cfg)
-        return cp.asarray(buf), cp.asarray(_lut_values(cfg))
-
-
-@functools.cache
-def _sm_count(device: int) -> int:
-    cp = _cupy()
-    return int(cp.cuda.Device(device).attributes["MultiProcessorCount"])
-
-
-@functools.cache
-def _smem_optin(device: int) -> int:
-    return int(_cupy().cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"])
-
-
-def _wgmma(device: int, tuning: CupyRawTuning) -> bool:
-    return _sm90(device) if tuning.enc_tc_wgmma is None else tuning.enc_tc_wgmma
-
-
-@functools.cache
-def _sm90(device: int) -> bool:
-    """Whether ``device`` has compute capability 9.0 (asked once: every codec op consults it)."""
-    return bool(_cupy().cuda.Device(device).compute_capability == "90")
-
-
-def _codec_module(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning | None = None) -> Any:
-    """The codec kernels of ``cfg`` for ``dtype`` input, built for ``tuning`` (default: the settings
-    in force)."""
-    launch = _tc_launch(device, cfg, dtype, tuning or _tuning.current().cupy_raw)
-    return _codec_build(device, cfg, dtype, *launch)
-
-
-def _tc_launch(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning) -> tuple[bool, int, int]:
-    """(wgmma, warps per block, m-tiles per warp tile) of tq_encode_tc on ``device`` under ``tuning``."""
-    wgmma = _wgmma(device, tuning)
-    return wgmma, _tc_warps(cfg, dtype, _smem_optin(device), wgmma, tuning), _tc_mt(dtype, tuning)
-
-
-@functools.cache
-def _codec_build(device: int, cfg: CodecConfig, dtype: str, wgmma: bool, warps: int, mt: int) -> Any:
-    opts = compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps, mt=mt)
-    mod = _module(device, "tq_codec.cu", (*opts, *(("-arch=sm_90a",) if wgmma else ())))
-    smem = _tc_smem(cfg, dtype, warps, mt)
-    if tc_encode_ok(cfg) and smem > 48 * 1024:
-        # The opt-in is an attribute of the driver's function handle: set once per build, not per call.
-        mod.get_function("tq_encode_tc").max_dynamic_shared_size_bytes = smem
-    return mod
-
-
-# ------------------------------------------------------------------------------------ tensor-core encode
-def tc_encode_ok(cfg: CodecConfig) -> bool:
-    """Whether ``tq_encode_tc`` covers ``cfg`` (any input dtype): mode "mse" (prod's QJL projection
-    stays on the scalar kernel) and every channel group of 32, 64 or 128 channels (whole 16 x 16
-    k-steps, a byte-aligned piece of G/4 codes per thread, fragments that fit in registers)."""
-    return cfg.mode == "mse" and all(g.dim in (32, 64, 128) for g in cfg.groups)
-
-
-@functools.cache
-def _device_tc_table(device: int, cfg: CodecConfig, dtype: str, wgmma: bool) -> Any:
-    cp = _cupy()
-    with cp.cuda.Device(device):
-        return cp.asarray(cupy_raw_tc.fragment_table(cfg, dtype, wgmma))
-
-
-def _tc_smem_parts(cfg: CodecConfig, dtype: str, mt: int) -> tuple[int, int]:
-    """Dynamic shared memory of tq_encode_tc (mirrors its layout) with ``mt`` m-tiles per warp tile:
-    (fragment tables, per warp: its staged tile, channel list and record buffer)."""
-    es = 4 if dtype == "float32" else 2
-    nv = 16 * mt
-    tables_ = sum(4 * g.dim**2 for g in cfg.groups)
-    return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
-
-
-def _tc_warps(cfg: CodecConfig, dtype: str, smem_optin: int, wgmma: bool, tuning: CupyRawTuning) -> int:
-    fixed, per_warp = _tc_smem_parts(cfg, dtype, _tc_mt(dtype, tuning))
-    fit = (smem_optin - fixed) // per_warp
-    unit = 4 if wgmma else 1  # wgmma: whole warpgroups
-    want = tuning.enc_tc_warps
-    if want is None:
-        return max(unit, min(tuning.enc_tc_max_warps, fit) // unit * unit)
-    if not 1 <= want <= fit or want % unit:
-        raise ValueError(f"enc_tc_warps={want}: tq_encode_tc fits 1 to {fit} warps per block "
-                         f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)"
-                         + (", in whole warpgroups of 4 (wgmma)" if wgmma else ""))
-    return want
-
-
-def _tc_smem(cfg: CodecConfig, dtype: str, warps: int, mt: int) -> int:
-    fixed, per_warp = _tc_smem_parts(cfg, dtype, mt)
-    return fixed + warps * per_warp
-
-
-def _tc_mt(dtype: str, tuning: CupyRawTuning) -> int:
-    return tuning.enc_tc_mt if tuning.enc_tc_mt is not None else (1 if dtype == "float32" else 2)
-
-
 @dataclass(frozen=True)
 class _TcPlan:
     """Everything an encode launch of tq_encode_tc needs besides its arrays, worked out once."""
@@ -516,21 +210,16 @@ class _TcPlan:
 @functools.cache
 def _tc_plan(device: int, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning) -> _TcPlan:
     """The encode plan under ``tuning`` (a changed setting plans anew)."""
-    wgmma, warps, mt = _tc_launch(device, cfg, dtype, tuning)
-    fn = _codec_build(device, cfg, dtype, wgmma, warps, mt).get_function("tq_encode_tc")
-    smem = _tc_smem(cfg, dtype, warps, mt)
+    wgmma, warps, mt = _build.tc_launch(device, cfg, dtype, tuning)
+    fn = _build.codec_build(device, cfg, dtype, wgmma, warps, mt).get_function("tq_encode_tc")
+    smem = cupy_raw_tc.encode_smem(cfg, dtype, warps, mt)
     attrs = _cupy().cuda.Device(device).attributes
     per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
                              attrs["MaxRegistersPerMultiprocessor"],
                              attrs["MaxSharedMemoryPerMultiprocessor"],
                              attrs["MaxThreadsPerMultiProcessor"])
-    return _TcPlan(fn, _device_tc_table(device, cfg, dtype, wgmma), smem, per_sm * _sm_count(device), warps,
-                   16 * mt)
-
-
-def use_tc_encode(cfg: CodecConfig, n: int, tuning: CupyRawTuning) -> bool:
-    """Whether an encode of ``n`` vectors runs tq_encode_tc under ``tuning`` (else tq_encode)."""
-    return bool(n) and tuning.encode_path != "scalar" and tc_encode_ok(cfg)
+    table = _tables.device_tc_table(device, cfg, dtype, wgmma)
+    return _TcPlan(fn, table, smem, per_sm * _device.sm_count(device), warps, 16 * mt)
 
 
 def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: int, rec: Any,
@@ -545,7 +234,6 @@ def _encode_tc(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, n: int, streams: 
             shared_mem=plan.smem)
 
 
-# ------------------------------------------------------------------------------------ channels
 def select_channels(x: Any, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning | None = None) -> Any:
     """GPU twin of ``numpy_ref.select_channels``: (*lead, d) uint16, no host synchronisation.
 
@@ -555,9 +243,9 @@ def select_channels(x: Any, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning 
     *lead, n, d = x.shape
     streams = math.prod(lead)
     device = int(x.device.id)
-    mod = _codec_module(device, cfg, dtype, tuning)
+    mod = _build.codec_module(device, cfg, dtype, tuning)
     energy = cp.zeros((streams, d), cp.float64)
-    chunk = max(64, -(-n // max(1, (4 * _sm_count(device)) // max(1, streams * -(-d // 32)))))
+    chunk = max(64, -(-n // max(1, (4 * _device.sm_count(device)) // max(1, streams * -(-d // 32)))))
     grid = (streams, -(-d // 32), -(-n // chunk))
     mod.get_function("tq_energy")(grid, (32, 8), (x, np.int32(n), np.int32(chunk), energy))
     # rank[i] = #channels before i in (energy descending, index ascending) order.
@@ -571,7 +259,6 @@ def select_channels(x: Any, cfg: CodecConfig, dtype: str, tuning: CupyRawTuning 
     return channels.reshape(*lead, d)
 
 
-# ------------------------------------------------------------------------------------ ops
 def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
     """Records (*lead, n, record_bytes) uint8 and channels, as ``numpy_ref.encode``.
 
@@ -592,7 +279,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
             channels = select_channels(xw, cfg, dtype, tuning)
         rec = cp.empty((*lead, n, cfg.record_bytes), cp.uint8)
         ch = None if channels is None else cp.ascontiguousarray(channels, dtype=cp.uint16)
-        if use_tc_encode(cfg, n, tuning) and xw.data.ptr % 16:  # cp.async reads 16-byte chunks
+        if cupy_raw_tc.use_tc_encode(cfg, n, tuning) and xw.data.ptr % 16:  # cp.async reads 16-byte chunks
             xw = xw.copy()
         encode_into(xw.reshape(math.prod(lead), n, d), dtype, cfg, ch, rec, device, tuning)
         return rec, channels
@@ -611,12 +298,12 @@ def encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, device
     """
     tuning = tuning or _tuning.current().cupy_raw
     streams, n = int(xw.shape[0]), int(xw.shape[1])
-    if use_tc_encode(cfg, n, tuning):
+    if cupy_raw_tc.use_tc_encode(cfg, n, tuning):
         _encode_tc(xw, dtype, cfg, ch, n, streams, rec, device, tuning)
         return
-    tab, _ = _device_tables(device, cfg)
+    tab, _ = _tables.device_tables(device, cfg)
     tv = ENC_TV_PROD if cfg.mode == "prod" else ENC_TV
-    _codec_module(device, cfg, dtype, tuning).get_function("tq_encode")(
+    _build.codec_module(device, cfg, dtype, tuning).get_function("tq_encode")(
         (-(-n // tv), streams), (ENC_THREADS,), (xw, ch if ch is not None else _NULL, np.int32(n), tab, rec))
 
 
@@ -630,13 +317,12 @@ def decode(enc: Encoded) -> Any:
         rec = cp.ascontiguousarray(records)
         *lead, n, _ = rec.shape
         streams = math.prod(lead)
-        mod = _codec_module(device, cfg, "float32")
-        tab, _ = _device_tables(device, cfg)
+        mod = _build.codec_module(device, cfg, "float32")
+        tab, _ = _tables.device_tables(device, cfg)
         out = cp.empty((*lead, n, cfg.d), cp.float32)
         ch = None if enc.channels is None else cp.ascontiguousarray(enc.channels, dtype=cp.uint16)
-        mod.get_function("tq_decode")(
-            (-(-n // TILE), streams), (128,), (rec, ch if ch is not None else _NULL, np.int32(n), tab, out)
-        )
+        args = (rec, ch if ch is not None else _NULL, np.int32(n), tab, out)
+        mod.get_function("tq_decode")((-(-n // _attn.TILE), streams), (128,), args)
         return out
 
 
@@ -651,104 +337,18 @@ def scores(q: Any, keys: Encoded) -> Any:
         *lead, m, d = qw.shape
         n = rec.shape[-2]
         streams = math.prod(lead)
-        mod = _codec_module(device, cfg, dtype)
-        tab, _ = _device_tables(device, cfg)
+        mod = _build.codec_module(device, cfg, dtype)
+        tab, _ = _tables.device_tables(device, cfg)
         ch = None if keys.channels is None else cp.ascontiguousarray(keys.channels, dtype=cp.uint16)
-        qf = cp.empty((streams * m, _fdims(cfg)), cp.float32)
+        qf = cp.empty((streams * m, _tables.fdims(cfg)), cp.float32)
         mod.get_function("tq_qrot")(
             (streams * m,), (128,), (qw, ch if ch is not None else _NULL, np.int32(m), tab, qf)
         )
         out = cp.empty((*lead, m, n), cp.float32)
         mod.get_function("tq_scores")(
-            (-(-n // TILE), streams), (128,), (rec, qf, np.int32(n), np.int32(m), tab, out)
+            (-(-n // _attn.TILE), streams), (128,), (rec, qf, np.int32(n), np.int32(m), tab, out)
         )
         return out
-
-
-@functools.cache
-def _attention_module(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, tail_dtype: str,
-                      group: int, tuning: CupyRawTuning) -> Any:
-    opts = compile_options(
-        "attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, tail_dtype=tail_dtype, group=group, tuning=tuning
-    )
-    return _module(device, "tq_attention.cu", tuple(opts))
-
-
-def attention_stages(k_cfg: CodecConfig, v_cfg: CodecConfig, tuning: CupyRawTuning) -> int:
-    """cp.async ring depth of the split kernel: ``tuning.attn_stages``, or fewer where shared memory
-    is short."""
-    for stages in range(tuning.attn_stages, 1, -1):
-        if _split_smem(k_cfg, v_cfg, stages, tuning.attn_warps) <= SMEM_LIMIT:
-            return stages
-    raise ValueError(f"attention tables of {k_cfg} / {v_cfg} do not fit {SMEM_LIMIT} B of shared memory")
-
-
-@functools.cache
-def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, stages: int, warps: int) -> int:
-    """Dynamic shared memory of tq_attn_split with ``warps`` warps and a ``stages``-deep ring
-    (mirrors the carve-up at the top of the kernel)."""
-
-    def lutn(cfg: CodecConfig) -> int:
-        return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
-
-    tile_k, tile_v = TILE * k_cfg.record_bytes + 32, TILE * v_cfg.record_bytes + 32
-    stage = -(-(tile_k + tile_v) // 16) * 16
-    # Pair tables, 4 B per entry and lane: K's, and V's unless V shares them.
-    luts = 4 * 32 * (lutn(k_cfg) + (0 if _same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
-    return luts + warps * stages * stage
-
-
-def _merge_smem(v_cfg: CodecConfig, group: int, warps: int) -> int:
-    """Shared memory of tq_attn_split's closing merge (mirrors its wm | wl | wacc carve-up)."""
-    heads = min(group, 8)
-    vqd = _fdims(v_cfg)
-    row = vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
-    return 4 * warps * heads * (2 + row)
-
-
-def _same_lut(k_cfg: CodecConfig, v_cfg: CodecConfig) -> bool:
-    """Whether K and V use identical pair tables (then the kernel keeps one shared-memory copy)."""
-    a, b = _lut_values(k_cfg), _lut_values(v_cfg)
-    return a.shape == b.shape and bool(np.array_equal(a, b))
-
-
-# Split blocks per KV stream at most (so at most this many partials per stream for the reduce).
-MAX_BLOCKS_PER_STREAM = 64
-
-
-def attention_plan(batch_heads: int, n: int, device: int, tuning: CupyRawTuning) -> tuple[int, int]:
-    """(tiles per warp, partials per KV stream) for ``batch_heads`` streams of ``n`` tokens.
-
-    Partials per stream come in whole blocks of ``tuning.attn_warps`` warps. The number of blocks per
-    stream is the smallest that fills the GPU's resident block slots to >= 95% in whole waves
-    (a last, partly filled wave leaves SMs idle), else the best-filling one; warps keep >= 4 tiles.
-    O(1) per call once the block count of (``batch_heads``, cap) is known: a decode loop's ``n``
-    changes every step.
-    """
-    warps = tuning.attn_warps
-    ntiles = max(1, -(-n // TILE))
-    most = max(1, min(MAX_BLOCKS_PER_STREAM, ntiles // (4 * warps)))
-    m = _blocks_per_stream(batch_heads, most, _sm_count(device) * tuning.attn_minblocks)
-    per_warp = -(-ntiles // (m * warps))
-    return per_warp, -(-ntiles // per_warp)
-
-
-@functools.lru_cache(maxsize=4096)
-def _blocks_per_stream(batch_heads: int, most: int, slots: int) -> int:
-    """``attention_plan``'s block count per stream, 1..``most``, for ``slots`` resident blocks."""
-
-    def fill(m: int) -> float:
-        blocks = batch_heads * m
-        return blocks / (-(-blocks // slots) * slots)
-
-    good = [m for m in range(1, most + 1) if fill(m) >= 0.95 and batch_heads * m >= 0.95 * slots]
-    return good[0] if good else max(range(1, most + 1), key=lambda m: (fill(m), -m))
-
-
-def _reduce_smem(v_cfg: CodecConfig, nblocks: int) -> int:
-    """Dynamic shared memory of tq_attn_reduce (mirrors its carve-up) for ``nblocks`` partials."""
-    vqd = _fdims(v_cfg)
-    return 4 * (nblocks + vqd + 3 * v_cfg.d + 64 + REDUCE_THREADS // 32 * vqd)
 
 
 @dataclass(frozen=True, eq=False)
@@ -773,9 +373,9 @@ class _AttentionLaunch:
 
 @dataclass(frozen=True)
 class _AttentionLayout:
-    """One call shape's split (``attention_plan``) and scratch: the byte offsets of the query prep's
-    outputs and of the partials inside one allocation, and the launch arguments that depend only on
-    the shape."""
+    """One call shape's split (``cupy_raw_attn.attention_plan``) and scratch: the byte offsets of the
+    query prep's outputs and of the partials inside one allocation, and the launch arguments that
+    depend only on the shape."""
 
     rows: int
     per_warp: int
@@ -792,6 +392,8 @@ class _AttentionLayout:
 
 # Shapes whose layout a launch keeps (a decode loop's n grows every step; past this the dict starts over).
 _MAX_LAYOUTS = 256
+
+
 # Scratch sub-buffers start on this boundary (as separate allocations would).
 _SCRATCH_ALIGN = 256
 
@@ -802,9 +404,9 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
     if layout is not None:
         return layout
     warps = plan.tuning.attn_warps
-    per_warp, nparts = attention_plan(bh, n, device, plan.tuning) if n > 0 else (1, 0)
+    per_warp, nparts = _attn.attention_plan(bh, n, device, plan.tuning) if n > 0 else (1, 0)
     nblocks = -(-nparts // warps)  # one partial per split block
-    kqd, vqd = _fdims(k_cfg), _fdims(v_cfg)
+    kqd, vqd = _tables.fdims(k_cfg), _tables.fdims(v_cfg)
     rows = bh * group
     parts = bh * max(nblocks, 1) * group
     sizes = (4 * rows * d, 2 * rows * 2 * kqd, 4 * rows, 4 * parts, 4 * parts, 4 * parts * vqd)
@@ -815,7 +417,7 @@ def _attention_layout(plan: _AttentionLaunch, device: int, bh: int, n: int, d: i
     ints = tuple(_by_value(np.int32(v)) for v in (n, per_warp, nparts, nblocks))
     layout = _AttentionLayout(
         rows, per_warp, nparts, nblocks, tuple(offsets), at, (rows,), (nblocks, bh), (32 * warps,),
-        _reduce_smem(v_cfg, nblocks), ints,
+        _attn.reduce_smem(v_cfg, nblocks), ints,
     )
     if len(plan.layouts) >= _MAX_LAYOUTS:
         plan.layouts.clear()
@@ -829,20 +431,19 @@ def _attention_launch(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype
     """``attention``'s kernels for one configuration under ``tuning`` (cached: looking them up and
     setting their attributes costs tens of microseconds of Python, as much as the kernels at small
     batches). Called with ``device`` current."""
-    mod = _attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group, tuning)
+    mod = _build.attention_module(device, k_cfg, v_cfg, dtype, tail_dtype, group, tuning)
     warps = tuning.attn_warps
-    split_smem = max(_split_smem(k_cfg, v_cfg, attention_stages(k_cfg, v_cfg, tuning), warps),
-                     _merge_smem(v_cfg, group, warps))
+    split_smem = max(_attn.split_smem(k_cfg, v_cfg, _attn.attention_stages(k_cfg, v_cfg, tuning), warps),
+                     _attn.merge_smem(v_cfg, group, warps))
     split, reduce = mod.get_function("tq_attn_split"), mod.get_function("tq_attn_reduce")
-    for fn, smem in ((split, split_smem), (reduce, _reduce_smem(v_cfg, MAX_BLOCKS_PER_STREAM))):
-        if smem > 48 * 1024:
+    for fn, smem in ((split, split_smem), (reduce, _attn.reduce_smem(v_cfg, _attn.MAX_BLOCKS_PER_STREAM))):
+        if smem > STATIC_SMEM_LIMIT:
             fn.max_dynamic_shared_size_bytes = max(smem, fn.max_dynamic_shared_size_bytes)
-    tables = (*_device_tables(device, k_cfg), *_device_tables(device, v_cfg))
+    tables = (*_tables.device_tables(device, k_cfg), *_tables.device_tables(device, v_cfg))
     return _AttentionLaunch(tuning, mod.get_function("tq_attn_prep").kernel, split.kernel, reduce.kernel,
                             split_smem, tables, tuple(_pointer_arg(t.data.ptr) for t in tables))
 
 
-# ------------------------------------------------------------------------------------ launch arguments
 # CuPy turns every argument of every launch into a C value: an array into its pointer, a NumPy
 # scalar into a new C scalar object. Arguments built once as CuPy's own C-value objects (CIntptr for
 # a pointer, CNumpyArray for a value) are passed through as they are. Where CuPy lacks those
@@ -878,7 +479,6 @@ def _null_arg() -> Any:
 def _no_tail_arg() -> Any:
     """Tail length 0 (int32) as a launch argument."""
     return _by_value(np.int32(0))
-
 
 _SCALES: dict[float, Any] = {}
 
@@ -981,7 +581,7 @@ def attention(
         out = cp.ndarray(q_shape, cp.float32)
         plan.reduce(
             lay.rows_grid,
-            (REDUCE_THREADS,),
+            (_attn.REDUCE_THREADS,),
             (part_m, part_l, part_acc, nblocks32, q32, ktw, vtw, t_len, fscale, vtab, vch, out),
             lay.reduce_smem,
         )
@@ -1049,13 +649,12 @@ def attention_replay(q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, 
             (np.uint64(k.records.data.ptr), np.uint64(v.records.data.ptr), qh, qscale, klut, vlut, part_m,
              part_l, part_acc, np.int32(n), np.int32(lay.per_warp), np.int32(lay.nparts)), plan.split_smem))
     launches.append(cupy_launch.Launch(
-        plan.reduce, lay.rows_grid, (REDUCE_THREADS,),
+        plan.reduce, lay.rows_grid, (_attn.REDUCE_THREADS,),
         (part_m, part_l, part_acc, np.int32(lay.nblocks), q32, ktw, vtw, t_len, fscale, vtab, vch,
          np.uint64(out.data.ptr)), lay.reduce_smem))
     return functools.partial(cupy_launch.run_in_order, tuple(launches), device)
 
 
-# ------------------------------------------------------------------------------------ paged ops
 def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
     """Encode and scatter new tokens into a paged cache: ``cupy_paged.paged_write``."""
     from . import cupy_paged

@@ -8,6 +8,11 @@ mma B fragments: per (n-tile, k-step, lane) four 32-bit words {hi b0, hi b1, lo 
 On sm_90a the same words are permuted into wgmma's shared-memory layout (``wgmma_order``). After
 every group's words, each group's code grid (``grid``) takes 64 words: per lane its bin's boundary
 (float32 bits), then the count of boundaries below that bin. ``fragment_table`` assembles it all.
+
+The kernel's launch shape is planned here too: which configurations it serves (``tc_encode_ok``),
+its dynamic shared memory (the fragment tables | per warp: the staged input tile, the channel list
+and the record buffer; ``encode_smem_parts``), and the warps per block and m-tiles per warp tile
+that fit (``encode_warps``, ``encode_m_tiles``) under ``tuning.CupyRawTuning``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 
 from ..config import CodecConfig
 from ..transforms import tables
+from ..tuning import CupyRawTuning
 
 # The rotation is scaled by 2**RS_EXP before its 16-bit split, so its small entries keep their
 # precision in float16 (kernel macro TC_RS_EXP).
@@ -164,3 +170,53 @@ def grid(boundaries: np.ndarray) -> Grid:
 def group_grids(cfg: CodecConfig) -> tuple[Grid, ...]:
     """``grid`` of each channel group's boundaries."""
     return tuple(grid(t.boundaries) for t in tables(cfg))
+
+
+# ------------------------------------------------------------------------------------ planning
+def tc_encode_ok(cfg: CodecConfig) -> bool:
+    """Whether ``tq_encode_tc`` covers ``cfg`` (any input dtype): mode "mse" (prod's QJL projection
+    stays on the scalar kernel) and every channel group of 32, 64 or 128 channels (whole 16 x 16
+    k-steps, a byte-aligned piece of G/4 codes per thread, fragments that fit in registers)."""
+    return cfg.mode == "mse" and all(g.dim in (32, 64, 128) for g in cfg.groups)
+
+
+def encode_smem_parts(cfg: CodecConfig, dtype: str, mt: int) -> tuple[int, int]:
+    """Dynamic shared memory of tq_encode_tc (mirrors its layout) with ``mt`` m-tiles per warp tile:
+    (fragment tables, per warp: its staged tile, channel list and record buffer)."""
+    es = 4 if dtype == "float32" else 2
+    nv = 16 * mt
+    tables_ = sum(4 * g.dim**2 for g in cfg.groups)
+    return tables_, nv * cfg.d * es + 2 * cfg.d + nv * cfg.record_bytes
+
+
+def encode_warps(cfg: CodecConfig, dtype: str, smem_optin: int, wgmma: bool, tuning: CupyRawTuning) -> int:
+    """Warps per block of tq_encode_tc: ``tuning.enc_tc_warps``, or as many as ``smem_optin`` bytes
+    hold (at most ``tuning.enc_tc_max_warps``; whole warpgroups for wgmma); ValueError with the
+    numbers for a forced count that does not fit."""
+    fixed, per_warp = encode_smem_parts(cfg, dtype, encode_m_tiles(dtype, tuning))
+    fit = (smem_optin - fixed) // per_warp
+    unit = 4 if wgmma else 1  # wgmma: whole warpgroups
+    want = tuning.enc_tc_warps
+    if want is None:
+        return max(unit, min(tuning.enc_tc_max_warps, fit) // unit * unit)
+    if not 1 <= want <= fit or want % unit:
+        raise ValueError(f"enc_tc_warps={want}: tq_encode_tc fits 1 to {fit} warps per block "
+                         f"for {cfg} with {dtype} input ({smem_optin} bytes of shared memory per block)"
+                         + (", in whole warpgroups of 4 (wgmma)" if wgmma else ""))
+    return want
+
+
+def encode_smem(cfg: CodecConfig, dtype: str, warps: int, mt: int) -> int:
+    """Dynamic shared memory of tq_encode_tc with ``warps`` warps of ``mt`` m-tiles."""
+    fixed, per_warp = encode_smem_parts(cfg, dtype, mt)
+    return fixed + warps * per_warp
+
+
+def encode_m_tiles(dtype: str, tuning: CupyRawTuning) -> int:
+    """16-vector m-tiles per warp tile: ``tuning.enc_tc_mt``, else 2 (1 for float32 input)."""
+    return tuning.enc_tc_mt if tuning.enc_tc_mt is not None else (1 if dtype == "float32" else 2)
+
+
+def use_tc_encode(cfg: CodecConfig, n: int, tuning: CupyRawTuning) -> bool:
+    """Whether an encode of ``n`` vectors runs tq_encode_tc under ``tuning`` (else tq_encode)."""
+    return bool(n) and tuning.encode_path != "scalar" and tc_encode_ok(cfg)

@@ -40,14 +40,14 @@ from .._ops import Availability
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..transforms import tables as host_tables
-from .occupancy import resident_blocks
+from .occupancy import STATIC_SMEM_LIMIT, resident_blocks
 
 try:  # numba-cuda must never break ``import turboquant_codec``: report the failure instead.
     from numba import cuda
 
     from . import numba_kernels as nk
     from . import numba_launch
-    from .numba_kernels import FLOAT16_MAX, SMEM_LIMIT, THREADS, VPT
+    from .numba_kernels import FLOAT16_MAX, THREADS, VPT
     from .numba_launch import DeviceView
     from .numba_warp_attention import TILE, WARP, fast_attention_kernel
 
@@ -266,8 +266,8 @@ def _is_bf16(a: Any) -> bool:
 
 
 def _tile(per_row_floats: int, fixed_floats: int = 0, cap: int = 32) -> int:
-    """Rows per block: a multiple of VPT, at most ``cap``, within SMEM_LIMIT of float32 scratch."""
-    rows = (SMEM_LIMIT // 4 - fixed_floats) // per_row_floats
+    """Rows per block: a multiple of VPT, at most ``cap``, within STATIC_SMEM_LIMIT of float32 scratch."""
+    rows = (STATIC_SMEM_LIMIT // 4 - fixed_floats) // per_row_floats
     rows = min(cap, rows) // VPT * VPT
     if rows < VPT:
         raise ValueError("head dimension too large for the numba_cuda backend's shared-memory tiles")
@@ -444,8 +444,8 @@ def _resident_warps(regs: int | None, warps: int, device: int) -> int:
     if regs is None:
         return 132 * WARPS_PER_SM
     # Shared memory does not bound it: the warp attention keeps its tiles in registers, so its blocks
-    # ask for none, and SMEM_LIMIT merely stands in for the SM's shared memory.
-    blocks = resident_blocks(regs, 0, warps * WARP, SM_REGS, SMEM_LIMIT, WARPS_PER_SM * WARP)
+    # ask for none, and STATIC_SMEM_LIMIT merely stands in for the SM's shared memory.
+    blocks = resident_blocks(regs, 0, warps * WARP, SM_REGS, STATIC_SMEM_LIMIT, WARPS_PER_SM * WARP)
     return _sm_count(device) * blocks * warps
 
 
@@ -499,7 +499,7 @@ def attention(
         qext = _rotate_queries(q2, _view(k.channels), groups, k.config, kt, dev)
         streams = batch * h_kv
         fixed = groups * (wk + wv + 3)
-        tk = next((s for s in KEY_TILES if fixed + s * (wk + wv + 2 + groups) <= SMEM_LIMIT // 4), 0)
+        tk = next((s for s in KEY_TILES if fixed + s * (wk + wv + 2 + groups) <= STATIC_SMEM_LIMIT // 4), 0)
         fast = fast_attention_kernel(k.config, v.config, groups)
         if fast is None and tk == 0:
             raise ValueError("too many query heads per KV head for the numba_cuda attention tiles")

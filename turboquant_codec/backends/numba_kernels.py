@@ -26,8 +26,6 @@ FLOAT16_MAX = 65504.0
 THREADS = 128
 # Rows per thread in rowmat: each loaded matrix element feeds this many multiply-adds.
 VPT = 4
-# Shared memory one block may use without opting in to more (the portable CUDA default).
-SMEM_LIMIT = 48 * 1024
 # Initial running max of the online softmax.
 NEG_INF = -math.inf
 

@@ -55,8 +55,9 @@ from numba import cuda, float32, int32, int64
 
 from ..paged_cache import PagedCache
 from . import numba_cuda as nc
-from .numba_kernels import NEG_INF, SMEM_LIMIT, THREADS, _ext_value, _round_even, _to_f32, _unrotate
+from .numba_kernels import NEG_INF, THREADS, _ext_value, _round_even, _to_f32, _unrotate
 from .numba_launch import simulated
+from .occupancy import STATIC_SMEM_LIMIT
 
 # Most tokens per attention tile (the static source arrays' length), and the bytes those arrays take
 # (int32 kind, int64 block or row, int32 offset per token) beside the dynamic shared memory.
@@ -444,8 +445,8 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
 
 
 def _tiles(d: int, wmax: int) -> tuple[int, int, int]:
-    """(tokens per tile, query rows per pass, shared floats): the largest tiles within SMEM_LIMIT."""
-    budget = (SMEM_LIMIT - STATIC_SMEM) // 4
+    """(tokens per tile, query rows per pass, shared floats): the largest tiles within STATIC_SMEM_LIMIT."""
+    budget = (STATIC_SMEM_LIMIT - STATIC_SMEM) // 4
     for tk in TOKEN_TILES:
         for qr in ROW_TILES:
             floats = qr * (2 * d + tk + 3) + tk * (3 * d + wmax)

@@ -24,8 +24,9 @@ from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..transforms import tables as host_tables
 from ..tuning import NumbaCudaTuning
-from .numba_kernels import NEG_INF, SMEM_LIMIT
+from .numba_kernels import NEG_INF
 from .numba_launch import simulated
+from .occupancy import STATIC_SMEM_LIMIT
 
 # 2**-25: the float16 exponent bias plus 10 fraction bits (``_half_at``).
 POW2_M25 = np.float32(2.0**-25)
@@ -223,7 +224,7 @@ def _fast_attention_spec(kcfg: CodecConfig, vcfg: CodecConfig, heads: int,
     per_warp = 4 * (TILE * (k["pitch"] + v["pitch"] + slots * heads) + WARP)
     fixed = 4 * (wk * heads + 3 * 16 + 48 + 2)  # queries, K's and V's value tables, window slack
     choices = (1,) if simulated() else (4, 2, 1)  # the simulator's warp stand-ins need 1 warp
-    warps = next((w for w in choices if fixed + w * per_warp <= SMEM_LIMIT), 0)
+    warps = next((w for w in choices if fixed + w * per_warp <= STATIC_SMEM_LIMIT), 0)
     if not warps:
         return None
     return dict(d=d, heads=heads, wk=wk, wv=wv, cpl=cpl, k=k, v=v, warps=warps,

@@ -68,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                   float* __restrict__ part_acc, int n, int tiles_per_warp, int nparts) {
   extern __shared__ __align__(16) u8 smem[];
   // Pair tables, then the warps' rings; after the main loop the whole buffer is reused for the
-  // block's merge (cupy_raw._merge_smem).
+  // block's merge (cupy_raw_attn.merge_layout).
   u32 *klut, *vlut;
   u8* ring_all = load_tables<NWARPS>(smem, klutv, vlutv, klut, vlut);
   __syncthreads();

@@ -8,7 +8,7 @@
 //               coalesced), codes = number of boundaries strictly below y, residual, QJL signs, then
 //               the record assembled byte by byte in shared memory, written out as 32-bit words.
 //   tq_encode_tc  grid (SMs), block 32 * ENC_WARPS: the mse encode on tensor cores, persistent (see
-//               its section below); the host picks it where cupy_raw.tc_encode_ok.
+//               its section below); the host picks it where cupy_raw_tc.tc_encode_ok.
 //   tq_decode   grid (ceil(n/TV), streams), block 128: values in the rotated domain, S^T signs,
 //               rotation^T, scatter through channels; float32 out.
 //   tq_qrot     grid (rows), block 128: a query row in key channel order, rotated per field.

@@ -1,7 +1,7 @@
 // Shared device helpers of the TurboQuant CuPy RawModule kernels (tq_codec.cu, tq_attention.cu).
 //
 // Owns: the compile-time description of a codec's byte record (macros X_* per codec, see
-// turboquant_codec/backends/cupy_raw.py::_codec_macros), bit extraction from LSB-first code streams,
+// turboquant_codec/backends/cupy_raw_build.py::codec_macros), bit extraction from LSB-first code streams,
 // float16 conversions and the m16n8k16 tensor-core wrapper. No standard headers: NVRTC has none,
 // so fixed-width types and conversions are spelled out here (inline PTX).
 #pragma once
