@@ -231,3 +231,16 @@ def test_block_table_padding_convention() -> None:
     for bad in (-1, NB, -3):
         with pytest.raises(ValueError, match=rf"block_table\[0, 1\] = {bad} lies outside"):
             tq.paged_attention(cache, q, new, new, np.array([[2, bad]], np.int32), seq, qsl, scale=0.125)
+
+
+def test_decode_requests_need_their_query_rows() -> None:
+    """Decode request r reads query row r: more decode requests than rows is refused (on the GPU
+    too, by shape), not read past the query."""
+    cache = _cache()
+    key = np.random.default_rng(3).standard_normal((1, H, 64)).astype(np.float32)
+    cache = tq.paged_write(cache, key, key, np.array([0]))
+    args = (cache, np.ones((1, 2 * H, 64), np.float32), key, key, np.array([[0], [1]], np.int32),
+            np.array([1, 0], np.int32), np.array([0, 1, 1], np.int32))
+    with pytest.raises(ValueError, match="num_decodes=2 but only 1 query rows"):
+        tq.paged_attention(*args, scale=0.125, num_decodes=2)
+    assert np.isfinite(tq.paged_attention(*args, scale=0.125, num_decodes=1)).all()

@@ -1,9 +1,15 @@
 """The public paged ops: validate, pick a backend, dispatch (layout and rules: ``paged_cache``).
 
 Host inputs are checked completely before anything is written: every index a request would read or
-write must lie inside the cache. GPU inputs are checked by shape and dtype only (reading their
-values would synchronise); the GPU kernels skip out-of-range indices instead of touching memory
-outside the cache.
+write must lie inside the cache. Padding (vLLM's conventions): a negative slot is a padding token
+(vLLM's PAD_SLOT_ID is -1), and block-table entries past a request's ``ceil(seq_lens[r] /
+block_size)`` blocks are never read, whatever they hold (vLLM leaves zeros, or stale ids, there;
+padding requests have ``seq_lens`` 0); an entry a request does read must be a block of the cache.
+GPU inputs are checked by shape and dtype only on the decode path (``num_decodes`` given: reading
+their values would synchronise): there the kernels skip out-of-range block ids, raw rows and slots
+(a skipped context token is masked out) and clamp context lengths to the block table, so no call
+reads or writes outside the cache; without ``num_decodes`` the backend synchronises anyway and the
+values are checked as on the host.
 
 A serving engine calls these ops every step of every layer on the same cache, so for torch and
 CuPy GPU caches the cache's checks and the backend's views of its arrays are kept per cache
@@ -187,9 +193,17 @@ def _check_metadata(cache: PagedCache, t: int, block_table: Any, seq_lens: Any, 
                          f"{seq_lens.shape[0]}) and query_start_loc {b + 1} (got {query_start_loc.shape[0]})")
     if num_decodes is not None:
         num_decodes = _validate.integer(num_decodes, "num_decodes", 0, b)
+        if num_decodes > t:
+            raise ValueError(f"num_decodes={num_decodes} but only {t} query rows are given (decode request r "
+                             f"reads row r)")
     starts, seq, table = (_host_ints(a) for a in (query_start_loc, seq_lens, block_table))
     if starts is None or seq is None or table is None:
-        return
+        if num_decodes is not None:
+            return  # GPU decode step: no synchronisation; the kernels skip out-of-range entries
+        # Without num_decodes the backend reads query_start_loc on the host (a synchronisation
+        # already): the values are checked as on the host.
+        starts, seq, table = (_interop.to_numpy(a).astype(np.int64)
+                              for a in (query_start_loc, seq_lens, block_table))
     q_lens = np.diff(starts)
     if starts[0] != 0 or np.any(q_lens < 0) or starts[-1] > t:
         raise ValueError(f"query_start_loc must rise from 0 to at most {t} (the new tokens), got "

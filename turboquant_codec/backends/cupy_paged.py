@@ -634,8 +634,8 @@ def _generic(cache: PagedCache, query: Any, key: Any, value: Any, block_table: A
     for r in range(first, int(seq.shape[0])):
         q0, q1 = int(starts[r]), int(starts[r + 1])
         n = q1 - q0
-        if n <= 0:
-            continue
+        if n <= 0 or q0 < 0 or q1 > int(qw.shape[0]) or int(seq[r]) < n:
+            continue  # no rows, or rows the step does not hold: left unwritten (as numba_paged)
         ctx = max(0, min(int(seq[r]) - n, table.shape[1] * cache.block_size))
         k_ctx, v_ctx, have = _context(cache, table[r], ctx)
         k_all = cp.concatenate([k_ctx, _to_f32(kw[q0:q1], kdt).transpose(1, 0, 2)], axis=1)

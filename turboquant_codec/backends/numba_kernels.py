@@ -149,7 +149,7 @@ def _load_rows(sm, dst, x, bf16, chans, has_ch, per_stream, row0, nv, d, tid):  
         v = idx // d
         c = idx - v * d
         row = row0 + v
-        src = int32(chans[row // per_stream, c]) if has_ch else c
+        src = min(int32(chans[row // per_stream, c]), d - 1) if has_ch else c
         sm[dst + idx] = _to_f32(x[row, src], bf16)
 
 
@@ -281,7 +281,7 @@ def decode_kernel(rec, chans, has_ch, per_stream, out, tile, rot, proj, cent, me
         v = idx // d
         c = idx - v * d
         row = row0 + v
-        dst = int32(chans[row // per_stream, c]) if has_ch else c
+        dst = min(int32(chans[row // per_stream, c]), d - 1) if has_ch else c
         out[row, dst] = sm[xs + idx]
 
 
@@ -490,7 +490,7 @@ def combine_rows_kernel(m_part, l_part, acc_part, nsplit, chans, has_ch, per_str
         a = float32(0.0)
         for k in range(g):
             a += sm[src + gi * g + k] * rot[gi, k, i]
-        dst = int32(chans[row // per_stream, c]) if has_ch else c
+        dst = min(int32(chans[row // per_stream, c]), d - 1) if has_ch else c
         if nsp > nsplit:
             a += sm[ws + nsplit] * acc_part[row, nsplit, dst] * scl
         out[row, dst] = a

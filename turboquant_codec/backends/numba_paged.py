@@ -40,8 +40,9 @@ causal (row of token t sits at position ``ctx + t``). Dynamic shared memory, flo
 
 and three static arrays [MAX_TK] hold each tile token's source (kind, block or row, offset).
 Out-of-range block ids, raw rows and slots are skipped (a skipped context token is masked out; a
-raw row outside the pool falls back to the records); a request whose ``query_start_loc`` or
-``seq_lens`` cannot hold its new tokens is left unwritten.
+raw row outside the pool falls back to the records); a context longer than the block table is cut
+to it; a request whose ``query_start_loc`` or ``seq_lens`` cannot hold its new tokens is left
+unwritten.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def _stage(sm, dst, es, xs, tk, kind, src_a, src_b, cache, head, chans, has_ch, 
         c = idx - j * d
         k = kind[j]
         if k == COMPRESSED:
-            dst_c = int32(chans[head, c]) if has_ch else c
+            dst_c = min(int32(chans[head, c]), d - 1) if has_ch else c
             sm[dst + j * d + dst_c] = sm[xs + idx]
         elif k == RAW:
             sm[dst + idx] = _to_f32(raw[src_a[j], src_b[j], head, c], bf16_raw)
@@ -293,6 +294,9 @@ def paged_attention_kernel(query, key, value, kcache, vcache, kchans, has_kch, v
     ctx = int64(seq_lens[r]) - q_len
     if q_len <= 0 or q0 < 0 or q1 > n_tok or ctx < 0:
         return  # the whole block leaves together: no barrier is left waiting
+    # A context longer than the block table is cut to it (its tokens past the table would all be
+    # skipped; a hostile seq_lens must not make the block loop over them).
+    ctx = min(ctx, int64(block_table.shape[1]) * block_size)
     num_raw = raw_k.shape[0]
     qs = 0
     acc = qs + qr * d

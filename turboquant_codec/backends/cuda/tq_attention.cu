@@ -54,7 +54,7 @@ extern "C" __global__ void tq_attn_prep(const void* __restrict__ q, const u16* _
   }
   __syncthreads();
   for (int i = threadIdx.x; i < D; i += blockDim.x)
-    qp[i] = kch ? qo[kch[static_cast<u64>(stream) * D + i]] : qo[i];
+    qp[i] = kch ? qo[min(static_cast<int>(kch[static_cast<u64>(stream) * D + i]), D - 1)] : qo[i];
   __syncthreads();
   prep_query(ktab, qp, qf, red, scale, row, qh, qscale);
 }
@@ -201,7 +201,7 @@ extern "C" __global__ void tq_attn_reduce(const float* __restrict__ part_m, cons
   // Rotated domain -> record channel order, scattered through the value channels.
   const float invL = 1.f / L;
   unrotate_values(vtab, y, z, [&](int pos, float a) {
-    const int ch = vch ? vch[static_cast<u64>(bh) * D + pos] : pos;
+    const int ch = vch ? min(static_cast<int>(vch[static_cast<u64>(bh) * D + pos]), D - 1) : pos;
     out[static_cast<u64>(row) * D + ch] = (a + ta[ch]) * invL;
   });
 }

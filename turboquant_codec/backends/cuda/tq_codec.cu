@@ -118,7 +118,7 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = ENC_THREADS / 32;
   for (int k = tid; k < EV * D; k += ENC_THREADS) {
     const int v = k / D, pos = k % D;
-    const int ch = chans ? chans[static_cast<u64>(s) * D + pos] : pos;
+    const int ch = chans ? min(static_cast<int>(chans[static_cast<u64>(s) * D + pos]), D - 1) : pos;
     xt[pos * ENC_TVP + v] = v < nv ? load_float<IN_KIND>(x, (static_cast<u64>(s) * n + v0 + v) * D + ch) : 0.f;
   }
   __syncthreads();
@@ -361,7 +361,8 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
   const u32 swz = static_cast<u32>(r % TC_SW) << 4;
   u32 off[Q];
 #pragma unroll
-  for (int j = 0; j < Q; ++j) off[j] = ((ch ? static_cast<u32>(ch[G0 + t + 4 * j]) : G0 + t + 4 * j) * TC_ES) ^ swz;
+  for (int j = 0; j < Q; ++j)
+    off[j] = ((ch ? min(static_cast<u32>(ch[G0 + t + 4 * j]), static_cast<u32>(CC::D - 1)) : G0 + t + 4 * j) * TC_ES) ^ swz;
   // Gather: raw values of rows 16m + 8h + r at positions t + 4 (4ks + 2q + {0, 1}); one address
   // per position, rows at immediate offsets.
   u32(&ah)[ENC_MT][2][KS][2] = f.ah;
@@ -722,7 +723,7 @@ extern "C" __global__ void tq_decode(const u8* __restrict__ rec, const u16* __re
 #pragma unroll
         for (int v = 0; v < TV; ++v) acc[v] = fmaf(w, zs[v][G0 + j], acc[v]);
       }
-      const int ch = chans ? chans[static_cast<u64>(s) * D + G0 + i] : G0 + i;
+      const int ch = chans ? min(static_cast<int>(chans[static_cast<u64>(s) * D + G0 + i]), D - 1) : G0 + i;
       for (int v = 0; v < nv; ++v) out[(static_cast<u64>(s) * n + v0 + v) * D + ch] = acc[v];
     }
   });
@@ -734,7 +735,7 @@ extern "C" __global__ void tq_qrot(const void* __restrict__ q, const u16* __rest
   __shared__ float qp[D], out[FD];
   const int row = blockIdx.x, s = row / rows_per_stream;
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    const int ch = chans ? chans[static_cast<u64>(s) * D + i] : i;
+    const int ch = chans ? min(static_cast<int>(chans[static_cast<u64>(s) * D + i]), D - 1) : i;
     qp[i] = load_float<IN_KIND>(q, static_cast<u64>(row) * D + ch);
   }
   __syncthreads();

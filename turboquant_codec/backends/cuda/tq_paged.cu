@@ -363,7 +363,8 @@ extern "C" __global__ void __launch_bounds__(RAW_THREADS)
     qo[i] = v;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < D; i += blockDim.x) qp[i] = kch ? qo[kch[kvh * D + i]] : qo[i];
+  for (int i = threadIdx.x; i < D; i += blockDim.x)
+    qp[i] = kch ? qo[min(static_cast<int>(kch[kvh * D + i]), D - 1)] : qo[i];
   __syncthreads();
   prep_query(ktab, qp, qf, red, scale, row, qh, qscale);
 }
@@ -504,7 +505,7 @@ extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, con
   const float invL = 1.f / L;
   const u64 obase = static_cast<u64>(r) * o_st + static_cast<u64>(row % h_q) * o_sh;
   unrotate_values(vtab, y, z, [&](int pos, float a) {
-    const int ch = vch ? vch[kvh * D + pos] : pos;
+    const int ch = vch ? min(static_cast<int>(vch[kvh * D + pos]), D - 1) : pos;
     store_float<OUT_KIND>(out, obase + ch, (a + wr * raw_acc[static_cast<u64>(row) * D + ch]) * invL);
   });
 }
