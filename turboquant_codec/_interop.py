@@ -41,6 +41,37 @@ def on_gpu(x: Any) -> bool:
     return lib in ("cupy", "numba")
 
 
+def current_stream(device: int) -> int:
+    """Handle of the caller's current stream on GPU ``device``: the stream every GPU backend launches on.
+
+    CuPy's current stream when CuPy is in use and it is not the default one, else torch's current
+    stream when torch's CUDA is initialised, else 0 (the legacy default stream). Imports neither
+    library: one not imported yet has no current stream to follow.
+    """
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        handle = int(cupy.cuda.get_current_stream(device).ptr)
+        if handle:
+            return handle
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # initialised: available too
+        return torch_stream(torch, device)
+    return 0
+
+
+def torch_stream(torch: Any, device: int) -> int:
+    """Handle of torch's current stream on ``device``.
+
+    ``torch.cuda.current_stream`` builds a ``torch.cuda.Stream`` object (a device guard and a
+    Python constructor) on every call, several microseconds; torch's own generated code reads the
+    raw handle through ``torch._C._cuda_getCurrentRawStream`` instead, used here where it exists.
+    """
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device))
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
+
 # Dtype objects (torch, NumPy) and their plain names; a handful per process.
 _DTYPE_NAMES: dict[Any, str] = {}
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _interop
 from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..encoded import Encoded
@@ -163,30 +164,18 @@ def _array_device(x: Any) -> int:
 
 
 def _stream(device: int) -> Any:
-    """CuPy's current stream, or torch's when CuPy's is the default and torch is in use."""
+    """The caller's current stream (``_interop.current_stream``): CuPy's current stream, or torch's
+    when CuPy's is the default and torch is in use."""
     cp = _cupy()
     current = cp.cuda.get_current_stream(device)
     if current.ptr != 0:
         return current
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # initialised: available too
-        ptr = _torch_stream_ptr(torch, device)
+        ptr = _interop.torch_stream(torch, device)
         if ptr != 0:
             return _external_stream(ptr, device)
     return current
-
-
-def _torch_stream_ptr(torch: Any, device: int) -> int:
-    """Handle of torch's current stream on ``device``.
-
-    ``torch.cuda.current_stream`` builds a ``torch.cuda.Stream`` object (a device guard and a
-    Python constructor) on every call, several microseconds; torch's own generated code reads the
-    raw handle through ``torch._C._cuda_getCurrentRawStream`` instead, used here where it exists.
-    """
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return int(raw(device))
-    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 @functools.lru_cache(maxsize=64)

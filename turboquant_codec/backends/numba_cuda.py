@@ -299,7 +299,7 @@ def _select_channels(x2: Any, streams: int, n: int, cfg: CodecConfig, device: in
     grid = (-(-d // THREADS), chunks, streams)
     numba_launch.launch(nk.energy_kernel, device, grid, THREADS, 0, x2, _is_bf16(x2), n, ENERGY_CHUNK,
                         partial)
-    energy = partial.copy_to_host().sum(axis=1) / n
+    energy = numba_launch.to_host(partial, device).sum(axis=1) / n
     order = np.argsort(-energy, axis=-1, kind="stable")
     top = np.sort(order[:, : cfg.outlier_dim], axis=-1)
     rest = np.sort(order[:, cfg.outlier_dim :], axis=-1)
@@ -339,7 +339,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
         _launch(nk.encode_kernel, dev, _blocks(rows, tile), tile * (3 * d + 2 * t.ngroups),
                 x2, _is_bf16(x2), chans, has_ch, n, _rows(rec, cfg.record_bytes), overflow, tile,
                 t.rot_t, t.proj_t, t.cent, t.bnd, t.meta, t.g, t.ngroups, t.qjl)
-        bad = int(overflow.copy_to_host()[0])
+        bad = int(numba_launch.to_host(overflow, dev)[0])
     if bad:
         raise ValueError(
             f"{bad} channel-group norms are above {FLOAT16_MAX:g}, the float16 norm range of the byte record"
@@ -450,8 +450,8 @@ def _resident_warps(regs: int | None, warps: int, device: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _scratch(rows: int, nsp: int, width: int, device: int) -> tuple[Any, Any, Any]:
-    """Split partials (max, sum, accumulator), reused across calls (one stream orders them)."""
+def _scratch(rows: int, nsp: int, width: int, device: int, stream: int) -> tuple[Any, Any, Any]:
+    """Split partials (max, sum, accumulator), reused across calls on one stream (which orders them)."""
     return (_empty((rows, nsp), np.float32, device), _empty((rows, nsp), np.float32, device),
             _empty((rows, nsp, width), np.float32, device))
 
@@ -520,7 +520,7 @@ def attention(
         else:
             nsplit, chunk = _splits(n, streams, split_tokens, tk)
         nsp = nsplit + (1 if t else 0)
-        m_part, l_part, acc_part = _scratch(rows, nsp, max(wv, d), dev)
+        m_part, l_part, acc_part = _scratch(rows, nsp, max(wv, d), dev, _interop.current_stream(dev))
         if t:
             ktail2, vtail2 = _rows(k_tail, d), _rows(v_tail, d)
         else:

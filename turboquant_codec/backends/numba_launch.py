@@ -16,10 +16,13 @@ the byte strides (``ArrayModel`` in numba.cuda's data models; ``test_numba_launc
 order). Scalars are packed as Numba's ``_Kernel._prepare_args`` packs them (ctypes integers and
 floats, plain bools).
 
-Outputs come from cuda.core's stream-ordered memory pool (``empty``): no device-wide
+Streams: every launch, allocation and read-back goes to the caller's current stream
+(``_interop.current_stream``: CuPy's or torch's, as cupy_raw follows them), so work queued before
+a call on that stream is seen, and the calls capture into either library's CUDA graph. Outputs come
+from cuda.core's stream-ordered memory pool (``empty``), ordered on that stream: no device-wide
 synchronisation when they are freed, unlike ``cuMemFree`` behind Numba's own device arrays.
 
-Under Numba's CUDA simulator ``launch`` is the ordinary ``kernel[grid, block, 0, smem](*args)``.
+Under Numba's CUDA simulator ``launch`` is the ordinary ``kernel[grid, block, stream, smem](*args)``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from numba import config as _nb_config
 from numba import cuda, from_dtype
 from numba.cuda import types as _nb_types
 from numba.cuda.typing.typeof import Purpose, typeof
+
+from .. import _interop
 
 # numba.cuda re-exports numba.core's types under a module mypy cannot see into.
 types: Any = _nb_types
@@ -121,7 +126,8 @@ class DeviceView:
         return DeviceView(self.ptr, (*self.shape[:-1], last // dtype.itemsize), dtype, self.owner)
 
     def copy_to_host(self) -> np.ndarray:
-        return np.asarray(cuda.as_cuda_array(self).copy_to_host())
+        """The contents, read after the work queued on the caller's current stream."""
+        return to_host(self, device_of(self.ptr) or 0)
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
@@ -143,10 +149,20 @@ def device_of(ptr: int) -> int | None:
 
 def empty(shape: tuple[int, ...], dtype: Any, device: int) -> DeviceView:
     """Uninitialised GPU memory on ``device`` (the current one) from cuda.core's stream-ordered pool,
-    ordered on its legacy default stream."""
+    ordered on the caller's current stream."""
     nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
-    buf = _device(device).allocate(nbytes, stream=_legacy_stream(device))
+    buf = _device(device).allocate(nbytes, stream=_core_stream(device))
     return DeviceView(int(buf.handle), shape, dtype, buf)
+
+
+def to_host(x: Any, device: int) -> np.ndarray:
+    """A host copy of GPU array ``x`` (a ``DeviceView`` or a Numba device array) on ``device``, read
+    on the caller's current stream once the work queued there before it has run."""
+    stream = numba_stream(device)
+    array = cuda.as_cuda_array(x) if isinstance(x, DeviceView) else x
+    host = array.copy_to_host(stream=stream)
+    stream.synchronize()
+    return np.asarray(host)
 
 
 _DEVICES: dict[int, Any] = {}
@@ -161,15 +177,34 @@ def _device(ordinal: int) -> Any:
     return dev
 
 
-_STREAMS: dict[int, Any] = {}
+# Wrappers of the caller's streams, per (device, handle) for cuda.core and per handle for Numba: a
+# handle only (no ownership), so keeping one for a recycled handle is safe. Bounded: cleared when full.
+_STREAMS: dict[tuple[int, int], Any] = {}
+_NUMBA_STREAMS: dict[int, Any] = {}
+_MAX_STREAMS = 64
 
 
-def _legacy_stream(device: int) -> Any:
-    """The legacy default stream (handle 0, where Numba launches by default) of ``device``, wrapped
-    while that device is current."""
-    stream = _STREAMS.get(device)
+def _core_stream(device: int) -> Any:
+    """The caller's current stream on ``device`` (the current device) as a cuda.core ``Stream``."""
+    key = (device, _interop.current_stream(device))
+    stream = _STREAMS.get(key)
     if stream is None:
-        stream = _STREAMS[device] = Stream.from_handle(0)
+        if len(_STREAMS) >= _MAX_STREAMS:
+            _STREAMS.clear()
+        stream = _STREAMS[key] = Stream.from_handle(key[1])
+    return stream
+
+
+def numba_stream(device: int) -> Any:
+    """The caller's current stream on ``device`` as a Numba stream, for Numba's own launches and
+    copies (the default stream where the caller has none: handle 0)."""
+    handle = _interop.current_stream(device)
+    stream = _NUMBA_STREAMS.get(handle)
+    if stream is None:
+        if len(_NUMBA_STREAMS) >= _MAX_STREAMS:
+            _NUMBA_STREAMS.clear()
+        stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
+        _NUMBA_STREAMS[handle] = stream
     return stream
 
 
@@ -228,7 +263,7 @@ def registers(kernel: Any, device: int, *args: Any) -> int | None:
 
 
 def launch(kernel: Any, device: int, grid: Any, block: int, smem_bytes: int, *args: Any) -> None:
-    """Launch Numba ``kernel`` on GPU ``device`` (the current one) on the legacy default stream.
+    """Launch Numba ``kernel`` on GPU ``device`` (the current one) on the caller's current stream.
 
     Parameters
     ----------
@@ -243,12 +278,12 @@ def launch(kernel: Any, device: int, grid: Any, block: int, smem_bytes: int, *ar
         and bools, NumPy float32 scalars; simulator arrays under the simulator.
     """
     if simulated():
-        kernel[grid, block, 0, smem_bytes](*args)
+        kernel[grid, block, numba_stream(device), smem_bytes](*args)
         return
     args = _views(args)
     _, handle, packers = _compiled(kernel, device, args)
     params: list[Any] = []
     for pack, a in zip(packers, args, strict=True):
         pack(params, a)
-    core_launch(_legacy_stream(device), LaunchConfig(grid=grid, block=block, shmem_size=smem_bytes), handle,
+    core_launch(_core_stream(device), LaunchConfig(grid=grid, block=block, shmem_size=smem_bytes), handle,
                 *params)

@@ -6,9 +6,9 @@ Layout owned here
 -----------------
 Kernels take Numba arrays *with their strides* (``_arr``): ``k_cache``/``v_cache`` are usually views
 of one packed K+V tensor, so they are indexed ``[block, offset, head, byte]`` and never reshaped.
-They are launched through Numba's own launch path on stream 0, the legacy default stream that
-``numba_launch`` launches the codec kernels on (``numba_launch.DeviceView`` carries C-contiguous
-arrays only).
+They are launched through Numba's own launch path on the caller's current stream, the one
+``numba_launch`` launches the codec kernels on (``numba_launch.numba_stream``;
+``numba_launch.DeviceView`` carries C-contiguous arrays only).
 
 ``paged_write`` (host syncs: ``numba_cuda.encode`` reads back its norm-overflow flag, and choosing
 channels reads ``slot_mapping``)::
@@ -56,6 +56,7 @@ from numba import cuda, float32, int32, int64
 
 from ..paged_cache import PagedCache
 from . import numba_cuda as nc
+from . import numba_launch
 from .numba_kernels import NEG_INF, THREADS, _ext_value, _round_even, _to_f32, _unrotate
 from .numba_launch import simulated
 from .occupancy import STATIC_SMEM_LIMIT
@@ -387,9 +388,9 @@ def paged_attention_kernel(query, key, value, kcache, vcache, kchans, has_kch, v
 
 
 # --------------------------------------------------------------------------------------------- ops
-def _launch(kernel: Any, grid: Any, smem_floats: int, *args: Any) -> None:
-    """Numba's own launch on the default stream (strided arrays; see the module docstring)."""
-    kernel[grid, THREADS, 0, 4 * smem_floats](*args)
+def _launch(kernel: Any, device: int, grid: Any, smem_floats: int, *args: Any) -> None:
+    """Numba's own launch on the caller's current stream (strided arrays; see the module docstring)."""
+    kernel[grid, THREADS, numba_launch.numba_stream(device), 4 * smem_floats](*args)
 
 
 def _encode_scatter(x: Any, slots: Any, rows: Any, n: int, cache: Any, cfg: Any, channels: Any,
@@ -400,9 +401,9 @@ def _encode_scatter(x: Any, slots: Any, rows: Any, n: int, cache: Any, cfg: Any,
     xt = nc._empty((heads, n, d), x.dtype, dev)
     use_rows = rows is not None
     rows_arr = rows if use_rows else _placeholder("int64", 1, dev)
-    _launch(gather_kernel, _grid(heads * n * d), 0, x, rows_arr, use_rows, slots, _arr(xt))
+    _launch(gather_kernel, dev, _grid(heads * n * d), 0, x, rows_arr, use_rows, slots, _arr(xt))
     records, channels = nc.encode(xt, cfg, channels)
-    _launch(scatter_kernel, _grid(heads * n * cfg.record_bytes), 0, _arr(records), rows_arr, use_rows,
+    _launch(scatter_kernel, dev, _grid(heads * n * cfg.record_bytes), 0, _arr(records), rows_arr, use_rows,
             slots, cache)
     return channels
 
@@ -434,7 +435,7 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
         count = n
         if any(cfg.split and ch is None for cfg, ch in ((cache.k_config, k_ch), (cache.v_config, v_ch))):
             # Channels are chosen from the non-padding tokens only: their rows, found on the host.
-            valid = np.flatnonzero(np.asarray(slots.copy_to_host()) >= 0)
+            valid = np.flatnonzero(numba_launch.to_host(slots, dev) >= 0)
             if valid.size == 0:
                 return k_ch, v_ch
             rows, count = cuda.to_device(valid.astype(np.int64)), int(valid.size)
@@ -444,7 +445,7 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
             raw_slot = _arr(cache.raw_slot_of_block)
             for x, raw in ((key, _arr(cache.raw_k)), (value, _arr(cache.raw_v))):
                 total = n * int(x.shape[1]) * int(x.shape[2])
-                _launch(raw_copy_kernel, _grid(total), 0, x, _bf16(x), slots, raw_slot, raw, _bf16(raw))
+                _launch(raw_copy_kernel, dev, _grid(total), 0, x, _bf16(x), slots, raw_slot, raw, _bf16(raw))
     return (k_new if k_ch is None else k_ch), (v_new if v_ch is None else v_ch)
 
 
@@ -520,7 +521,7 @@ def paged_attention(
             raw_slot = _placeholder("int32", 1, dev)
         tabs = [(_arr(t.rot), _arr(t.proj), _arr(t.cent), _arr(t.meta), t.g, t.qjl, t.qjl_scale)
                 for t in (kt, vt)]
-        _launch(paged_attention_kernel, (h_kv, b), floats,
+        _launch(paged_attention_kernel, dev, (h_kv, b), floats,
                 q, key, value, k_cache, v_cache, kch, cache.k_channels is not None, vch,
                 cache.v_channels is not None, raw_k, raw_v, raw_slot, cache.has_raw, table, lens, starts,
                 np.float32(scale), o, _bf16(q), _bf16(key), _bf16(raw_k), _bf16(raw_v), _bf16(o), qr, tk,
