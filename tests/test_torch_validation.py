@@ -236,6 +236,13 @@ def test_cache_arguments(cls: type, kwargs: dict, error: type, message: str) -> 
         cls(LlamaConfig(**SHAPE), **kwargs)
 
 
+@pytest.mark.parametrize("cls", [TurboQuantCache, DecodedCopyCache], ids=lambda c: c.__name__)
+def test_cache_states_dtype(cls: type) -> None:
+    x = torch.zeros(1, 2, 3, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match="key_states has dtype float64; supported: float16, bfloat16"):
+        cls(LlamaConfig(**SHAPE)).update(x, x, 0)
+
+
 def test_fewer_model_layers_than_the_cache_is_refused() -> None:
     model, cache = _model(1), TurboQuantCache(LlamaConfig(**SHAPE))
     message = "the model has 1 layers but the cache was built for 2"

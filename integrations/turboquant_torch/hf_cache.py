@@ -54,7 +54,7 @@ import turboquant_codec as tq
 from turboquant_codec import _validate
 from turboquant_codec.transforms import stream_seed
 
-from .ops import DTYPES, TorchCodec
+from .ops import TorchCodec
 from .ops import decode as _decode
 from .ops import encode as _encode
 
@@ -240,9 +240,7 @@ def _nbytes(t: Tensor | None) -> int:
 def check_states(layer: Any, k: Tensor, v: Tensor) -> None:
     """ValueError unless ``k``, ``v`` (B, H, q, d) fit ``layer`` (its heads, head dim, dtype, batch)."""
     for name, t in (("key_states", k), ("value_states", v)):
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name} have dtype {t.dtype}; TurboQuantCache supports "
-                             f"{', '.join(str(d) for d in DTYPES)}")
+        _validate.float_dtype(t, name)
         if t.dim() != 4:
             raise ValueError(f"{name} must be (batch, kv_heads, tokens, head_dim), got {tuple(t.shape)}")
         if t.shape[1] != layer.num_kv_heads:

@@ -35,7 +35,6 @@ import turboquant_codec as tq
 from turboquant_codec import _validate
 from turboquant_codec.config import CodecConfig
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHANNEL_DTYPE = torch.uint16
 _U64 = (1 << 64) - 1
 

@@ -31,11 +31,13 @@ import torch
 from torch import Tensor
 from turboquant_torch.paged import raw_blocks_needed
 
+from turboquant_codec import _validate
+
 
 def blocks_per_seq(block_size: int, window: int, sink_tokens: int) -> int:
     """Most blocks one sequence's window plus sinks can touch (0 when both are off)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    block_size = _validate.integer(block_size, "block_size", 1)
+    window, sink_tokens = _validate.integer(window, "window"), _validate.integer(sink_tokens, "sink_tokens")
     win = (window - 1) // block_size + 2 if window > 0 else 0
     sinks = -(-sink_tokens // block_size) if sink_tokens > 0 else 0
     return win + sinks
@@ -68,8 +70,11 @@ class RawSlotManager:
 
     def __init__(self, num_blocks: int, num_raw_blocks: int, block_size: int, window: int,
                  sink_tokens: int, device: torch.device | str = "cpu") -> None:
-        self.num_blocks, self.num_raw_blocks = int(num_blocks), int(num_raw_blocks)
-        self.block_size, self.window, self.sink_tokens = int(block_size), int(window), int(sink_tokens)
+        self.num_blocks = _validate.integer(num_blocks, "num_blocks", 0)
+        self.num_raw_blocks = _validate.integer(num_raw_blocks, "num_raw_blocks", 0)
+        self.block_size = _validate.integer(block_size, "block_size", 1)
+        self.window = _validate.integer(window, "window", 0)
+        self.sink_tokens = _validate.integer(sink_tokens, "sink_tokens", 0)
         self.raw_slot_of_block = torch.full((self.num_blocks,), -1, dtype=torch.int32, device=device)
         self._row_of: dict[int, int] = {}  # block -> row (host mirror of raw_slot_of_block)
         self._block_of: list[int] = [-1] * self.num_raw_blocks
