@@ -20,7 +20,7 @@ HEADS, KV_HEADS, D, BLOCK, BATCH, PROMPT, STEPS = 8, 2, 128, 16, 4, 150, 3
 def _impl():  # type: ignore[no-untyped-def]
     from turboquant_vllm import TurboQuantAttentionImpl, TurboQuantConfig
 
-    cfg = TurboQuantConfig(flush_interval=64, sink_tokens=4, max_seq_len=1024)
+    cfg = TurboQuantConfig(raw_window=64, sink_tokens=4, max_seq_len=1024)
     return TurboQuantAttentionImpl(num_heads=HEADS, head_size=D, scale=D**-0.5, num_kv_heads=KV_HEADS,
                                    tq_config=cfg, layer_idx=3), cfg
 

@@ -776,7 +776,9 @@ class TurboQuantCache(Cache):
         TurboQuant_mse or TurboQuant_prod (QJL). MSE keys measured better for attention
         (docs/eval-smollm2.md).
     flush_interval : int
-        Recent tokens kept raw before being compressed together (``F`` in the module docstring).
+        The flush batch: recent tokens are kept raw until ``F`` have gathered, then compressed
+        together (``F`` in the module docstring). Not the vLLM plugin's ``raw_window``
+        (``TQ_RAW_WINDOW``), which keeps the latest tokens raw as a sliding window.
     sinks : int
         Leading tokens of each row kept uncompressed (attention sinks).
     seed : int

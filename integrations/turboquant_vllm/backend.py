@@ -277,8 +277,8 @@ class _Standalone:
         self.blocks = -(-self.max_len // self.BLOCK)
         self.kv_cache = torch.zeros(self.blocks, heads, self.BLOCK, cfg.state_bytes(head_dim),
                                     dtype=torch.uint8, device=device)
-        rows = blocks_per_seq(self.BLOCK, cfg.flush_interval, cfg.sink_tokens)
-        self.raw = RawSlotManager(self.blocks, rows, self.BLOCK, cfg.flush_interval, cfg.sink_tokens, device)
+        rows = blocks_per_seq(self.BLOCK, cfg.raw_window, cfg.sink_tokens)
+        self.raw = RawSlotManager(self.blocks, rows, self.BLOCK, cfg.raw_window, cfg.sink_tokens, device)
         self.length = 0
         self.device = device
 
@@ -367,7 +367,7 @@ if HAVE_VLLM:
                 if self.raw is None:
                     num_blocks = self._num_blocks()
                     self.raw = RawSlotManager(num_blocks, self.reservation.num_raw_blocks, self.block_size,
-                                              self.tq_config.flush_interval, self.tq_config.sink_tokens,
+                                              self.tq_config.raw_window, self.tq_config.sink_tokens,
                                               self.device)
                 self.raw.step(block_table, seq_cpu, (qsl_cpu[1:] - qsl_cpu[:-1]))
                 raw = self.raw

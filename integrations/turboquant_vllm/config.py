@@ -12,8 +12,9 @@ TQ_K_BITS           key bits (overrides TQ_B_MSE / TQ_B_QJL for keys)
 TQ_V_BITS           value bits (overrides TQ_B_MSE for values)
 TQ_K_MODE           mse | prod for keys (default mse; prod when TQ_B_QJL=1)
 TQ_V_MODE           mse | prod for values (default mse)
-TQ_FLUSH_INTERVAL   recent tokens of each running sequence read uncompressed (default 128;
-                    0 = quantize on write)
+TQ_RAW_WINDOW       recent tokens of each running sequence read uncompressed (default 128;
+                    0 = quantize on write). TQ_FLUSH_INTERVAL, the original plugin's name, is
+                    still read (with a deprecation warning) when TQ_RAW_WINDOW is unset
 TQ_SINK_TOKENS      first tokens of each sequence read uncompressed (default 4; their block)
 TQ_SEED             base seed of the rotations (default 0)
 TQ_CODEC_BACKEND    codec backend for CUDA tensors: auto or a turboquant_codec backend name
@@ -30,6 +31,7 @@ TQ_MARKER_FILE      evidence file: each process appends a JSON line when the bac
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ DEFAULTS: dict[str, object] = {
     "b_qjl": 0,
     "k_mode": "mse",
     "v_mode": "mse",
-    "flush_interval": 128,
+    "raw_window": 128,
     "sink_tokens": 4,
     "seed": 0,
     "codec_backend": "auto",
@@ -54,10 +56,14 @@ DEFAULTS: dict[str, object] = {
 ENV_PREFIX = "TQ_"
 #: Every variable the plugin reads (unknown TQ_* names are left alone: the codec reads TQ_BACKEND).
 ENV_VARS = (
-    "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_FLUSH_INTERVAL",
-    "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_RAW_SHARE", "TQ_NUM_LAYERS",
-    "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE", "TQ_MARKER_FILE",
+    "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_RAW_WINDOW",
+    "TQ_FLUSH_INTERVAL", "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_RAW_SHARE",
+    "TQ_NUM_LAYERS", "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE",
+    "TQ_MARKER_FILE",
 )
+#: Old names still read: old -> new (a deprecation warning names both).
+DEPRECATED_VARS = {"TQ_FLUSH_INTERVAL": "TQ_RAW_WINDOW"}
+logger = logging.getLogger("vllm.turboquant_vllm")
 _SHAPE_FIELDS = (
     ("num_layers", "TQ_NUM_LAYERS"), ("num_heads", "TQ_NUM_HEADS"), ("num_kv_heads", "TQ_NUM_KV_HEADS"),
     ("head_dim", "TQ_HEAD_DIM"), ("max_seq_len", "TQ_MAX_SEQ_LEN"),
@@ -109,16 +115,17 @@ def _mode(env: Mapping[str, str], name: str) -> str | None:
 
 @dataclass(frozen=True)
 class TurboQuantConfig:
-    """Configuration of the TurboQuant KV cache (the original plugin's names kept).
+    """Configuration of the TurboQuant KV cache.
 
     Parameters
     ----------
     k_bits, v_bits : float
         Nominal bits per value of keys and values (norms are extra; see ``record_bytes``).
     k_mode, v_mode : {"mse", "prod"}
-    flush_interval : int
-        The most recent ``flush_interval`` tokens of every running sequence are attended
-        uncompressed (raw side pool); 0 quantizes on write.
+    raw_window : int
+        The most recent ``raw_window`` tokens of every running sequence are attended uncompressed
+        (raw side pool); 0 quantizes on write. (The HF cache's ``flush_interval`` is another thing:
+        how many new tokens it compresses together.)
     sink_tokens : int
         The first ``sink_tokens`` tokens (their whole block in vLLM) are attended uncompressed.
     seed : int
@@ -143,7 +150,7 @@ class TurboQuantConfig:
     v_bits: float = float(DEFAULTS["b_mse"])  # type: ignore[arg-type]
     k_mode: str = str(DEFAULTS["k_mode"])
     v_mode: str = str(DEFAULTS["v_mode"])
-    flush_interval: int = int(DEFAULTS["flush_interval"])  # type: ignore[call-overload]
+    raw_window: int = int(DEFAULTS["raw_window"])  # type: ignore[call-overload]
     sink_tokens: int = int(DEFAULTS["sink_tokens"])  # type: ignore[call-overload]
     seed: int = int(DEFAULTS["seed"])  # type: ignore[call-overload]
     codec_backend: str = str(DEFAULTS["codec_backend"])
@@ -167,7 +174,7 @@ class TurboQuantConfig:
                 CodecConfig(d=64, bits=float(bits), mode=mode)
             except ValueError as exc:
                 raise ConfigError(f"{var}={bits:g} ({field} mode {mode}): {exc}") from None
-        for name, value in (("TQ_FLUSH_INTERVAL", self.flush_interval), ("TQ_SINK_TOKENS", self.sink_tokens),
+        for name, value in (("TQ_RAW_WINDOW", self.raw_window), ("TQ_SINK_TOKENS", self.sink_tokens),
                             ("TQ_SEED", self.seed)):
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0")
@@ -230,7 +237,7 @@ class TurboQuantConfig:
         backend = _get(env, "TQ_CODEC_BACKEND")
         return cls(
                 k_bits=k_bits, v_bits=v_bits, k_mode=k_mode, v_mode=v_mode,
-                flush_interval=_default(_int(env, "TQ_FLUSH_INTERVAL", 0), "flush_interval"),
+                raw_window=_default(_renamed_int(env, "TQ_RAW_WINDOW", 0), "raw_window"),
                 sink_tokens=_default(_int(env, "TQ_SINK_TOKENS", 0), "sink_tokens"),
                 seed=_default(_int(env, "TQ_SEED", 0), "seed"),
                 codec_backend=backend or str(DEFAULTS["codec_backend"]),
@@ -295,7 +302,7 @@ class TurboQuantConfig:
 
     def describe(self) -> str:
         return (f"K {self.k_mode} {self.k_bits:g} bits, V {self.v_mode} {self.v_bits:g} bits, "
-                f"window {self.flush_interval}, sinks {self.sink_tokens}, seed {self.seed}, "
+                f"raw window {self.raw_window}, sinks {self.sink_tokens}, seed {self.seed}, "
                 f"raw pool <= {self.raw_share:g} of the KV budget")
 
 
@@ -307,6 +314,21 @@ def _share(env: Mapping[str, str], name: str) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a fraction such as 0.1") from None
+
+
+def _renamed_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
+    """``_int`` of ``name``, or of its old name (``DEPRECATED_VARS``) with a deprecation warning when
+    ``name`` is unset; ConfigError when both are set to different values."""
+    old = next(o for o, n in DEPRECATED_VARS.items() if n == name)
+    value, old_value = _int(env, name, minimum), _int(env, old, minimum)
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise ConfigError(f"{name}={value} and {old}={old_value} disagree: {old} is the old name of {name}; "
+                          f"unset {old}")
+    logger.warning("%s is deprecated: it is read as %s=%d (the raw recent window); set %s instead",
+                   old, name, old_value, name)
+    return old_value
 
 
 def _default(value: int | None, key: str) -> int:

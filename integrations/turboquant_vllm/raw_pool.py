@@ -3,7 +3,7 @@
 vLLM's pages are uniform and shared by prefix caching, so the compressed cache is always complete
 (``turboquant_torch.paged.write_compressed`` writes every token) and a small side pool of raw blocks
 holds *extra* copies of the blocks that lie in some running sequence's recent window
-(``TQ_FLUSH_INTERVAL`` tokens) or hold its sinks (its first block). Attention reads a token raw when
+(``TQ_RAW_WINDOW`` tokens) or hold its sinks (its first block). Attention reads a token raw when
 its block has a copy, else decodes it.
 
 Rules kept by ``RawSlotManager.step`` (called once per scheduler step, before any layer runs):

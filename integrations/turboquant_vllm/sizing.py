@@ -90,7 +90,7 @@ class RawReservation:
     def describe(self) -> str:
         """One log line: what was chosen and why."""
         if self.blocks_per_seq == 0 or self.raw_seqs == 0:
-            return "no raw side pool (TQ_FLUSH_INTERVAL=0 and TQ_SINK_TOKENS=0, or TQ_RAW_SEQS=0)"
+            return "no raw side pool (TQ_RAW_WINDOW=0 and TQ_SINK_TOKENS=0, or TQ_RAW_SEQS=0)"
         budget = "unknown budget" if self.budget_bytes is None else f"{self.budget_bytes / 2**20:.1f} MiB"
         per_seq = self.bytes_per_seq / 2**20
         line = (f"raw side pool {self.num_raw_blocks} rows of {self.block_size} tokens = "
@@ -111,7 +111,7 @@ def plan_raw_pool(cfg: TurboQuantConfig, *, budget_bytes: int | None, max_num_se
     Parameters
     ----------
     cfg : TurboQuantConfig
-        Supplies ``raw_seqs`` (None: ``max_num_seqs``), ``raw_share``, ``flush_interval``, ``sink_tokens``.
+        Supplies ``raw_seqs`` (None: ``max_num_seqs``), ``raw_share``, ``raw_window``, ``sink_tokens``.
     budget_bytes : int or None
         The rank's KV-cache budget; the pool takes at most ``cfg.raw_share`` of it (None: no cap).
     max_num_seqs : int
@@ -126,7 +126,7 @@ def plan_raw_pool(cfg: TurboQuantConfig, *, budget_bytes: int | None, max_num_se
         the new ones is read compressed.
     """
     raw_seqs = cfg.raw_seqs if cfg.raw_seqs is not None else int(max_num_seqs)
-    bps = blocks_per_seq(block_size, cfg.flush_interval, cfg.sink_tokens)
+    bps = blocks_per_seq(block_size, cfg.raw_window, cfg.sink_tokens)
     per_seq = raw_pool_bytes(bps, num_layers, block_size, num_kv_heads, head_dim, dtype_bytes)
     covered = raw_seqs
     if budget_bytes is not None and per_seq > 0:

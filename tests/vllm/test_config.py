@@ -13,19 +13,33 @@ from turboquant_vllm.raw_pool import RawSlotManager, blocks_per_seq
 def test_defaults_in_one_place():
     cfg = TurboQuantConfig.from_env({})
     assert (cfg.k_mode, cfg.v_mode, cfg.k_bits, cfg.v_bits) == ("mse", "mse", 3.5, 3.5)
-    assert cfg.flush_interval == DEFAULTS["flush_interval"] == 128
+    assert cfg.raw_window == DEFAULTS["raw_window"] == 128
     assert cfg.sink_tokens == DEFAULTS["sink_tokens"] == 4
     assert cfg == TurboQuantConfig()
     assert cfg.state_bytes(64) == 64  # 32-byte K and V records at d=64: 4x fewer bytes than bf16
 
 
 def test_original_names_and_qjl():
-    cfg = TurboQuantConfig.from_env({"TQ_B_MSE": "2.5", "TQ_B_QJL": "1", "TQ_FLUSH_INTERVAL": "64"})
+    cfg = TurboQuantConfig.from_env({"TQ_B_MSE": "2.5", "TQ_B_QJL": "1", "TQ_RAW_WINDOW": "64"})
     assert (cfg.k_mode, cfg.k_bits, cfg.v_mode, cfg.v_bits) == ("prod", 3.5, "mse", 2.5)
-    assert cfg.flush_interval == 64
+    assert cfg.raw_window == 64
     cfg = TurboQuantConfig.from_env({"TQ_K_BITS": "4", "TQ_V_BITS": "3", "TQ_SINK_TOKENS": "0",
-                                     "TQ_SEED": "7", "TQ_FLUSH_INTERVAL": "0"})
-    assert (cfg.k_bits, cfg.v_bits, cfg.sink_tokens, cfg.seed, cfg.flush_interval) == (4, 3, 0, 7, 0)
+                                     "TQ_SEED": "7", "TQ_RAW_WINDOW": "0"})
+    assert (cfg.k_bits, cfg.v_bits, cfg.sink_tokens, cfg.seed, cfg.raw_window) == (4, 3, 0, 7, 0)
+
+
+def test_old_window_name_still_read_with_a_deprecation_warning(caplog):
+    with caplog.at_level("WARNING", logger="vllm.turboquant_vllm"):
+        cfg = TurboQuantConfig.from_env({"TQ_FLUSH_INTERVAL": "64"})
+    assert cfg.raw_window == 64
+    assert "TQ_FLUSH_INTERVAL is deprecated" in caplog.text and "TQ_RAW_WINDOW" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vllm.turboquant_vllm"):
+        assert TurboQuantConfig.from_env({"TQ_RAW_WINDOW": "32"}).raw_window == 32
+    assert "deprecated" not in caplog.text
+    assert TurboQuantConfig.from_env({"TQ_RAW_WINDOW": "16", "TQ_FLUSH_INTERVAL": "16"}).raw_window == 16
+    with pytest.raises(ConfigError, match=r"TQ_RAW_WINDOW=16 and TQ_FLUSH_INTERVAL=64 disagree"):
+        TurboQuantConfig.from_env({"TQ_RAW_WINDOW": "16", "TQ_FLUSH_INTERVAL": "64"})
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -35,8 +49,9 @@ def test_original_names_and_qjl():
     ({"TQ_B_QJL": "1", "TQ_K_MODE": "mse"}, "TQ_B_QJL"),
     ({"TQ_K_BITS": "1.25"}, "TQ_K_BITS"),
     ({"TQ_V_MODE": "fp8"}, "TQ_V_MODE"),
+    ({"TQ_RAW_WINDOW": "-1"}, "TQ_RAW_WINDOW"),
+    ({"TQ_RAW_WINDOW": "1e3"}, "TQ_RAW_WINDOW"),
     ({"TQ_FLUSH_INTERVAL": "-1"}, "TQ_FLUSH_INTERVAL"),
-    ({"TQ_FLUSH_INTERVAL": "1e3"}, "TQ_FLUSH_INTERVAL"),
     ({"TQ_SINK_TOKENS": "x"}, "TQ_SINK_TOKENS"),
     ({"TQ_SEED": "-3"}, "TQ_SEED"),
     ({"TQ_NUM_KV_HEADS": "0"}, "TQ_NUM_KV_HEADS"),
@@ -117,7 +132,7 @@ def test_standalone_impl_matches_exact_attention_inside_the_window():
     from turboquant_vllm import TurboQuantAttentionImpl
 
     torch.manual_seed(0)
-    cfg = TurboQuantConfig(flush_interval=512, max_seq_len=512)
+    cfg = TurboQuantConfig(raw_window=512, max_seq_len=512)
     impl = TurboQuantAttentionImpl(num_heads=6, head_size=64, scale=0.125, num_kv_heads=2, tq_config=cfg,
                                    layer_idx=0)
     q, k, v = torch.randn(50, 6, 64), torch.randn(50, 2, 64), torch.randn(50, 2, 64)
@@ -129,7 +144,7 @@ def test_standalone_impl_matches_exact_attention_inside_the_window():
     assert torch.allclose(out, ref, atol=1e-4)
     # Without the window (quantize on write) the past is read compressed: close, not exact.
     impl2 = TurboQuantAttentionImpl(num_heads=6, head_size=64, scale=0.125, num_kv_heads=2, layer_idx=0,
-                                    tq_config=TurboQuantConfig(flush_interval=0, sink_tokens=0))
+                                    tq_config=TurboQuantConfig(raw_window=0, sink_tokens=0))
     out2 = torch.cat([impl2.forward(q[:40], k[:40], v[:40]), impl2.forward(q[40:], k[40:], v[40:])])
     err = (out2[40:] - ref[40:]).norm() / ref[40:].norm()
     assert 0 < err < 0.3
@@ -166,7 +181,7 @@ def test_raw_pool_fits_the_share_of_the_budget_instead_of_refusing():
     ({"TQ_RAW_SHARE": "0"}, 0),              # no window at all, the engine still starts
     ({"TQ_RAW_SEQS": "3"}, 3),               # fewer sequences asked for than fit
     ({"TQ_RAW_SEQS": "100"}, 7),             # more asked for than fit: capped by the share
-    ({"TQ_FLUSH_INTERVAL": "0", "TQ_SINK_TOKENS": "0"}, 0),
+    ({"TQ_RAW_WINDOW": "0", "TQ_SINK_TOKENS": "0"}, 0),
 ])
 def test_raw_pool_knobs(env, covered):
     from turboquant_vllm.sizing import plan_raw_pool
