@@ -180,13 +180,19 @@ def output(out: Any, shape: tuple[int, ...], like: Any, name: str) -> None:
 
 # -------------------------------------------------------------------- shapes of the codec's inputs
 # Metadata only, so the torch ops' fake (meta) implementations apply the very same rules.
-def encoded_arrays(records: Any, channels: Any, cfg: CodecConfig) -> tuple[int, ...]:
-    """Shape and dtype of an ``Encoded``'s arrays for ``cfg``; returns the records' shape."""
+def record_array(records: Any, cfg: CodecConfig, name: str = "records") -> tuple[int, ...]:
+    """Shape (..., n, record_bytes) and dtype uint8 of records for ``cfg``; returns the shape."""
     shape = tuple(records.shape)
     if len(shape) < 2 or shape[-1] != cfg.record_bytes:
-        raise ValueError(f"records must have shape (..., n, {cfg.record_bytes}) for {cfg}, got {shape}")
+        raise ValueError(f"{name} must have shape (..., n, {cfg.record_bytes}) for {cfg}, got {shape}")
     if _interop.dtype_name(records) != "uint8":
-        raise ValueError(f"records must be uint8, got {_interop.dtype_name(records)}")
+        raise ValueError(f"{name} must be uint8, got {_interop.dtype_name(records)}")
+    return shape
+
+
+def encoded_arrays(records: Any, channels: Any, cfg: CodecConfig) -> tuple[int, ...]:
+    """Shape and dtype of an ``Encoded``'s arrays for ``cfg``; returns the records' shape."""
+    shape = record_array(records, cfg)
     if cfg.split:
         if channels is None:
             raise ValueError(f"bits={cfg.bits:g} splits channels: a channel permutation is required")

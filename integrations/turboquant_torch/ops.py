@@ -60,17 +60,6 @@ def check_float(x: Tensor, name: str) -> None:
     _validate.float_dtype(x, name)
 
 
-def check_records(records: Tensor, cfg: CodecConfig, name: str) -> None:
-    """ValueError unless ``records`` is uint8 with ``cfg.record_bytes`` in its last dimension."""
-    if records.dtype != torch.uint8:
-        raise ValueError(f"{name} must be uint8, got {records.dtype}")
-    if records.dim() < 2 or records.shape[-1] != cfg.record_bytes:
-        raise ValueError(
-            f"{name} records are {records.shape[-1] if records.dim() else '?'} bytes but "
-            f"d={cfg.d}, bits={cfg.bits:g}, mode={cfg.mode!r} needs {cfg.record_bytes}"
-        )
-
-
 def _same_device(*named: tuple[str, Tensor | None]) -> None:
     present = [(n, t) for n, t in named if t is not None]
     first_name, first = present[0]
@@ -203,7 +192,7 @@ def _decode_op(
     records: Tensor, channels: Tensor | None, d: int, bits: float, mode: str, seed: int
 ) -> Tensor:
     cfg = make_config(d, bits, mode, seed)
-    check_records(records, cfg, "records")
+    _validate.record_array(records, cfg, "records")
     enc = _encoded(records, _channels_in(channels, cfg), cfg)
     return _torch(tq.decode(enc, backend=_backend(records)), records.device)
 
@@ -211,7 +200,6 @@ def _decode_op(
 @_decode_op.register_fake
 def _(records, channels, d, bits, mode, seed):  # type: ignore[no-untyped-def]
     cfg = make_config(d, bits, mode, seed)
-    check_records(records, cfg, "records")
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
 
@@ -243,7 +231,7 @@ def _scores_op(
     q: Tensor, records: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int
 ) -> Tensor:
     cfg = make_config(q.shape[-1], bits, mode, seed)
-    check_records(records, cfg, "records")
+    _validate.record_array(records, cfg, "records")
     _same_device(("q", q), ("records", records), ("channels", channels))
     enc = _encoded(records, _channels_in(channels, cfg), cfg)
     query = _gpu(q) if q.is_cuda else _host(q)
@@ -254,7 +242,6 @@ def _scores_op(
 def _(q, records, channels, bits, mode, seed):  # type: ignore[no-untyped-def]
     check_float(q, "q")
     cfg = make_config(q.shape[-1], bits, mode, seed)
-    check_records(records, cfg, "records")
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     _validate.scores_inputs(q, tuple(records.shape[:-1]) + (cfg.d,))
     _same_device(("q", q), ("records", records), ("channels", channels))
@@ -302,8 +289,8 @@ def _attention_op(
 ) -> Tensor:
     d = q.shape[-1]
     k_cfg, v_cfg = make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed)
-    check_records(k_records, k_cfg, "k_records")
-    check_records(v_records, v_cfg, "v_records")
+    _validate.record_array(k_records, k_cfg, "k_records")
+    _validate.record_array(v_records, v_cfg, "v_records")
     _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
                  ("v_tail", v_tail))
     k_enc = _encoded(k_records, _channels_in(k_channels, k_cfg), k_cfg)
@@ -329,7 +316,7 @@ def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v
     for name, records, channels, cfg in (
             ("k_records", k_records, k_channels, make_config(d, k_bits, k_mode, k_seed)),
             ("v_records", v_records, v_channels, make_config(d, v_bits, v_mode, v_seed))):
-        check_records(records, cfg, name)
+        _validate.record_array(records, cfg, name)
         _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
         shapes.append(tuple(records.shape[:-1]) + (d,))
     _validate.attention_inputs(q, shapes[0], shapes[1], k_tail, v_tail)
