@@ -1,7 +1,8 @@
 """The GPU kernels under hostile metadata: no read or write outside the cache, no other request
 touched. Meant to run under CUDA's memory checker, which reports any out-of-bounds access::
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q tests/test_sanitizer.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider \
+        tests/test_sanitizer.py
 
 (the assertions here check what the kernels compute; the sanitizer checks where they read and
 write). Backends: cupy_raw (CuPy arrays, the vLLM packed layout: the fused decode kernels) and
@@ -15,7 +16,7 @@ head dimension. Without ``num_decodes`` the public API checks the values on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +57,22 @@ class Lib:
 
 
 @pytest.fixture(params=["cupy_raw", "numba_cuda"])
-def lib(request: pytest.FixtureRequest) -> Lib:
+def lib(request: pytest.FixtureRequest) -> Iterator[Lib]:
     name = request.param
     _real_gpu(name)
     if name == "cupy_raw":
         import cupy
 
-        return Lib(name, lambda a: cupy.asarray(np.ascontiguousarray(a)), cupy.asnumpy, True)
+        # Without CuPy's pool every array is its own allocation, so the memory checker sees an
+        # access past an array (inside a pooled chunk it would not).
+        pool = cupy.cuda.get_allocator()
+        cupy.cuda.set_allocator(None)
+        yield Lib(name, lambda a: cupy.asarray(np.ascontiguousarray(a)), cupy.asnumpy, True)
+        cupy.cuda.set_allocator(pool)
+        return
     from numba import cuda
 
-    return Lib(name, lambda a: cuda.to_device(np.ascontiguousarray(a)), lambda a: a.copy_to_host(), False)
+    yield Lib(name, lambda a: cuda.to_device(np.ascontiguousarray(a)), lambda a: a.copy_to_host(), False)
 
 
 @dataclass
