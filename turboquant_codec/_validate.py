@@ -49,22 +49,32 @@ def integer(value: Any, name: str, low: int | None = None, high: int | None = No
     ValueError
         Outside the bounds.
     """
-    if isinstance(value, bool | np.bool_):
+    if type(value) is int:  # the common case first: every public call makes a few of these
+        v = value
+    elif isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be an integer, got the bool {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    else:
+        v = _index(value, name)
     if (low is not None and v < low) or (high is not None and v > high):
         raise ValueError(f"{name} must be an integer {_span(low, high)}, got {v}")
     return v
 
 
+def _index(value: Any, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+
+
 def seed(value: Any, name: str = "seed") -> int:
     """A codec seed: an integer in ``[0, 2**64)`` (NumPy integers included), as a Python int."""
-    if isinstance(value, bool | np.bool_) or not hasattr(value, "__index__"):
+    if type(value) is int:
+        v = value
+    elif isinstance(value, bool | np.bool_) or not hasattr(value, "__index__"):
         raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(value).__name__} {value!r}")
-    v = operator.index(value)
+    else:
+        v = operator.index(value)
     if not 0 <= v <= MAX_SEED:
         raise ValueError(f"{name} must be an integer in [0, 2**64), got {v}")
     return v
@@ -72,6 +82,8 @@ def seed(value: Any, name: str = "seed") -> int:
 
 def real(value: Any, name: str) -> float:
     """``value`` as a float: an int or a float (NumPy's included), never a bool or a string."""
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check
+        return float(value)
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
