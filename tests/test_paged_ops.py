@@ -185,7 +185,7 @@ def test_kept_cache_views_serve_new_steps(monkeypatch: pytest.MonkeyPatch) -> No
     """The per-cache keeping (GPU caches) driven on the host by keying NumPy arrays as the GPU path
     keys tensors: the cache is checked once, every step's own arrays on every call, and each step's
     result equals a fresh reference call."""
-    from turboquant_codec import paged
+    from turboquant_codec import _interop, _replay, paged
 
     def host_key(x: object) -> tuple | None:
         if x is None:
@@ -193,8 +193,8 @@ def test_kept_cache_views_serve_new_steps(monkeypatch: pytest.MonkeyPatch) -> No
         return (x.__array_interface__["data"][0], x.shape, x.strides, x.dtype)  # type: ignore[attr-defined]
 
     checks = []
-    monkeypatch.setattr(paged, "_key", host_key)
-    monkeypatch.setattr(paged, "_PREPARED", paged.collections.OrderedDict())
+    monkeypatch.setattr(_interop, "gpu_key", host_key)
+    monkeypatch.setattr(paged, "_PREPARED", _replay.Memo())
     real_check = paged._check_cache
     monkeypatch.setattr(paged, "_check_cache", lambda c: (checks.append(c), real_check(c)))
     p = make([45, 100, 20], 64, 3.5, raw_blocks=4, seed=31)
