@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 source tools/setup.sh
 export NUMBA_ENABLE_CUDASIM=1 PYTHONHASHSEED=0
 "$VPY" -m ruff check turboquant_codec integrations tests asv_bench benchmarks
-"$VPY" -m mypy turboquant_codec
+"$VPY" -m mypy turboquant_codec integrations
 set +e
 "$VPY" -m pytest -q --ignore=tests/vllm "$@"
 rc=$?

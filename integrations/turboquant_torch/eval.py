@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -155,7 +155,7 @@ RECIPE_NAMES = (
 
 def _recipes(flush: int, sinks: int) -> dict[str, tuple[str, Callable[[Any, float], Any]]]:
     """name -> (K/V label, make_cache(config, bits))."""
-    common = {"flush_interval": flush, "sinks": sinks}
+    common: dict[str, Any] = {"flush_interval": flush, "sinks": sinks}
     recipes = {
         "TurboQuant": ("mse / mse", lambda cfg, b: TurboQuantCache(
             cfg, key_bits=b, value_bits=b, key_mode="mse", value_mode="mse", **common)),
@@ -170,13 +170,13 @@ def _recipes(flush: int, sinks: int) -> dict[str, tuple[str, Callable[[Any, floa
     return recipes
 
 
-def _sizes(cache: TurboQuantCache, config: Any, n_tokens: int) -> dict[str, float]:
+def _sizes(cache: TurboQuantCache, config: Any, n_tokens: int) -> dict[str, Any]:
     """Honest sizes of a filled cache."""
     mem = cache.memory()
     layers = len(cache.layers)
     per_token_fp16 = layers * cache.num_kv_heads * cache.head_dim * 2 * 2  # K + V, 2 bytes each
     values = mem.compressed_tokens * cache.num_kv_heads * cache.head_dim * 2  # summed over layers
-    elem = torch.finfo(cache.layers[0].dtype).bits // 8
+    elem = torch.finfo(cast(Any, cache.layers[0]).dtype).bits // 8  # a TurboQuantLayer's dtype
     raw_fp16 = mem.raw * 2 // elem
     compressed = mem.records + mem.metadata
     bpv = compressed * 8 / values if values else 16.0

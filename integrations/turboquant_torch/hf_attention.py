@@ -104,8 +104,8 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
     # cache is neither compiled nor graph-captured); on the host, on NumPy views.
     out = torch.empty_like(q)
     args = (q, k, v, out) if not a["host"] else (q.numpy(), k.numpy(), v.numpy(), out.numpy())
-    paged_attention(a["cache"], *args[:3], a["block_table"], a["seq_lens"], a["query_start_loc"], scale=scale,
-                    out=args[3], num_decodes=a["num_decodes"])
+    paged_attention(a["cache"], args[0], args[1], args[2], a["block_table"], a["seq_lens"],
+                    a["query_start_loc"], scale=scale, out=args[3], num_decodes=a["num_decodes"])
     return out.unsqueeze(1)
 
 

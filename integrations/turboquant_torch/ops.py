@@ -143,7 +143,7 @@ def _encode_op(
 
 
 @_encode_op.register_fake
-def _(x, channels, bits, mode, seed, check_finite):  # type: ignore[no-untyped-def]
+def _(x, channels, bits, mode, seed, check_finite):
     shape = _validate.float_array(x, "x", 2)
     cfg = make_config(x.shape[-1], bits, mode, seed)
     lead = tuple(x.shape[:-2])
@@ -198,7 +198,7 @@ def _decode_op(
 
 
 @_decode_op.register_fake
-def _(records, channels, d, bits, mode, seed):  # type: ignore[no-untyped-def]
+def _(records, channels, d, bits, mode, seed):
     cfg = make_config(d, bits, mode, seed)
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
@@ -239,7 +239,7 @@ def _scores_op(
 
 
 @_scores_op.register_fake
-def _(q, records, channels, bits, mode, seed):  # type: ignore[no-untyped-def]
+def _(q, records, channels, bits, mode, seed):
     check_float(q, "q")
     cfg = make_config(q.shape[-1], bits, mode, seed)
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
@@ -308,7 +308,7 @@ def _attention_op(
 
 
 @_attention_op.register_fake
-def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,  # type: ignore[no-untyped-def]
+def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,
       v_seed, scale, k_tail, v_tail):
     check_float(q, "q")
     d = q.shape[-1]

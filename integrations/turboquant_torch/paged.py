@@ -138,7 +138,7 @@ def _paged_write_op(
 
 
 @_paged_write_op.register_fake
-def _(k_cache, v_cache, key, value, slot_mapping, k_channels, v_channels, raw_k, raw_v,  # type: ignore[no-untyped-def]
+def _(k_cache, v_cache, key, value, slot_mapping, k_channels, v_channels, raw_k, raw_v,
       raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend):
     return None
 
@@ -159,7 +159,7 @@ def _paged_attention_op(
 
 
 @_paged_attention_op.register_fake
-def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v,  # type: ignore[no-untyped-def]
+def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v,
       raw_slot_of_block, block_table, seq_lens, query_start_loc, scale, num_decodes, k_bits, k_mode,
       k_seed, v_bits, v_mode, v_seed, backend):
     return None

@@ -218,15 +218,16 @@ class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
         query = query.view(-1, self.num_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
         self._ready_channels(key, value, slots, k_codec, v_codec)
-        raw = None
+        raw: tuple[Tensor, Tensor, Tensor] | None = None
         if md.raw is not None and md.raw.enabled:
-            raw_k, raw_v = self._raw_pool(md.raw.num_raw_blocks, md.block_size, key)
-            raw = (raw_k, raw_v, md.raw.raw_slot_of_block)
+            pool_k, pool_v = self._raw_pool(md.raw.num_raw_blocks, md.block_size, key)
+            raw = (pool_k, pool_v, md.raw.raw_slot_of_block)
         # TQ_CODEC_BACKEND names the backend for CUDA tensors; host tensors take the host's own.
         backend = self.tq_config.codec_backend if key.is_cuda else "auto"
         write_compressed(k_cache, v_cache, key, value, slots, k_codec, v_codec, raw=raw, backend=backend)
+        raw_k, raw_v, raw_map = raw if raw is not None else (None, None, None)
         paged_attention(query, key, value, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-                        self.scale, k_codec, v_codec, *(raw or (None, None, None)), out=out,
+                        self.scale, k_codec, v_codec, raw_k, raw_v, raw_map, out=out,
                         num_decodes=md.num_decodes, backend=backend)
 
     def _ready_channels(self, key: Tensor, value: Tensor, slots: Tensor, k_codec: TorchCodec,

@@ -35,6 +35,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from turboquant_codec.config import CodecConfig
 
@@ -287,7 +288,8 @@ class TurboQuantConfig:
                     CodecConfig(d=int(d), bits=bits, mode=mode)
                 except ValueError as exc:
                     raise ConfigError(f"head_dim={d} with {var}={bits:g} ({mode}): {exc}") from None
-        filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in detected.items()}
+        filled: dict[str, Any] = {k: (getattr(self, k) if getattr(self, k) is not None else v)
+                                  for k, v in detected.items()}
         return dataclasses.replace(self, device=self.device or device, **filled)
 
     # --------------------------------------------------------------------------------- sizes
