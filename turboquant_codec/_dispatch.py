@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from . import _interop
 from . import backends as _registry
+from ._ops import Backend
 from .capabilities import CAPABILITIES
 from .config import CodecConfig
 
@@ -30,8 +31,10 @@ def _refusal(op: str, name: str, configs: tuple[CodecConfig, ...], dtype: str | 
     return None
 
 
-def backend(op: str, name: str, ref: Any, configs: tuple[CodecConfig, ...], dtype: str | None) -> ModuleType:
-    """The backend module that runs ``op`` on data like ``ref`` with these configurations.
+def backend(op: str, name: str, ref: Any, configs: tuple[CodecConfig, ...], dtype: str | None) -> Backend:
+    """The backend module that runs ``op`` on data like ``ref`` with these configurations, typed as the
+    op contract (``_ops.Backend``: callers are checked against it; tests/test_ops_contract.py checks
+    each module's functions against it for the ops its capability rows declare).
 
     Parameters
     ----------
@@ -46,7 +49,7 @@ def backend(op: str, name: str, ref: Any, configs: tuple[CodecConfig, ...], dtyp
         The float input's dtype name, when the op has one.
     """
     where = "cuda" if _interop.on_gpu(ref) else "cpu"
-    return _choose(op, _registry.requested(name), where, configs, dtype)
+    return cast(Backend, _choose(op, _registry.requested(name), where, configs, dtype))
 
 
 @functools.lru_cache(maxsize=256)

@@ -58,7 +58,15 @@ class Availability:
 
 class Backend(Protocol):
     """What a backend module provides (module-level functions); a backend may serve a subset of
-    ``OPS``, as its rows of ``CAPABILITIES`` declare."""
+    ``OPS``, as its rows of ``CAPABILITIES`` declare.
+
+    Dispatch hands callers the chosen module typed as this (``_dispatch.backend``), so every call
+    into a backend is checked against it; ``tests/test_ops_contract.py`` checks each registered
+    module's functions against it. Optional extras, looked up with ``hasattr``: ``attention_replay``,
+    ``paged_attention_replay`` (a callable repeating a call just made; see ``_replay``).
+    """
+
+    __name__: str  # the module's
 
     def availability(self) -> Availability: ...
 

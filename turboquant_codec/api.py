@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 from . import _dispatch, _interop, _replay, _validate
 from . import backends as _registry
+from ._ops import Backend
 from .config import CodecConfig
 from .encoded import Encoded
 
@@ -68,7 +68,7 @@ def encode(
     )
 
 
-def _native(module: ModuleType, enc: Encoded) -> Encoded:
+def _native(module: Backend, enc: Encoded) -> Encoded:
     """``enc`` with its arrays in ``module``'s native form (``module.asarray``).
 
     A decode loop calls ``attention`` with the same ``Encoded`` step after step; rebuilding its
@@ -101,7 +101,7 @@ def _native(module: ModuleType, enc: Encoded) -> Encoded:
     return _convert(module, enc)
 
 
-def _convert(module: ModuleType, enc: Encoded) -> Encoded:
+def _convert(module: Backend, enc: Encoded) -> Encoded:
     records = module.asarray(enc.records)
     channels = None if enc.channels is None else module.asarray(enc.channels)
     if records is enc.records and channels is enc.channels:
@@ -109,7 +109,7 @@ def _convert(module: ModuleType, enc: Encoded) -> Encoded:
     return Encoded(records=records, channels=channels, config=enc.config)
 
 
-def _on_gpu_backend(module: ModuleType) -> bool:
+def _on_gpu_backend(module: Backend) -> bool:
     """Whether ``module`` is a registered backend that runs on a GPU (its ``asarray`` of GPU data
     is then a view, not a copy)."""
     entry = _GPU_MODULES.get(module.__name__)

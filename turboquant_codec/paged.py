@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _dispatch, _interop, _replay, _validate
 from . import backends as _registry
+from ._ops import Backend
 from .paged_cache import PagedCache
 
 # cache signature -> (backend module, the cache as that backend's arrays); GPU torch / CuPy caches.
@@ -39,7 +40,7 @@ _REPLAYS = _replay.Memo()
 
 
 def _prepared(signature: tuple[Any, ...] | None, op: str, cache: PagedCache, backend: str,
-              dtype: str) -> tuple[Any, PagedCache]:
+              dtype: str) -> tuple[Backend, PagedCache]:
     """The backend for ``op`` and ``cache`` as its arrays, kept per signature (None: not kept)."""
     hit = _PREPARED.get(signature)
     if hit is None:
