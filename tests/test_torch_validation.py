@@ -210,6 +210,36 @@ def test_paged_attention_scalars() -> None:
                                out=torch.zeros(1, 2 * H, 64, dtype=torch.int32))
 
 
+def _paged_op_args(h_q: int = 2 * H, slots: int = 2) -> tuple[tuple, tuple]:
+    """(paged_write args, paged_attention args) of the raw ops on CPU tensors (integer bits)."""
+    codec = tt.TorchCodec(64, 3.0)
+    cache = torch.zeros(NB, BS, H, codec.record_bytes, dtype=torch.uint8)
+    k, q = _x((2, H, 64), 10), _x((2, h_q, 64), 11)
+    cfg = (3.0, "mse", 0, 3.0, "mse", 0, "auto")
+    write = (cache, cache.clone(), k, k, torch.arange(slots), None, None, None, None, None, *cfg)
+    meta = (torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int32),
+            torch.tensor([0, 1, 2], dtype=torch.int32))
+    attend = (torch.zeros(2, h_q, 64), q, k, k, cache, cache, None, None, None, None, None, *meta, 0.125, 2,
+              *cfg)
+    return write, attend
+
+
+def test_paged_fakes_refuse_what_the_ops_refuse() -> None:
+    write, attend = _paged_op_args()
+    torch.library.opcheck(torch.ops.turboquant.paged_write.default, write)
+    torch.library.opcheck(torch.ops.turboquant.paged_attention.default, attend)
+    bad_write, bad_attend = _paged_op_args(h_q=3, slots=3)
+    ops = torch.ops.turboquant
+    for op, args, message in ((ops.paged_write, bad_write, "3 entries but only 2 new tokens"),
+                              (ops.paged_attention, bad_attend, "query must be")):
+        mode = FakeTensorMode()
+        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with mode, pytest.raises(ValueError, match=message):
+            op(*fakes)  # the fake implementation
+        with pytest.raises(ValueError, match=message):
+            op(*args)
+
+
 # --------------------------------------------------------------------------------------- HF caches
 SHAPE = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=64, pad_token_id=0)

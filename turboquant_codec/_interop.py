@@ -41,6 +41,18 @@ def on_gpu(x: Any) -> bool:
     return lib in ("cupy", "numba")
 
 
+def is_fake(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor without data (meta, or a FakeTensor while tracing, wrapped
+    or not)."""
+    if library_of(x) != "torch":
+        return False
+    if x.is_meta or type(x).__name__ == "FakeTensor":
+        return True
+    from torch._subclasses.fake_tensor import is_fake as traced
+
+    return bool(traced(x))
+
+
 def current_stream(device: int) -> int:
     """Handle of the caller's current stream on GPU ``device``: the stream every GPU backend launches on.
 

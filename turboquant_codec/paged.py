@@ -60,7 +60,8 @@ def _signature(op: str, cache: PagedCache, backend: str, dtype: str) -> tuple[An
 
 
 def _host_ints(x: Any) -> np.ndarray | None:
-    return None if _interop.on_gpu(x) else _interop.to_numpy(x).astype(np.int64)
+    """``x``'s values when they can be read without a synchronisation (host data); else None."""
+    return None if _interop.on_gpu(x) or _interop.is_fake(x) else _interop.to_numpy(x).astype(np.int64)
 
 
 def _check_type(cache: Any) -> None:
@@ -174,6 +175,14 @@ def check_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> N
     _check_slots(cache, _check_new(cache, key, value)[0], slot_mapping)
 
 
+def check_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                    query_start_loc: Any, *, scale: float, out: Any, num_decodes: int | None) -> None:
+    """Every check ``paged_attention`` makes before running (for the torch op's fake)."""
+    _check_type(cache)
+    _check_cache(cache)
+    _check_step(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, num_decodes)
+
+
 def _check_slots(cache: PagedCache, t: int, slot_mapping: Any) -> None:
     """``slot_mapping`` [<= t] int; on the host, every non-negative slot inside the cache."""
     (n_slots,) = _validate.int_array(slot_mapping, "slot_mapping", 1)
@@ -199,8 +208,8 @@ def _check_metadata(cache: PagedCache, t: int, block_table: Any, seq_lens: Any, 
                              f"reads row r)")
     starts, seq, table = (_host_ints(a) for a in (query_start_loc, seq_lens, block_table))
     if starts is None or seq is None or table is None:
-        if num_decodes is not None:
-            return  # GPU decode step: no synchronisation; the kernels skip out-of-range entries
+        if num_decodes is not None or _interop.is_fake(block_table):
+            return  # GPU decode step (no synchronisation; the kernels skip out-of-range entries) or tracing
         # Without num_decodes the backend reads query_start_loc on the host (a synchronisation
         # already): the values are checked as on the host.
         starts, seq, table = (_interop.to_numpy(a).astype(np.int64)

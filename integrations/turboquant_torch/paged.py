@@ -33,7 +33,7 @@ from torch import Tensor
 
 import turboquant_codec as tq
 from turboquant_codec import _validate
-from turboquant_codec.paged import check_write
+from turboquant_codec.paged import check_attention, check_write
 
 from .ops import TorchCodec, make_config, seed_arg
 
@@ -124,6 +124,16 @@ def _cache(k_cache: Tensor, v_cache: Tensor, k_channels: Tensor | None, v_channe
                          v_channels if v_cfg.split else None, raw_k, raw_v, raw_slot_of_block)
 
 
+def _op_cache(key: Tensor, k_cache: Tensor, v_cache: Tensor, k_channels: Tensor | None,
+              v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
+              raw_slot_of_block: Tensor | None, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
+              v_mode: str, v_seed: int) -> tq.PagedCache:
+    """The cache an op's arguments describe (head dim from ``key``; seeds as the schema carries them)."""
+    d = key.shape[-1]
+    return _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
+                  make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
+
+
 @torch.library.custom_op("turboquant::paged_write", mutates_args=("k_cache", "v_cache", "raw_k", "raw_v"))
 def _paged_write_op(
     k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, slot_mapping: Tensor,
@@ -131,16 +141,16 @@ def _paged_write_op(
     raw_slot_of_block: Tensor | None, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
     v_mode: str, v_seed: int, backend: str,
 ) -> None:
-    d = key.shape[-1]
-    cache = _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                   make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
+    cache = _op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
+                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed)
     tq.paged_write(cache, key, value, slot_mapping, backend=backend)
 
 
 @_paged_write_op.register_fake
 def _(k_cache, v_cache, key, value, slot_mapping, k_channels, v_channels, raw_k, raw_v,
       raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend):
-    return None
+    check_write(_op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
+                          k_bits, k_mode, k_seed, v_bits, v_mode, v_seed), key, value, slot_mapping)
 
 
 @torch.library.custom_op("turboquant::paged_attention", mutates_args=("out",))
@@ -151,9 +161,8 @@ def _paged_attention_op(
     scale: float, num_decodes: int, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
     v_mode: str, v_seed: int, backend: str,
 ) -> None:
-    d = key.shape[-1]
-    cache = _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                   make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
+    cache = _op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
+                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed)
     tq.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc, scale=scale,
                        out=out, num_decodes=None if num_decodes < 0 else num_decodes, backend=backend)
 
@@ -162,7 +171,10 @@ def _paged_attention_op(
 def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v,
       raw_slot_of_block, block_table, seq_lens, query_start_loc, scale, num_decodes, k_bits, k_mode,
       k_seed, v_bits, v_mode, v_seed, backend):
-    return None
+    check_attention(_op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
+                              k_bits, k_mode, k_seed, v_bits, v_mode, v_seed),
+                    query, key, value, block_table, seq_lens, query_start_loc, scale=scale, out=out,
+                    num_decodes=None if num_decodes < 0 else num_decodes)
 
 
 def _config_args(key: Tensor, k_codec: TorchCodec,
