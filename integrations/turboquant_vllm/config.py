@@ -1,7 +1,10 @@
 """``TurboQuantConfig``: the plugin's configuration, read from ``TQ_*`` environment variables.
 
 Every process vLLM starts (API server, engine core, workers) reads the same environment, so the
-configuration is identical everywhere. ``DEFAULTS`` is the one place the defaults live.
+configuration is identical everywhere. ``DEFAULTS`` is the one place the defaults live, and this
+module the one place the plugin reads its variables (``marker_file`` and ``platform_disabled`` for
+the two read outside ``TurboQuantConfig``). The codec's own variable, ``TQ_BACKEND``, is read by
+``turboquant_codec.tuning``; the plugin passes its choice (``TQ_CODEC_BACKEND``) as an argument.
 
 Variables (names of the original plugin first; all optional):
 
@@ -25,6 +28,7 @@ TQ_RAW_SHARE        most of the KV-cache budget the raw side pool may take, in [
 TQ_NUM_LAYERS, TQ_NUM_HEADS, TQ_NUM_KV_HEADS, TQ_HEAD_DIM, TQ_MAX_SEQ_LEN, TQ_DEVICE
                     checks only: detected from vLLM's config; a different value is an error
 TQ_MARKER_FILE      evidence file: each process appends a JSON line when the backend runs
+TQ_DISABLE_PLATFORM 1 = the CPU platform plugin stands aside (vLLM's own CPU platform is used)
 ==================  =========================================================================
 """
 
@@ -60,7 +64,7 @@ ENV_VARS = (
     "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_RAW_WINDOW",
     "TQ_FLUSH_INTERVAL", "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_RAW_SHARE",
     "TQ_NUM_LAYERS", "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE",
-    "TQ_MARKER_FILE",
+    "TQ_MARKER_FILE", "TQ_DISABLE_PLATFORM",
 )
 #: Old names still read: old -> new (a deprecation warning names both).
 DEPRECATED_VARS = {"TQ_FLUSH_INTERVAL": "TQ_RAW_WINDOW"}
@@ -316,6 +320,16 @@ def _share(env: Mapping[str, str], name: str) -> float:
         return float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: expected a fraction such as 0.1") from None
+
+
+def marker_file(env: Mapping[str, str] | None = None) -> str | None:
+    """``TQ_MARKER_FILE``: the evidence file each process appends to, or None."""
+    return _get(os.environ if env is None else env, "TQ_MARKER_FILE")
+
+
+def platform_disabled(env: Mapping[str, str] | None = None) -> bool:
+    """``TQ_DISABLE_PLATFORM=1``: the CPU platform plugin stands aside."""
+    return _get(os.environ if env is None else env, "TQ_DISABLE_PLATFORM") == "1"
 
 
 def _renamed_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:

@@ -7,9 +7,11 @@ import os
 import time
 from typing import Any
 
+from .config import marker_file
+
 
 def mark(event: str, **info: Any) -> None:
-    path = os.environ.get("TQ_MARKER_FILE")
+    path = marker_file()
     if not path:
         return
     line = json.dumps({"event": event, "pid": os.getpid(), "time": time.time(), **info}, default=str)

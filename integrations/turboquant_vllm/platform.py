@@ -8,13 +8,13 @@ general plugin warns). ``TQ_DISABLE_PLATFORM=1`` turns this plugin off.
 
 from __future__ import annotations
 
-import os
+from .config import platform_disabled
 
 CPU_PLATFORM_QUALNAME = "turboquant_vllm.cpu_platform.TQCpuPlatform"
 
 
 def detect() -> str | None:
-    if os.environ.get("TQ_DISABLE_PLATFORM", "") == "1":
+    if platform_disabled():
         return None
     from vllm.platforms import cpu_platform_plugin
 

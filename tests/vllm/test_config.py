@@ -28,6 +28,15 @@ def test_original_names_and_qjl():
     assert (cfg.k_bits, cfg.v_bits, cfg.sink_tokens, cfg.seed, cfg.raw_window) == (4, 3, 0, 7, 0)
 
 
+def test_variables_read_outside_the_config_come_from_config():
+    from turboquant_vllm.config import ENV_VARS, marker_file, platform_disabled
+
+    assert marker_file({}) is None and marker_file({"TQ_MARKER_FILE": " /x/y.jsonl "}) == "/x/y.jsonl"
+    assert not platform_disabled({}) and not platform_disabled({"TQ_DISABLE_PLATFORM": "0"})
+    assert platform_disabled({"TQ_DISABLE_PLATFORM": "1"})
+    assert {"TQ_MARKER_FILE", "TQ_DISABLE_PLATFORM", "TQ_RAW_WINDOW", "TQ_FLUSH_INTERVAL"} <= set(ENV_VARS)
+
+
 def test_old_window_name_still_read_with_a_deprecation_warning(caplog):
     with caplog.at_level("WARNING", logger="vllm.turboquant_vllm"):
         cfg = TurboQuantConfig.from_env({"TQ_FLUSH_INTERVAL": "64"})
