@@ -85,10 +85,11 @@ def test_encode_rejects_bad_config(x: np.ndarray, kwargs, message: str) -> None:
         tq.encode(x, **kwargs)
 
 
-def test_norm_beyond_float16_range() -> None:
-    x = np.full((1, 2, 64), 20000.0, np.float32)
-    with pytest.raises(ValueError, match="float16 norm range"):
+def test_norm_beyond_bfloat16_range() -> None:
+    x = np.full((1, 2, 64), 5e37, np.float32)  # norm 4e38: bfloat16 infinity
+    with pytest.raises(ValueError, match="2 channel-group norms .* bfloat16 norm range"):
         tq.encode(x, bits=4)
+    tq.encode(x / 2, bits=4)  # norm 2e38: stored
 
 
 def test_channels_misuse(x: np.ndarray) -> None:
@@ -165,7 +166,7 @@ def test_corrupted_bytes(blob: bytes) -> None:
 def test_future_version_and_bad_magic(blob: bytes) -> None:
     body = bytearray(blob[:-4])
     body[4:6] = struct.pack("<H", serialization.FORMAT_VERSION + 1)
-    with pytest.raises(ValueError, match="format version 3; this library reads version 2"):
+    with pytest.raises(ValueError, match="format version 4; this library reads versions 2, 3"):
         tq.Encoded.from_bytes(_resign(bytes(body)))
     with pytest.raises(ValueError, match="not a TurboQuant stream"):
         tq.Encoded.from_bytes(_resign(b"NOPE" + bytes(body[4:])))

@@ -48,10 +48,10 @@ def test_record_fields_hold_what_the_layout_says() -> None:
     rec = enc.records[0, 0]
     cfg = enc.config
     hi, lo = cfg.groups
-    norms = rec[:4].view("<f2").astype(np.float64)
+    norms = (rec[:4].view("<u2").astype(np.uint32) << 16).view("<f4").astype(np.float64)  # bfloat16
     perm = enc.channels[0].astype(int)
     np.testing.assert_allclose(norms, [np.linalg.norm(x[0, 0, perm[:32]]),
-                                       np.linalg.norm(x[0, 0, perm[32:]])], rtol=1e-3)
+                                       np.linalg.norm(x[0, 0, perm[32:]])], rtol=2**-8)
     bits = np.unpackbits(rec[hi.code_offset:hi.code_offset + 12], bitorder="little")
     codes = (bits.reshape(32, 3) << np.arange(3)).sum(1)
     from turboquant_codec.transforms import tables

@@ -15,6 +15,7 @@ from turboquant_codec import _interop
 from turboquant_codec import backends as registry
 from turboquant_codec.backends import numpy_ref
 from turboquant_codec.capabilities import CAPABILITIES
+from turboquant_codec.testing import NORM_RTOL
 
 from .conftest import kv_like
 
@@ -52,7 +53,7 @@ def _fields_match(records: np.ndarray, ref: tq.Encoded) -> None:
         ours, theirs = numpy_ref._codes(records, g), numpy_ref._codes(ref.records, g)
         assert np.mean(ours != theirs) <= MAX_CODE_MISMATCH
         np.testing.assert_allclose(numpy_ref._norms(records, g, 0), numpy_ref._norms(ref.records, g, 0),
-                                   rtol=2**-10)
+                                   rtol=NORM_RTOL)
         if g.qjl:
             signs = numpy_ref._signs(records, g) != numpy_ref._signs(ref.records, g)
             assert np.mean(signs) <= MAX_CODE_MISMATCH
@@ -80,13 +81,37 @@ def test_every_declared_head_dim(d: int, bits: float, mode: str) -> None:
 
 
 @needs_backend
-def test_bfloat16_bits_are_read_as_bfloat16() -> None:
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30], ids=lambda s: f"x{s:g}")
+def test_bfloat16_bits_are_read_as_bfloat16(scale: float) -> None:
+    """Also at magnitudes whose float32 squares would underflow or overflow."""
     import ml_dtypes
 
-    x = kv_like(np.random.default_rng(1), (1, 3, 64)).astype(ml_dtypes.bfloat16)
+    x = (kv_like(np.random.default_rng(1), (1, 3, 64)) * np.float32(scale)).astype(ml_dtypes.bfloat16)
     ref = tq.encode(x.astype(np.float32), bits=3.5, seed=2, backend="numpy")
     got = tq.encode(x, bits=3.5, seed=2, backend=NAME)  # host bfloat16: asarray copies its bits
     _fields_match(_interop.to_numpy(got.records), ref)
+
+
+@needs_backend
+def test_every_bfloat16_norm_word_decodes_exactly() -> None:
+    """The kernels' shift-and-multiply reading of a stored norm equals the word's float32 value: every
+    subnormal, and every exponent with its smallest, largest and two middle significands."""
+    global cuda  # the simulator swaps a kernel's module-global ``cuda``, not a closure's
+    from numba import cuda
+
+    from turboquant_codec.backends.numba_kernels import _bf16_value
+
+    @cuda.jit
+    def read(words, out):  # pragma: no cover - runs on the device
+        i = cuda.grid(1)
+        if i < words.size:
+            out[i] = _bf16_value(words[i])
+
+    exponents = np.arange(1, 255, dtype=np.int32)[:, None] << 7
+    words = np.concatenate([np.arange(128), (exponents | [0, 1, 0x40, 0x7F]).ravel()]).astype(np.int32)
+    out = cuda.device_array(words.size, np.float32)
+    read[(words.size + 255) // 256, 256](_to_device(words), out)
+    np.testing.assert_array_equal(out.copy_to_host(), (words.astype(np.uint32) << 16).view(np.float32))
 
 
 @needs_backend

@@ -28,6 +28,7 @@ from turboquant_codec import backends as registry
 from turboquant_codec.backends import numpy_ref
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.paged_cache import PagedCache
+from turboquant_codec.testing import NORM_RTOL
 
 from .conftest import kv_like
 
@@ -35,8 +36,6 @@ NAME = "numba_cuda"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # Boundary ties are the only allowed code disagreement between float32 and float64 encoders.
 MAX_CODE_MISMATCH = 1e-3
-# float16 norms: the float32 and float64 norms may round to neighbouring halves.
-NORM_RTOL = 2.0**-10
 # Attention in float32 against float64 (see tests/test_numba_cuda.py's ATTN_RTOL), plus one unit in
 # the last place of the output dtype: both sides round nearly equal values, which may straddle a
 # rounding boundary. Relative to the largest output of the request rows.

@@ -13,12 +13,18 @@ residual (TurboQuant_prod).
 
 Byte record of one vector (little-endian, ``record_bytes`` long, a multiple of 4)::
 
-    offset 0                 float16 norms: per group, |x_g| then (prod only) |x_g - x_mse_g|
+    offset 0                 bfloat16 norms: per group, |x_g| then (prod only) |x_g - x_mse_g|
     then, per group          packed codes: g * code_bits bits, LSB-first bit stream
     then, per group (prod)   packed QJL signs: g bits, LSB-first, 1 = non-negative projection
     then                     zero padding to a multiple of 4 bytes
 
 Groups come outlier group first. Norms lead the record so they stay 2-byte aligned for any layout.
+
+Norms are bfloat16, rounded to nearest even (the reference rounds its float64 norms directly, with no
+float32 step): float32's range (~1e-38 to 3.4e38, subnormals down to 9e-41) in the 2 bytes that float16
+took (6e-8 to 65504), at 8 significant bits instead of 11 (relative rounding error below 2**-8 instead
+of 2**-11; what that does to the codec's error: ``benchmarks/RESULTS-norms.md``). Byte format version 2
+stored float16 norms; ``serialization`` converts them on load.
 """
 
 from __future__ import annotations
@@ -37,6 +43,17 @@ PROD_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 # Records hold whole bytes per group and an even split of channels: d must divide by 16.
 HEAD_DIM_MULTIPLE = 16
 MAX_HEAD_DIM = 1024
+# Norms from here up round to bfloat16 infinity (halfway between its largest finite value,
+# 2**128 - 2**120, and 2**128): encode refuses them.
+NORM_LIMIT = 2.0**128 - 2.0**119
+
+
+def norm_range_error(count: int) -> ValueError:
+    """The error every backend's encode raises for ``count`` norms at or above ``NORM_LIMIT``."""
+    return ValueError(
+        f"{count} channel-group norms are {NORM_LIMIT:.4g} or more, past the bfloat16 norm range of "
+        "the byte record"
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     offset  size  field
     0       4     magic b"TQKV"
-    4       2     format version (uint16), currently 2
+    4       2     format version (uint16), currently 3
     6       2     head dimension d (uint16)
     8       1     2 * bits (uint8)
     9       1     mode (0 = mse, 1 = prod)
@@ -14,9 +14,12 @@
     ...           records: prod(lead) * n * record_bytes bytes (see ``config`` for one record)
     end-4   4     CRC-32 of every preceding byte
 
-Version 2 decodes with the float16-grid codebooks of ``codebooks.codec_codebook``; version 1 streams
-(exact Lloyd-Max centroids, up to 2**-11 apart from those) are refused rather than decoded with
-centroids they were not written for.
+Versions 2 and 3 decode with the float16-grid codebooks of ``codebooks.codec_codebook``; version 1
+streams (exact Lloyd-Max centroids, up to 2**-11 apart from those) are refused rather than decoded with
+centroids they were not written for. Version 3 stores the record norms as bfloat16 (``config``);
+version 2 stored float16, which ``loads`` rounds to bfloat16 (nearest even): a version 2 stream then
+decodes as the version 3 stream of the same vectors would, each norm within 2**-8 (relative) of the
+float16 one, every code unchanged.
 
 The records are the very bytes the array API and the paged caches hold, so a stream written by any
 backend on any machine decodes to the same values.
@@ -28,12 +31,15 @@ import math
 import struct
 import zlib
 
+import ml_dtypes
 import numpy as np
 
 from .config import MODES, CodecConfig
 
 MAGIC = b"TQKV"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Versions loads reads; 2 has float16 norms.
+READABLE_VERSIONS = (2, 3)
 _HEAD = struct.Struct("<4sHHBBQB")
 _CRC = struct.Struct("<I")
 
@@ -67,9 +73,10 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
     magic, version, d, bits2, mode, seed, ndim = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a TurboQuant stream: magic {magic!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"encoded stream has format version {version}; this library reads version {FORMAT_VERSION}"
+            f"encoded stream has format version {version}; this library reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     body = data[: -_CRC.size]
@@ -100,15 +107,33 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
         channels = np.frombuffer(body, "<u2", lead * d, pos).reshape(*shape[:-1], d).astype(np.uint16)
         pos += lead * d * 2
     records = np.frombuffer(body, np.uint8, offset=pos).reshape(*shape, cfg.record_bytes).copy()
+    if version == 2:
+        _float16_norms_to_bfloat16(cfg, records)
     _check_records(cfg, records)
     return cfg, records, channels
+
+
+def norm_bytes(norms: np.ndarray) -> np.ndarray:
+    """Little-endian bfloat16 bytes (..., 2k) of float64 norms (..., k), rounded to nearest even.
+
+    ml_dtypes rounds float64 to bfloat16 in one step (torch goes through float32, and a value just
+    past a tie can round the other way).
+    """
+    return norms.astype(ml_dtypes.bfloat16).view(np.uint16).astype("<u2").view(np.uint8)
+
+
+def _float16_norms_to_bfloat16(cfg: CodecConfig, records: np.ndarray) -> None:
+    """Rewrite in place the leading norms of version 2 records (float16) as bfloat16."""
+    span = 2 * len(cfg.groups) * cfg.norms_per_group
+    halves = records[..., :span].copy().view("<f2").astype(np.float64)
+    records[..., :span] = norm_bytes(halves)
 
 
 def _check_records(cfg: CodecConfig, records: np.ndarray) -> None:
     """ValueError unless every record's norms are finite and >= 0 and its padding is zero."""
     flat = records.reshape(-1, cfg.record_bytes)
     n_norms = len(cfg.groups) * cfg.norms_per_group
-    norms = np.ascontiguousarray(flat[:, : 2 * n_norms]).view("<f2")
+    norms = np.ascontiguousarray(flat[:, : 2 * n_norms]).view("<u2").view(ml_dtypes.bfloat16)
     bad = ~(np.isfinite(norms) & (norms >= 0))
     if bad.any():
         i, j = (int(a[0]) for a in np.nonzero(bad))

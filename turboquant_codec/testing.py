@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Relative step between neighbouring bfloat16 norms (at most 2**-7): norms a backend computes in
+# float32 may round to the neighbour of the reference's float64 norm.
+NORM_RTOL = 2.0**-7
+
 
 def unit_vectors(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Uniformly random unit vectors along the last axis, float64."""

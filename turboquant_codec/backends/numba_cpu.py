@@ -14,7 +14,7 @@ host, into record order; ``scale`` folded in)::
     acc_raw      += p * v_raw                        (model domain, channel order)
     out           = (unpermute(acc_rot_g @ R_g) + acc_raw) / sum(p)     one un-rotation per head
 
-Records follow ``config``'s byte layout; float16 norms and 16-bit raw pools are widened through a
+Records follow ``config``'s byte layout; bfloat16 norms and 16-bit raw pools are widened through a
 65536-entry table (exact). Float32 throughout; results match the float64 reference to float32
 rounding.
 """
@@ -102,16 +102,16 @@ def _raw_views(pool: Any) -> tuple[np.ndarray, np.ndarray, int]:
 if not _IMPORT_ERROR:
 
     @njit(inline="always", cache=True)
-    def _norm(rec: Any, at: int, half: np.ndarray) -> float:
-        return half[np.int64(rec[at]) | (np.int64(rec[at + 1]) << 8)]
+    def _norm(rec: Any, at: int, brain: np.ndarray) -> float:
+        return brain[np.int64(rec[at]) | (np.int64(rec[at + 1]) << 8)]
 
     @njit(inline="always", cache=True)
-    def _rotated(rec: Any, meta: np.ndarray, cent: np.ndarray, half: np.ndarray, out: np.ndarray) -> None:
+    def _rotated(rec: Any, meta: np.ndarray, cent: np.ndarray, brain: np.ndarray, out: np.ndarray) -> None:
         """Dequantised rotated coordinates of one record, in record order, norms applied."""
         j = 0
         for gi in range(meta.shape[0]):
             dim, bits, code_at, norm_at = meta[gi, 0], meta[gi, 1], meta[gi, 2], meta[gi, 3]
-            norm = _norm(rec, norm_at, half)
+            norm = _norm(rec, norm_at, brain)
             mask = (1 << bits) - 1
             for c in range(dim):
                 bit = c * bits
@@ -161,7 +161,7 @@ if not _IMPORT_ERROR:
                             acc += q_raw[i, h, g, c] * kv[c]
                         s[g, t] = acc
                 else:
-                    _rotated(kc[blk, off, h], k_meta, k_cent, half, kv)
+                    _rotated(kc[blk, off, h], k_meta, k_cent, brain, kv)
                     for g in range(n_group):
                         acc = np.float32(0.0)
                         for c in range(d):
@@ -194,7 +194,7 @@ if not _IMPORT_ERROR:
                         for c in range(d):
                             acc_raw[g, c] += s[g, t] * kv[c]
                 else:
-                    _rotated(vc[blk, off, h], v_meta, v_cent, half, kv)
+                    _rotated(vc[blk, off, h], v_meta, v_cent, brain, kv)
                     for g in range(n_group):
                         for c in range(d):
                             acc_rot[g, c] += s[g, t] * kv[c]

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import _interop
 from .._ops import Availability
-from ..config import CodecConfig
+from ..config import CodecConfig, norm_range_error
 from ..encoded import Encoded
 from ..transforms import tables as host_tables
 from .occupancy import STATIC_SMEM_LIMIT, resident_blocks
@@ -47,7 +47,7 @@ try:  # numba-cuda must never break ``import turboquant_codec``: report the fail
 
     from . import numba_kernels as nk
     from . import numba_launch
-    from .numba_kernels import FLOAT16_MAX, THREADS, VPT
+    from .numba_kernels import THREADS, VPT
     from .numba_launch import DeviceView
     from .numba_warp_attention import TILE, WARP, fast_attention_kernel
 
@@ -341,9 +341,7 @@ def encode(x: Any, cfg: CodecConfig, channels: Any) -> tuple[Any, Any]:
                 t.rot_t, t.proj_t, t.cent, t.bnd, t.meta, t.g, t.ngroups, t.qjl)
         bad = int(numba_launch.to_host(overflow, dev)[0])
     if bad:
-        raise ValueError(
-            f"{bad} channel-group norms are above {FLOAT16_MAX:g}, the float16 norm range of the byte record"
-        )
+        raise norm_range_error(bad)
     return rec, channels
 
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint64
 
-# float16 norms: larger norms would be stored as inf (same limit as the reference).
-FLOAT16_MAX = 65504.0
+from ..config import NORM_LIMIT
+
 # Threads per block: 4 warps keep several blocks resident per SM and simulator grids cheap.
 THREADS = 128
 # Rows per thread in rowmat: each loaded matrix element feeds this many multiply-adds.
@@ -54,24 +54,35 @@ def _round_even(v):  # pragma: no cover
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_bits(v):  # pragma: no cover
-    """IEEE half bits of a finite non-negative float32, round to nearest even (as NumPy)."""
-    if v < 6.103515625e-05:  # below the smallest normal half: subnormal steps of 2**-24
-        return _round_even(v * 16777216.0)
-    m, e = math.frexp(v)  # v = m * 2**e, 0.5 <= m < 1
-    mant = _round_even(float32(math.ldexp(m, 11)) - 1024.0)  # 10 fraction bits; may carry
-    return ((e + 14) << 10) + mant
+def _bf16_bits(v):  # pragma: no cover
+    """bfloat16 bits of a float32, rounded to nearest even (as ml_dtypes and torch)."""
+    if v != v:
+        return int32(0x7FC0)
+    sign = int32(0x8000) if v < 0.0 or (v == 0.0 and math.copysign(1.0, v) < 0.0) else int32(0)
+    a = abs(v)
+    if a == 0.0:
+        return sign
+    if math.isinf(a):
+        return sign | int32(0x7F80)
+    m, e = math.frexp(a)  # a = m * 2**e, 0.5 <= m < 1
+    if e < -125:  # below the smallest normal 2**-126: subnormal steps of 2**-133
+        return sign | _round_even(float32(math.ldexp(a, 133)))
+    # 8 significant bits; a carry into the exponent (or to inf) falls out of the addition.
+    mant = _round_even(float32(math.ldexp(m, 8)))
+    return sign | (((e + 126) << 7) + mant - 128)
 
 
 @cuda.jit(device=True, inline="always")
-def _f16_value(lo, hi):  # pragma: no cover
-    """float32 value of the non-negative half whose little-endian bytes are ``lo, hi``."""
-    h = int32(lo) | (int32(hi) << 8)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0:
-        return float32(math.ldexp(float32(m), -24))
-    return float32(math.ldexp(float32(m + 1024), int(e - 25)))
+def _bf16_value(h):  # pragma: no cover
+    """float32 value of the finite non-negative bfloat16 with bits ``h``: its 8-bit significand
+    times 2**(max(e, 1) - 134), as exact float products (no ldexp: ``2**(e & 63)`` is a uint64 shift)."""
+    e = (h >> 7) & 0xFF
+    mant = float32((h & 0x7F) | (0x80 if e else 0))
+    e = max(e, 1)
+    hi = e >> 6  # 2**(e - 134) = 2**(e & 63) * 2**(64 hi - 134)
+    base = float32(2.0**-134) if hi == 0 else (float32(2.0**-70) if hi == 1 else (
+        float32(2.0**-6) if hi == 2 else float32(2.0**58)))
+    return mant * float32(uint64(1) << uint64(e & 63)) * base
 
 
 @cuda.jit(device=True, inline="always")
@@ -104,12 +115,12 @@ def _ext_value(rec, row, c, d, g, cent, meta, qjl_scale):  # pragma: no cover
         bits = meta[gi, 1]
         code = _bits_at(rec, row, meta[gi, 0] * 8 + i * bits, bits)
         at = meta[gi, 3]
-        return _f16_value(rec[row, at], rec[row, at + 1]) * cent[gi, code]
+        return _bf16_value(int32(rec[row, at]) | (int32(rec[row, at + 1]) << 8)) * cent[gi, code]
     c -= d
     gi = c // g
     i = c - gi * g
     at = meta[gi, 3] + 2
-    gamma = _f16_value(rec[row, at], rec[row, at + 1]) * qjl_scale
+    gamma = _bf16_value(int32(rec[row, at]) | (int32(rec[row, at + 1]) << 8)) * qjl_scale
     bit = _bits_at(rec, row, meta[gi, 2] * 8 + i, 1)
     return gamma if bit else -gamma
 
@@ -169,15 +180,27 @@ def _stage_tokens(sm, dst, pitch, width, nk, tail, raw, raw_row, bf16, rec, rec_
 
 @cuda.jit(device=True, inline="always")
 def _group_norms(sm, src, dst, nv, d, g, ngroups, slot, tid):  # pragma: no cover
-    """Euclidean norm of each (row, group) of ``sm[src]`` into ``sm[dst + v*2*ngroups + 2*gi + slot]``."""
+    """Euclidean norm of each (row, group) of ``sm[src]`` into ``sm[dst + v*2*ngroups + 2*gi + slot]``.
+
+    The squares are summed of the entries times 2**-e, 2**e the power of two at the largest entry
+    (exact products): float32 squares of entries past ~1e19 would overflow and below ~1e-19 lose
+    their bits, while norms stored as bfloat16 span float32's range.
+    """
     for idx in range(tid, nv * ngroups, THREADS):
         v = idx // ngroups
         gi = idx - v * ngroups
         base = src + v * d + gi * g
+        top = float32(0.0)
+        for k in range(g):
+            top = max(top, abs(sm[base + k]))
+        _, e = math.frexp(top)
+        e = min(max(e, -100), 126)  # 2**-e stays a normal float32
+        down = float32(math.ldexp(float32(1.0), -e))
         s = float32(0.0)
         for k in range(g):
-            s += sm[base + k] * sm[base + k]
-        sm[dst + v * 2 * ngroups + 2 * gi + slot] = math.sqrt(s)
+            u = sm[base + k] * down
+            s += u * u
+        sm[dst + v * 2 * ngroups + 2 * gi + slot] = math.sqrt(s) * float32(math.ldexp(float32(1.0), e))
 
 
 @cuda.jit(device=True, inline="always")
@@ -198,7 +221,7 @@ def _record_byte(sm, xs, cs, ns, v, o, d, g, ngroups, qjl, meta):  # pragma: no 
     if o < 2 * ngroups * npg:
         k = o >> 1
         gi = k // npg
-        h = _f16_bits(sm[ns + v * 2 * ngroups + 2 * gi + (k - gi * npg)])
+        h = _bf16_bits(sm[ns + v * 2 * ngroups + 2 * gi + (k - gi * npg)])
         return (h >> (8 * (o & 1))) & 0xFF
     out = 0
     for gi in range(ngroups):
@@ -244,7 +267,7 @@ def encode_kernel(x, bf16, chans, has_ch, per_stream, rec, overflow, tile,
         sm[cs + idx] = code
         sm[ys + idx] = y - cent[gi, code]  # the residual (used by prod mode only)
     for idx in range(tid, nv * ngroups, THREADS):
-        if sm[ns + (idx // ngroups) * 2 * ngroups + 2 * (idx % ngroups)] > FLOAT16_MAX:
+        if sm[ns + (idx // ngroups) * 2 * ngroups + 2 * (idx % ngroups)] >= NORM_LIMIT:
             cuda.atomic.add(overflow, 0, 1)
     cuda.syncthreads()
     if qjl:

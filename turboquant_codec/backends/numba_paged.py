@@ -57,7 +57,7 @@ from numba import cuda, float32, int32, int64
 from ..paged_cache import PagedCache
 from . import numba_cuda as nc
 from . import numba_launch
-from .numba_kernels import NEG_INF, THREADS, _ext_value, _round_even, _to_f32, _unrotate
+from .numba_kernels import NEG_INF, THREADS, _bf16_bits, _ext_value, _to_f32, _unrotate
 from .numba_launch import simulated
 from .occupancy import STATIC_SMEM_LIMIT
 
@@ -115,25 +115,6 @@ def _placeholder(dtype: str, ndim: int, device: int) -> Any:
 
 
 # ------------------------------------------------------------------------------- device functions
-@cuda.jit(device=True, inline="always")
-def _bf16_bits(v):  # pragma: no cover - runs on the device
-    """bfloat16 bits of a float32, rounded to nearest even (as ml_dtypes and torch)."""
-    if v != v:
-        return int32(0x7FC0)
-    sign = int32(0x8000) if v < 0.0 or (v == 0.0 and math.copysign(1.0, v) < 0.0) else int32(0)
-    a = abs(v)
-    if a == 0.0:
-        return sign
-    if math.isinf(a):
-        return sign | int32(0x7F80)
-    m, e = math.frexp(a)  # a = m * 2**e, 0.5 <= m < 1
-    if e < -125:  # below the smallest normal 2**-126: subnormal steps of 2**-133
-        return sign | _round_even(float32(math.ldexp(a, 133)))
-    # 8 significant bits; a carry into the exponent (or to inf) falls out of the addition.
-    mant = _round_even(float32(math.ldexp(m, 8)))
-    return sign | (((e + 126) << 7) + mant - 128)
-
-
 @cuda.jit(device=True, inline="always")
 def _store(a, i0, i1, i2, v, bf16):  # pragma: no cover
     """``a[i0, i1, i2] = v`` (float32) in ``a``'s dtype; ``bf16``: ``a`` holds bfloat16 bits."""

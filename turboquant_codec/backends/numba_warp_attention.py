@@ -24,12 +24,10 @@ from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..transforms import tables as host_tables
 from ..tuning import NumbaCudaTuning
-from .numba_kernels import NEG_INF
+from .numba_kernels import NEG_INF, _bf16_value
 from .numba_launch import simulated
 from .occupancy import STATIC_SMEM_LIMIT
 
-# 2**-25: the float16 exponent bias plus 10 fraction bits (``_half_at``).
-POW2_M25 = np.float32(2.0**-25)
 # Lanes per warp and keys per tile.
 WARP = 32
 TILE = 32
@@ -93,13 +91,9 @@ def _window(words, at, shift):  # pragma: no cover
 
 
 @cuda.jit(device=True, inline="always")
-def _half_at(words, base, slot):  # pragma: no cover
-    """float32 value of the ``slot``-th float16 of a staged record (norms lead the record)."""
-    h = int32(words[uint64(base + (slot >> 1))] >> (16 * (slot & 1))) & 0xFFFF
-    e = (h >> 10) & 0x1F
-    mant = (h & 0x3FF) | (0x400 if e else 0)
-    # (mant) * 2**(max(e, 1) - 25): two exact float products, no ldexp (norms are finite)
-    return float32(mant) * (float32(int32(1) << max(e, 1)) * POW2_M25)
+def _norm_at(words, base, slot):  # pragma: no cover
+    """float32 value of the ``slot``-th bfloat16 norm of a staged record (norms lead the record)."""
+    return _bf16_value(int32(words[uint64(base + (slot >> 1))] >> (16 * (slot & 1))) & 0xFFFF)
 
 
 @cuda.jit(device=True, inline="always")
@@ -397,25 +391,25 @@ def _build_fast_attention(spec: dict[str, Any]) -> Any:
             # Scores: lane j <-> key j of the tile.
             kb = kso + lane * KP
             for s in range(NSL):  # V scales of this key: p * scale is what the V lanes need
-                val = _half_at(vs, vso + lane * VP, s)
+                val = _norm_at(vs, vso + lane * VP, s)
                 vsc[s] = val * VQS if (VQJL and (s & 1)) else val
             _key_part(ks, kb, qs, kt0, part, G, KB0, KCO0 * 8, 0, KG, KCH)
-            nrm = _half_at(ks, kb, 0)
+            nrm = _norm_at(ks, kb, 0)
             for h in range(G):
                 sc[h] = part[h] * nrm
             if KNG == 2:
                 _key_part(ks, kb, qs, kt1, part, G, KB1, KCO1 * 8, KG, KG, KCH)
-                nrm = _half_at(ks, kb, KNPG)
+                nrm = _norm_at(ks, kb, KNPG)
                 for h in range(G):
                     sc[h] += part[h] * nrm
             if KQJL:
                 _key_part(ks, kb, qs, kts, part, G, 1, KSO0 * 8, D, KG, KCH)
-                nrm = _half_at(ks, kb, 1) * KQS
+                nrm = _norm_at(ks, kb, 1) * KQS
                 for h in range(G):
                     sc[h] += part[h] * nrm
                 if KNG == 2:
                     _key_part(ks, kb, qs, kts, part, G, 1, KSO1 * 8, D + KG, KG, KCH)
-                    nrm = _half_at(ks, kb, 3) * KQS
+                    nrm = _norm_at(ks, kb, 3) * KQS
                     for h in range(G):
                         sc[h] += part[h] * nrm
 

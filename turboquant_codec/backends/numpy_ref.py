@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .._ops import Availability
-from ..config import CodecConfig, Group
+from ..config import NORM_LIMIT, CodecConfig, Group, norm_range_error
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
+from ..serialization import norm_bytes
 from ..transforms import GroupTables, tables
-
-# float16 norms: larger norms would be stored as inf.
-FLOAT16_MAX = 65504.0
 
 
 def availability() -> Availability:
@@ -46,9 +45,10 @@ def unpack_bits(stream: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def _norms(records: np.ndarray, g: Group, which: int) -> np.ndarray:
-    """float16 norm ``which`` (0: |x_g|, 1: residual) of group ``g`` as float64 (..., n)."""
+    """bfloat16 norm ``which`` (0: |x_g|, 1: residual) of group ``g`` as float64 (..., n)."""
     at = g.norm_offset + 2 * which
-    return records[..., at : at + 2].copy().view("<f2")[..., 0].astype(np.float64)
+    words = records[..., at : at + 2].copy().view("<u2")[..., 0]
+    return words.view(ml_dtypes.bfloat16).astype(np.float64)
 
 
 def _codes(records: np.ndarray, g: Group) -> np.ndarray:
@@ -110,11 +110,8 @@ def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tupl
     for g, t, cols in _slices(cfg):
         part = xp[..., cols]
         norm = np.linalg.norm(part, axis=-1)
-        if np.any(norm > FLOAT16_MAX):
-            raise ValueError(
-                f"{int(np.sum(norm > FLOAT16_MAX))} vectors have a channel-group norm above "
-                f"{FLOAT16_MAX:g}, the float16 norm range of the byte record"
-            )
+        if np.any(norm >= NORM_LIMIT):
+            raise norm_range_error(int(np.sum(norm >= NORM_LIMIT)))
         y = (part @ t.rotation.T) / np.where(norm > 0, norm, 1.0)[..., None]
         code = np.searchsorted(t.boundaries, y)
         records[..., g.code_offset : g.code_offset + g.code_bytes] = pack_bits(code, g.code_bits)
@@ -125,8 +122,8 @@ def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tupl
             stored.append(np.linalg.norm(residual, axis=-1) * norm)
             signs = (residual @ t.projection.T >= 0).astype(np.uint8)
             records[..., g.sign_offset : g.sign_offset + g.sign_bytes] = pack_bits(signs, 1)
-        halves = np.stack(stored, axis=-1).astype("<f2").view(np.uint8)
-        records[..., g.norm_offset : g.norm_offset + halves.shape[-1]] = halves
+        words = norm_bytes(np.stack(stored, axis=-1))
+        records[..., g.norm_offset : g.norm_offset + words.shape[-1]] = words
     return records, channels
 
 

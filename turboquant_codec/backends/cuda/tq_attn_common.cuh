@@ -237,8 +237,8 @@ struct WarpAttn {
             mma16816(c[(j & 1) * 2 + 1][nt], h0, h1, h2, h3, qf[S0 + j][nt][2], qf[S0 + j][nt][3]);
         }
       });
-      const float sc0 = rec_half(kt + gid * KS, KC::fscale(f)) * KC::pfactor(f);
-      const float sc1 = rec_half(kt + (gid + 8) * KS, KC::fscale(f)) * KC::pfactor(f);
+      const float sc0 = rec_norm(kt + gid * KS, KC::fscale(f)) * KC::pfactor(f);
+      const float sc1 = rec_norm(kt + (gid + 8) * KS, KC::fscale(f)) * KC::pfactor(f);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         float cs[4];
@@ -297,8 +297,8 @@ struct WarpAttn {
     static_for<0, VNF>([&](auto fi) {
       constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
       constexpr int SEG = G / 8, NWD = (SEG * B + 31) / 32, M0 = VC::foff(f) / 16;
-      const float sc[2] = {rec_half(vt + gid * VS, VC::fscale(f)) * VC::pfactor(f),
-                           rec_half(vt + (gid + 8) * VS, VC::fscale(f)) * VC::pfactor(f)};
+      const float sc[2] = {rec_norm(vt + gid * VS, VC::fscale(f)) * VC::pfactor(f),
+                           rec_norm(vt + (gid + 8) * VS, VC::fscale(f)) * VC::pfactor(f)};
       const bool valid[2] = {valid0, valid1};
       // B operand (tokens x heads): the score fragment holds token rows (gid, gid+8) x columns
       // (2t, 2t+1); an 8x8 transpose per row half gives lane (column gid) x tokens (2t, 2t+1).

@@ -166,10 +166,10 @@ extern "C" __global__ void __launch_bounds__(ENC_THREADS)
       }
       __syncthreads();
     }
-    // Norm halves of this group straight into the record buffer.
+    // Norms of this group straight into the record buffer.
     for (int v = tid; v < EV; v += ENC_THREADS) {
-      *reinterpret_cast<u16*>(&recs[v][CC::gnorm(g)]) = d2h(nrm[v][0]);
-      if constexpr (CC::QJL) *reinterpret_cast<u16*>(&recs[v][CC::gnorm(g) + 2]) = d2h(nrm[v][1]);
+      *reinterpret_cast<u16*>(&recs[v][CC::gnorm(g)]) = d2bf(nrm[v][0]);
+      if constexpr (CC::QJL) *reinterpret_cast<u16*>(&recs[v][CC::gnorm(g) + 2]) = d2bf(nrm[v][1]);
     }
     __syncthreads();
   });
@@ -397,6 +397,68 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
       }
     }
   }
+  // Rows whose largest |x| lies outside 2^+-50 (float32 and bfloat16 input; float16's range is
+  // safe) would overflow or underflow their float32 sums of squares: then every row of the warp
+  // tile is scaled by up^-1 = 2^-e, 2^e the power of two at its largest |x| (exact products), and
+  // its norm is nr * up. Row maxima as float32 bits: non-negative floats order as integers.
+  constexpr bool WIDE = F32 || TC_BF;
+  float up[ENC_MT][2];
+#pragma unroll
+  for (int m = 0; m < ENC_MT; ++m) up[m][0] = up[m][1] = 1.f;
+  if constexpr (WIDE) {
+    u32 mx[ENC_MT][2];
+    bool wide = false;
+#pragma unroll
+    for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        u32 b = 0;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            if constexpr (F32) {
+              b = max(b, max(__float_as_uint(fv[m][h][ks][2 * q]) & 0x7fffffffu,
+                             __float_as_uint(fv[m][h][ks][2 * q + 1]) & 0x7fffffffu));
+            } else {
+              const u32 w = ah[m][h][ks][q];
+              b = max(b, max((w & 0x7fffu) << 16, (w >> 16 & 0x7fffu) << 16));
+            }
+          }
+        b = max(b, __shfl_xor_sync(0xffffffffu, b, 1));
+        b = max(b, __shfl_xor_sync(0xffffffffu, b, 2));
+        mx[m][h] = b;
+        wide |= b != 0u && (b < (77u << 23) || b >= (178u << 23));
+      }
+    if (__any_sync(0xffffffffu, wide)) {
+#pragma unroll
+      for (int m = 0; m < ENC_MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const u32 e = min(max(mx[m][h] >> 23, 1u), 253u);  // 2^-e stays a normal number
+          const float down = __uint_as_float((254u - e) << 23);
+          up[m][h] = __uint_as_float(e << 23);
+          if constexpr (F32) {
+            float a = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                const float v = fv[m][h][ks][k] * down;
+                fv[m][h][ks][k] = v;
+                a = fmaf(v, v, a);
+              }
+            ss[m][h] = a;
+          } else {
+            const u32 d2 = (__float_as_uint(down) >> 16) * 0x10001u;  // bfloat16 pair of `down`
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+              for (int q = 0; q < 2; ++q) ah[m][h][ks][q] = bf16x2_mul(ah[m][h][ks][q], d2);
+          }
+        }
+    }
+  }
   if constexpr (!F32) {
     // Squared norms as the diagonal of x x^T: B = the row's own A registers. Row r's entry lands in
     // lane 4r + r/2 (element r % 2 of the first product; of the second, rows r + 8 at 2 + r % 2).
@@ -435,7 +497,7 @@ __device__ __forceinline__ void tc_gather(const u8* xs, const u16* ch, u8* stg, 
       const float sc = F32 ? __uint_as_float((254u << 23) - eb) : 1.f;
       const float p2 = F32 ? __uint_as_float(eb) * (1.f / (1 << TC_RS_EXP)) : 1.f / (1 << TC_RS_EXP);
       inv[m][h] = a > 0.f ? rs * p2 : 1.f;
-      if (t == 0) *reinterpret_cast<u16*>(stg + (16 * m + 8 * h + r) * R + CC::gnorm(g)) = f2h(nr);
+      if (t == 0) *reinterpret_cast<u16*>(stg + (16 * m + 8 * h + r) * R + CC::gnorm(g)) = f2bf(nr * up[m][h]);
       if constexpr (F32) {
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks)
@@ -666,7 +728,7 @@ __device__ void expand_record(const u8* r, const float* __restrict__ tab, float*
       const u32 c = code_at(r, Cd::fbitoff(f) + i * B, B);
       vals[Cd::foff(f) + i] = Cd::fsign(f) ? (c ? 1.f : -1.f) : cent[c];
     }
-    if (tid == 0) scl[f] = rec_half(r, Cd::fscale(f)) * Cd::ffactor(f);
+    if (tid == 0) scl[f] = rec_norm(r, Cd::fscale(f)) * Cd::ffactor(f);
   });
 }
 

@@ -2,7 +2,7 @@
 //
 // Owns: the compile-time description of a codec's byte record (macros X_* per codec, see
 // turboquant_codec/backends/cupy_raw_build.py::codec_macros), bit extraction from LSB-first code streams,
-// float16 conversions and the m16n8k16 tensor-core wrapper. No standard headers: NVRTC has none,
+// float16 / bfloat16 conversions and the m16n8k16 tensor-core wrapper. No standard headers: NVRTC has none,
 // so fixed-width types and conversions are spelled out here (inline PTX).
 #pragma once
 
@@ -46,17 +46,34 @@ __device__ __forceinline__ u16 f2h(float f) {
   return h;
 }
 
-// Round-to-nearest-even from float64, as NumPy's astype(float16) does for the stored norms.
-__device__ __forceinline__ u16 d2h(double d) {
-  u16 h;
-  asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(d));
-  return h;
+// bfloat16 bits of a non-negative float32 (finite or inf), rounded to nearest even. Integer
+// arithmetic, so any architecture gets the same bits (cvt.rn.bf16.f32 needs sm_80).
+__device__ __forceinline__ u16 f2bf(float f) {
+  const u32 u = __float_as_uint(f);
+  return static_cast<u16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// The same from float64 in one rounding, as ml_dtypes' astype(bfloat16) rounds the reference's
+// norms: to float32 toward zero with the lost bits ORed into its last bit (round to odd, exact
+// for any later rounding to 8 significant bits), then as f2bf. (cvt.rn.bf16.f64 needs sm_90.)
+__device__ __forceinline__ u16 d2bf(double d) {
+  float f;
+  asm("cvt.rz.f32.f64 %0, %1;" : "=f"(f) : "d"(d));
+  return f2bf(__uint_as_float(__float_as_uint(f) | (static_cast<double>(f) != d ? 1u : 0u)));
 }
 
 // Two floats to a half2 register: lo in bits 0-15 (the lower k index of an mma fragment).
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
   u32 r;
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Two bfloat16 products at once, rounded to nearest even (fma with -0: a product of +-0 keeps its
+// sign; mul.bf16x2 needs sm_90).
+__device__ __forceinline__ u32 bf16x2_mul(u32 a, u32 b) {
+  u32 r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
   return r;
 }
 
@@ -71,9 +88,10 @@ __device__ __forceinline__ float load_float(const void* p, u64 i) {
   }
 }
 
-// float16 stored at byte offset `off` of a record (records and norm offsets are 2-byte aligned).
-__device__ __forceinline__ float rec_half(const u8* rec, int off) {
-  return h2f(*reinterpret_cast<const u16*>(rec + off));
+// bfloat16 norm stored at byte offset `off` of a record (records and norm offsets are 2-byte
+// aligned).
+__device__ __forceinline__ float rec_norm(const u8* rec, int off) {
+  return __uint_as_float(static_cast<u32>(*reinterpret_cast<const u16*>(rec + off)) << 16);
 }
 
 // Bits [pos, pos+len) of an LSB-first stream held in words w[] (pos, len <= 32 compile-time; one
@@ -234,7 +252,7 @@ __device__ __forceinline__ void cp_async_wait() {
     TQ_HD int fdim(int f) { return gdim(fgroup(f)); }                                           \
     TQ_HD int fbits(int f) { return fsign(f) ? 1 : gbits(fgroup(f)); }                          \
     TQ_HD int fbitoff(int f) { return 8 * (fsign(f) ? gsign(fgroup(f)) : gcode(fgroup(f))); }   \
-    /* byte offset of the float16 scaling the field: |x_g|, or the residual norm for signs */   \
+    /* byte offset of the norm scaling the field: |x_g|, or the residual norm for signs */      \
     TQ_HD int fscale(int f) { return gnorm(fgroup(f)) + (fsign(f) ? 2 : 0); }                   \
     TQ_HD float ffactor(int f) { return fsign(f) ? gqjl(fgroup(f)) : 1.0f; }                    \
     /* the same for the attention kernel, whose code tables hold s * centroid */                \
