@@ -28,7 +28,7 @@ import turboquant_codec as tq
 from turboquant_codec.testing import kv_like, unit_vectors
 
 D = 128
-SCALES = (1e-20, 1e-9, 1e-8, 1e-4, 1.0, 1e4, 1e6, 1e30)
+SCALES = (1e-30, 1e-20, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1.0, 1e4, 6e4, 1e5, 1e6, 1e30, 1e37)
 BITS = (2.5, 3.5, 4.0)
 
 

@@ -98,7 +98,7 @@ def test_memory_is_compressed(lm) -> None:
     mem = cache.memory()
     layer = cache.layers[0]
     # Records are real uint8 tensors; memory() counts 32 bytes per compressed vector (3.5 bits +
-    # float16 norms) and, as device bytes, exactly the tensors the layers hold.
+    # bfloat16 norms) and, as device bytes, exactly the tensors the layers hold.
     assert layer.packed.dtype == torch.uint8 and layer.rec_k.shape[-1] == 32
     heads, d = cache.num_kv_heads, cache.head_dim
     fp16 = mem.compressed_tokens * heads * d * 2 * 2

@@ -26,8 +26,8 @@ Record layout and math: exactly ``numpy_ref`` (see ``turboquant_codec.config``),
 with float64 norms; codes may differ from the float64 reference only where a value lies on a
 codebook boundary to float32 rounding. The tensor-core encode (``tq_encode_tc``) rotates with split
 16-bit products (~17 bits for bfloat16 input, ~22 otherwise) and float32 norms: its codes differ on
-up to ~1e-5 of coordinates (the tests allow 1e-4), its norms within float16 rounding. Tuning:
-``turboquant_codec.tuning.CupyRawTuning``.
+up to ~1e-5 of coordinates (the tests allow 1e-4), its norms by one bfloat16 step at most (rounded
+from float32). Tuning: ``turboquant_codec.tuning.CupyRawTuning``.
 """
 
 from __future__ import annotations
