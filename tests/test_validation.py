@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -158,7 +159,7 @@ def test_impossible_norms(x: np.ndarray, norm: float, mode: str) -> None:
     last = enc.config.norms_per_group * len(enc.config.groups) - 1  # the last norm of the record
     at = _records_at(enc) + 3 * enc.config.record_bytes + 2 * last
     with pytest.raises(ValueError, match="record 3 holds norm"):
-        tq.Encoded.from_bytes(_patched(enc, at, np.float16(norm).tobytes()))
+        tq.Encoded.from_bytes(_patched(enc, at, np.array(norm, ml_dtypes.bfloat16).tobytes()))
 
 
 def test_non_zero_padding(x: np.ndarray) -> None:
