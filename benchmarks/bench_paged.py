@@ -21,6 +21,7 @@ Timed (CUDA events, medians; ``timing.timed``):
 4. Transient memory of a decode call: cupy_paged's scratch (partials, query copies) in bytes.
 
 Usage: python benchmarks/bench_paged.py [--out benchmarks/RESULTS-paged.md] [--quick] [--tpw 8,16,32]
+       [--shapes 1x131072,32x8192] [--profile] [--no-graph]
 """
 
 from __future__ import annotations
@@ -181,6 +182,32 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
                 total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
                 log.append(f"B={b} T={t} {evt.key}: {total / max(evt.count, 1):.1f} us per call")
                 print(log[-1], flush=True)
+        # One decode layer as the step runs it (paged_write of the new tokens, then attention): every
+        # kernel of both, so the write's launches show too.
+        slot = new_slot
+
+        def layer_call(cache=cache, kn=kn, vn=vn, slot=slot):
+            tq.paged_write(cache, kn, vn, slot, backend="cupy_raw")
+            api_call()
+
+        layer_call()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                layer_call()
+            torch.cuda.synchronize()
+        for evt in prof.key_averages():
+            total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            if total:
+                log.append(f"B={b} T={t} layer kernel {evt.key[:60]}: {total / 20:.1f} us per layer "
+                           f"({evt.count // 20} launches)")
+                if evt.count > 20:  # several launches per layer (e.g. prep rows and raw partials): halves
+                    durs = sorted(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                                  for e in prof.events() if e.name == evt.key)
+                    half = len(durs) // 2
+                    log[-1] += (f"; shorter half {sum(durs[:half]) / half:.1f} us, longer half "
+                                f"{sum(durs[half:]) / (len(durs) - half):.1f} us per launch")
+                print(log[-1], flush=True)
     row = (b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, pool_growth, err, ms_unpaged)
     print(row, flush=True)
     for tpw in extra_tpw:
@@ -253,19 +280,30 @@ def main() -> None:
     ap.add_argument("--tpw", default="", help="extra tiles-per-warp settings timed after the default")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times (torch.profiler) into the log")
+    ap.add_argument("--side-min", type=int, default=None,
+                    help="KV streams from which the raw partials run on a side stream (cupy_paged's default)")
+    ap.add_argument("--row-threads", type=int, default=None,
+                    help="threads of a query-preparation block in side-stream mode (cupy_paged's default)")
+    ap.add_argument("--shapes", default="", help="BxT,... instead of the defaults: 1x131072,32x8192")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
         raise SystemExit(f"cupy_raw unavailable: {status.reason}")
     torch.cuda.init()
+    if args.side_min is not None:
+        cupy_paged.SIDE_STREAM_MIN_STREAMS = args.side_min
+    if args.row_threads is not None:
+        cupy_paged.SIDE_ROW_THREADS = args.row_threads
     card = torch.cuda.get_device_name()
     log = [f"card: {card}", f"torch {torch.__version__}, cupy {cp.__version__}",
            f"split: {cupy_paged.PAGED_WARPS} warps x {cupy_paged.PAGED_TILES_PER_WARP} tiles per chunk "
-           f"(= {16 * cupy_paged.PAGED_WARPS * cupy_paged.PAGED_TILES_PER_WARP} tokens)"]
+           f"(= {16 * cupy_paged.PAGED_WARPS * cupy_paged.PAGED_TILES_PER_WARP} tokens); raw partials on a "
+           f"side stream from {cupy_paged.SIDE_STREAM_MIN_STREAMS} KV streams"]
     extra_tpw = [int(x) for x in args.tpw.split(",") if x]
     rows, graph_rows, tpw_rows = [], [], []
     rng = np.random.default_rng(0)
-    for b, t in SHAPES[:1] if args.quick else SHAPES:
+    shapes = [tuple(int(x) for x in st.split("x")) for st in args.shapes.split(",") if st] or SHAPES
+    for b, t in shapes[:1] if args.quick else shapes:
         row, graph_row, more = bench_shape(b, t, rng, log, extra_tpw, not args.no_graph,
                                                args.profile)
         rows.append(row)

@@ -33,6 +33,9 @@ CASES = {
         "codec", cfg=_C(128, 4.0), dtype="bfloat16", wgmma=True)),
     "codec-d64-mse2.5-f32-sm90a": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(64, 2.5), dtype="float32", wgmma=True)),
+    # tq_write_tc with a raw pool of another dtype than the new tokens (-DRAW_KIND, as cupy_paged builds it).
+    "codec-write-d128-mse3.5-f16-rawbf16-sm90a": ("tq_codec.cu", [*cupy_raw_build.compile_options(
+        "codec", cfg=_C(128, 3.5), dtype="float16", wgmma=True), "-DRAW_KIND=2"]),
     "codec-d64-prod3-f32": ("tq_codec.cu", cupy_raw_build.compile_options(
         "codec", cfg=_C(64, 3.0, "prod"), dtype="float32")),
     "codec-d128-mse1-f16": ("tq_codec.cu", cupy_raw_build.compile_options(

@@ -72,9 +72,10 @@ class Scene:
 
     def __init__(self, rng: np.random.Generator, *, d: int, bits: float, mode: str, dtype: str, bs: int,
                  group: int, reqs: list[tuple[int, int]], h: int = 2, layout: str = "merged",
-                 raw_share: float = 0.4, spare_blocks: int = 6) -> None:
+                 raw_share: float = 0.4, spare_blocks: int = 6, v_bits: float | None = None) -> None:
         self.dtype, self.bs, self.h, self.d = dtype, bs, h, d
-        self.k_cfg, self.v_cfg = CodecConfig(d, bits, mode, seed=11), CodecConfig(d, bits, mode, seed=12)
+        self.k_cfg = CodecConfig(d, bits, mode, seed=11)
+        self.v_cfg = CodecConfig(d, bits if v_bits is None else v_bits, mode, seed=12)
         rk, rv = self.k_cfg.record_bytes, self.v_cfg.record_bytes
         # Decodes first (vLLM's order); each request (context tokens, new tokens).
         self.reqs = sorted(reqs, key=lambda cq: cq[1] != 1)
@@ -209,7 +210,9 @@ def test_paged_attention_matches_reference(case: str, monkeypatch: pytest.Monkey
         monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
     bits, mode, d, dtype, bs, group, layout = CASES.get(case, CASES["mse3.5-d128-bf16-b16-g4"])
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
-    reqs = _requests(rng, 5, 2, 700) + [(0, 1), (16 * 4096 // 16 + 37, 1)]  # empty and multi-chunk
+    # empty, multi-chunk, and two raw parts (over cupy_paged.RAW_PART blocks at block size 16)
+    reqs = _requests(rng, 5, 2, 700) + [(0, 1), (16 * 4096 // 16 + 37, 1),
+                                        (16 * cupy_paged.RAW_PART + 300, 1)]
     scene = Scene(rng, d=d, bits=bits, mode=mode, dtype=dtype, bs=bs, group=group, reqs=reqs, layout=layout)
     assert (cupy_paged.fast_layout(scene.gpu_cache()) is None) == (bs % 16 != 0)
     _check(scene, scene.run_gpu())
@@ -231,7 +234,9 @@ def test_decode_batch_invariant_bitwise() -> None:
     import cupy as cp
 
     rng = np.random.default_rng()
-    reqs = [(int(rng.integers(1, 9000)), 1) for _ in range(7)]
+    # Request 0 spans two raw parts; the sub-batches' block tables are cut to their own widest
+    # request, so chunk and raw-part counts (and the scratch strides) change with the batch.
+    reqs = [(16 * cupy_paged.RAW_PART + 300, 1)] + [(int(rng.integers(1, 9000)), 1) for _ in range(6)]
     scene = Scene(rng, d=128, bits=3.5, mode="mse", dtype="float32", bs=16, group=4, reqs=reqs)
     cache = scene.gpu_cache()
     assert cupy_paged.fast_layout(cache) is not None
@@ -240,7 +245,8 @@ def test_decode_batch_invariant_bitwise() -> None:
     for rows in ([3], [5, 3], [6, 0, 3, 1]):
         sub = Scene.__new__(Scene)
         sub.__dict__.update(scene.__dict__)
-        sub.block_table = scene.block_table[rows]
+        width = int(max(-(-scene.seq_lens[rows] // 16))) + 1
+        sub.block_table = np.ascontiguousarray(scene.block_table[rows][:, :width])
         sub.seq_lens = scene.seq_lens[rows]
         sub.qsl = np.arange(len(rows) + 1, dtype=np.int32)
         sub.num_decodes = len(rows)
@@ -325,6 +331,53 @@ def test_paged_write_matches_reference(cfg: tuple, pick_channels: bool) -> None:
         assert raw_before is not None and not np.array_equal(raw_before, cache_h.raw_k)
         np.testing.assert_array_equal(_host(cache_g.raw_k), cache_h.raw_k)
         np.testing.assert_array_equal(_host(cache_g.raw_v), cache_h.raw_v)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [(3.5, 3.5, 128, "bfloat16", "merged", 1),
+                                 (3.5, 3.5, 128, "bfloat16", "merged", 24),
+                                 (4.0, 2.5, 64, "float16", "split", 40),
+                                 (3.5, 3.5, 128, "float32", "split", 300)])
+def test_paged_write_in_place_equals_staged(cfg: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tq_write_tc (new tokens read in place, records and raw rows scattered by the encode itself;
+    one launch for K and V of one build, two for K and V of different bits) writes the same bytes
+    as the staged path (transposing copies, tq_encode_tc into scratch, scatter kernel), for decode
+    (1 token) and prefill token counts, padding slots and raw rows included."""
+    import cupy as cp
+
+    k_bits, v_bits, d, dtype, layout, t = cfg
+    rng = np.random.default_rng()
+    scene = Scene(rng, d=d, bits=k_bits, v_bits=v_bits, mode="mse", dtype=dtype, bs=16, group=1,
+                  reqs=[(50, 1), (3, 1)], layout=layout, spare_blocks=max(4, t // 16 + 4), h=3)
+    nb = scene.cache.num_blocks
+    key = _rounded(kv_like(rng, (t, scene.h, d)), dtype)
+    value = _rounded(rng.standard_normal((t, scene.h, d)).astype(np.float32), dtype)
+    raw_slot = int(np.flatnonzero(scene.cache.raw_slot_of_block >= 0)[0]) * 16 + 3
+    slots = rng.choice(np.setdiff1d(np.arange(nb * 16), [raw_slot]), t, replace=False).astype(np.int64)
+    slots[0] = raw_slot
+    if t > 1:
+        slots[1::5] = -1
+    caches, launched = [], []
+    real = cupy_paged._write_tc
+    for in_place in (True, False):
+        cache = scene.gpu_cache()
+
+        def spy(*args: Any, in_place: bool = in_place) -> bool:
+            launched.append(in_place and real(*args))
+            return launched[-1]
+
+        monkeypatch.setattr(cupy_paged, "_write_tc", spy)
+        cupy_raw.paged_write(cache, _dev(key, dtype), _dev(value, dtype), cp.asarray(slots))
+        caches.append(cache)
+    assert launched == [True, False]
+    new, old = caches
+    for a, b in ((new.k_cache, old.k_cache), (new.v_cache, old.v_cache), (new.raw_k, old.raw_k),
+                 (new.raw_v, old.raw_v)):
+        a, b = (x.words if isinstance(x, cupy_raw._Raw16) else x for x in (a, b))
+        assert np.array_equal(cp.asnumpy(a), cp.asnumpy(b))
+    before = scene.gpu_cache()
+    assert not np.array_equal(cp.asnumpy(new.k_cache), cp.asnumpy(before.k_cache))  # something was written
 
 
 # ------------------------------------------------------------------------------------ GPU: CUDA graph

@@ -15,13 +15,20 @@ What this module owns:
   pointers. One caller stream per device at a time is assumed (calls on two streams at once would
   share it, and the side stream).
 - Split: chunks of ``PAGED_WARPS * PAGED_TILES_PER_WARP`` 16-token tiles, fixed in tokens, so a
-  request's output is bitwise the same in any batch; the raw partials (new token + raw-pool tokens)
-  run in the prep launch, or from ``SIDE_STREAM_MIN_STREAMS`` KV streams on, on a side stream forked
+  request's output is bitwise the same in any batch; the raw partials (new token + raw-pool tokens),
+  one block per KV stream and ``RAW_PART`` logical blocks (fixed too, merged in the reduce), run in
+  the prep launch, or from ``SIDE_STREAM_MIN_STREAMS`` KV streams on, on a side stream forked
   from the caller's and joined before the reduce (same kernel, same results: only the overlap
   changes).
 - Launches (``_LAUNCHES``): per call signature (every array's address, shape, strides and dtype, the
   scalars, the settings) the kernels' arguments packed once as driver parameter arrays, so a repeated
   call costs the signature and one ``cuLaunchKernel`` per kernel.
+
+- Write: ``paged_write`` encodes on the tensor cores straight from the new tokens into their slots
+  and raw rows (``tq_write_tc`` in ``cuda/tq_codec.cu``: one launch for K and V when both build the
+  same module, no copy, no scratch) wherever ``cupy_raw_tc.use_tc_encode`` holds for both codecs and the
+  tokens' rows are 16-byte aligned; otherwise the staged path: transposing copies into scratch,
+  ``cupy_raw``'s encode, then ``tq_paged_scatter``. Both write the same bytes.
 
 Host synchronisation: none on the decode path when ``num_decodes`` is given, the layout is fast
 and block_table / seq_lens are int32; none in ``paged_write`` when the channels are set.
@@ -37,13 +44,15 @@ from typing import Any
 
 import numpy as np
 
+from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
-from . import cupy_raw, cupy_raw_build, cupy_raw_tables
+from ..tuning import CupyRawTuning
+from . import cupy_raw, cupy_raw_build, cupy_raw_device, cupy_raw_tables, cupy_raw_tc
 from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
-from .occupancy import SM90_SMEM_OPTIN
+from .occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT, resident_blocks
 
 SOURCE = "tq_paged.cu"
 TILE = 16
@@ -52,10 +61,12 @@ TILE = 16
 PAGED_WARPS = 16
 PAGED_TILES_PER_WARP = 32
 PAGED_STAGES = 4
-# Raw tokens staged in shared memory per round of a raw partial (tq_paged_prep's extra blocks), and
-# block-table entries each of its threads scans per pass (RAW_SCAN in tq_paged.cu).
-RAW_T = 64
-RAW_SCAN = 8
+# The raw partials (tq_paged_prep's extra blocks): block-table entries each of their threads scans
+# (RAW_SCAN in tq_paged.cu), so one block takes a part of 32 x PAGED_WARPS x RAW_SCAN = 1024 logical
+# blocks (16k tokens at block size 16) of a stream; listed tokens each warp loads at once (RAW_U).
+RAW_SCAN = 2
+RAW_PART = 32 * PAGED_WARPS * RAW_SCAN
+RAW_U = 4
 REDUCE_THREADS = 256
 # Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
 # memory, e.g. a contiguous [num_blocks, block_size, H, R] cache with many heads, goes generic).
@@ -64,6 +75,10 @@ MAX_STAGE_BYTES = 8 * 1024
 # below it the split grid is about one wave, and raw blocks beside it would hold SMs it needs
 # (RESULTS-paged.md has the timings of both placements).
 SIDE_STREAM_MIN_STREAMS = 128
+# Threads of a query-preparation block when the rows have tq_paged_prep's launch to themselves (side
+# stream mode): the kernel's registers are sized for its raw-partial blocks, so fewer threads let
+# more row blocks share an SM.
+SIDE_ROW_THREADS = 128
 # Query rows per dense product on the generic path (bounds its logits' memory).
 GENERIC_ROWS = 256
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -143,8 +158,8 @@ class Layout:
 def fast_layout(cache: PagedCache) -> Layout | None:
     """The fused decode kernel's layout of ``cache`` (CuPy views), or None: generic path."""
     k, v = cache.k_cache, cache.v_cache
-    if cache.block_size % TILE or k.shape[0] == 0:
-        return None
+    if cache.block_size % TILE or k.shape[0] == 0 or cache.head_dim % 32:
+        return None  # (the raw partial gives each lane head_dim / 32 dims)
     for a in (k, v):
         s0, s1, s2, s3 = a.strides
         if s3 != 1 or min(s0, s1, s2) <= 0 or s0 % 16 or s2 % 16 or s1 % 4:
@@ -188,8 +203,8 @@ def compile_options(kind: str, **p: Any) -> list[str]:
     lay: Layout = p["layout"]
     return [*base, f"-DIN_KIND={_KIND[p['dtype']]}", f"-DOUT_KIND={_KIND[p['out_dtype']]}",
             f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw_tables.same_lut(k_cfg, v_cfg))}",
-            f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}", f"-DRAW_T={RAW_T}",
-            f"-DRAW_SCAN={RAW_SCAN}",
+            f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}",
+            f"-DRAW_U={max(1, min(RAW_U, 16 // p['group']))}", f"-DRAW_SCAN={RAW_SCAN}",
             f"-DSTAGES={_stages(k_cfg, v_cfg, lay)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
             f"-DMERGED={int(lay.merged)}", f"-DKTS={lay.kts}", f"-DVTS={lay.vts}", f"-DVOFF={lay.voff}"]
 
@@ -221,9 +236,9 @@ def _ws(v_cfg: CodecConfig) -> int:
     return vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
 
 
-def _reduce_smem(v_cfg: CodecConfig, nchunks: int) -> int:
+def _reduce_smem(v_cfg: CodecConfig, nchunks: int, raw_parts: int) -> int:
     vqd = cupy_raw_tables.fdims(v_cfg)
-    return 4 * (nchunks + vqd + v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd)
+    return 4 * (nchunks + vqd + v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd + raw_parts)
 
 
 @dataclass(frozen=True)
@@ -253,7 +268,7 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
     raw_smem = _raw_smem(group, k_cfg.d)
     if raw_smem > 48 * 1024:
         prep.max_dynamic_shared_size_bytes = raw_smem
-    reduce_max = _reduce_smem(v_cfg, 4096)
+    reduce_max = _reduce_smem(v_cfg, 4096, 4096)
     if reduce_max > 48 * 1024:
         reduce.max_dynamic_shared_size_bytes = reduce_max
     # Driver functions, called directly (a RawKernel looks its function up on every call).
@@ -293,6 +308,80 @@ def _int32(a: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ write
+@functools.lru_cache(maxsize=64)
+def _write_tc_plan(device: int, cfg: CodecConfig, dtype: str, raw_dtype: str,
+                   tuning: CupyRawTuning) -> tuple[Any, tuple[str, ...]]:
+    """(tq_write_tc's plan, its build options) for ``cfg``, ``dtype`` new tokens and ``raw_dtype``
+    raw pool under ``tuning`` (the encode's launch shape, as ``cupy_raw``'s tq_encode_tc). K and V
+    whose options are equal share one build, hence one launch."""
+    wgmma, warps, mt = cupy_raw_build.tc_launch(device, cfg, dtype, tuning)
+    opts = (*cupy_raw_build.compile_options("codec", cfg=cfg, dtype=dtype, wgmma=wgmma, warps=warps, mt=mt),
+            f"-DRAW_KIND={_KIND[raw_dtype]}", *(("-arch=sm_90a",) if wgmma else ()))
+    fn = cupy_raw_build.module(device, "tq_codec.cu", opts).get_function("tq_write_tc")
+    smem = cupy_raw_tc.encode_smem(cfg, dtype, warps, mt)
+    if smem > STATIC_SMEM_LIMIT:
+        fn.max_dynamic_shared_size_bytes = smem
+    attrs = _cupy().cuda.Device(device).attributes
+    per_sm = resident_blocks(int(fn.num_regs), int(fn.shared_size_bytes) + smem, 32 * warps,
+                             attrs["MaxRegistersPerMultiprocessor"],
+                             attrs["MaxSharedMemoryPerMultiprocessor"], attrs["MaxThreadsPerMultiProcessor"])
+    plan = cupy_raw._TcPlan(fn, cupy_raw_tables.device_tc_table(device, cfg, dtype, wgmma), smem,
+                            per_sm * cupy_raw_device.sm_count(device), warps, 16 * mt)
+    return plan, opts
+
+
+def _rows_aligned(xw: Any) -> bool:
+    """Whether the new tokens [T, H, d] can be staged in place: 16-byte aligned contiguous rows."""
+    return (xw.data.ptr % 16 == 0 and xw.strides[2] == xw.itemsize and xw.strides[0] % 16 == 0
+            and xw.strides[1] % 16 == 0)
+
+
+def _write_tc(cache: PagedCache, kw: Any, vw: Any, dtype: str, channels: Sequence[Any], slots: Any, n: int,
+              device: int) -> bool:
+    """``tq_write_tc``: the new tokens encoded on the tensor cores straight into their slots and raw
+    rows (one launch for K and V of one build, else one each); False where it does not apply (the
+    caller encodes through scratch). No allocation where channels, slots and block map are already
+    contiguous."""
+    cp = _cupy()
+    k_cfg, v_cfg = cache.k_config, cache.v_config
+    kc, vc = cache.k_cache, cache.v_cache
+    tuning = _tuning.current().cupy_raw
+    tc = cupy_raw_tc.use_tc_encode(k_cfg, n, tuning) and cupy_raw_tc.use_tc_encode(v_cfg, n, tuning)
+    if (not tc
+            or not (_rows_aligned(kw) and _rows_aligned(vw)) or kc.strides[3] != 1 or vc.strides[3] != 1):
+        return False
+    raw, raw_dtype = _raw_params(cache, kw, vw)
+    plans = [_write_tc_plan(device, cfg, dtype, raw_dtype, tuning) for cfg in (k_cfg, v_cfg)]
+    wide = all(c.data.ptr % 4 == 0 and all(x % 4 == 0 for x in c.strides[:3]) and cfg.record_bytes % 4 == 0
+               for c, cfg in ((kc, k_cfg), (vc, v_cfg)))
+    chs = []
+    for ch in channels:
+        c = None if ch is None else cp.ascontiguousarray(ch, dtype=cp.uint16)
+        chs.append(c.copy() if c is not None and c.data.ptr % 16 else c)
+    if slots.dtype not in (cp.int32, cp.int64) or not slots.flags.c_contiguous:
+        slots = cp.ascontiguousarray(slots, dtype=cp.int64)
+    rsb = _int32(cache.raw_slot_of_block) if cache.has_raw else None
+    rk, rv, rks, rvs, num_raw = raw[6], raw[7], raw[8:11], raw[11:14], raw[14]
+    sets = [(kw, chs[0], kc, rk, rks, plans[0][0].table), (vw, chs[1], vc, rv, rvs, plans[1][0].table)]
+
+    def args(x: Any, ch: Any, c: Any, pool: Any, ps: Sequence[Any], table: Any) -> tuple[Any, ...]:
+        return (x, np.int64(x.strides[0]), np.int64(x.strides[1]), _NULL if ch is None else ch, c,
+                *(np.int64(st) for st in c.strides[:3]), pool, *ps, table)
+
+    h = cache.num_kv_heads
+    head = (np.int32(n), np.int32(h), slots, np.int32(slots.dtype == cp.int64), np.int32(cache.num_blocks),
+            np.int32(cache.block_size), _NULL if rsb is None else rsb, num_raw, np.int32(wide))
+    groups = [[0, 1]] if plans[0][1] == plans[1][1] else [[0], [1]]
+    for group in groups:
+        plan = plans[group[0]][0]
+        tiles = h * -(-n // plan.vectors)
+        gx = max(1, min(plan.blocks // len(group), -(-tiles // plan.warps)))
+        set0 = args(*sets[group[0]])
+        set1 = args(*sets[group[-1]])
+        plan.fn((gx, len(group)), (32 * plan.warps,), (*head, *set0, *set1), shared_mem=plan.smem)
+    return True
+
+
 def _encode_into(xw: Any, dtype: str, cfg: CodecConfig, ch: Any, rec: Any, device: int) -> None:
     """``cupy_raw.encode``'s kernels into a given records buffer (no allocation): xw [H, n, d]
     C-contiguous and 16-byte aligned, rec [H, n, R]."""
@@ -333,6 +422,8 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
                     return channels[0], channels[1]
                 picked = cp.ascontiguousarray(words[i][:, rows])
                 channels[i] = cupy_raw.select_channels(picked, cfgs[i], dtype)
+        if _write_tc(cache, kw, _native(value)[0], dtype, channels, slot_mapping, n, device):
+            return channels[0], channels[1]
         wdt = kw.dtype
         parts = [((h, n, d), wdt), ((h, n, d), wdt), ((h, n, k_cfg.record_bytes), cp.uint8),
                  ((h, n, v_cfg.record_bytes), cp.uint8)]
@@ -411,7 +502,8 @@ _MAX_LAUNCHES = 1024
 
 def _decode_sig(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
                 scale: float, out: Any, n: int, device: int) -> tuple[Any, ...]:
-    return (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, cache.k_config, cache.v_config,
+    return (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, SIDE_ROW_THREADS, cache.k_config,
+            cache.v_config,
             *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
                                  cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
                                  cache.raw_slot_of_block)))
@@ -499,9 +591,9 @@ def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int
 
 
 def _raw_smem(group: int, d: int) -> int:
-    """Dynamic shared memory of tq_paged_prep's raw-partial blocks (mirrors raw_partial)."""
-    return 4 * (group * d + 2 * RAW_T * d + RAW_T * group + 3 * group) + 4 * (
-        2 * RAW_T + 2 * 32 * PAGED_WARPS * RAW_SCAN + 32)
+    """Dynamic shared memory of tq_paged_prep's raw-partial blocks (mirrors raw_partial): the pass
+    lists, later aliased by the warps' merge."""
+    return max(4 * (2 * 32 * PAGED_WARPS * RAW_SCAN + 32), 4 * PAGED_WARPS * group * (d + 2))
 
 
 def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
@@ -529,12 +621,13 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     max_tokens = max_blocks * cache.block_size
     ntiles = -(-max_tokens // TILE)
     nchunks = max(1, -(-ntiles // (PAGED_WARPS * tpw)))
+    raw_parts = max(1, -(-max_blocks // RAW_PART))
     rows, streams = n * h_q, n * h
     kqd, vqd = cupy_raw_tables.fdims(k_cfg), cupy_raw_tables.fdims(v_cfg)
     parts = [((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
              ((streams * nchunks * group,), cp.float32), ((streams * nchunks * group,), cp.float32),
-             ((streams * nchunks * group, vqd), cp.float32), ((rows,), cp.float32), ((rows,), cp.float32),
-             ((rows, d), cp.float32)]
+             ((streams * nchunks * group, vqd), cp.float32), ((rows * raw_parts,), cp.float32),
+             ((rows * raw_parts,), cp.float32), ((rows * raw_parts, d), cp.float32)]
     qh, qscale, part_m, part_l, part_acc, raw_m, raw_l, raw_acc = (
         _p(a) for a in _carve(_scratch(device, "attention", _carve_bytes(parts)), parts))
     kch, vch = cache.k_channels, cache.v_channels
@@ -550,11 +643,12 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     fscale = np.float32(scale)
     side = streams >= SIDE_STREAM_MIN_STREAMS
     tail = (_p(bt), np.int32(bt.strides[0] // 4), np.int32(max_blocks), _p(sl), _p(rsb),
-            np.int32(cache.num_blocks), np.int32(h), raw_m, raw_l, raw_acc, *raw)
+            np.int32(cache.num_blocks), np.int32(h), np.int32(raw_parts), raw_m, raw_l, raw_acc, *raw)
     head = (_p(qw), np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), _p(kch), _p(ktab), fscale, qh, qscale)
-    raw_part = _Launch(plan.prep, (streams,), (32 * PAGED_WARPS,), (*head, np.int32(0), *tail),
+    raw_part = _Launch(plan.prep, (streams * raw_parts,), (32 * PAGED_WARPS,), (*head, np.int32(0), *tail),
                        plan.raw_smem) if side else None
-    prep = _Launch(plan.prep, (rows + (0 if side else streams),), (32 * PAGED_WARPS,),
+    prep = _Launch(plan.prep, (rows + (0 if side else streams * raw_parts),),
+                   (SIDE_ROW_THREADS if side else 32 * PAGED_WARPS,),
                    (*head, np.int32(rows), *tail), 0 if side else plan.raw_smem)
     split = _Launch(plan.split, (nchunks, streams), (32 * PAGED_WARPS,),
                     (_p(kc), _p(vc), end, end, np.int64(kc.strides[0]), np.int64(kc.strides[2]),
@@ -562,9 +656,10 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
                      np.int32(max_blocks), _p(sl), _p(rsb), np.int32(cache.num_blocks), np.int32(h), qh,
                      qscale, _p(klut), _p(vlut), part_m, part_l, part_acc), plan.split_smem)
     reduce = _Launch(plan.reduce, (rows,), (REDUCE_THREADS,),
-                     (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, _p(sl),
+                     (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, np.int32(raw_parts),
+                      _p(sl),
                       np.int32(max_tokens), np.int32(h_q), _p(vtab), _p(vch), _p(ow), np.int64(os_[0]),
-                      np.int64(os_[1])), _reduce_smem(v_cfg, nchunks))
+                      np.int64(os_[1])), _reduce_smem(v_cfg, nchunks, raw_parts))
     return raw_part, prep, split, reduce
 
 

@@ -9,6 +9,8 @@
 //               the record assembled byte by byte in shared memory, written out as 32-bit words.
 //   tq_encode_tc  grid (SMs), block 32 * ENC_WARPS: the mse encode on tensor cores, persistent (see
 //               its section below); the host picks it where cupy_raw_tc.tc_encode_ok.
+//   tq_write_tc grid (blocks, 1 or 2), block 32 * ENC_WARPS: the same encode of a paged cache's new
+//               tokens, read in place and scattered to their slots and raw rows (cupy_paged.paged_write).
 //   tq_decode   grid (ceil(n/TV), streams), block 128: values in the rotated domain, S^T signs,
 //               rotation^T, scatter through channels; float32 out.
 //   tq_qrot     grid (rows), block 128: a query row in key channel order, rotated per field.
@@ -617,10 +619,13 @@ __device__ __forceinline__ void tc_rotate(const TcFrag<g>& f, const uint4* bt, f
       tc_store_bytes<CB, AL>(stg + (16 * m + 8 * h + r) * R + CC::gcode(g) + t * CB, cw[m][h]);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
-    tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
-                 const uint4* __restrict__ tcb, u8* __restrict__ rec) {
-  constexpr int D = CC::D, R = CC::R, CH = TC_ROWB / 16;
+// The tensor-core encode's loop over warp tiles, for any input and output addressing: Io gives
+// row(s, v) (16-byte aligned address of vector v of stream s, channel order as stored), ch(s) (the
+// stream's channel list or null) and store(s, v0, nv, stg, lane) (a tile's nv assembled records,
+// R bytes each at stg, out). tcb: this block's fragment tables and grid words.
+template <class Io>
+__device__ __forceinline__ void tc_encode_tiles(const Io& io, int n, int streams, const uint4* __restrict__ tcb) {
+  constexpr int R = CC::R, CH = TC_ROWB / 16;
   constexpr int TABBYTES = 16 * tc_gtab(CC::NG);
   extern __shared__ __align__(16) u8 tc_smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -641,28 +646,28 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     const int s = tl / T, v0 = (tl - s * T) * TC_NV;
     return Tile{s, v0, min(TC_NV, n - v0)};
   };
-  // Staging: lane l copies chunk l % CH of rows l / CH + RPI i, at immediate offsets; rows past the
-  // tile's end are zero-filled (read from its first row, which exists, with size 0).
+  // Staging: lane l copies chunk l % CH of rows l / CH + RPI i; rows past the tile's end are
+  // zero-filled (read from its first row, which exists, with size 0).
   constexpr int RPI = 32 / CH;
   static_assert(32 % CH == 0, "a staged row is 16 to 512 bytes");
   const int cl = lane % CH, vl = lane / CH;
   auto issue = [&](const Tile& tt) {
-    const u8* src0 = static_cast<const u8*>(x) + (static_cast<u64>(tt.s) * n + tt.v0) * TC_ROWB + cl * 16;
-    const u8* src = src0 + vl * TC_ROWB;
+    const u8* src0 = io.row(tt.s, tt.v0) + cl * 16;
     auto rows = [&](auto full) {
 #pragma unroll
       for (int i = 0; i < TC_NV / RPI; ++i) {
         const int v = RPI * i + vl;
         const bool ok = decltype(full)::value || v < tt.nv;
-        cp_async16(xs + v * TC_ROWB + ((cl ^ (v % TC_SW)) << 4), ok ? src + RPI * i * TC_ROWB : src0, ok ? 16 : 0);
+        cp_async16(xs + v * TC_ROWB + ((cl ^ (v % TC_SW)) << 4), ok ? io.row(tt.s, tt.v0 + v) + cl * 16 : src0,
+                   ok ? 16 : 0);
       }
     };
     if (tt.nv == TC_NV)
       rows(Int<1>{});
     else
       rows(Int<0>{});
-    if (chans && lane < TC_CBYTES / 16)
-      cp_async16(cbuf + lane * 8, chans + static_cast<u64>(tt.s) * D + lane * 8, 16);
+    const u16* chans = io.ch(tt.s);
+    if (chans && lane < TC_CBYTES / 16) cp_async16(cbuf + lane * 8, chans + lane * 8, 16);
     cp_async_commit();
   };
   // Tiles go round the blocks first (warp w of block b starts at tile w * blocks + b), so the last,
@@ -691,7 +696,7 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     cp_async_wait<0>();
     __syncwarp();
     const Tile cur = locate(tile);
-    const u16* ch = chans ? cbuf : nullptr;
+    const u16* ch = mine && io.ch(cur.s) ? cbuf : nullptr;
     // Every group's values into registers first, so the staging buffer takes the next tile while
     // the tensor cores and the code lookups work.
     if (mine) {
@@ -703,17 +708,134 @@ extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
     tc_rotate<0>(f0, tab, bnd0, cnt0, stg, lane);
     static_for<1, CC::NG>([&](auto gi) { tc_rotate<decltype(gi)::value>(f1, tab, bnd1, cnt1, stg, lane); });
     __syncwarp();
-    if (mine) {
-      u8* dst = rec + (static_cast<u64>(cur.s) * n + cur.v0) * R;
-      const int nb = cur.nv * R;
-      if (((reinterpret_cast<u64>(dst) | nb) & 15) == 0) {
-        for (int k = lane; k < nb / 16; k += 32) reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(stg)[k];
-      } else {
-        for (int k = lane; k < nb / 4; k += 32) reinterpret_cast<u32*>(dst)[k] = reinterpret_cast<const u32*>(stg)[k];
-      }
-    }
+    if (mine) io.store(cur.s, cur.v0, cur.nv, stg, lane);
     __syncwarp();
   }
+}
+
+// tq_encode_tc's addressing: x [streams, n, D] and records [streams, n, R], C-contiguous.
+struct TcContiguous {
+  const u8* x;
+  const u16* chans;
+  u8* rec;
+  int n;
+  __device__ const u8* row(int s, int v) const { return x + (static_cast<u64>(s) * n + v) * TC_ROWB; }
+  __device__ const u16* ch(int s) const { return chans ? chans + static_cast<u64>(s) * CC::D : nullptr; }
+  __device__ void store(int s, int v0, int nv, const u8* stg, int lane) const {
+    u8* dst = rec + (static_cast<u64>(s) * n + v0) * CC::R;
+    const int nb = nv * CC::R;
+    if (((reinterpret_cast<u64>(dst) | nb) & 15) == 0) {
+      for (int k = lane; k < nb / 16; k += 32) reinterpret_cast<uint4*>(dst)[k] = reinterpret_cast<const uint4*>(stg)[k];
+    } else {
+      for (int k = lane; k < nb / 4; k += 32) reinterpret_cast<u32*>(dst)[k] = reinterpret_cast<const u32*>(stg)[k];
+    }
+  }
+};
+
+extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
+    tq_encode_tc(const void* __restrict__ x, const u16* __restrict__ chans, int n, int streams,
+                 const uint4* __restrict__ tcb, u8* __restrict__ rec) {
+  tc_encode_tiles(TcContiguous{static_cast<const u8*>(x), chans, rec, n}, n, streams, tcb);
+}
+
+// ------------------------------------------------------------------------------------ paged write
+// tq_write_tc: tq_encode_tc's encode of new tokens straight into a paged cache, one launch per
+// codec structure: grid (blocks, sets), set 0 = K, set 1 = V (sets = 1: the set given alone, when K
+// and V build different modules). Stream s of a set is KV head s; vector v is new token v, read in
+// place from x [T, H, D] (byte strides x_st, x_sh, rows 16-byte aligned) and written, where
+// slots[v] lies in the cache (0 <= slot < num_blocks * bs), as its record at cache + b * c_sb + o *
+// c_ss + s * c_sh (b, o = slot / bs, slot % bs; byte strides) and, where raw_slot[b] names a row
+// of the raw pool (0 <= row < num_raw), as its RAW_KIND copy at element row * r_s0 + o * r_s1 + s *
+// r_s2 of raw. wide: records and cache addresses 4-byte aligned (32-bit stores).
+#ifndef RAW_KIND
+#define RAW_KIND IN_KIND
+#endif
+#ifndef TC_RAW_U
+#define TC_RAW_U 4  // 16-byte chunks of raw rows each lane has in flight
+#endif
+struct TcPaged {
+  const u8* x;
+  long long x_st, x_sh;
+  const u16* chans;
+  u8* cache;
+  long long c_sb, c_ss, c_sh;
+  void* raw;
+  long long r_s0, r_s1, r_s2;
+  const void* slots;
+  int slot64, num_blocks, bs;
+  const int* raw_slot;
+  int num_raw, wide;
+  __device__ const u8* row(int s, int v) const { return x + v * x_st + s * x_sh; }
+  __device__ const u16* ch(int s) const { return chans ? chans + static_cast<u64>(s) * CC::D : nullptr; }
+  __device__ long long slot(int v) const {
+    return slot64 ? static_cast<const long long*>(slots)[v] : static_cast<const int*>(slots)[v];
+  }
+  __device__ void store(int s, int v0, int nv, const u8* stg, int lane) const {
+    constexpr int R = CC::R, EPC = 16 / TC_ES, CPR = CC::D / EPC;
+    // Lane i: row i's record offset in the cache and raw-pool element offset (-1: none), worked
+    // out once per row, all rows' lookups in flight at once.
+    long long ro = -1, xo = -1;
+    if (lane < nv) {
+      const long long sl = slot(v0 + lane);
+      if (sl >= 0 && sl < static_cast<long long>(num_blocks) * bs) {
+        const int b = static_cast<int>(sl / bs), o = static_cast<int>(sl - static_cast<long long>(b) * bs);
+        ro = b * c_sb + o * c_ss + s * c_sh;
+        const int rr = raw_slot ? raw_slot[b] : -1;
+        if (rr >= 0 && rr < num_raw) xo = rr * r_s0 + o * r_s1 + s * r_s2;
+      }
+    }
+    // Records: unit w of row i at lane k = i * PER + w, every row at once.
+    auto records = [&](auto unit) {
+      using U = decltype(unit);
+      constexpr int PER = R / static_cast<int>(sizeof(U));
+      for (int k0 = 0; k0 < nv * PER; k0 += 32) {
+        const int k = k0 + lane, i = min(k / PER, 31), w = k - i * PER;
+        const long long d = __shfl_sync(0xffffffffu, ro, i);
+        if (k < nv * PER && d >= 0) reinterpret_cast<U*>(cache + d)[w] = reinterpret_cast<const U*>(stg + i * R)[w];
+      }
+    };
+    if (wide)
+      records(u32{});
+    else
+      records(u8{});
+    // Raw rows: 16-byte chunks of the tokens' rows (in place), TC_RAW_U per lane loaded before any
+    // is stored (a store in between would hold the next load back).
+    if (!__any_sync(0xffffffffu, xo >= 0)) return;
+    for (int k0 = 0; k0 < nv * CPR; k0 += 32 * TC_RAW_U) {
+      float f[TC_RAW_U][EPC];
+      long long e0[TC_RAW_U];
+#pragma unroll
+      for (int u = 0; u < TC_RAW_U; ++u) {
+        const int k = k0 + 32 * u + lane, i = min(k / CPR, 31), c = k - i * CPR;
+        const long long x = __shfl_sync(0xffffffffu, xo, i);
+        e0[u] = k < nv * CPR && x >= 0 ? x + c * EPC : -1;
+        if (e0[u] >= 0) load_vec<IN_KIND, EPC>(row(s, v0 + i), static_cast<u64>(c) * EPC, f[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < TC_RAW_U; ++u)
+        if (e0[u] >= 0) {
+#pragma unroll
+          for (int e = 0; e < EPC; ++e) store_float<RAW_KIND>(raw, static_cast<u64>(e0[u]) + e, f[u][e]);
+        }
+    }
+  }
+};
+
+// One set's arguments (K or V) of tq_write_tc.
+#define TQ_WRITE_SET(I)                                                                                      \
+  const void *x##I, long long x_st##I, long long x_sh##I, const u16 *ch##I, u8 *cache##I, long long c_sb##I,  \
+      long long c_ss##I, long long c_sh##I, void *raw##I, long long r_s0##I, long long r_s1##I,              \
+      long long r_s2##I, const uint4 *tcb##I
+
+extern "C" __global__ void __launch_bounds__(32 * ENC_WARPS, 1)
+    tq_write_tc(int n, int h_kv, const void* __restrict__ slots, int slot64, int num_blocks, int bs,
+                const int* __restrict__ raw_slot, int num_raw, int wide, TQ_WRITE_SET(0), TQ_WRITE_SET(1)) {
+  const bool v = blockIdx.y == 1;
+  const TcPaged io{static_cast<const u8*>(v ? x1 : x0), v ? x_st1 : x_st0, v ? x_sh1 : x_sh0, v ? ch1 : ch0,
+                   v ? cache1 : cache0, v ? c_sb1 : c_sb0, v ? c_ss1 : c_ss0, v ? c_sh1 : c_sh0,
+                   v ? raw1 : raw0, v ? r_s01 : r_s00, v ? r_s11 : r_s10, v ? r_s21 : r_s20,
+                   slots, slot64, num_blocks, bs, raw_slot, num_raw, wide};
+  tc_encode_tiles(io, n, h_kv, v ? tcb1 : tcb0);
 }
 
 // Expanded field values of one record: vals[foff(f) + i] = table value of code i of field f,

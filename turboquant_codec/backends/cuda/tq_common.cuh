@@ -88,6 +88,54 @@ __device__ __forceinline__ float load_float(const void* p, u64 i) {
   }
 }
 
+// v stored as element i of a KIND array (bfloat16: round to nearest even).
+template <int KIND>
+__device__ __forceinline__ void store_float(void* p, u64 i, float v) {
+  if constexpr (KIND == TQ_F32) {
+    static_cast<float*>(p)[i] = v;
+  } else if constexpr (KIND == TQ_F16) {
+    static_cast<u16*>(p)[i] = f2h(v);
+  } else {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    static_cast<u16*>(p)[i] = h;
+  }
+}
+
+// N consecutive KIND values at element e of p -> floats, in loads of the widest unit (2 to 16
+// bytes) that divides their N * size bytes (the address aligned to it).
+template <int KIND, int N>
+__device__ __forceinline__ void load_vec(const void* p, u64 e, float (&out)[N]) {
+  constexpr int ES = KIND == TQ_F32 ? 4 : 2, BYTES = N * ES;
+  constexpr int CB = BYTES % 16 == 0 ? 16 : BYTES % 8 == 0 ? 8 : BYTES % 4 == 0 ? 4 : 2;
+  const u8* a = static_cast<const u8*>(p) + e * ES;
+  u32 w[(BYTES + 3) / 4];
+#pragma unroll
+  for (int c = 0; c < BYTES / CB; ++c) {
+    if constexpr (CB == 16) {
+      const uint4 x = reinterpret_cast<const uint4*>(a)[c];
+      w[4 * c] = x.x, w[4 * c + 1] = x.y, w[4 * c + 2] = x.z, w[4 * c + 3] = x.w;
+    } else if constexpr (CB == 8) {
+      const uint2 x = reinterpret_cast<const uint2*>(a)[c];
+      w[2 * c] = x.x, w[2 * c + 1] = x.y;
+    } else if constexpr (CB == 4) {
+      w[c] = reinterpret_cast<const u32*>(a)[c];
+    } else {
+      const u32 h = reinterpret_cast<const u16*>(a)[c];
+      w[c / 2] = c % 2 ? w[c / 2] | h << 16 : h;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if constexpr (KIND == TQ_F32) {
+      out[i] = __uint_as_float(w[i]);
+    } else {
+      const u32 h = w[i / 2] >> (16 * (i % 2)) & 0xffffu;
+      out[i] = KIND == TQ_F16 ? h2f(static_cast<u16>(h)) : __uint_as_float(h << 16);
+    }
+  }
+}
+
 // bfloat16 norm stored at byte offset `off` of a record (records and norm offsets are 2-byte
 // aligned).
 __device__ __forceinline__ float rec_norm(const u8* rec, int off) {

@@ -12,15 +12,17 @@
 // cache; its own new token comes raw from key/value row r.
 //
 // Kernels (cupy_paged.paged_attention launches them on the caller's stream, no host sync):
-//   tq_paged_prep    grid (rows + raw blocks), RAW_THREADS threads. Blocks < rows (= n_dec*h_q):
+//   tq_paged_prep    grid (rows + raw blocks), up to RAW_THREADS threads. Blocks < rows (= n_dec*h_q):
 //                    tq_attn_prep's query preparation (permute by the KV head's key channels, rotate,
-//                    fold scale*log2(e), float16 hi+lo). Blocks past them: the RAW partial of one KV
-//                    stream each (its new token and every context token whose block has a raw row,
-//                    float32, original domain, all GQ heads of the group, block-table order); it
-//                    needs no other kernel's output. Launched either as one grid (rows + n_dec*H), or,
-//                    for many streams, as a rows-only grid plus a raws-only grid (rows = 0) on a side
-//                    stream forked from the caller's and joined before tq_paged_reduce, so the raw
-//                    partials overlap the split instead of delaying it.
+//                    fold scale*log2(e), float16 hi+lo). Blocks past them: the RAW partials, one
+//                    block per KV stream and part of RAW_PART logical blocks (its new token, part 0,
+//                    and every context token whose block has a raw row, float32, original domain,
+//                    all GQ heads of the group; the block's warps take the listed tokens in turn
+//                    and merge once at the end); they need no other kernel's output. Launched
+//                    either as one grid (rows + n_dec*H*parts, RAW_THREADS threads), or, for many
+//                    streams, as a rows-only grid (rows threads as the host picks) plus a raws-only
+//                    grid (rows = 0) on a side stream forked from the caller's and joined before
+//                    tq_paged_reduce, so the raw partials overlap the split instead of delaying it.
 //   tq_paged_split   grid (nchunks, n_dec*H), NWARPS warps. Row bh = r*H + h, column c: chunk c covers
 //                    tiles [c*NWARPS*TPW, (c+1)*NWARPS*TPW) of the context (a tile = 16 tokens of one
 //                    block, BS a multiple of 16): tq_attn_split's maths (tensor-core scores and
@@ -31,7 +33,7 @@
 //                    request's partials, and its output, do not depend on the batch it shares a
 //                    launch with; chunks past a request's context exit at once.
 //   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
-//                    domain) and its raw partial (original domain), un-rotates once, scatters
+//                    domain) and its raw partials (original domain), un-rotates once, scatters
 //                    through the value channels and writes the output row in the output's dtype.
 //
 // Shared with tq_attention.cu through tq_attn_common.cuh (which also describes the fragment and
@@ -57,9 +59,6 @@ TQ_CODEC(VC, V)
 #ifndef TPW
 #define TPW 16  // tiles per warp and chunk: the fixed split (<= 32: one tile per lane of the lookup)
 #endif
-#ifndef RAW_T
-#define RAW_T 64  // raw tokens staged per round of the raw partial
-#endif
 #define SPAN_K (TILE * KTS)
 #define SPAN_V (TILE * VTS)
 #define TILE_BYTES_K (SPAN_K + 32)  // + 16 B over-read padding (load_stream) + alignment slack
@@ -76,19 +75,6 @@ static_assert(TPW >= 1 && TPW <= 32, "TPW: one tile per lane");
 static_assert(BS % TILE == 0, "the fused kernel reads whole 16-token tiles of a block");
 static_assert(KTS % 4 == 0 && VTS % 4 == 0 && VOFF % 4 == 0, "records must be 4-byte aligned");
 #endif
-
-template <int KIND>
-__device__ __forceinline__ void store_float(void* p, u64 i, float v) {
-  if constexpr (KIND == TQ_F32) {
-    static_cast<float*>(p)[i] = v;
-  } else if constexpr (KIND == TQ_F16) {
-    static_cast<u16*>(p)[i] = f2h(v);
-  } else {
-    u16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    static_cast<u16*>(p)[i] = h;
-  }
-}
 
 // Context tokens of decode request r in the cache: seq_lens[r] - 1, clamped to the block table.
 __device__ __forceinline__ int context_len(const int* seq_lens, int r, int max_tokens) {
@@ -116,164 +102,128 @@ struct RawArgs {
 // ------------------------------------------------------------------------------------ raw partial
 #define RAW_THREADS (NWARPS * 32)  // threads of tq_paged_prep (its raw blocks use them all)
 #ifndef RAW_SCAN
-#define RAW_SCAN 8  // block-table entries per thread and pass of the raw scan
+#define RAW_SCAN 2  // block-table entries per thread of a raw partial's part
+#endif
+#define RAW_PART (RAW_THREADS * RAW_SCAN)  // logical blocks per part of a raw partial
+#ifndef RAW_U
+#define RAW_U 4  // listed tokens a warp of the raw partial loads at once
 #endif
 
-struct __align__(16) V16 {
-  u32 x, y, z, w;
-};
-
-// 16 bytes of KIND values -> floats at dst.
-template <int KIND>
-__device__ __forceinline__ void unpack16(const V16& v, float* dst) {
-  const u32 w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    if constexpr (KIND == TQ_F32) {
-      dst[k] = __uint_as_float(w[k]);
-    } else if constexpr (KIND == TQ_F16) {
-      dst[2 * k] = h2f(static_cast<u16>(w[k]));
-      dst[2 * k + 1] = h2f(static_cast<u16>(w[k] >> 16));
-    } else {
-      dst[2 * k] = __uint_as_float(w[k] << 16);
-      dst[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
-    }
-  }
-}
-
-// One KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D] (original
-// channel order) over its new token and its raw-pool context tokens, in block-table order.
-// Shared memory (floats): qs[GQ][D] | kb[RAW_T][D] | vb[RAW_T][D] | lg[RAW_T][GQ] | mh, lh, al[GQ]
-// | ints: staged slot rows and offsets [RAW_T] each | listed raw rows and lengths [RAW_THREADS *
-// RAW_SCAN] each | warp counts [32] (cupy_paged._raw_smem mirrors this).
+// One part of a KV stream's raw partial for its GQ query rows: m (log2 domain), l and acc[D]
+// (original channel order) over its raw-pool context tokens in logical blocks [part * RAW_PART,
+// (part + 1) * RAW_PART) and, part 0, its new token; out at [(row * nparts + part)] ([.., D] for
+// acc). Part boundaries are fixed in blocks (batch invariance); the parts spread the block-table
+// scan (one gather of raw_slot per entry) over several SMs. The part's blocks are listed (prefix
+// sums over the block's threads); then warp w
+// takes listed tokens w, w + NWARPS, .. RAW_U at a time (all their rows loaded before the first
+// use), lane l holding dims [l * D/32, (l + 1) * D/32) of the query rows, of each token's K and V
+// row and of its own accumulators (online softmax per warp, no block barrier per token); the
+// warps' partials are merged once at the end.
+// Shared memory: listed raw rows and lengths [RAW_PART] ints each | warp counts [32]; after the
+// tokens, aliased by the merge: acc [NWARPS][GQ][D] | m, l [NWARPS][GQ] floats
+// (cupy_paged._raw_smem mirrors this).
 __device__ void raw_partial(u8* smem, const RawArgs& a, const void* __restrict__ q, long long q_st,
                             long long q_sh, float scale, const int* __restrict__ bt_row, int nblk, int ctx,
                             const int* __restrict__ raw_slot, int num_blocks, int r, int kvh, int h_kv,
-                            float* __restrict__ raw_m, float* __restrict__ raw_l,
+                            int part, int nparts, float* __restrict__ raw_m, float* __restrict__ raw_l,
                             float* __restrict__ raw_acc) {
-  constexpr int D = KC::D, NT_ = RAW_THREADS, NW_ = NT_ / 32, ACCN = (GQ * D + NT_ - 1) / NT_;
+  constexpr int D = KC::D, NT_ = RAW_THREADS, NW_ = NT_ / 32, DPL = D / 32;
+  static_assert(D % 32 == 0, "raw partial: D/32 dims per lane");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float* qs = reinterpret_cast<float*>(smem);
-  float* kb = qs + GQ * D;
-  float* vb = kb + RAW_T * D;
-  float* lg = vb + RAW_T * D;
-  float* mh = lg + RAW_T * GQ;
-  float* lh = mh + GQ;
-  float* al = lh + GQ;
-  int* srow = reinterpret_cast<int*>(al + GQ);  // per staged token: raw row (-1: the new token)
-  int* soff = srow + RAW_T;                     // slot in its block, -1: invalid
-  int* lrow = soff + RAW_T;                     // listed raw blocks of the current pass
+  int* lrow = reinterpret_cast<int*>(smem);  // listed raw blocks of the current pass
   int* llen = lrow + NT_ * RAW_SCAN;
   int* wcnt = llen + NT_ * RAW_SCAN;
 
   const u64 row0 = (static_cast<u64>(r) * h_kv + kvh) * GQ;
-  for (int i = tid; i < GQ * D; i += NT_) {
-    const int g = i / D, dim = i - g * D;
-    qs[i] = load_float<IN_KIND>(q, static_cast<u64>(r) * q_st + static_cast<u64>(kvh * GQ + g) * q_sh + dim) *
-            (scale * LOG2E);
-  }
-  if (tid < GQ) {
-    mh[tid] = -TQ_INF;
-    lh[tid] = 0.f;
-  }
-  float acc[ACCN];
+  float qv[GQ][DPL], m[GQ], l[GQ], acc[GQ][DPL];
 #pragma unroll
-  for (int k = 0; k < ACCN; ++k) acc[k] = 0.f;
+  for (int g = 0; g < GQ; ++g) {
+    m[g] = -TQ_INF;
+    l[g] = 0.f;
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) {
+      qv[g][j] = load_float<IN_KIND>(q, static_cast<u64>(r) * q_st + static_cast<u64>(kvh * GQ + g) * q_sh +
+                                            lane * DPL + j) * (scale * LOG2E);
+      acc[g][j] = 0.f;
+    }
+  }
 
-  // One round over the staged tokens (srow/soff set, soff -1 = none): load, logits, softmax update
-  // (warp g for head g, lanes over tokens), values.
-  auto round = [&](bool new_token) {
-    __syncthreads();  // srow/soff written; the previous round's buffers no longer read
-    // Raw-pool rows in 16-byte chunks, every load of the round in flight before the first use (the
-    // host checks the pool's alignment); the new token's row (srow -1) element by element.
-    constexpr int ES = RAW_KIND == TQ_F32 ? 4 : 2, EPC = 16 / ES, CPR = D / EPC;
-    constexpr int CPT = (RAW_T * CPR + NT_ - 1) / NT_;
-    V16 kr[CPT], vr[CPT];
+  // Listed tokens [0, ntok) of a pass: the first `extra` (0 or 1) the new token, then BS per listed
+  // block (those at or past its length masked).
+  auto tokens = [&](int ntok, int extra) {
+    for (int t0 = warp; t0 < ntok; t0 += NW_ * RAW_U) {
+      float kx[RAW_U][DPL], vx[RAW_U][DPL];
+      bool ok[RAW_U];
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) {
-      const int i = tid + c * NT_, s = i / CPR, ch = i - s * CPR;
-      kr[c] = vr[c] = V16{0u, 0u, 0u, 0u};
-      if (i < RAW_T * CPR && soff[s] >= 0 && srow[s] >= 0) {
-        const u64 ek = static_cast<u64>(srow[s]) * a.rk_s0 + soff[s] * a.rk_s1 + kvh * a.rk_s2 + ch * EPC;
-        const u64 ev = static_cast<u64>(srow[s]) * a.rv_s0 + soff[s] * a.rv_s1 + kvh * a.rv_s2 + ch * EPC;
-        kr[c] = *reinterpret_cast<const V16*>(static_cast<const u8*>(a.raw_k) + ek * ES);
-        vr[c] = *reinterpret_cast<const V16*>(static_cast<const u8*>(a.raw_v) + ev * ES);
-      }
-    }
+      for (int u = 0; u < RAW_U; ++u) {
+        const int t = t0 + u * NW_, x = t - extra, k = x / BS, o = x - k * BS;
+        // Warp-uniform: t depends on the warp alone.
+        ok[u] = t < ntok && (t < extra || o < llen[k]);
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) {
-      const int i = tid + c * NT_, s = i / CPR, ch = i - s * CPR;
-      if (i < RAW_T * CPR && !(new_token && s == 0)) {
-        unpack16<RAW_KIND>(kr[c], kb + s * D + ch * EPC);
-        unpack16<RAW_KIND>(vr[c], vb + s * D + ch * EPC);
-      }
-    }
-    if (new_token)
-      for (int i = tid; i < D; i += NT_) {
-        kb[i] = load_float<NEW_KIND>(a.key, static_cast<u64>(r) * a.kv_st + kvh * a.kv_sh + i);
-        vb[i] = load_float<NEW_KIND>(a.value, static_cast<u64>(r) * a.vv_st + kvh * a.vv_sh + i);
-      }
-    __syncthreads();
-    for (int s = warp; s < RAW_T; s += NW_) {
-      float d[GQ];
+        for (int j = 0; j < DPL; ++j) kx[u][j] = vx[u][j] = 0.f;
+        if (ok[u] && t < extra) {
 #pragma unroll
-      for (int g = 0; g < GQ; ++g) d[g] = 0.f;
-      for (int i = lane; i < D; i += 32) {
-        const float kv = kb[s * D + i];
-#pragma unroll
-        for (int g = 0; g < GQ; ++g) d[g] = fmaf(qs[g * D + i], kv, d[g]);
+          for (int j = 0; j < DPL; ++j) {
+            kx[u][j] = load_float<NEW_KIND>(a.key, static_cast<u64>(r) * a.kv_st + kvh * a.kv_sh + lane * DPL + j);
+            vx[u][j] = load_float<NEW_KIND>(a.value, static_cast<u64>(r) * a.vv_st + kvh * a.vv_sh + lane * DPL + j);
+          }
+        } else if (ok[u]) {
+          const u64 row = static_cast<u64>(lrow[k]);
+          load_vec<RAW_KIND, DPL>(a.raw_k, row * a.rk_s0 + o * a.rk_s1 + kvh * a.rk_s2 + lane * DPL, kx[u]);
+          load_vec<RAW_KIND, DPL>(a.raw_v, row * a.rv_s0 + o * a.rv_s1 + kvh * a.rv_s2 + lane * DPL, vx[u]);
+        }
       }
-      const bool ok = soff[s] >= 0;
+      float lg[RAW_U][GQ];
+#pragma unroll
+      for (int u = 0; u < RAW_U; ++u)
+#pragma unroll
+        for (int g = 0; g < GQ; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int j = 0; j < DPL; ++j) d = fmaf(qv[g][j], kx[u][j], d);
+          lg[u][g] = d;
+        }
+#pragma unroll
+      for (int o = 16; o; o >>= 1)
+#pragma unroll
+        for (int u = 0; u < RAW_U; ++u)
+#pragma unroll
+          for (int g = 0; g < GQ; ++g) lg[u][g] += __shfl_xor_sync(0xffffffffu, lg[u][g], o);
 #pragma unroll
       for (int g = 0; g < GQ; ++g) {
-        float v = d[g];
-        for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) lg[s * GQ + g] = ok ? v : -TQ_INF;
-      }
-    }
-    __syncthreads();
-    for (int g = warp; g < GQ; g += NW_) {
-      float mx = -TQ_INF;
-      for (int s = lane; s < RAW_T; s += 32) mx = fmaxf(mx, lg[s * GQ + g]);
-      for (int o = 16; o; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float mo = mh[g], mn = fmaxf(mo, mx), ms = mn == -TQ_INF ? 0.f : mn;
-      float l = 0.f;
-      for (int s = lane; s < RAW_T; s += 32) {
-        const float p = exp2f(lg[s * GQ + g] - ms);
-        lg[s * GQ + g] = p;
-        l += p;
-      }
-      for (int o = 16; o; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = exp2f(mo - ms);
-        lh[g] = lh[g] * alpha + l;
-        mh[g] = mn;
-        al[g] = alpha;
-      }
-    }
-    __syncthreads();
+        float mx = m[g];
 #pragma unroll
-    for (int k = 0; k < ACCN; ++k) {
-      const int i = tid + k * NT_;
-      if (i < GQ * D) {
-        const int g = i / D, dim = i - g * D;
-        float x = acc[k] * al[g];
-        for (int s = 0; s < RAW_T; ++s) x = fmaf(lg[s * GQ + g], vb[s * D + dim], x);
-        acc[k] = x;
+        for (int u = 0; u < RAW_U; ++u) mx = ok[u] ? fmaxf(mx, lg[u][g]) : mx;
+        const float ms = mx == -TQ_INF ? 0.f : mx, alpha = exp2f(m[g] - ms);
+        float p[RAW_U], ps = 0.f;
+#pragma unroll
+        for (int u = 0; u < RAW_U; ++u) {
+          p[u] = ok[u] ? exp2f(lg[u][g] - ms) : 0.f;
+          ps += p[u];
+        }
+        l[g] = l[g] * alpha + ps;
+        m[g] = mx;
+#pragma unroll
+        for (int j = 0; j < DPL; ++j) {
+          float x = acc[g][j] * alpha;
+#pragma unroll
+          for (int u = 0; u < RAW_U; ++u) x = fmaf(p[u], vx[u][j], x);
+          acc[g][j] = x;
+        }
       }
     }
   };
 
-  // Passes over the block table (at least one: the new token, staged first); each lists its raw
-  // blocks in order, then stages their tokens RAW_T at a time.
-  for (int j0 = 0; j0 < max(nblk, 1); j0 += NT_ * RAW_SCAN) {
-    // Thread tid scans entries j0 + tid*RAW_SCAN + i (all loads in flight at once).
+  // This part's pass over the block table: entries [j0, j0 + RAW_PART) (part 0 also takes the new
+  // token, first).
+  {
+    const int j0 = part * RAW_PART;
+    // Thread tid scans entries j0 + i * NT_ + tid (coalesced; all loads in flight at once).
     int rs[RAW_SCAN];
     int cnt = 0;
 #pragma unroll
     for (int i = 0; i < RAW_SCAN; ++i) {
-      const int lb = j0 + tid * RAW_SCAN + i;
+      const int lb = j0 + i * NT_ + tid;
       const int b = raw_slot != nullptr && lb < nblk ? bt_row[lb] : -1;
       rs[i] = b >= 0 && b < num_blocks ? b : -1;
     }
@@ -288,7 +238,6 @@ __device__ void raw_partial(u8* smem, const RawArgs& a, const void* __restrict__
       const int y = __shfl_up_sync(0xffffffffu, incl, o);
       if (lane >= o) incl += y;
     }
-    __syncthreads();  // the previous pass's list is no longer read
     if (lane == 31) wcnt[warp] = incl;
     __syncthreads();
     int base = incl - cnt, total = 0;
@@ -299,38 +248,48 @@ __device__ void raw_partial(u8* smem, const RawArgs& a, const void* __restrict__
 #pragma unroll
     for (int i = 0; i < RAW_SCAN; ++i)
       if (rs[i] >= 0) {
-        const int lb = j0 + tid * RAW_SCAN + i;
+        const int lb = j0 + i * NT_ + tid;
         lrow[base] = rs[i];
         llen[base] = min(BS, ctx - lb * BS);
         ++base;
       }
-    const int extra = j0 == 0 ? 1 : 0, ntok = extra + total * BS;
-    for (int t0 = 0; t0 < ntok; t0 += RAW_T) {
-      __syncthreads();  // list written; the previous round done with srow/soff
-      for (int s = tid; s < RAW_T; s += NT_) {
-        const int t = t0 + s;
-        if (t < extra) {
-          srow[s] = -1;
-          soff[s] = 0;
-        } else {
-          const int u = t - extra, k = u / BS, o = u - k * BS;
-          const bool ok = t < ntok && o < llen[k];
-          srow[s] = ok ? lrow[k] : 0;
-          soff[s] = ok ? o : -1;
-        }
-      }
-      round(extra && t0 == 0);
+    __syncthreads();  // list written
+    const int extra = part == 0 ? 1 : 0;
+    tokens(extra + total * BS, extra);
+  }
+
+  // Merge the warps' partials.
+  __syncthreads();  // lists no longer read
+  float* macc = reinterpret_cast<float*>(smem);
+  float* mm = macc + NW_ * GQ * D;
+  float* ml = mm + NW_ * GQ;
+#pragma unroll
+  for (int g = 0; g < GQ; ++g) {
+#pragma unroll
+    for (int j = 0; j < DPL; ++j) macc[(warp * GQ + g) * D + lane * DPL + j] = acc[g][j];
+    if (lane == 0) {
+      mm[warp * GQ + g] = m[g];
+      ml[warp * GQ + g] = l[g];
     }
   }
   __syncthreads();
-#pragma unroll
-  for (int k = 0; k < ACCN; ++k) {
-    const int i = tid + k * NT_;
-    if (i < GQ * D) raw_acc[row0 * D + i] = acc[k];
+  for (int i = tid; i < GQ * D; i += NT_) {
+    const int g = i / D;
+    float mx = -TQ_INF;
+    for (int w = 0; w < NW_; ++w) mx = fmaxf(mx, mm[w * GQ + g]);
+    const float ms = mx == -TQ_INF ? 0.f : mx;
+    float x = 0.f;
+    for (int w = 0; w < NW_; ++w) x = fmaf(macc[(w * GQ + g) * D + (i - g * D)], exp2f(mm[w * GQ + g] - ms), x);
+    raw_acc[((row0 + g) * nparts + part) * D + (i - g * D)] = x;
   }
   if (tid < GQ) {
-    raw_m[row0 + tid] = mh[tid];
-    raw_l[row0 + tid] = lh[tid];
+    float mx = -TQ_INF;
+    for (int w = 0; w < NW_; ++w) mx = fmaxf(mx, mm[w * GQ + tid]);
+    const float ms = mx == -TQ_INF ? 0.f : mx;
+    float x = 0.f;
+    for (int w = 0; w < NW_; ++w) x = fmaf(ml[w * GQ + tid], exp2f(mm[w * GQ + tid] - ms), x);
+    raw_m[(row0 + tid) * nparts + part] = mx;
+    raw_l[(row0 + tid) * nparts + part] = x;
   }
 }
 
@@ -341,15 +300,18 @@ extern "C" __global__ void __launch_bounds__(RAW_THREADS)
                   u16* __restrict__ qh, float* __restrict__ qscale, int rows,
                   const int* __restrict__ block_table, int bt_stride, int max_blocks,
                   const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks, int h_kv,
-                  float* __restrict__ raw_m, float* __restrict__ raw_l, float* __restrict__ raw_acc,
-                  RAW_PARAMS) {
-  // Blocks past the first `rows`: one raw partial per KV stream (dynamic shared memory).
+                  int raw_parts, float* __restrict__ raw_m, float* __restrict__ raw_l,
+                  float* __restrict__ raw_acc, RAW_PARAMS) {
+  // Blocks past the first `rows`: raw_parts parts of a raw partial per KV stream (dynamic shared
+  // memory); a part past the request's blocks has nothing to do (the reduce reads none of it).
   if (static_cast<int>(blockIdx.x) >= rows) {
     extern __shared__ __align__(16) u8 dsm[];
-    const int bh = blockIdx.x - rows, r = bh / h_kv, kvh = bh - r * h_kv;
-    const int ctx = context_len(seq_lens, r, max_blocks * BS);
-    raw_partial(dsm, RAW_ARGS, q, q_st, q_sh, scale, block_table + static_cast<long long>(r) * bt_stride,
-                (ctx + BS - 1) / BS, ctx, raw_slot, num_blocks, r, kvh, h_kv, raw_m, raw_l, raw_acc);
+    const int bp = blockIdx.x - rows, bh = bp / raw_parts, part = bp - bh * raw_parts;
+    const int r = bh / h_kv, kvh = bh - r * h_kv;
+    const int ctx = context_len(seq_lens, r, max_blocks * BS), nblk = (ctx + BS - 1) / BS;
+    if (part > 0 && part * RAW_PART >= nblk) return;
+    raw_partial(dsm, RAW_ARGS, q, q_st, q_sh, scale, block_table + static_cast<long long>(r) * bt_stride, nblk,
+                ctx, raw_slot, num_blocks, r, kvh, h_kv, part, raw_parts, raw_m, raw_l, raw_acc);
     return;
   }
   constexpr int D = KC::D, QD = KC::fdims();
@@ -474,11 +436,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 }
 
 // ------------------------------------------------------------------------------------ reduce
-// Dynamic shared memory (floats): w[nchunks] | y[VQD] | z[D] | red[32] | yw[nwarps][VQD].
+// Dynamic shared memory (floats): w[nchunks] | y[VQD] | z[D] | red[32] | yw[nwarps][VQD] |
+// rw[raw_parts].
 extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                            const float* __restrict__ part_acc, int nchunks,
                                            const float* __restrict__ raw_m, const float* __restrict__ raw_l,
-                                           const float* __restrict__ raw_acc,
+                                           const float* __restrict__ raw_acc, int raw_parts,
                                            const int* __restrict__ seq_lens, int max_tokens, int h_q,
                                            const float* __restrict__ vtab, const u16* __restrict__ vch,
                                            void* __restrict__ out, long long o_st, long long o_sh) {
@@ -489,24 +452,38 @@ extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, con
   float* z = y + VQD;
   float* red = z + D;
   float* yw = red + 32;
-  const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
+  float* rw = yw + (blockDim.x >> 5) * VQD;
+  const int row = blockIdx.x, bh = row / GQ, h = row % GQ, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = row / h_q, kvh = (row % h_q) / GQ;
   const int ctx = context_len(seq_lens, r, max_tokens);
   const int nparts = ((ctx + TILE - 1) / TILE + NWARPS * TPW - 1) / (NWARPS * TPW);
   const u64 prow0 = static_cast<u64>(bh) * nchunks * GQ + h;
 
-  // The chunk partials' max joins the raw partial's.
-  const float rm = raw_m[row];
+  // The request's raw parts (as tq_paged_prep splits them): their max (every warp, lanes over
+  // parts) joins the chunk partials'.
+  const int rparts = max(1, ((ctx + BS - 1) / BS + RAW_PART - 1) / RAW_PART);
+  const u64 rrow = static_cast<u64>(row) * raw_parts;
+  float rm = -TQ_INF;
+  for (int p = lane; p < rparts; p += 32) rm = fmaxf(rm, raw_m[rrow + p]);
+  for (int o = 16; o; o >>= 1) rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, o));
   const Merged mg = merge_partials(part_m, part_l, part_acc, nparts, prow0, rm, w, y, yw, red);
-  const float wr = exp2f(rm - mg.Ms);
-  const float L = mg.L + wr * raw_l[row];
+  float rl = 0.f;
+  for (int p = lane; p < rparts; p += 32) {
+    const float wp = exp2f(raw_m[rrow + p] - mg.Ms);
+    rl = fmaf(wp, raw_l[rrow + p], rl);
+    if (warp == 0) rw[p] = wp;
+  }
+  for (int o = 16; o; o >>= 1) rl += __shfl_xor_sync(0xffffffffu, rl, o);
+  const float L = mg.L + rl;
   __syncthreads();
 
   const float invL = 1.f / L;
   const u64 obase = static_cast<u64>(r) * o_st + static_cast<u64>(row % h_q) * o_sh;
   unrotate_values(vtab, y, z, [&](int pos, float a) {
     const int ch = vch ? min(static_cast<int>(vch[kvh * D + pos]), D - 1) : pos;
-    store_float<OUT_KIND>(out, obase + ch, (a + wr * raw_acc[static_cast<u64>(row) * D + ch]) * invL);
+    float x = a;
+    for (int p = 0; p < rparts; ++p) x = fmaf(rw[p], raw_acc[(rrow + p) * D + ch], x);
+    store_float<OUT_KIND>(out, obase + ch, x * invL);
   });
 }
 
