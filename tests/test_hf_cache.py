@@ -185,7 +185,8 @@ def test_bad_inputs_are_refused(lm) -> None:
     x = torch.zeros(1, 3, 4, 64, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"key_states has dtype float64; supported"):
         cache.update(x, x, 0)
-    cache.update(x.float(), x.float(), 0)
+    for layer in range(len(cache.layers)):  # one whole step (a step that skips layers is refused)
+        cache.update(x.float(), x.float(), layer)
     with pytest.raises(ValueError, match=r"torch.float16 but the cache holds torch.float32"):
         cache.update(x.half(), x.half(), 0)
     with pytest.raises(RuntimeError, match="turboquant"):
