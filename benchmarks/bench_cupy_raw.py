@@ -25,7 +25,7 @@ import sys
 import time
 
 import numpy as np
-from timing import host_us, timed
+from timing import best_sdpa, host_us, timed
 
 import turboquant_codec as tq
 from turboquant_codec import tuning
@@ -130,8 +130,6 @@ def check_encode(dims: tuple[int, ...] = (64, 128)) -> list[str]:
 def main() -> None:
     import cupy as cp
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -182,17 +180,7 @@ def main() -> None:
         v = torch.randn(b, H_KV, t, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         q = torch.randn(b, H_Q, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         q4 = q[:, :, None, :]
-        best_sdpa, which = float("inf"), ""
-        for name, kern in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            try:
-                with sdpa_kernel(kern):
-                    ms = timed(lambda q4=q4, k=k, v=v: F.scaled_dot_product_attention(
-                        q4, k, v, scale=SCALE, enable_gqa=True))
-            except RuntimeError as exc:
-                log.append(f"sdpa {name} failed at B={b} T={t}: {exc}".splitlines()[0])
-                continue
-            if ms < best_sdpa:
-                best_sdpa, which = ms, name
+        sdpa, which = best_sdpa(q4, k, v, SCALE, False, log, f" at B={b} T={t}")
         for bits in BITS:
             ke = tq.encode(k, bits=bits, seed=1, backend="cupy_raw")
             ve = tq.encode(v, bits=bits, seed=2, backend="cupy_raw")
@@ -218,8 +206,8 @@ def main() -> None:
                     ms_nb = timed(numba_call, reps=5, warmup=2)
                 except Exception as exc:  # the teammate's backend may not serve this shape
                     log.append(f"numba_cuda failed at B={b} T={t} bits={bits}: {type(exc).__name__}: {exc}")
-            rows.append((b, t, bits, ms_tq, best_sdpa, which, ms_nb, nbytes / ms_tq / 1e6, copy_gbs))
-            var_rows.append((b, t, bits, best_sdpa, ms_var))
+            rows.append((b, t, bits, ms_tq, sdpa, which, ms_nb, nbytes / ms_tq / 1e6, copy_gbs))
+            var_rows.append((b, t, bits, sdpa, ms_var))
             print(rows[-1], flush=True)
             # Encode throughput with fixed channels (selection excluded): bf16 read + records written.
             kn = cupy_raw.asarray(k)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from timing import timed
+from timing import best_sdpa, timed
 
 import turboquant_codec as tq
 
@@ -67,22 +67,7 @@ def host_us(fn: Callable[[], Any], calls: int = 50, repeats: int = 7) -> float:
 
 
 def sdpa_ms(q4: Any, k: Any, v: Any, primed: bool, log: list[str]) -> tuple[float, str]:
-    """Best of torch's flash and cuDNN SDPA kernels (GQA) on these bf16 tensors."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    best, which = float("inf"), ""
-    for name, kern in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
-            with sdpa_kernel(kern):
-                ms = timed(lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True),
-                           primed=primed)
-        except RuntimeError as exc:
-            log.append(f"sdpa {name} failed: {exc}".splitlines()[0])
-            continue
-        if ms < best:
-            best, which = ms, name
-    return best, which
+    return best_sdpa(q4, k, v, SCALE, primed, log)
 
 
 def check(ke: tq.Encoded, ve: tq.Encoded, q: Any) -> float:

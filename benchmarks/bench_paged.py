@@ -30,7 +30,7 @@ import argparse
 import sys
 
 import numpy as np
-from timing import host_us, timed
+from timing import best_sdpa, host_us, timed
 
 import turboquant_codec as tq
 from turboquant_codec import paged as public_paged
@@ -106,17 +106,7 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     kf = torch.cat([k, kn[:, :, None]], 2)
     vf = torch.cat([v, vn[:, :, None]], 2)
     q4 = q[:, :, None, :]
-    best, which = float("inf"), ""
-    for name, kern in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
-            with sdpa_kernel(kern):
-                ms = timed(lambda: F.scaled_dot_product_attention(q4, kf, vf, scale=SCALE, enable_gqa=True),
-                           primed=True)
-        except RuntimeError as exc:
-            log.append(f"sdpa {name} failed at B={b} T={t}: {exc}".splitlines()[0])
-            continue
-        if ms < best:
-            best, which = ms, name
+    best, which = best_sdpa(q4, kf, vf, SCALE, True, log, f" at B={b} T={t}")
     sdpa_kern = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[which]
 
     native = cache.converted(cupy_raw.asarray)

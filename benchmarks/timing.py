@@ -48,3 +48,23 @@ def host_us(fn, calls: int = 50) -> float:
     elapsed = time.perf_counter() - t0
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def best_sdpa(q4, k, v, scale: float, primed: bool, log: list[str], where: str = "") -> tuple[float, str]:
+    """(median ms, kernel name) of torch's best SDPA kernel, flash or cuDNN, on these tensors (GQA):
+    the baseline every GPU report compares with. A kernel that refuses the shape is logged."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best, which = float("inf"), ""
+    for name, kern in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(kern):
+                ms = timed(lambda: F.scaled_dot_product_attention(q4, k, v, scale=scale, enable_gqa=True),
+                           primed=primed)
+        except RuntimeError as exc:
+            log.append(f"sdpa {name} failed{where}: {exc}".splitlines()[0])
+            continue
+        if ms < best:
+            best, which = ms, name
+    return best, which
