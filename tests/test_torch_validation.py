@@ -273,6 +273,21 @@ def test_cache_states_dtype(cls: type) -> None:
         cls(LlamaConfig(**SHAPE)).update(x, x, 0)
 
 
+def test_direct_updates_keep_their_own_errors() -> None:
+    """A held step (its attention never ran) and a dtype change are refused as such, before the
+    check that every layer saw the earlier steps."""
+    cache = TurboQuantCache(LlamaConfig(**SHAPE))
+    x = torch.zeros(1, 2, 4, 64)
+    cache.update(x, x, 0)
+    with pytest.raises(ValueError, match=r"torch.float16 but the cache holds torch.float32"):
+        cache.update(x.half(), x.half(), 0)
+    with pytest.raises(RuntimeError, match="turboquant"):
+        cache.update(x, x, 0)
+    cache.layers[0].pending = None  # as if its attention had run: layer 1 never saw that step
+    with pytest.raises(ValueError, match=r"the cache's layers \[1\] missed earlier steps"):
+        cache.update(x, x, 0)
+
+
 def test_fewer_model_layers_than_the_cache_is_refused() -> None:
     model, cache = _model(1), TurboQuantCache(LlamaConfig(**SHAPE))
     message = "the model has 1 layers but the cache was built for 2"

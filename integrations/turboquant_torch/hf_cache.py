@@ -819,23 +819,28 @@ class TurboQuantCache(Cache):
         self.num_kv_heads, self.head_dim = kv_heads, head_dim
         self.mask_memo: dict[str, Any] = {}  # the step's mask, read once for all layers
         self._model_config: Any = None  # the config ``check_model`` last accepted
+        self._first_compressed = next((x for x in layers if isinstance(x, TurboQuantLayer)), None)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"the model asks for layer {layer_idx} but the cache was built for "
                              f"{len(self.layers)} layers (a cache cannot be reused across models)")
-        if layer_idx == 0:
+        layer = self.layers[layer_idx]
+        if layer is self._first_compressed and layer.pending is None:
+            # A new step: the previous ones must have reached every layer (a held step is
+            # refused by the layer's own update, more precisely).
+            check_states(layer, key_states, value_states)
             self._check_every_layer_driven()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
         if isinstance(layer, TurboQuantLayer):
             keys._tq_cache = weakref.ref(self)  # type: ignore[attr-defined]
         return keys, values
 
     def _check_every_layer_driven(self) -> None:
         """ValueError unless the previous steps reached every compressed layer (a model with fewer
-        layers than the cache's config leaves the others behind)."""
+        layers than the cache's config leaves the others behind; a direct ``update`` of one layer
+        per step does too)."""
         lengths = [layer.length for layer in self.layers if isinstance(layer, TurboQuantLayer)]
         if lengths and min(lengths) != max(lengths):
             behind = [i for i, layer in enumerate(self.layers)
