@@ -14,7 +14,7 @@ import pytest
 import turboquant_codec as tq
 from turboquant_codec.backends import numpy_ref
 from turboquant_codec.capabilities import CAPABILITIES
-from turboquant_codec.config import CodecConfig
+from turboquant_codec.config import ROTATIONS, CodecConfig
 from turboquant_codec.testing import NORM_RTOL
 
 from .conftest import BackendUnderTest, kv_like
@@ -234,3 +234,46 @@ def test_bytes_cross_backends(backend: BackendUnderTest, cfg) -> None:
     here = backend.get(tq.decode(enc, backend=backend.name))
     np.testing.assert_allclose(tq.decode(back, backend="numpy"), here, rtol=RTOL32,
                                atol=RTOL32 * float(np.abs(here).max()))
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+@pytest.mark.parametrize("cfg", [(3.5, "mse"), (2.5, "prod")], ids=_ids)
+def test_every_rotation_matches_reference(backend: BackendUnderTest, rotation: str, cfg) -> None:
+    """Each rotation kind reaches every backend through the shared tables: records, decoded values,
+    scores and attention equal the reference's for the same configuration."""
+    bits, mode = cfg
+    d = 64
+    for op in ("encode", "decode", "scores", "attention"):
+        _supported(op, backend.name, d, bits, mode)
+    streams, n = _shape(backend, 29)
+    rng = np.random.default_rng(31)
+    x = kv_like(rng, (streams, n, d))
+    ref = tq.encode(x, bits=bits, mode=mode, seed=13, rotation=rotation, backend="numpy")
+    got = tq.encode(backend.put(x), bits=bits, mode=mode, seed=13, rotation=rotation, backend=backend.name)
+    assert got.config == ref.config and ref.config.rotation == rotation
+    ours, theirs = _fields(backend.get(got.records), ref.config), _fields(ref.records, ref.config)
+    for key in theirs:
+        if key.startswith(("norm", "gamma")):
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=2**-10, err_msg=key)
+        else:
+            assert np.mean(ours[key] != theirs[key]) <= MAX_CODE_MISMATCH, key
+    enc = tq.Encoded(records=backend.put(ref.records), channels=backend.put(ref.channels), config=ref.config)
+    want = tq.decode(ref, backend="numpy")
+    scale = float(np.linalg.norm(want, axis=-1).max())
+    np.testing.assert_allclose(backend.get(tq.decode(enc, backend=backend.name)), want, rtol=RTOL32,
+                               atol=RTOL32 * scale)
+    q = rng.standard_normal((streams, 3, d)).astype(np.float32)
+    want_s = tq.scores(q, ref, backend="numpy")
+    got_s = backend.get(tq.scores(backend.put(q), enc, backend=backend.name))
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-4 * scale * np.sqrt(d))
+    v = rng.standard_normal((streams, n, d)).astype(np.float32)
+    v_ref = tq.encode(v[:, None], bits=3.5, seed=14, rotation=rotation, backend="numpy")
+    v_enc = tq.Encoded(records=backend.put(v_ref.records), channels=backend.put(v_ref.channels),
+                       config=v_ref.config)
+    k_ref = tq.Encoded(records=ref.records[:, None], channels=ref.channels[:, None], config=ref.config)
+    k_enc = tq.Encoded(records=backend.put(k_ref.records), channels=backend.put(k_ref.channels),
+                       config=ref.config)
+    qa = q[:, :2]  # 2 query heads on 1 KV head
+    want_a = tq.attention(qa, k_ref, v_ref, scale=d**-0.5, backend="numpy")
+    got_a = backend.get(tq.attention(backend.put(qa), k_enc, v_enc, scale=d**-0.5, backend=backend.name))
+    np.testing.assert_allclose(got_a, want_a, rtol=1e-4, atol=1e-4 * np.sqrt(d))

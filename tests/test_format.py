@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 import turboquant_codec as tq
 from turboquant_codec.backends import numpy_ref
-from turboquant_codec.config import MSE_BITS, PROD_BITS, CodecConfig
+from turboquant_codec.config import MSE_BITS, PROD_BITS, ROTATIONS, CodecConfig
 
 
 @pytest.mark.parametrize(
@@ -71,11 +73,12 @@ def test_record_fields_hold_what_the_layout_says() -> None:
         st.tuples(st.just("prod"), st.sampled_from(PROD_BITS)),
     ),
     seed=st.integers(0, 2**64 - 1),
+    rotation=st.sampled_from(ROTATIONS),
 )
-def test_bytes_round_trip(lead, n, d, mode_bits, seed) -> None:
+def test_bytes_round_trip(lead, n, d, mode_bits, seed, rotation) -> None:
     mode, bits = mode_bits
     x = np.random.default_rng(n).standard_normal((*lead, n, d)).astype(np.float32)
-    enc = tq.encode(x, bits=bits, mode=mode, seed=seed)
+    enc = tq.encode(x, bits=bits, mode=mode, seed=seed, rotation=rotation)
     back = tq.Encoded.from_bytes(enc.to_bytes())
     assert back.config == enc.config and back.shape == x.shape
     np.testing.assert_array_equal(back.records, enc.records)
@@ -112,3 +115,56 @@ def test_backends_table_gives_reasons() -> None:
     assert names[0] == "numpy" and rows[0].available
     for row in rows:
         assert row.available or row.reason, f"{row.name} is unavailable without a reason"
+
+
+def _version3(blob: bytes) -> bytes:
+    """The same stream as format version 3 wrote it (bfloat16 norms): no rotation byte at offset 18."""
+    body = bytearray(blob[:-4])
+    body[4:6] = struct.pack("<H", 3)
+    del body[18]
+    return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+
+def test_streams_before_version4_load_as_haar() -> None:
+    x = np.random.default_rng(4).standard_normal((2, 7, 64)).astype(np.float32)
+    enc = tq.encode(x, bits=3.5, seed=9)
+    old = tq.Encoded.from_bytes(_version3(enc.to_bytes()))
+    assert old.config == enc.config and old.config.rotation == "haar"
+    np.testing.assert_array_equal(tq.decode(old), tq.decode(enc))
+    # An older reader had only Haar rotations: a stream of another kind cannot pass as one.
+    other = tq.encode(x, bits=3.5, seed=9, rotation="hadamard2")
+    assert tq.Encoded.from_bytes(_version3(other.to_bytes())).config.rotation == "haar"
+
+
+def test_unknown_rotation_byte_is_refused() -> None:
+    body = bytearray(tq.encode(np.ones((3, 64), np.float32)).to_bytes()[:-4])
+    body[18] = len(ROTATIONS)
+    with pytest.raises(ValueError, match="unknown rotation kind 3"):
+        tq.Encoded.from_bytes(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+@pytest.mark.parametrize("dim", [8, 32, 64])
+def test_rotation_kinds(dim: int) -> None:
+    """Every kind is orthogonal; the fixed Hadamard ignores the seed, the others follow it."""
+    from turboquant_codec.transforms import rotation_matrix, sylvester_hadamard
+
+    for kind in ROTATIONS:
+        r = rotation_matrix(kind, 3, 0, dim)
+        np.testing.assert_allclose(r @ r.T, np.eye(dim), atol=1e-12)
+        same = np.array_equal(r, rotation_matrix(kind, 4, 0, dim))
+        assert same == (kind == "hadamard"), kind
+    np.testing.assert_array_equal(rotation_matrix("hadamard", 0, 0, dim), sylvester_hadamard(dim))
+    # Two randomized rounds mix every input coordinate into every output at equal magnitude.
+    h2 = rotation_matrix("hadamard2", 5, 1, dim)
+    assert not np.allclose(np.abs(h2), 1 / np.sqrt(dim))  # two rounds are not a signed Hadamard
+    assert np.allclose((h2**2).sum(0), 1.0)
+
+
+@pytest.mark.parametrize(("d", "bits"), [(96, 3.0), (48, 3.5), (80, 4.0)])
+def test_hadamard_kinds_refuse_non_power_of_two_groups(d: int, bits: float) -> None:
+    CodecConfig(d, bits, rotation="haar")  # Haar serves any group size
+    for kind in ("hadamard", "hadamard2"):
+        with pytest.raises(ValueError, match="needs power-of-two channel groups"):
+            CodecConfig(d, bits, rotation=kind)
+    with pytest.raises(ValueError, match="rotation must be one of"):
+        CodecConfig(64, bits, rotation="dct")

@@ -115,13 +115,22 @@ def test_memory_is_compressed(lm) -> None:
     assert mem.device < 0.6 * kv
 
 
-def test_matches_decoded_copy_cache(lm) -> None:
-    """Chunked steps read the same numbers as the earlier decoded-copy cache: identical logits."""
+@pytest.mark.parametrize(("rotation", "candidates"), [("haar", 1), ("hadamard2", 4)])
+def test_matches_decoded_copy_cache(lm, rotation, candidates) -> None:
+    """Chunked steps read the same numbers as the earlier decoded-copy cache: identical logits, with
+    any rotation and the seed each stream chose at its first flush."""
     _, model, ids = lm
-    a = _logits(model, ids[:, :192], DecodedCopyCache(model.config, flush_interval=64))
-    cache = TurboQuantCache(model.config, flush_interval=64)
+    kw = dict(flush_interval=64, rotation=rotation, seed_candidates=candidates)
+    copy_cache = DecodedCopyCache(model.config, **kw)
+    a = _logits(model, ids[:, :192], copy_cache)
+    cache = TurboQuantCache(model.config, **kw)
     assert torch.equal(_logits(model, ids[:, :192], cache), a)
     assert cache.memory().decoded == 0
+    chosen = [layer.kq.codec.config for layer in cache.layers]
+    assert chosen == [layer.kq.codec.config for layer in copy_cache.layers]
+    assert all(c.rotation == rotation for c in chosen)
+    if candidates > 1:  # some stream kept a seed other than its first candidate
+        assert any(c.seed != layer.kq.base_seed for c, layer in zip(chosen, cache.layers, strict=True))
 
 
 @pytest.mark.parametrize("bits", [3.5, 4.0])

@@ -77,7 +77,7 @@ def test_version2_stream_written_by_the_old_library_decodes(name: str) -> None:
     err_old = np.sum((old - x) ** 2, -1) / np.sum(x.astype(np.float64) ** 2, -1)
     assert abs(err_new.mean() / err_old.mean() - 1) < 0.01
     again = tq.Encoded.from_bytes(enc.to_bytes())  # written back as the current version
-    assert int.from_bytes(enc.to_bytes()[4:6], "little") == serialization.FORMAT_VERSION == 3
+    assert int.from_bytes(enc.to_bytes()[4:6], "little") == serialization.FORMAT_VERSION == 4
     np.testing.assert_array_equal(again.records, enc.records)
 
 
@@ -91,5 +91,5 @@ def test_version1_is_still_refused() -> None:
     """Version 1 (exact Lloyd-Max centroids) stays unreadable: only the norms changed since 2."""
     blob = tq.encode(np.ones((1, 2, 16), np.float32), bits=4).to_bytes()
     body = _with_version(blob, 1)
-    with pytest.raises(ValueError, match="format version 1; this library reads versions 2, 3"):
+    with pytest.raises(ValueError, match="format version 1; this library reads versions 2, 3, 4"):
         tq.Encoded.from_bytes(body)

@@ -26,10 +26,11 @@ class Paged:
     v_ctx: list[np.ndarray]
 
 
-def make(lens: list[int], d: int, bits: float, raw_blocks: int, seed: int) -> Paged:
+def make(lens: list[int], d: int, bits: float, raw_blocks: int, seed: int, rotation: str = "haar") -> Paged:
     """A packed K+V cache (vLLM's layout) holding ``lens`` tokens per request, written by paged_write."""
     rng = np.random.default_rng(seed)
-    k_cfg, v_cfg = CodecConfig(d, bits, "mse", seed + 1), CodecConfig(d, bits, "mse", seed + 2)
+    k_cfg = CodecConfig(d, bits, "mse", seed + 1, rotation)
+    v_cfg = CodecConfig(d, bits, "mse", seed + 2, rotation)
     packed = rng.integers(0, 256, (NUM_BLOCKS, H, BLOCK, k_cfg.record_bytes + v_cfg.record_bytes), np.uint8)
     k_cache = packed[..., : k_cfg.record_bytes].transpose(0, 2, 1, 3)
     v_cache = packed[..., k_cfg.record_bytes :].transpose(0, 2, 1, 3)
@@ -85,11 +86,12 @@ def _host_backends() -> list[str]:
 
 @pytest.mark.parametrize("name", _host_backends())
 @pytest.mark.parametrize("raw_dtype", ["float16", "float32"])
-@pytest.mark.parametrize("bits", [2.5, 3.5, 4.0])
-def test_host_backend_matches_reference(name: str, bits: float, raw_dtype: str) -> None:
+@pytest.mark.parametrize(("bits", "rotation"), [(2.5, "haar"), (3.5, "haar"), (4.0, "haar"),
+                                                (3.5, "hadamard2"), (4.0, "hadamard")])
+def test_host_backend_matches_reference(name: str, bits: float, raw_dtype: str, rotation: str) -> None:
     if not tq.backends.availability(name):
         pytest.skip(tq.backends.availability(name).reason)
-    p = make([45, 100, 20, 64], 64, bits, raw_blocks=5, seed=7)
+    p = make([45, 100, 20, 64], 64, bits, raw_blocks=5, seed=7, rotation=rotation)
     p = Paged(tq.PagedCache(**{**vars(p.cache), "raw_k": p.cache.raw_k.astype(raw_dtype),
                                "raw_v": p.cache.raw_v.astype(raw_dtype)}), p.table, p.k_ctx, p.v_ctx)
     query, key, value, seq, qsl = step(p, [1, 1, 5, 1], seed=8)

@@ -78,6 +78,30 @@ def test_attention_matches_reference(dtype: torch.dtype) -> None:
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
+@pytest.mark.parametrize("rotation", ["hadamard2", "hadamard"])
+def test_ops_carry_the_rotation(rotation: str) -> None:
+    """Every op builds its configuration with the rotation it is given: records, decoded values,
+    scores and attention equal the reference's at that rotation, not Haar's."""
+    x, q = _data((2, 3, 20, 64), torch.float32, 21), _data((2, 3, 5, 64), torch.float32, 22)
+    ref = tq.encode(_host(x), bits=3.5, seed=SEED, rotation=rotation)
+    records, channels = tt.encode(x, bits=3.5, seed=SEED, rotation=rotation)
+    np.testing.assert_array_equal(records.numpy(), ref.records)
+    assert not np.array_equal(records.numpy(), tq.encode(_host(x), bits=3.5, seed=SEED).records)
+    decoded = tt.decode(records, channels, d=64, bits=3.5, seed=SEED, rotation=rotation)
+    np.testing.assert_array_equal(decoded.numpy(), tq.decode(ref))
+    s = tt.scores(q, records, channels, bits=3.5, seed=SEED, rotation=rotation)
+    np.testing.assert_array_equal(s.numpy(), tq.scores(_host(q), ref))
+    k_codec = tt.TorchCodec(64, 3.5, "mse", SEED, rotation=rotation)
+    v_codec = tt.TorchCodec(64, 3.0, "mse", 5, rotation=rotation)
+    k_rec, v_rec = k_codec.encode(x[0]), v_codec.encode(x[1])
+    out = tt.attention(q[0, :, 0], k_rec, k_codec.channels, v_rec, None, k_codec=k_codec, v_codec=v_codec,
+                       scale=0.125)
+    k_ref = tq.Encoded(k_rec.numpy(), k_codec.channels.to(torch.int32).numpy(), k_codec.config)
+    v_ref = tq.Encoded(v_rec.numpy(), None, v_codec.config)
+    assert k_codec.config.rotation == v_codec.config.rotation == rotation
+    np.testing.assert_array_equal(out.numpy(), tq.attention(_host(q[0, :, 0]), k_ref, v_ref, scale=0.125))
+
+
 def test_torch_codec_fixes_channels_on_first_encode() -> None:
     codec = tt.TorchCodec(64, 2.5, "mse", 1)
     assert codec.channels is None
@@ -117,6 +141,8 @@ def _opcheck_cases() -> list[tuple[str, tuple[object, ...]]]:
         ("encode", (x, None, 3.5, "mse", 3, True)),
         ("encode_fixed", (x.bfloat16(), ch, 3.5, "mse", 3, False)),
         ("decode", (rec, ch, 64, 3.5, "mse", 3)),
+        ("decode_hadamard2", (tt.encode(x, bits=3.5, seed=3, rotation="hadamard2")[0], ch, 64, 3.5, "mse", 3,
+                              "hadamard2")),
         ("scores", (q, rec, ch, 3.5, "mse", 3)),
         # lead (), 2 KV heads, 4 query heads (GQA), 3 raw tail tokens.
         ("attention", (q[0], rec, ch, v_rec, None, 3.5, "mse", 3, 2.0, "prod", 4, 0.125, tail, tail)),
@@ -126,7 +152,7 @@ def _opcheck_cases() -> list[tuple[str, tuple[object, ...]]]:
 @pytest.mark.parametrize("case", _opcheck_cases(), ids=lambda c: c[0])
 def test_opcheck(case: tuple[str, tuple[object, ...]]) -> None:
     name, args = case
-    op = getattr(torch.ops.turboquant, name.removesuffix("_fixed")).default
+    op = getattr(torch.ops.turboquant, name.split("_")[0]).default
     torch.library.opcheck(op, args)
 
 

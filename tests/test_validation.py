@@ -104,7 +104,7 @@ def test_channel_lists_that_are_not_permutations(x: np.ndarray, op: str, how: st
 
 
 # ------------------------------------------------------------------------------------------ bytes
-_HEAD = struct.Struct("<4sHHBBQB")
+_HEAD = struct.Struct("<4sHHBBQBB")  # the current version's header (rotation byte before ndim)
 
 
 def _sealed(body: bytes) -> bytes:
@@ -114,7 +114,7 @@ def _sealed(body: bytes) -> bytes:
 
 def _header(d: int = 64, bits: float = 3.0, ndim: int = 2,
             version: int = serialization.FORMAT_VERSION) -> bytes:
-    return _HEAD.pack(serialization.MAGIC, version, d, int(2 * bits), 0, 0, ndim)
+    return _HEAD.pack(serialization.MAGIC, version, d, int(2 * bits), 0, 0, 0, ndim)
 
 
 def _records_at(enc: tq.Encoded) -> int:

@@ -20,6 +20,7 @@ def encode(
     channels: Any = None,
     backend: str = "auto",
     check_finite: bool = True,
+    rotation: str = "haar",
 ) -> Encoded:
     """Compress vectors with TurboQuant.
 
@@ -45,6 +46,9 @@ def encode(
         "auto" (by where ``x`` lives; ``TQ_BACKEND`` overrides), or a name from ``backends()``.
     check_finite : bool
         Reject NaN/Inf (one extra pass over ``x``; a synchronisation on GPU).
+    rotation : {"haar", "hadamard2", "hadamard"}
+        Kind of the per-group rotation (``CodecConfig``); recorded in the ``Encoded`` and its bytes,
+        so decode, scores and attention read it from there.
 
     Returns
     -------
@@ -52,7 +56,7 @@ def encode(
         Records (..., n, record_bytes) in the library and on the device of ``x``.
     """
     shape = _validate.float_array(x, "x", 2)
-    cfg = CodecConfig(d=shape[-1], bits=bits, mode=mode, seed=seed)
+    cfg = CodecConfig(d=shape[-1], bits=bits, mode=mode, seed=seed, rotation=rotation)
     if channels is not None:
         _validate.given_channels(channels, shape[:-2], cfg)
         _validate.permutation(channels, cfg.d)

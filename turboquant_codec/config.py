@@ -25,6 +25,13 @@ float32 step): float32's range (~1e-38 to 3.4e38, subnormals down to 9e-41) in t
 took (6e-8 to 65504), at 8 significant bits instead of 11 (relative rounding error below 2**-8 instead
 of 2**-11; what that does to the codec's error: ``benchmarks/RESULTS-norms.md``). Byte format version 2
 stored float16 norms; ``serialization`` converts them on load.
+
+Each group is rotated before quantization by a ``g x g`` orthogonal matrix of kind ``rotation``
+(``transforms`` builds them): ``"haar"`` (dense Haar-random, the paper's), ``"hadamard2"`` (two rounds
+of Walsh-Hadamard with random signs from the seed) or ``"hadamard"`` (fixed normalised Walsh-Hadamard,
+no signs: upstream vLLM's). The Hadamard kinds need power-of-two groups: a configuration whose
+groups are not (e.g. d=96, or d=48 split into 24 + 24) is refused with a ValueError, never padded.
+The rotation kind changes no byte of the record, only the matrices the codes are read with.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from . import _validate
 from ._validate import DTYPES, MAX_SEED  # noqa: F401  (re-exported: the rules live in _validate)
 
 MODES = ("mse", "prod")
+# Rotation kinds; their index is the byte the stream header records (``serialization``).
+ROTATIONS = ("haar", "hadamard2", "hadamard")
 # Per-group bits the Lloyd-Max tables cover; prod adds one QJL bit on top of the code bits.
 MSE_BITS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 PROD_BITS = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
@@ -93,7 +102,7 @@ class Group:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """What fixes a TurboQuant instance: head dimension, nominal bits, mode and seed.
+    """What fixes a TurboQuant instance: head dimension, nominal bits, mode, seed and rotation kind.
 
     Parameters
     ----------
@@ -104,12 +113,16 @@ class CodecConfig:
     mode : {"mse", "prod"}
     seed : int
         Seeds every random transform (rotations, QJL projections), 0 <= seed < 2**64.
+    rotation : {"haar", "hadamard2", "hadamard"}
+        Kind of each group's rotation (module docstring); the Hadamard kinds need power-of-two
+        groups. ``"hadamard"`` ignores the seed for the rotation (QJL projections still use it).
     """
 
     d: int
     bits: float
     mode: str = "mse"
     seed: int = 0
+    rotation: str = "haar"
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -131,6 +144,15 @@ class CodecConfig:
         object.__setattr__(self, "d", d)
         object.__setattr__(self, "bits", bits)
         object.__setattr__(self, "seed", _validate.seed(self.seed))
+        if not isinstance(self.rotation, str) or self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.rotation != "haar":
+            dims = sorted({g.dim for g in self.groups})
+            if any(g & (g - 1) for g in dims):
+                raise ValueError(
+                    f"rotation={self.rotation!r} needs power-of-two channel groups, but d={self.d} at "
+                    f"bits={self.bits:g} gives groups of {', '.join(map(str, dims))}; use rotation='haar'"
+                )
 
     @property
     def split(self) -> bool:

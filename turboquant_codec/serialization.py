@@ -2,24 +2,27 @@
 
     offset  size  field
     0       4     magic b"TQKV"
-    4       2     format version (uint16), currently 3
+    4       2     format version (uint16), currently 4
     6       2     head dimension d (uint16)
     8       1     2 * bits (uint8)
     9       1     mode (0 = mse, 1 = prod)
     10      8     seed (uint64)
-    18      1     ndim of the record array without its byte axis, k (uint8)
-    19      8k    shape (*lead, n) (uint64 each)
-    19+8k   1     1 when a channel permutation follows, else 0
+    18      1     rotation kind (index into ``config.ROTATIONS``: 0 = haar, 1 = hadamard2, 2 = hadamard)
+    19      1     ndim of the record array without its byte axis, k (uint8)
+    20      8k    shape (*lead, n) (uint64 each)
+    20+8k   1     1 when a channel permutation follows, else 0
     ...           channels: prod(lead) * d uint16 (outlier group first), when present
     ...           records: prod(lead) * n * record_bytes bytes (see ``config`` for one record)
     end-4   4     CRC-32 of every preceding byte
 
-Versions 2 and 3 decode with the float16-grid codebooks of ``codebooks.codec_codebook``; version 1
+Version 4 added the rotation byte; versions 2 and 3 (no such byte: everything after offset 18 sits
+one byte earlier) load as ``rotation="haar"``, the only kind they could hold.
+Versions 2 to 4 decode with the float16-grid codebooks of ``codebooks.codec_codebook``; version 1
 streams (exact Lloyd-Max centroids, up to 2**-11 apart from those) are refused rather than decoded with
 centroids they were not written for. Version 3 stores the record norms as bfloat16 (``config``);
 version 2 stored float16, which ``loads`` rounds to bfloat16 (nearest even): a version 2 stream then
 decodes as the version 3 stream of the same vectors would, each norm within 2**-8 (relative) of the
-float16 one, every code unchanged.
+float16 one, every code unchanged. Versions 3 and 4 hold bfloat16 norms.
 
 The records are the very bytes the array API and the paged caches hold, so a stream written by any
 backend on any machine decodes to the same values.
@@ -34,13 +37,15 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from .config import MODES, CodecConfig
+from .config import MODES, ROTATIONS, CodecConfig
 
 MAGIC = b"TQKV"
-FORMAT_VERSION = 3
-# Versions loads reads; 2 has float16 norms.
-READABLE_VERSIONS = (2, 3)
-_HEAD = struct.Struct("<4sHHBBQB")
+FORMAT_VERSION = 4
+# Versions loads reads; 2 has float16 norms; 2 and 3 have no rotation byte.
+READABLE_VERSIONS = (2, 3, 4)
+_HEAD = struct.Struct("<4sHHBBQBB")
+_HEAD_OLD = struct.Struct("<4sHHBBQB")
+_PREFIX = struct.Struct("<4sH")
 _CRC = struct.Struct("<I")
 
 
@@ -49,7 +54,7 @@ def dumps(cfg: CodecConfig, records: np.ndarray, channels: np.ndarray | None) ->
     shape = records.shape[:-1]
     parts = [
         _HEAD.pack(MAGIC, FORMAT_VERSION, cfg.d, int(cfg.bits * 2), MODES.index(cfg.mode), cfg.seed,
-                   len(shape)),
+                   ROTATIONS.index(cfg.rotation), len(shape)),
         struct.pack(f"<{len(shape)}Q", *shape),
         bytes([channels is not None]),
     ]
@@ -68,9 +73,9 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
     non-negative norms and zero padding.
     """
     data = bytes(data)
-    if len(data) < _HEAD.size + 1 + _CRC.size:
+    if len(data) < _HEAD_OLD.size + 1 + _CRC.size:
         raise ValueError(f"encoded stream truncated: {len(data)} bytes is shorter than a header")
-    magic, version, d, bits2, mode, seed, ndim = _HEAD.unpack_from(data)
+    magic, version = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a TurboQuant stream: magic {magic!r}, expected {MAGIC!r}")
     if version not in READABLE_VERSIONS:
@@ -78,14 +83,24 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
             f"encoded stream has format version {version}; this library reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    head = _HEAD if version >= 4 else _HEAD_OLD
+    if len(data) < head.size + 1 + _CRC.size:
+        raise ValueError(f"encoded stream truncated: {len(data)} bytes is shorter than a header")
+    if version >= 4:
+        _, _, d, bits2, mode, seed, rotation, ndim = head.unpack_from(data)
+    else:
+        _, _, d, bits2, mode, seed, ndim = head.unpack_from(data)
+        rotation = 0
     (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     body = data[: -_CRC.size]
     if zlib.crc32(body) != crc:
         raise ValueError("encoded stream is corrupted or truncated: CRC-32 mismatch")
     if mode >= len(MODES):
         raise ValueError(f"encoded stream names unknown mode {mode}")
-    cfg = CodecConfig(d=d, bits=bits2 / 2, mode=MODES[mode], seed=seed)
-    pos = _HEAD.size
+    if rotation >= len(ROTATIONS):
+        raise ValueError(f"encoded stream names unknown rotation kind {rotation}")
+    cfg = CodecConfig(d=d, bits=bits2 / 2, mode=MODES[mode], seed=seed, rotation=ROTATIONS[rotation])
+    pos = head.size
     if ndim < 1 or len(body) < pos + 8 * ndim + 1:
         raise ValueError(f"encoded stream has a shape of {ndim} dimensions in a {len(body)}-byte body")
     shape = struct.unpack_from(f"<{ndim}Q", body, pos)

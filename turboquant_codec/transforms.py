@@ -2,12 +2,20 @@
 
 Each channel group owns two matrices, both functions of (seed, group index, group dimension) only:
 
-- ``rotation``: a Haar-random orthogonal ``g x g`` matrix (QR of a Gaussian matrix with the signs of
-  ``R``'s diagonal fixed, which makes the factorisation unique). Unlike randomized Hadamard
-  transforms, it keeps the paper's MSE guarantee on every input kind (one-hot and constant inputs
-  included; figures in ``docs/design-measurements.md``). Its cost: ``g^2`` multiply-adds per encoded
-  or decoded vector (``d log d`` for Hadamard), none per key in attention, where the query is
-  rotated once.
+- ``rotation``, of the configuration's kind (``CodecConfig.rotation``), always a dense ``g x g``
+  orthogonal matrix, so every backend and kernel serves every kind through the same tables:
+
+  - ``"haar"``: Haar-random (QR of a Gaussian matrix with the signs of ``R``'s diagonal fixed, which
+    makes the factorisation unique). Unlike randomized Hadamard transforms, it keeps the paper's MSE
+    guarantee on every input kind (one-hot and constant inputs included; figures in
+    ``docs/design-measurements.md``);
+  - ``"hadamard2"``: ``H D2 H D1`` with ``H`` the normalised Sylvester Walsh-Hadamard matrix and
+    ``D1``, ``D2`` diagonal random signs from (seed, group);
+  - ``"hadamard"``: ``H`` alone (no signs; the same for every seed), upstream vLLM's rotation.
+
+  The Hadamard kinds are delivered as dense matrices too: encode and decode cost ``g^2``
+  multiply-adds per vector whatever the kind (no ``g log g`` fast path), none per key in attention,
+  where the query is rotated once.
 - ``projection``: the QJL matrix ``S`` with i.i.d. N(0, 1) entries, ``g x g``.
 
 Randomness comes from NumPy's Philox counter-based bit generator, whose raw stream NumPy guarantees
@@ -29,6 +37,7 @@ from .config import CodecConfig
 # Distinguishes the streams of different purposes under one seed.
 _ROTATION_TAG = 1
 _PROJECTION_TAG = 2
+_SIGNS_TAG = 3
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -71,6 +80,52 @@ def haar_rotation(seed: int, group: int, dim: int) -> np.ndarray:
     return q * np.where(np.diag(r) < 0, -1.0, 1.0)
 
 
+def sylvester_hadamard(dim: int) -> np.ndarray:
+    """Normalised Walsh-Hadamard matrix (dim, dim) float64 (Sylvester's construction; symmetric).
+
+    Raises
+    ------
+    ValueError
+        When ``dim`` is not a power of two.
+    """
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two dimension, got {dim}")
+    h = np.ones((1, 1))
+    while h.shape[0] < dim:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(dim)
+
+
+def random_signs(seed: int, group: int, dim: int, rounds: int) -> np.ndarray:
+    """(rounds, dim) float64 of +-1, portable (Philox raw bits), one row per Hadamard round."""
+    gen = np.random.Philox(key=np.array([seed, (_SIGNS_TAG << 56) | (group << 32) | dim], dtype=np.uint64))
+    bits = gen.random_raw(rounds * dim) & np.uint64(1)
+    return np.where(bits.reshape(rounds, dim) == 1, -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def rotation_matrix(kind: str, seed: int, group: int, dim: int) -> np.ndarray:
+    """The (dim, dim) float64 rotation of one group (cached; treat as read-only).
+
+    Parameters
+    ----------
+    kind : {"haar", "hadamard2", "hadamard"}
+        See the module docstring.
+    seed, group, dim : int
+        The configuration's seed, the group index and its dimension.
+    """
+    if kind == "haar":
+        return haar_rotation(seed, group, dim)
+    h = sylvester_hadamard(dim)
+    if kind == "hadamard":
+        return h
+    if kind == "hadamard2":
+        signs = random_signs(seed, group, dim, 2)
+        # y = H D2 H D1 x: sign flips folded into the columns of each round.
+        return (h * signs[1]) @ (h * signs[0])
+    raise ValueError(f"unknown rotation kind {kind!r}")
+
+
 @dataclass(frozen=True)
 class GroupTables:
     """Host float64 tables of one channel group.
@@ -102,7 +157,7 @@ def tables(cfg: CodecConfig) -> tuple[GroupTables, ...]:
         book = codec_codebook(g.code_bits, g.dim)
         out.append(
             GroupTables(
-                rotation=haar_rotation(cfg.seed, g.index, g.dim),
+                rotation=rotation_matrix(cfg.rotation, cfg.seed, g.index, g.dim),
                 projection=gaussian(cfg.seed, _PROJECTION_TAG, g.index, g.dim, g.dim)
                 if g.qjl
                 else None,

@@ -40,6 +40,8 @@ from turboquant_codec.config import CodecConfig
 
 from .hf_cache import (
     DEFAULT_FLUSH,
+    DEFAULT_ROTATION,
+    DEFAULT_SEED_CANDIDATES,
     DEFAULT_SINKS,
     KVQuantizer,
     LayerMemory,
@@ -353,12 +355,14 @@ class DecodedCopyCache(Cache):
 
     def __init__(self, config: Any, *, key_bits: float = 3.5, value_bits: float = 3.5, key_mode: str = "mse",
                  value_mode: str = "mse", flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS,
-                 seed: int = 0, quantizer: QuantizerFactory | None = None) -> None:
+                 seed: int = 0, quantizer: QuantizerFactory | None = None, rotation: str = DEFAULT_ROTATION,
+                 seed_candidates: int = DEFAULT_SEED_CANDIDATES) -> None:
         flush_interval, sinks, _ = check_layout(flush_interval, sinks)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
         if any(t != "full_attention" for t in types):
             raise ValueError("DecodedCopyCache supports full-attention layers only")
-        make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
+        make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed, rotation,
+                                               seed_candidates)
         super().__init__(layers=[
             DecodedCopyLayer(i, kv_heads, head_dim, make("key", i, head_dim), make("value", i, head_dim),
                              flush_interval, sinks)

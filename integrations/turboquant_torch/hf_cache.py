@@ -60,6 +60,9 @@ from .ops import encode as _encode
 
 DEFAULT_BITS = 3.5
 DEFAULT_MODE = "mse"
+# Rotation kind and seed candidates per stream: chosen by the seed/text sweep (docs/quality-seeds.md).
+DEFAULT_ROTATION = "haar"
+DEFAULT_SEED_CANDIDATES = 1
 # Tuned on SmolLM2-135M / GPL-3 (docs/eval-smollm2.md): flush 256 beat 128; more sinks did not pay.
 DEFAULT_FLUSH = 256
 DEFAULT_SINKS = 4
@@ -116,7 +119,8 @@ QuantizerFactory = Callable[[str, int, int], KVQuantizer]
 
 
 class TurboQuantizer:
-    """TurboQuant records through ``TorchCodec``: per-head outlier channels, fixed at calibration.
+    """TurboQuant records through ``TorchCodec``: per-head outlier channels and the stream's seed,
+    both fixed at calibration.
 
     Parameters
     ----------
@@ -126,61 +130,98 @@ class TurboQuantizer:
         Nominal code bits per channel (mse 1-4, prod 2-5, halves allowed).
     mode : {"mse", "prod"}
     seed : int
-        This stream's seed (``stream_seed``).
+        This stream's seed (``stream_seed``): the first seed candidate.
+    rotation : {"haar", "hadamard2", "hadamard"}
+        Rotation kind (``turboquant_codec.CodecConfig``).
+    seed_candidates : int
+        Seeds tried at calibration: ``seed`` and ``stream_seed(seed, j)`` for ``j = 1 ..
+        seed_candidates - 1``; the one whose records reconstruct the calibration tokens with the
+        least squared error (summed over heads and tokens) becomes the stream's seed, kept in
+        ``codec.config`` beside the channel list. 1 keeps ``seed`` (no search). A fixed
+        ``"hadamard"`` rotation does not depend on the seed, so it never searches.
     """
 
-    def __init__(self, d: int, bits: float, mode: str, seed: int) -> None:
-        self.codec = TorchCodec(d, bits, mode, seed, check_finite=False)
-        self.label = f"TurboQuant {mode} {self.codec.bits:g}"
+    def __init__(self, d: int, bits: float, mode: str, seed: int, rotation: str = "haar",
+                 seed_candidates: int = 1) -> None:
+        if not isinstance(seed_candidates, int) or seed_candidates < 1:
+            raise ValueError(f"seed_candidates must be an integer >= 1, got {seed_candidates!r}")
+        self.base_seed, self.seed_candidates = seed, seed_candidates
+        self.codec = TorchCodec(d, bits, mode, seed, check_finite=False, rotation=rotation)
+        self.label = f"TurboQuant {mode} {self.codec.bits:g} {rotation}"
 
     @property
     def record_bytes(self) -> int:
         return self.codec.record_bytes
+
+    def candidate_seeds(self) -> list[int]:
+        """The seeds calibration chooses among (the configured one first)."""
+        if self.codec.rotation == "hadamard":
+            return [self.base_seed]
+        return [self.base_seed] + [stream_seed(self.base_seed, j) for j in range(1, self.seed_candidates)]
 
     def _channels(self, batch: int, device: torch.device) -> Tensor | None:
         # Channels are per head (H, d); the op wants one permutation per (batch, head) stream.
         ch = self.codec.channels_on(device)
         return None if ch is None else ch.expand(batch, -1, -1).contiguous()
 
+    def _with_seed(self, seed: int) -> TorchCodec:
+        c = self.codec
+        return TorchCodec(c.d, c.bits, c.mode, seed, channels=c.channels, check_finite=False,
+                          rotation=c.rotation)
+
     def calibrate(self, x: Tensor) -> None:
+        b, h, n, d = x.shape
+        # Pool the batch: one choice per head (channels) and per stream (seed), shared by every
+        # sequence in the batch.
+        pooled = x.transpose(0, 1).reshape(h, b * n, d)
         if self.codec.split:
-            b, h, n, d = x.shape
-            # Pool the batch: one choice per head, shared by every sequence in the batch.
-            self.codec.calibrate(x.transpose(0, 1).reshape(h, b * n, d))
+            self.codec.calibrate(pooled)
+        seeds = self.candidate_seeds()
+        if len(seeds) > 1:
+            target = pooled.float()
+            errors = []
+            for seed in seeds:
+                codec = self._with_seed(seed)
+                errors.append(float(((codec.decode(codec.encode(pooled)) - target) ** 2).sum()))
+            self.codec = self._with_seed(seeds[int(np.argmin(errors))])
 
     def encode(self, x: Tensor) -> Tensor:
         c = self.codec
         records, _ = _encode(x, bits=c.bits, mode=c.mode, seed=c.seed,
-                             channels=self._channels(x.shape[0], x.device), check_finite=False)
+                             channels=self._channels(x.shape[0], x.device), check_finite=False,
+                             rotation=c.rotation)
         return records
 
     def decode(self, payload: Tensor) -> Tensor:
         c = self.codec
         return _decode(payload, self._channels(payload.shape[0], payload.device), d=c.d, bits=c.bits,
-                       mode=c.mode, seed=c.seed)
+                       mode=c.mode, seed=c.seed, rotation=c.rotation)
 
     def stored_nbytes(self, payload: Tensor) -> int:
         return int(payload.numel() * payload.element_size())
 
     def metadata_nbytes(self) -> int:
         ch = self.codec.channels
-        return 0 if ch is None else int(ch.numel() * ch.element_size())
+        # The chosen seed (8 bytes) travels with the channel list when there was a choice.
+        return (0 if ch is None else int(ch.numel() * ch.element_size())) + (
+            8 if len(self.candidate_seeds()) > 1 else 0)
 
     def reset(self) -> None:
-        self.codec.channels = None
-        self.codec._on_device = {}
+        self.codec = TorchCodec(self.codec.d, self.codec.bits, self.codec.mode, self.base_seed,
+                                check_finite=False, rotation=self.codec.rotation)
 
 
 def turboquant_factory(
     key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS, key_mode: str = DEFAULT_MODE,
-    value_mode: str = DEFAULT_MODE, seed: int = 0,
+    value_mode: str = DEFAULT_MODE, seed: int = 0, rotation: str = DEFAULT_ROTATION,
+    seed_candidates: int = DEFAULT_SEED_CANDIDATES,
 ) -> QuantizerFactory:
     """Factory of per-layer TurboQuant quantizers with per-layer, per-K/V seeds."""
 
     def make(kind: str, layer_idx: int, head_dim: int) -> KVQuantizer:
-        if kind == "key":
-            return TurboQuantizer(head_dim, key_bits, key_mode, stream_seed(seed, 2 * layer_idx))
-        return TurboQuantizer(head_dim, value_bits, value_mode, stream_seed(seed, 2 * layer_idx + 1))
+        key = kind == "key"
+        return TurboQuantizer(head_dim, key_bits if key else value_bits, key_mode if key else value_mode,
+                              stream_seed(seed, 2 * layer_idx + (0 if key else 1)), rotation, seed_candidates)
 
     return make
 
@@ -783,6 +824,11 @@ class TurboQuantCache(Cache):
         Leading tokens of each row kept uncompressed (attention sinks).
     seed : int
         Base seed; layer ``i`` uses ``stream_seed(seed, 2 i)`` (K) and ``stream_seed(seed, 2 i + 1)`` (V).
+    rotation : {"haar", "hadamard2", "hadamard"}
+        Rotation kind of every stream (``turboquant_codec.CodecConfig``).
+    seed_candidates : int
+        Seeds each stream tries at its first flush, keeping the one that reconstructs those tokens
+        best (``TurboQuantizer``); 1 keeps the base stream seed.
     block_size : int
         Tokens per block of the record and raw pools (16: what the fused CUDA kernel reads).
     quantizer : callable, optional
@@ -800,14 +846,16 @@ class TurboQuantCache(Cache):
     def __init__(self, config: Any, *, key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS,
                  key_mode: str = DEFAULT_MODE, value_mode: str = DEFAULT_MODE,
                  flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS, seed: int = 0,
-                 block_size: int = DEFAULT_BLOCK, quantizer: QuantizerFactory | None = None) -> None:
+                 block_size: int = DEFAULT_BLOCK, quantizer: QuantizerFactory | None = None,
+                 rotation: str = DEFAULT_ROTATION, seed_candidates: int = DEFAULT_SEED_CANDIDATES) -> None:
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
         from . import hf_attention  # noqa: F401  (registers the "turboquant" attention)
 
         flush_interval, sinks, block_size = check_layout(flush_interval, sinks, block_size)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
-        make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed)
+        make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed, rotation,
+                                               seed_candidates)
         layers: list[Any] = []
         for i, kind in enumerate(types[:num_layers]):
             if kind == "sliding_attention":

@@ -7,14 +7,16 @@ Tensors owned here (``R = CodecConfig(d, bits, mode, seed).record_bytes``)::
     channels  (*lead, d)          uint16                         per stream: outlier channels first;
               (*lead, 0)          uint16                         when bits are an integer (no split)
 
-Ops (config passed as plain ``float bits, str mode, int seed``; seeds are 64-bit unsigned in the
-codec and travel as their two's-complement int64 through the op schema)::
+Ops (config passed as plain ``float bits, str mode, int seed, str rotation``; seeds are 64-bit
+unsigned in the codec and travel as their two's-complement int64 through the op schema; ``rotation``
+comes last and defaults to ``"haar"``)::
 
-    turboquant::encode(x, channels?, bits, mode, seed, check_finite) -> (records, channels)
-    turboquant::decode(records, channels?, d, bits, mode, seed)       -> (*lead, n, d) float32
-    turboquant::scores(q, records, channels?, bits, mode, seed)       -> (*lead, m, n) float32
+    turboquant::encode(x, channels?, bits, mode, seed, check_finite, rotation) -> (records, channels)
+    turboquant::decode(records, channels?, d, bits, mode, seed, rotation)  -> (*lead, n, d) float32
+    turboquant::scores(q, records, channels?, bits, mode, seed, rotation)  -> (*lead, m, n) float32
     turboquant::attention(q, k_records, k_channels?, v_records, v_channels?, k_bits, k_mode, k_seed,
-                          v_bits, v_mode, v_seed, scale, k_tail?, v_tail?)  -> (*lead, h_q, d) float32
+                          v_bits, v_mode, v_seed, scale, k_tail?, v_tail?, k_rotation, v_rotation)
+                                                                         -> (*lead, h_q, d) float32
 
 CPU tensors run the NumPy reference backend on zero-copy NumPy views (bfloat16, which NumPy lacks,
 through float32); CUDA tensors run ``turboquant_codec`` with ``backend="auto"`` (the GPU backends,
@@ -47,10 +49,10 @@ def seed_arg(seed: int, name: str = "seed") -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def make_config(d: int, bits: float, mode: str, seed: int) -> CodecConfig:
+def make_config(d: int, bits: float, mode: str, seed: int, rotation: str = "haar") -> CodecConfig:
     """``CodecConfig`` from op arguments: ``seed`` is the schema's signed int64 (``seed_arg``)."""
     seed = _validate.integer(seed, "seed", -(1 << 63), _U64)
-    return CodecConfig(d=d, bits=bits, mode=mode, seed=seed & _U64)
+    return CodecConfig(d=d, bits=bits, mode=mode, seed=seed & _U64, rotation=rotation)
 
 
 def check_float(x: Tensor, name: str) -> None:
@@ -119,18 +121,19 @@ def _backend(t: Tensor) -> str:
 # -------------------------------------------------------------------------------------------- encode
 @torch.library.custom_op("turboquant::encode", mutates_args=())
 def _encode_op(
-    x: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int, check_finite: bool
+    x: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int, check_finite: bool,
+    rotation: str = "haar",
 ) -> tuple[Tensor, Tensor]:
-    cfg = make_config(x.shape[-1], bits, mode, seed)
+    cfg = make_config(x.shape[-1], bits, mode, seed, rotation)
     ch = _channels_in(channels, cfg)
     lead = tuple(x.shape[:-2])
     if x.is_cuda:
         enc = tq.encode(_gpu(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, channels=_gpu(ch),
-                        backend="auto", check_finite=check_finite)
+                        backend="auto", check_finite=check_finite, rotation=cfg.rotation)
     else:
         enc = tq.encode(_host(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed,
                         channels=None if ch is None else _host(ch), backend="numpy",
-                        check_finite=check_finite)
+                        check_finite=check_finite, rotation=cfg.rotation)
     records = _torch(enc.records, x.device)
     if not cfg.split:
         out_channels = x.new_empty(lead + (0,), dtype=CHANNEL_DTYPE)
@@ -143,9 +146,9 @@ def _encode_op(
 
 
 @_encode_op.register_fake
-def _(x, channels, bits, mode, seed, check_finite):
+def _(x, channels, bits, mode, seed, check_finite, rotation="haar"):
     shape = _validate.float_array(x, "x", 2)
-    cfg = make_config(x.shape[-1], bits, mode, seed)
+    cfg = make_config(x.shape[-1], bits, mode, seed, rotation)
     lead = tuple(x.shape[:-2])
     ch = _channels_in(channels, cfg)
     if ch is not None:
@@ -162,13 +165,14 @@ def encode(
     seed: int = 0,
     channels: Tensor | None = None,
     check_finite: bool = True,
+    rotation: str = "haar",
 ) -> tuple[Tensor, Tensor | None]:
     """Compress vectors (``turboquant::encode``).
 
     Parameters
     ----------
     x : Tensor, shape (*lead, n, d), float16/bfloat16/float32, CPU or CUDA
-    bits, mode, seed
+    bits, mode, seed, rotation
         As ``turboquant_codec.encode``.
     channels : Tensor, shape (*lead, d), optional
         Fixed outlier-channel permutation (half-integer bits only); chosen from ``x`` when omitted.
@@ -182,31 +186,32 @@ def encode(
     """
     check_float(x, "x")
     bits, seed = _validate.real(bits, "bits"), seed_arg(seed)
-    records, out = torch.ops.turboquant.encode(x, channels, bits, mode, seed, check_finite)
-    return records, (out if make_config(x.shape[-1], bits, mode, seed).split else None)
+    records, out = torch.ops.turboquant.encode(x, channels, bits, mode, seed, check_finite, rotation)
+    return records, (out if make_config(x.shape[-1], bits, mode, seed, rotation).split else None)
 
 
 # -------------------------------------------------------------------------------------------- decode
 @torch.library.custom_op("turboquant::decode", mutates_args=())
 def _decode_op(
-    records: Tensor, channels: Tensor | None, d: int, bits: float, mode: str, seed: int
+    records: Tensor, channels: Tensor | None, d: int, bits: float, mode: str, seed: int,
+    rotation: str = "haar",
 ) -> Tensor:
-    cfg = make_config(d, bits, mode, seed)
+    cfg = make_config(d, bits, mode, seed, rotation)
     _validate.record_array(records, cfg, "records")
     enc = _encoded(records, _channels_in(channels, cfg), cfg)
     return _torch(tq.decode(enc, backend=_backend(records)), records.device)
 
 
 @_decode_op.register_fake
-def _(records, channels, d, bits, mode, seed):
-    cfg = make_config(d, bits, mode, seed)
+def _(records, channels, d, bits, mode, seed, rotation="haar"):
+    cfg = make_config(d, bits, mode, seed, rotation)
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
 
 
 def decode(
     records: Tensor, channels: Tensor | None, *, d: int, bits: float = 3.5, mode: str = "mse",
-    seed: int = 0,
+    seed: int = 0, rotation: str = "haar",
 ) -> Tensor:
     """Reconstruct vectors (``turboquant::decode``).
 
@@ -214,7 +219,7 @@ def decode(
     ----------
     records : Tensor, shape (*lead, n, R), uint8
     channels : Tensor, shape (*lead, d), or None for integer bits
-    d, bits, mode, seed
+    d, bits, mode, seed, rotation
         The configuration the records were encoded with.
 
     Returns
@@ -222,15 +227,16 @@ def decode(
     Tensor, shape (*lead, n, d), float32, on the device of ``records``
     """
     return torch.ops.turboquant.decode(records, channels, _validate.integer(d, "d"),
-                                       _validate.real(bits, "bits"), mode, seed_arg(seed))
+                                       _validate.real(bits, "bits"), mode, seed_arg(seed), rotation)
 
 
 # -------------------------------------------------------------------------------------------- scores
 @torch.library.custom_op("turboquant::scores", mutates_args=())
 def _scores_op(
-    q: Tensor, records: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int
+    q: Tensor, records: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int,
+    rotation: str = "haar",
 ) -> Tensor:
-    cfg = make_config(q.shape[-1], bits, mode, seed)
+    cfg = make_config(q.shape[-1], bits, mode, seed, rotation)
     _validate.record_array(records, cfg, "records")
     _same_device(("q", q), ("records", records), ("channels", channels))
     enc = _encoded(records, _channels_in(channels, cfg), cfg)
@@ -239,9 +245,9 @@ def _scores_op(
 
 
 @_scores_op.register_fake
-def _(q, records, channels, bits, mode, seed):
+def _(q, records, channels, bits, mode, seed, rotation="haar"):
     check_float(q, "q")
-    cfg = make_config(q.shape[-1], bits, mode, seed)
+    cfg = make_config(q.shape[-1], bits, mode, seed, rotation)
     _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
     _validate.scores_inputs(q, tuple(records.shape[:-1]) + (cfg.d,))
     _same_device(("q", q), ("records", records), ("channels", channels))
@@ -250,7 +256,7 @@ def _(q, records, channels, bits, mode, seed):
 
 def scores(
     q: Tensor, records: Tensor, channels: Tensor | None, *, bits: float = 3.5, mode: str = "mse",
-    seed: int = 0,
+    seed: int = 0, rotation: str = "haar",
 ) -> Tensor:
     """Estimated inner products of queries with encoded keys (``turboquant::scores``).
 
@@ -266,7 +272,7 @@ def scores(
     """
     check_float(q, "q")
     return torch.ops.turboquant.scores(q, records, channels, _validate.real(bits, "bits"), mode,
-                                       seed_arg(seed))
+                                       seed_arg(seed), rotation)
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -286,9 +292,12 @@ def _attention_op(
     scale: float,
     k_tail: Tensor | None,
     v_tail: Tensor | None,
+    k_rotation: str = "haar",
+    v_rotation: str = "haar",
 ) -> Tensor:
     d = q.shape[-1]
-    k_cfg, v_cfg = make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed)
+    k_cfg = make_config(d, k_bits, k_mode, k_seed, k_rotation)
+    v_cfg = make_config(d, v_bits, v_mode, v_seed, v_rotation)
     _validate.record_array(k_records, k_cfg, "k_records")
     _validate.record_array(v_records, v_cfg, "v_records")
     _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
@@ -309,13 +318,13 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,
-      v_seed, scale, k_tail, v_tail):
+      v_seed, scale, k_tail, v_tail, k_rotation="haar", v_rotation="haar"):
     check_float(q, "q")
     d = q.shape[-1]
     shapes = []
     for name, records, channels, cfg in (
-            ("k_records", k_records, k_channels, make_config(d, k_bits, k_mode, k_seed)),
-            ("v_records", v_records, v_channels, make_config(d, v_bits, v_mode, v_seed))):
+            ("k_records", k_records, k_channels, make_config(d, k_bits, k_mode, k_seed, k_rotation)),
+            ("v_records", v_records, v_channels, make_config(d, v_bits, v_mode, v_seed, v_rotation))):
         _validate.record_array(records, cfg, name)
         _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
         shapes.append(tuple(records.shape[:-1]) + (d,))
@@ -360,7 +369,7 @@ def attention(
         q, k_records, k_channels, v_records, v_channels,
         k_codec.bits, k_codec.mode, seed_arg(k_codec.seed),
         v_codec.bits, v_codec.mode, seed_arg(v_codec.seed),
-        _validate.positive_finite(scale, "scale"), k_tail, v_tail,
+        _validate.positive_finite(scale, "scale"), k_tail, v_tail, k_codec.rotation, v_codec.rotation,
     )
 
 
@@ -382,6 +391,8 @@ class TorchCodec:
         every later record of a stream uses the same channel split.
     check_finite : bool
         Reject NaN/Inf on encode (a synchronisation on CUDA).
+    rotation : {"haar", "hadamard2", "hadamard"}
+        As ``turboquant_codec.encode``.
 
     Notes
     -----
@@ -397,10 +408,11 @@ class TorchCodec:
     check_finite: bool = True
     _on_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
     _first: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    rotation: str = "haar"
 
     def __post_init__(self) -> None:
         self.seed = _validate.seed(self.seed)
-        self.config = make_config(self.d, self.bits, self.mode, self.seed)
+        self.config = make_config(self.d, self.bits, self.mode, self.seed, self.rotation)
         self.d, self.bits = self.config.d, self.config.bits
         if self.channels is not None:
             given, self.channels = self.channels, None
@@ -457,7 +469,8 @@ class TorchCodec:
         square per stream), without fixing it; None for integer bits."""
         if not self.split:
             return None
-        return encode(x, bits=self.bits, mode=self.mode, seed=self.seed, check_finite=self.check_finite)[1]
+        return encode(x, bits=self.bits, mode=self.mode, seed=self.seed, check_finite=self.check_finite,
+                      rotation=self.rotation)[1]
 
     def calibrate(self, x: Tensor) -> None:
         """Fix the permutation from calibration vectors ``x`` (*streams, n, d), replacing any."""
@@ -480,14 +493,14 @@ class TorchCodec:
             with self._first:
                 if self.channels is None:
                     records, channels = encode(x, bits=self.bits, mode=self.mode, seed=self.seed,
-                                               check_finite=self.check_finite)
+                                               check_finite=self.check_finite, rotation=self.rotation)
                     assert channels is not None
                     self.set_channels(channels)
                     return records
         return encode(x, bits=self.bits, mode=self.mode, seed=self.seed, channels=self.channels_on(x.device),
-                      check_finite=self.check_finite)[0]
+                      check_finite=self.check_finite, rotation=self.rotation)[0]
 
     def decode(self, records: Tensor) -> Tensor:
         """Vectors (*streams, n, d) float32 of ``records`` (*streams, n, R)."""
         return decode(records, self.channels_on(records.device), d=self.d, bits=self.bits,
-                      mode=self.mode, seed=self.seed)
+                      mode=self.mode, seed=self.seed, rotation=self.rotation)

@@ -14,10 +14,11 @@ cache / output arguments and return nothing, so they capture in CUDA graphs)::
 
     turboquant::paged_write(k_cache!, v_cache!, key, value, slot_mapping, k_channels?, v_channels?,
                             raw_k!?, raw_v!?, raw_slot_of_block?, k_bits, k_mode, k_seed, v_bits,
-                            v_mode, v_seed)
+                            v_mode, v_seed, backend, k_rotation="haar", v_rotation="haar")
     turboquant::paged_attention(out!, query, key, value, k_cache, v_cache, k_channels?, v_channels?,
                                 raw_k?, raw_v?, raw_slot_of_block?, block_table, seq_lens,
-                                query_start_loc, scale, num_decodes, k_bits, ... v_seed)
+                                query_start_loc, scale, num_decodes, k_bits, ... v_seed, backend,
+                                k_rotation="haar", v_rotation="haar")
 
 CPU tensors run on zero-copy NumPy views (``numba_cpu`` for decodes, else the NumPy reference);
 CUDA tensors run the GPU backends (``cupy_raw``). ``TorchCodec`` keeps each layer's channel
@@ -127,11 +128,12 @@ def _cache(k_cache: Tensor, v_cache: Tensor, k_channels: Tensor | None, v_channe
 def _op_cache(key: Tensor, k_cache: Tensor, v_cache: Tensor, k_channels: Tensor | None,
               v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
               raw_slot_of_block: Tensor | None, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
-              v_mode: str, v_seed: int) -> tq.PagedCache:
+              v_mode: str, v_seed: int, k_rotation: str, v_rotation: str) -> tq.PagedCache:
     """The cache an op's arguments describe (head dim from ``key``; seeds as the schema carries them)."""
     d = key.shape[-1]
     return _cache(k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                  make_config(d, k_bits, k_mode, k_seed), make_config(d, v_bits, v_mode, v_seed))
+                  make_config(d, k_bits, k_mode, k_seed, k_rotation),
+                  make_config(d, v_bits, v_mode, v_seed, v_rotation))
 
 
 @torch.library.custom_op("turboquant::paged_write", mutates_args=("k_cache", "v_cache", "raw_k", "raw_v"))
@@ -139,18 +141,20 @@ def _paged_write_op(
     k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, slot_mapping: Tensor,
     k_channels: Tensor | None, v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
     raw_slot_of_block: Tensor | None, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
-    v_mode: str, v_seed: int, backend: str,
+    v_mode: str, v_seed: int, backend: str, k_rotation: str = "haar", v_rotation: str = "haar",
 ) -> None:
     cache = _op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed)
+                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, k_rotation, v_rotation)
     tq.paged_write(cache, key, value, slot_mapping, backend=backend)
 
 
 @_paged_write_op.register_fake
 def _(k_cache, v_cache, key, value, slot_mapping, k_channels, v_channels, raw_k, raw_v,
-      raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend):
+      raw_slot_of_block, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend, k_rotation="haar",
+      v_rotation="haar"):
     check_write(_op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                          k_bits, k_mode, k_seed, v_bits, v_mode, v_seed), key, value, slot_mapping)
+                          k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, k_rotation, v_rotation),
+                key, value, slot_mapping)
 
 
 @torch.library.custom_op("turboquant::paged_attention", mutates_args=("out",))
@@ -159,10 +163,10 @@ def _paged_attention_op(
     k_channels: Tensor | None, v_channels: Tensor | None, raw_k: Tensor | None, raw_v: Tensor | None,
     raw_slot_of_block: Tensor | None, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
     scale: float, num_decodes: int, k_bits: float, k_mode: str, k_seed: int, v_bits: float,
-    v_mode: str, v_seed: int, backend: str,
+    v_mode: str, v_seed: int, backend: str, k_rotation: str = "haar", v_rotation: str = "haar",
 ) -> None:
     cache = _op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed)
+                      k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, k_rotation, v_rotation)
     tq.paged_attention(cache, query, key, value, block_table, seq_lens, query_start_loc, scale=scale,
                        out=out, num_decodes=None if num_decodes < 0 else num_decodes, backend=backend)
 
@@ -170,9 +174,9 @@ def _paged_attention_op(
 @_paged_attention_op.register_fake
 def _(out, query, key, value, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v,
       raw_slot_of_block, block_table, seq_lens, query_start_loc, scale, num_decodes, k_bits, k_mode,
-      k_seed, v_bits, v_mode, v_seed, backend):
+      k_seed, v_bits, v_mode, v_seed, backend, k_rotation="haar", v_rotation="haar"):
     check_attention(_op_cache(key, k_cache, v_cache, k_channels, v_channels, raw_k, raw_v, raw_slot_of_block,
-                              k_bits, k_mode, k_seed, v_bits, v_mode, v_seed),
+                              k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, k_rotation, v_rotation),
                     query, key, value, block_table, seq_lens, query_start_loc, scale=scale, out=out,
                     num_decodes=None if num_decodes < 0 else num_decodes)
 
@@ -234,7 +238,7 @@ def write_compressed(
     device = key.device
     torch.ops.turboquant.paged_write(
         k_cache, v_cache, key, value, slot_mapping, k_codec.channels_on(device), v_codec.channels_on(device),
-        raw_k, raw_v, raw_map, *config, backend)
+        raw_k, raw_v, raw_map, *config, backend, k_codec.rotation, v_codec.rotation)
 
 
 def paged_attention(
@@ -298,5 +302,6 @@ def paged_attention(
         out, query, key, value, k_cache, v_cache, k_codec.channels_on(device), v_codec.channels_on(device),
         raw_k, raw_v, raw_slot_of_block, block_table, seq_lens, query_start_loc,
         _validate.positive_finite(scale, "scale"),
-        -1 if num_decodes is None else _validate.integer(num_decodes, "num_decodes", 0), *config, backend)
+        -1 if num_decodes is None else _validate.integer(num_decodes, "num_decodes", 0), *config, backend,
+        k_codec.rotation, v_codec.rotation)
     return out

@@ -65,9 +65,8 @@ def layer_index(layer_name: str) -> int:
 def make_codecs(cfg: TurboQuantConfig, head_dim: int, layer_idx: int) -> tuple[TorchCodec, TorchCodec]:
     """K and V codecs of one layer: seeds ``stream_seed(seed, 2 i)`` and ``stream_seed(seed, 2 i + 1)``."""
     k_seed, v_seed = stream_seed(cfg.seed, 2 * layer_idx), stream_seed(cfg.seed, 2 * layer_idx + 1)
-    return (TorchCodec(d=head_dim, bits=cfg.k_bits, mode=cfg.k_mode, seed=k_seed),
-            TorchCodec(d=head_dim, bits=cfg.v_bits, mode=cfg.v_mode,
-                       seed=v_seed))
+    return (TorchCodec(d=head_dim, bits=cfg.k_bits, mode=cfg.k_mode, seed=k_seed, rotation=cfg.rotation),
+            TorchCodec(d=head_dim, bits=cfg.v_bits, mode=cfg.v_mode, seed=v_seed, rotation=cfg.rotation))
 
 
 @dataclass

@@ -20,6 +20,8 @@ TQ_RAW_WINDOW       recent tokens of each running sequence read uncompressed (de
                     still read (with a deprecation warning) when TQ_RAW_WINDOW is unset
 TQ_SINK_TOKENS      first tokens of each sequence read uncompressed (default 4; their block)
 TQ_SEED             base seed of the rotations (default 0)
+TQ_ROTATION         haar | hadamard2 | hadamard: rotation kind of every stream (default haar;
+                    the Hadamard kinds need power-of-two channel groups)
 TQ_CODEC_BACKEND    codec backend for CUDA tensors: auto or a turboquant_codec backend name
 TQ_RAW_SEQS         running sequences the raw side pool is sized for (default: max_num_seqs;
                     0 = no raw pool); capped by TQ_RAW_SHARE
@@ -41,7 +43,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from turboquant_codec.config import CodecConfig
+from turboquant_codec.config import ROTATIONS, CodecConfig
 
 #: The defaults, in one place (MSE keys measured best: docs/eval-smollm2.md, docs/calibration.md).
 DEFAULTS: dict[str, object] = {
@@ -52,6 +54,7 @@ DEFAULTS: dict[str, object] = {
     "raw_window": 128,
     "sink_tokens": 4,
     "seed": 0,
+    "rotation": "haar",
     "codec_backend": "auto",
     # A tenth of the budget keeps the compressed pool at >= 0.9x its full size (3.6x stock's tokens at
     # 3.5 bits) and covers 7 sequences of SmolLM2-135M in 256 MiB (3.5 MiB per sequence: README).
@@ -62,9 +65,9 @@ ENV_PREFIX = "TQ_"
 #: Every variable the plugin reads (unknown TQ_* names are left alone: the codec reads TQ_BACKEND).
 ENV_VARS = (
     "TQ_B_MSE", "TQ_B_QJL", "TQ_K_BITS", "TQ_V_BITS", "TQ_K_MODE", "TQ_V_MODE", "TQ_RAW_WINDOW",
-    "TQ_FLUSH_INTERVAL", "TQ_SINK_TOKENS", "TQ_SEED", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS", "TQ_RAW_SHARE",
-    "TQ_NUM_LAYERS", "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN", "TQ_DEVICE",
-    "TQ_MARKER_FILE", "TQ_DISABLE_PLATFORM",
+    "TQ_FLUSH_INTERVAL", "TQ_SINK_TOKENS", "TQ_SEED", "TQ_ROTATION", "TQ_CODEC_BACKEND", "TQ_RAW_SEQS",
+    "TQ_RAW_SHARE", "TQ_NUM_LAYERS", "TQ_NUM_HEADS", "TQ_NUM_KV_HEADS", "TQ_HEAD_DIM", "TQ_MAX_SEQ_LEN",
+    "TQ_DEVICE", "TQ_MARKER_FILE", "TQ_DISABLE_PLATFORM",
 )
 #: Old names still read: old -> new (a deprecation warning names both).
 DEPRECATED_VARS = {"TQ_FLUSH_INTERVAL": "TQ_RAW_WINDOW"}
@@ -135,6 +138,8 @@ class TurboQuantConfig:
         The first ``sink_tokens`` tokens (their whole block in vLLM) are attended uncompressed.
     seed : int
         Base seed; layer ``i`` uses ``stream_seed(seed, 2 i)`` for K and ``2 i + 1`` for V.
+    rotation : {"haar", "hadamard2", "hadamard"}
+        Rotation kind of every layer's K and V codec (``turboquant_codec.CodecConfig``).
     codec_backend : str
         ``"auto"`` or a ``turboquant_codec`` backend name, for CUDA tensors (CPU runs NumPy).
     raw_seqs : int or None
@@ -158,6 +163,7 @@ class TurboQuantConfig:
     raw_window: int = int(DEFAULTS["raw_window"])  # type: ignore[call-overload]
     sink_tokens: int = int(DEFAULTS["sink_tokens"])  # type: ignore[call-overload]
     seed: int = int(DEFAULTS["seed"])  # type: ignore[call-overload]
+    rotation: str = str(DEFAULTS["rotation"])
     codec_backend: str = str(DEFAULTS["codec_backend"])
     raw_seqs: int | None = None
     raw_share: float = float(DEFAULTS["raw_share"])  # type: ignore[arg-type]
@@ -183,6 +189,8 @@ class TurboQuantConfig:
                             ("TQ_SEED", self.seed)):
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r}: must be an integer >= 0")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"TQ_ROTATION={self.rotation!r}: expected one of {', '.join(ROTATIONS)}")
         if self.raw_seqs is not None and self.raw_seqs < 0:
             raise ConfigError(f"TQ_RAW_SEQS={self.raw_seqs!r}: must be >= 0")
         if not 0.0 <= float(self.raw_share) < 1.0:  # NaN fails too
@@ -203,7 +211,8 @@ class TurboQuantConfig:
                 raise ConfigError(f"{var}={value!r}: must be >= 1")
         if self.head_dim is not None:
             try:
-                CodecConfig(d=self.head_dim, bits=self.k_bits, mode=self.k_mode)
+                for bits, mode in ((self.k_bits, self.k_mode), (self.v_bits, self.v_mode)):
+                    CodecConfig(d=self.head_dim, bits=bits, mode=mode, rotation=self.rotation)
             except ValueError as exc:
                 raise ConfigError(f"TQ_HEAD_DIM={self.head_dim}: {exc}") from None
 
@@ -245,6 +254,7 @@ class TurboQuantConfig:
                 raw_window=_default(_renamed_int(env, "TQ_RAW_WINDOW", 0), "raw_window"),
                 sink_tokens=_default(_int(env, "TQ_SINK_TOKENS", 0), "sink_tokens"),
                 seed=_default(_int(env, "TQ_SEED", 0), "seed"),
+                rotation=_get(env, "TQ_ROTATION") or str(DEFAULTS["rotation"]),
                 codec_backend=backend or str(DEFAULTS["codec_backend"]),
                 raw_seqs=_int(env, "TQ_RAW_SEQS", 0),
                 raw_share=_share(env, "TQ_RAW_SHARE"),
@@ -289,7 +299,7 @@ class TurboQuantConfig:
             for var, bits, mode in (("TQ_K_BITS", self.k_bits, self.k_mode), ("TQ_V_BITS", self.v_bits,
                                                                                    self.v_mode)):
                 try:
-                    CodecConfig(d=int(d), bits=bits, mode=mode)
+                    CodecConfig(d=int(d), bits=bits, mode=mode, rotation=self.rotation)
                 except ValueError as exc:
                     raise ConfigError(f"head_dim={d} with {var}={bits:g} ({mode}): {exc}") from None
         filled: dict[str, Any] = {k: (getattr(self, k) if getattr(self, k) is not None else v)
@@ -309,6 +319,7 @@ class TurboQuantConfig:
     def describe(self) -> str:
         return (f"K {self.k_mode} {self.k_bits:g} bits, V {self.v_mode} {self.v_bits:g} bits, "
                 f"raw window {self.raw_window}, sinks {self.sink_tokens}, seed {self.seed}, "
+                f"rotation {self.rotation}, "
                 f"raw pool <= {self.raw_share:g} of the KV budget")
 
 

@@ -51,6 +51,18 @@ def test_old_window_name_still_read_with_a_deprecation_warning(caplog):
         TurboQuantConfig.from_env({"TQ_RAW_WINDOW": "16", "TQ_FLUSH_INTERVAL": "64"})
 
 
+def test_rotation_reaches_every_layer_codec():
+    from turboquant_vllm.backend import make_codecs
+
+    cfg = TurboQuantConfig.from_env({"TQ_ROTATION": "hadamard2"})
+    assert cfg.rotation == "hadamard2" and "rotation hadamard2" in cfg.describe()
+    k, v = make_codecs(cfg, 64, 5)
+    assert k.config.rotation == v.config.rotation == "hadamard2" and k.config.seed != v.config.seed
+    assert TurboQuantConfig.from_env({}).rotation == "haar"
+    with pytest.raises(ConfigError, match="power-of-two"):
+        TurboQuantConfig.from_env({"TQ_ROTATION": "hadamard"}).validate(head_dim=96)
+
+
 @pytest.mark.parametrize(("env", "named"), [
     ({"TQ_B_MSE": "abc"}, "TQ_B_MSE"),
     ({"TQ_B_MSE": "7"}, "TQ_B_MSE"),
@@ -68,6 +80,8 @@ def test_old_window_name_still_read_with_a_deprecation_warning(caplog):
     ({"TQ_DEVICE": "tpu"}, "TQ_DEVICE"),
     ({"TQ_CODEC_BACKEND": "nope"}, "TQ_CODEC_BACKEND"),
     ({"TQ_RAW_SEQS": "-2"}, "TQ_RAW_SEQS"),
+    ({"TQ_ROTATION": "dct"}, "TQ_ROTATION"),
+    ({"TQ_ROTATION": "hadamard", "TQ_HEAD_DIM": "96"}, "TQ_HEAD_DIM"),
 ])
 def test_invalid_values_name_the_variable(env, named):
     with pytest.raises(ConfigError, match=named):
