@@ -8,13 +8,19 @@ numbers the real format would give) and reports the honest bytes of the real for
     then ``round((x - min) / scale * (2**b - 1))`` per channel. Half-integer bits: the head's ``d/2``
     outlier channels (largest mean square at calibration) get ``ceil(b)`` bits, the rest ``floor(b)``,
     under the same scale and zero. Honest bytes: ``d * b / 8 + 4``.
-``HadamardQuantizer`` (upstream vLLM's MSE-only recipe)
-    Per channel group: float16 norm, normalised Walsh-Hadamard rotation with no random signs, the
-    project's Lloyd-Max codebook for the group's dimension, no QJL. Same groups (outlier split),
-    same record size as TurboQuant mse (``CodecConfig(...).record_bytes``): only the rotation differs.
+``UpstreamCache`` (upstream vLLM's shipped TurboQuant recipe, ``--kv-cache-dtype turboquant_*``)
+    Keys: MSE codes at integer bits over the whole head (no outlier split) after the fixed
+    Walsh-Hadamard rotation without signs (the codec with ``rotation="hadamard"``), a float16 norm,
+    and norm correction on read (the decoded unit vector rescaled to norm 1 before the stored norm
+    is applied). Values: per-token uniform codes with a float16 scale and zero (``KiviQuantizer``
+    at integer bits: round to nearest of ``2**b`` levels between the vector's min and max).
+    Every token is quantized as it is written and read back quantized, itself included, except in
+    the first prefill chunk (upstream attends that chunk's raw K/V); the first and last
+    ``boundary`` layers (2 upstream) keep raw K/V. Honest bytes per token and head are upstream's
+    slot: ``ceil(d kb / 8) + 2`` for the key and ``ceil(d vb / 8) + 4`` for the value.
+    (Rotating the fixed Hadamard inside the project's own cache is ``rotation="hadamard"``.)
 
-Outlier channel choice and codebooks are ``turboquant_codec``'s (``numpy_ref.select_channels``,
-``lloyd_max``): the baselines differ from TurboQuant in the transform, not in those choices.
+Outlier channel choice is ``turboquant_codec``'s (``numpy_ref.select_channels``).
 
 ``DecodedCopyCache`` is the earlier contiguous ``TurboQuantCache``, kept as the reference the paged
 cache is compared with: per layer ``[sinks | compressed | buffer]`` contiguous (B, H, n, *) tensors
@@ -35,7 +41,6 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from turboquant_codec.backends.numpy_ref import select_channels
-from turboquant_codec.codebooks import lloyd_max
 from turboquant_codec.config import CodecConfig
 
 from .hf_cache import (
@@ -47,6 +52,7 @@ from .hf_cache import (
     LayerMemory,
     LengthProtocol,
     QuantizerFactory,
+    TurboQuantizer,
     _model_shape,
     _nbytes,
     check_layout,
@@ -152,79 +158,11 @@ class KiviQuantizer:
         self.split.reset()
 
 
-def hadamard(n: int) -> Tensor:
-    """Normalised Sylvester Hadamard matrix (n, n), ``n`` a power of two."""
-    if n & (n - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two group size, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
-
-
-class HadamardQuantizer:
-    """MSE-only Hadamard recipe: norm, fixed Walsh-Hadamard rotation, Lloyd-Max codes; no signs, no QJL.
-
-    Parameters
-    ----------
-    d : int
-        Head dimension.
-    bits : float
-        As TurboQuant mse (halves: the outlier half one bit finer).
-    """
-
-    def __init__(self, d: int, bits: float) -> None:
-        self.split = _Split(d, bits)
-        self.config = CodecConfig(d=d, bits=bits, mode="mse")
-        self.d, self.bits = d, float(bits)
-        self.label = f"Hadamard mse {self.bits:g}"
-
-    def calibrate(self, x: Tensor) -> None:
-        self.split.calibrate(x)
-
-    def encode(self, x: Tensor) -> Tensor:
-        xf = x.double()
-        out = torch.empty_like(xf)
-        for idx, b in self.split.groups():
-            part = _gather(xf, idx)
-            g = part.shape[-1]
-            book = lloyd_max(b, g)
-            centroids = torch.from_numpy(book.centroids)
-            boundaries = torch.from_numpy(book.boundaries)
-            h = hadamard(g)
-            norm = part.norm(dim=-1, keepdim=True)
-            y = (part / norm.clamp_min(1e-30)) @ h.T
-            y_hat = centroids[torch.bucketize(y, boundaries)]
-            out = _scatter(out, idx, (y_hat @ h) * _f16(norm.float()).double())
-        return out.float()
-
-    def decode(self, payload: Tensor) -> Tensor:
-        return payload
-
-    def stored_nbytes(self, payload: Tensor) -> int:
-        return int(payload.shape[:-1].numel() * self.config.record_bytes)
-
-    def metadata_nbytes(self) -> int:
-        return self.split.metadata_nbytes()
-
-    def reset(self) -> None:
-        self.split.reset()
-
-
 def kivi_factory(bits: float) -> QuantizerFactory:
     """``TurboQuantCache(quantizer=...)`` factory: KIVI-style keys and values at ``bits``."""
 
     def make(kind: str, layer_idx: int, head_dim: int) -> KVQuantizer:
         return KiviQuantizer(head_dim, bits)
-
-    return make
-
-
-def hadamard_factory(bits: float) -> QuantizerFactory:
-    """``TurboQuantCache(quantizer=...)`` factory: Hadamard-MSE keys and values at ``bits``."""
-
-    def make(kind: str, layer_idx: int, head_dim: int) -> KVQuantizer:
-        return HadamardQuantizer(head_dim, bits)
 
     return make
 
@@ -375,4 +313,139 @@ class DecodedCopyCache(Cache):
         for layer in self.layers:
             assert isinstance(layer, DecodedCopyLayer)
             total = total + layer.memory()
+        return total
+
+
+# ------------------------------------------------------------------------- upstream vLLM's recipe
+class NormCorrectedKeys:
+    """Upstream's keys: fixed-Hadamard MSE codes over the whole head, norm-corrected on read.
+
+    Parameters
+    ----------
+    d : int
+        Head dimension (a power of two).
+    bits : int
+        Code bits per channel (upstream ships 3 and 4).
+    """
+
+    def __init__(self, d: int, bits: int) -> None:
+        self.inner = TurboQuantizer(d, float(bits), "mse", 0, rotation="hadamard")
+        self.d, self.bits = d, int(bits)
+        self.label = f"upstream keys {self.bits}"
+
+    def calibrate(self, x: Tensor) -> None:
+        pass  # integer bits: no channel split to fix
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.inner.encode(x)
+
+    def decode(self, payload: Tensor) -> Tensor:
+        y = self.inner.decode(payload)
+        # The record's leading float16 is the stored norm; the decoded vector is norm * R^T c.
+        norm = payload[..., :2].contiguous().view(torch.float16).float()
+        return y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+
+    def bytes_per_vector(self) -> float:
+        return math.ceil(self.d * self.bits / 8) + 2
+
+    def stored_nbytes(self, payload: Tensor) -> int:
+        return int(payload.shape[:-1].numel() * self.bytes_per_vector())
+
+    def metadata_nbytes(self) -> int:
+        return 0
+
+    def reset(self) -> None:
+        pass
+
+
+class QuantizeOnWriteLayer(LengthProtocol, CacheLayerMixin):
+    """One compressed layer of ``UpstreamCache``: K/V quantized as written, read back quantized."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, key_quantizer: KVQuantizer,
+                 value_quantizer: KVQuantizer) -> None:
+        super().__init__()
+        self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
+        self.kq, self.vq = key_quantizer, value_quantizer
+        self._clear()
+
+    def _clear(self) -> None:
+        self.rec_k: Tensor | None = None
+        self.rec_v: Tensor | None = None
+        self.dec_k: Tensor | None = None
+        self.dec_v: Tensor | None = None
+        self.length = 0
+        self.is_initialized = False
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device, self.dtype, self.batch_size = key_states.device, key_states.dtype, key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        """Store (B, H, q, d) states quantized; return the history read back quantized (the first
+        chunk of a sequence reads its own raw states, as upstream's first prefill does)."""
+        check_states(self, key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        first = self.length == 0
+        pk, pv = self.kq.encode(key_states), self.vq.encode(value_states)
+        self.rec_k, self.rec_v = _cat(self.rec_k, pk), _cat(self.rec_v, pv)
+        self.dec_k = _cat(self.dec_k, self.kq.decode(pk).to(self.dtype))
+        self.dec_v = _cat(self.dec_v, self.vq.decode(pv).to(self.dtype))
+        self.length += key_states.shape[-2]
+        if first:
+            return key_states, value_states
+        assert self.dec_k is not None and self.dec_v is not None
+        return self.dec_k, self.dec_v
+
+    def memory(self) -> LayerMemory:
+        n = 0 if self.rec_k is None else self.rec_k.shape[-2] * self.rec_k.shape[0]
+        records = 0
+        if self.rec_k is not None and self.rec_v is not None:
+            records = self.kq.stored_nbytes(self.rec_k) + self.vq.stored_nbytes(self.rec_v)
+        decoded = _nbytes(self.dec_k) + _nbytes(self.dec_v)
+        return LayerMemory(records=records, decoded=decoded, device=_nbytes(self.rec_k) + _nbytes(self.rec_v)
+                           + decoded, compressed_tokens=n)
+
+
+class UpstreamCache(Cache):
+    """Upstream vLLM's shipped TurboQuant KV cache, emulated (module docstring); any attention works.
+
+    Parameters
+    ----------
+    config : PretrainedConfig
+    key_bits, value_bits : int
+        Upstream presets: ``turboquant_3bit_nc`` = (3, 3), ``turboquant_k3v4_nc`` = (3, 4),
+        ``turboquant_4bit_nc`` = (4, 4).
+    boundary : int
+        First and last layers kept raw (upstream: 2, at most half the layers).
+    """
+
+    def __init__(self, config: Any, *, key_bits: int, value_bits: int, boundary: int = 2) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        num_layers, kv_heads, head_dim, types = _model_shape(config)
+        if any(t != "full_attention" for t in types):
+            raise ValueError("UpstreamCache supports full-attention layers only")
+        keep = min(int(boundary), num_layers // 2)
+        self.raw_layers = sorted({*range(keep), *range(num_layers - keep, num_layers)})
+        super().__init__(layers=[
+            DynamicLayer() if i in self.raw_layers else
+            QuantizeOnWriteLayer(i, kv_heads, head_dim, NormCorrectedKeys(head_dim, key_bits),
+                                 KiviQuantizer(head_dim, value_bits))
+            for i in range(num_layers)
+        ])
+        self.num_kv_heads, self.head_dim = kv_heads, head_dim
+
+    def memory(self) -> LayerMemory:
+        """Bytes of the compressed layers (the raw boundary layers are not included)."""
+        total = LayerMemory()
+        for layer in self.layers:
+            if isinstance(layer, QuantizeOnWriteLayer):
+                total = total + layer.memory()
         return total

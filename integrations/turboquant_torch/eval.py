@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .baselines import hadamard_factory, kivi_factory  # noqa: E402
+from .baselines import kivi_factory  # noqa: E402
 from .hf_cache import CACHE_ARG, DEFAULT_FLUSH, DEFAULT_SINKS, TurboQuantCache  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -164,7 +164,7 @@ def _recipes(flush: int, sinks: int) -> dict[str, tuple[str, Callable[[Any, floa
         "KIVI-style per-token uniform": ("uniform / uniform", lambda cfg, b: TurboQuantCache(
             cfg, quantizer=kivi_factory(b), **common)),
         "Hadamard MSE, no signs, no QJL (upstream vLLM)": ("mse / mse", lambda cfg, b: TurboQuantCache(
-            cfg, quantizer=hadamard_factory(b), **common)),
+            cfg, key_bits=b, value_bits=b, rotation="hadamard", **common)),
     }
     assert tuple(recipes) == RECIPE_NAMES
     return recipes
