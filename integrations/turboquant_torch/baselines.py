@@ -358,32 +358,13 @@ class NormCorrectedKeys:
         pass
 
 
-class QuantizeOnWriteLayer(LengthProtocol, CacheLayerMixin):
-    """One compressed layer of ``UpstreamCache``: K/V quantized as written, read back quantized."""
-
-    is_sliding = False
-    is_croppable = False
-    is_compileable = False
+class QuantizeOnWriteLayer(DecodedCopyLayer):
+    """One compressed layer of ``UpstreamCache``: K/V quantized as written, read back quantized (no
+    sinks, no recent buffer: the decoded-copy layer's parts that stay empty)."""
 
     def __init__(self, layer_idx: int, num_kv_heads: int, head_dim: int, key_quantizer: KVQuantizer,
                  value_quantizer: KVQuantizer) -> None:
-        super().__init__()
-        self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
-        self.kq, self.vq = key_quantizer, value_quantizer
-        self._clear()
-
-    def _clear(self) -> None:
-        self.rec_k: Tensor | None = None
-        self.rec_v: Tensor | None = None
-        self.dec_k: Tensor | None = None
-        self.dec_v: Tensor | None = None
-        self.length = 0
-        self.is_initialized = False
-        self.keys = self.values = None
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.device, self.dtype, self.batch_size = key_states.device, key_states.dtype, key_states.shape[0]
-        self.is_initialized = True
+        super().__init__(layer_idx, num_kv_heads, head_dim, key_quantizer, value_quantizer, 1, 0)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
@@ -402,15 +383,6 @@ class QuantizeOnWriteLayer(LengthProtocol, CacheLayerMixin):
             return key_states, value_states
         assert self.dec_k is not None and self.dec_v is not None
         return self.dec_k, self.dec_v
-
-    def memory(self) -> LayerMemory:
-        n = 0 if self.rec_k is None else self.rec_k.shape[-2] * self.rec_k.shape[0]
-        records = 0
-        if self.rec_k is not None and self.rec_v is not None:
-            records = self.kq.stored_nbytes(self.rec_k) + self.vq.stored_nbytes(self.rec_v)
-        decoded = _nbytes(self.dec_k) + _nbytes(self.dec_v)
-        return LayerMemory(records=records, decoded=decoded, device=_nbytes(self.rec_k) + _nbytes(self.rec_v)
-                           + decoded, compressed_tokens=n)
 
 
 class UpstreamCache(Cache):
