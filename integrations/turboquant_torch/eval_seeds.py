@@ -208,7 +208,8 @@ def plot(runs: list[Run], names: list[str], bits: list[float], texts: list[str],
             xs = np.arange(len(texts)) + (k - (len(names) - 1) / 2) * width
             ax.bar(xs, means, width, yerr=[lo, hi], capsize=3, label=name)
         ax.set_xticks(np.arange(len(texts)), texts)
-        ax.set_ylabel("KL(uncompressed || compressed), mean over seeds")
+        ax.set_yscale("log")
+        ax.set_ylabel("KL(uncompressed || compressed), mean over seeds (log)")
         ax.set_title(f"{b:g} bits (bars: min-max over seeds)", fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -282,6 +283,7 @@ def sweep(args: argparse.Namespace) -> tuple[list[Run], dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.time()
+    torch.set_num_threads(args.threads)  # also what the report names when merging 1-thread runs
     if args.merge:
         runs, ppl, seconds = [], {}, 0.0
         for path in args.merge:

@@ -21,7 +21,10 @@ TQ_RAW_WINDOW       recent tokens of each running sequence read uncompressed (de
 TQ_SINK_TOKENS      first tokens of each sequence read uncompressed (default 4; their block)
 TQ_SEED             base seed of the rotations (default 0)
 TQ_ROTATION         haar | hadamard2 | hadamard: rotation kind of every stream (default haar;
-                    the Hadamard kinds need power-of-two channel groups)
+                    the Hadamard kinds need power-of-two channel groups). No per-stream seed
+                    choice here (``TurboQuantCache(seed_candidates=)`` has it): CUDA graphs
+                    captured before the first real write hold each layer's tables, and measured
+                    on SmolLM2 the choice did not lower the KL (docs/quality-seeds.md)
 TQ_CODEC_BACKEND    codec backend for CUDA tensors: auto or a turboquant_codec backend name
 TQ_RAW_SEQS         running sequences the raw side pool is sized for (default: max_num_seqs;
                     0 = no raw pool); capped by TQ_RAW_SHARE
