@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from turboquant_torch.baselines import QuantizeOnWriteLayer, UpstreamCache  # noqa: E402
 
 import turboquant_codec as tq  # noqa: E402
+from turboquant_codec.backends import numpy_ref  # noqa: E402
 
 from .conftest import kv_like  # noqa: E402
 
@@ -58,10 +59,11 @@ def test_keys_are_norm_corrected_hadamard_codes() -> None:
     cache.update(k[..., :1, :], v[..., :1, :], 2)
     keys, values = cache.update(k, v, 2)
     got = keys[..., 1:, :]
-    # The codec's own fixed-Hadamard records, rescaled to the stored float16 norm.
+    # The codec's own fixed-Hadamard records, rescaled to the stored norm.
     enc = tq.encode(k.numpy(), bits=3, rotation="hadamard")
     plain = torch.from_numpy(tq.decode(enc))
-    norms = torch.from_numpy(enc.records[..., :2].copy().view(np.float16).astype(np.float32))
+    norms = numpy_ref._norms(enc.records, enc.config.groups[0], 0)[..., None]
+    norms = torch.from_numpy(norms.astype(np.float32))
     want = plain * norms / plain.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, plain, rtol=1e-4, atol=0)  # the correction changes the values

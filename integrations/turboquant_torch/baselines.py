@@ -10,10 +10,11 @@ numbers the real format would give) and reports the honest bytes of the real for
     under the same scale and zero. Honest bytes: ``d * b / 8 + 4``.
 ``UpstreamCache`` (upstream vLLM's shipped TurboQuant recipe, ``--kv-cache-dtype turboquant_*``)
     Keys: MSE codes at integer bits over the whole head (no outlier split) after the fixed
-    Walsh-Hadamard rotation without signs (the codec with ``rotation="hadamard"``), a float16 norm,
-    and norm correction on read (the decoded unit vector rescaled to norm 1 before the stored norm
-    is applied). Values: per-token uniform codes with a float16 scale and zero (``KiviQuantizer``
-    at integer bits: round to nearest of ``2**b`` levels between the vector's min and max).
+    Walsh-Hadamard rotation without signs (the codec with ``rotation="hadamard"``), a 2-byte norm
+    (the codec's bfloat16; upstream's is float16), and norm correction on read (the decoded unit
+    vector rescaled to norm 1 before the stored norm is applied). Values: per-token uniform codes
+    with a float16 scale and zero (``KiviQuantizer`` at integer bits: round to nearest of ``2**b``
+    levels between the vector's min and max).
     Every token is quantized as it is written and read back quantized, itself included, except in
     the first prefill chunk (upstream attends that chunk's raw K/V); the first and last
     ``boundary`` layers (2 upstream) keep raw K/V. Honest bytes per token and head are upstream's
@@ -341,8 +342,9 @@ class NormCorrectedKeys:
 
     def decode(self, payload: Tensor) -> Tensor:
         y = self.inner.decode(payload)
-        # The record's leading float16 is the stored norm; the decoded vector is norm * R^T c.
-        norm = payload[..., :2].contiguous().view(torch.float16).float()
+        # The record's leading bfloat16 is the stored norm (``turboquant_codec.config``); the decoded
+        # vector is norm * R^T c.
+        norm = payload[..., :2].contiguous().view(torch.bfloat16).float()
         return y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-30))
 
     def bytes_per_vector(self) -> float:
