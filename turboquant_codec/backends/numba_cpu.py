@@ -5,8 +5,9 @@ the NumPy reference). Decode requests (one new token) run one compiled task per 
 spread over the cores; prefill requests go through the reference's dense path in float32, whose
 products are BLAS matrix products.
 
-Per task, for the ``G`` query heads of one KV head (the query rotated and permuted once, on the
-host, into record order; ``scale`` folded in)::
+Per task, for the ``G`` query heads of one KV head (the query scaled, then permuted and rotated
+once into the keys' record order; the codes are unpacked once per token and serve all ``G``
+heads)::
 
     score(token)  = sum_groups |x_g| * <q_rot_g, centroid[codes_g]>     codes read from the record
                   = <q, k_raw>                                          raw pool / new token
@@ -14,8 +15,11 @@ host, into record order; ``scale`` folded in)::
     acc_raw      += p * v_raw                        (model domain, channel order)
     out           = (unpermute(acc_rot_g @ R_g) + acc_raw) / sum(p)     one un-rotation per head
 
-Records follow ``config``'s byte layout; bfloat16 norms and 16-bit raw pools are widened through a
-65536-entry table (exact). Float32 throughout; results match the float64 reference to float32
+Records follow ``config``'s byte layout. Codes are unpacked eight at a time (eight ``b``-bit codes
+fill ``b`` whole bytes) as four two-code fields, each looked up in a pair table of centroids;
+float16 norms and 16-bit raw pools are widened through a 65536-entry table (exact). The phases
+(queries, scores, softmax, values, finish) are separate compiled functions, so each can be timed
+alone. Float32 throughout; results match the float64 reference to float32
 rounding.
 """
 
@@ -39,7 +43,6 @@ try:
 except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
     _IMPORT_ERROR = f"numba failed to import: {type(exc).__name__}: {exc}"
 
-MAX_GROUPS = 2
 MAX_CODES = 16
 
 
@@ -53,17 +56,25 @@ asarray = numpy_ref.asarray
 # ------------------------------------------------------------------------------------------ tables
 @functools.lru_cache(maxsize=64)
 def _codec_tables(cfg: CodecConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``meta`` [groups, 4] (dim, code bits, code offset, norm offset), ``rot`` [groups, g, g]
-    float32 and ``cent`` [groups, 16] float32 of one configuration."""
+    """Per configuration: ``meta`` [groups, 5] int64 (dim, code bits, code offset, norm offset,
+    first channel in record order), ``rot`` [groups, g, g] float32 and ``pairs`` [groups, 256, 2]
+    float32 (entry ``x``: the centroids of the two codes packed in the ``2 * bits`` bits of ``x``,
+    low code first)."""
     groups, tabs = cfg.groups, tables(cfg)
+    if any(g.dim % 8 for g in groups):  # head dims are multiples of 16: groups of d or d / 2
+        raise ValueError(f"{cfg}: group sizes {[g.dim for g in groups]} are not multiples of 8")
     g_max = max(g.dim for g in groups)
-    meta = np.array([[g.dim, g.code_bits, g.code_offset, g.norm_offset] for g in groups], np.int64)
+    starts = np.cumsum([0] + [g.dim for g in groups])[:-1]
+    meta = np.array([[g.dim, g.code_bits, g.code_offset, g.norm_offset, s]
+                     for g, s in zip(groups, starts, strict=True)], np.int64)
     rot = np.zeros((len(groups), g_max, g_max), np.float32)
-    cent = np.zeros((len(groups), MAX_CODES), np.float32)
+    pairs = np.zeros((len(groups), MAX_CODES * MAX_CODES, 2), np.float32)
     for i, (g, t) in enumerate(zip(groups, tabs, strict=True)):
         rot[i, : g.dim, : g.dim] = t.rotation
-        cent[i, : t.centroids.size] = t.centroids
-    return meta, rot, cent
+        x = np.arange(1 << (2 * g.code_bits))
+        pairs[i, : x.size, 0] = t.centroids[x & ((1 << g.code_bits) - 1)]
+        pairs[i, : x.size, 1] = t.centroids[x >> g.code_bits]
+    return meta, rot, pairs
 
 
 @functools.cache
@@ -73,17 +84,6 @@ def _widen() -> tuple[np.ndarray, np.ndarray]:
     half = bits.astype(np.uint16).view(np.float16).astype(np.float32)
     brain = (bits << 16).view(np.float32)
     return half, brain
-
-
-def _rotate_queries(q: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> np.ndarray:
-    """q [N, H, G, d] float64 -> permuted into record order and rotated per group, float32."""
-    if channels is not None:
-        q = np.take_along_axis(q, channels.astype(np.intp)[None, :, None, :], axis=-1)
-    parts, start = [], 0
-    for g, t in zip(cfg.groups, tables(cfg), strict=True):
-        parts.append(q[..., start : start + g.dim] @ t.rotation.T)
-        start += g.dim
-    return np.ascontiguousarray(np.concatenate(parts, axis=-1), dtype=np.float32)
 
 
 def _raw_views(pool: Any) -> tuple[np.ndarray, np.ndarray, int]:
@@ -102,116 +102,214 @@ def _raw_views(pool: Any) -> tuple[np.ndarray, np.ndarray, int]:
 if not _IMPORT_ERROR:
 
     @njit(inline="always", cache=True)
-    def _norm(rec: Any, at: int, brain: np.ndarray) -> float:
-        return brain[np.int64(rec[at]) | (np.int64(rec[at + 1]) << 8)]
+    def _pairs(rec: Any, at: int, n8: int, bits: int, pairs: np.ndarray, gi: int, vals: np.ndarray,
+               start: int) -> None:
+        """Centroids of ``8 * n8`` codes of ``bits`` bits from byte ``at``: eight codes fill ``bits``
+        whole bytes, read as one word and four two-code fields through the pair table. Unsigned
+        indices: Numba then emits no negative-index wraparound, which blocks unrolling."""
+        pair_mask = np.uint64((1 << (2 * bits)) - 1)
+        for k in range(n8):
+            o = np.uint64(at + k * bits)
+            word = np.uint64(0)
+            for i in range(bits):
+                word |= np.uint64(rec[o + np.uint64(i)]) << np.uint64(8 * i)
+            base = np.uint64(start + 8 * k)
+            for p in range(4):
+                x = (word >> np.uint64(2 * bits * p)) & pair_mask
+                vals[base + np.uint64(2 * p)] = pairs[gi, x, 0]
+                vals[base + np.uint64(2 * p + 1)] = pairs[gi, x, 1]
 
     @njit(inline="always", cache=True)
-    def _rotated(rec: Any, meta: np.ndarray, cent: np.ndarray, brain: np.ndarray, out: np.ndarray) -> None:
-        """Dequantised rotated coordinates of one record, in record order, norms applied."""
-        j = 0
+    def _unpack(rec: Any, meta: np.ndarray, pairs: np.ndarray, half: np.ndarray, vals: np.ndarray,
+                norms: np.ndarray) -> None:
+        """One record's centroids ``vals`` [d] in record order and its group norms ``norms`` [groups].
+
+        The code width is a constant in each branch (Numba unrolls the byte and field loops)."""
         for gi in range(meta.shape[0]):
-            dim, bits, code_at, norm_at = meta[gi, 0], meta[gi, 1], meta[gi, 2], meta[gi, 3]
-            norm = _norm(rec, norm_at, brain)
-            mask = (1 << bits) - 1
-            for c in range(dim):
-                bit = c * bits
-                byte = code_at + (bit >> 3)
-                word = np.int64(rec[byte])
-                if (bit & 7) + bits > 8:
-                    word |= np.int64(rec[byte + 1]) << 8
-                out[j] = cent[gi, (word >> (bit & 7)) & mask] * norm
-                j += 1
+            dim, bits, start = meta[gi, 0], meta[gi, 1], meta[gi, 4]
+            code_at, norm_at = meta[gi, 2], meta[gi, 3]
+            norms[gi] = half[np.int64(rec[norm_at]) | (np.int64(rec[norm_at + 1]) << 8)]
+            n8 = dim >> 3
+            if bits == 4:
+                _pairs(rec, code_at, n8, 4, pairs, gi, vals, start)
+            elif bits == 3:
+                _pairs(rec, code_at, n8, 3, pairs, gi, vals, start)
+            elif bits == 2:
+                _pairs(rec, code_at, n8, 2, pairs, gi, vals, start)
+            else:
+                _pairs(rec, code_at, n8, 1, pairs, gi, vals, start)
 
     @njit(inline="always", cache=True)
-    def _raw(pool32: np.ndarray, pool16: np.ndarray, kind: int, row: int, off: int, h: int, c: int,
-             half: np.ndarray, brain: np.ndarray) -> float:
+    def _raw_row(pool32: np.ndarray, pool16: np.ndarray, kind: int, row: int, off: int, h: int,
+                 half: np.ndarray, brain: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        """One raw token [d] float32: a view of a float32 pool, or widened into ``vals``."""
         if kind == 0:
-            return pool32[row, off, h, c]
-        if kind == 1:
-            return half[pool16[row, off, h, c]]
-        return brain[pool16[row, off, h, c]]
+            return pool32[row, off, h]
+        src = pool16[row, off, h]
+        table = half if kind == 1 else brain
+        for c in range(vals.size):
+            vals[c] = table[src[c]]
+        return vals
 
-    @njit(parallel=True, fastmath=True, cache=True)
-    def _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind,  # noqa: ANN001
-                     q_rot, q_raw, k_new, v_new, k_meta, k_cent, v_meta, v_rot, v_cent, v_chan,
-                     half, brain, out):
-        """out [N, H, G, d] float32 of N decode requests (request ids ``reqs``, query rows ``rows``)."""
-        n_dec, n_heads, n_group, d = q_rot.shape
-        num_blocks, block_size = kc.shape[0], kc.shape[1]
-        for task in prange(n_dec * n_heads):
-            i, h = task // n_heads, task % n_heads
-            r = reqs[i]
-            ctx = seq[r] - 1
-            s = np.empty((n_group, ctx + 1), np.float32)
-            kv = np.empty(d, np.float32)
-            for t in range(ctx):
-                blk = table[r, t // block_size]
-                off = t % block_size
-                if blk < 0 or blk >= num_blocks:
-                    for g in range(n_group):
-                        s[g, t] = -np.inf
-                    continue
-                raw = rsb[blk]
-                if raw >= 0:
-                    for c in range(d):
-                        kv[c] = _raw(rk32, rk16, kind, raw, off, h, c, half, brain)
-                    for g in range(n_group):
-                        acc = np.float32(0.0)
-                        for c in range(d):
-                            acc += q_raw[i, h, g, c] * kv[c]
-                        s[g, t] = acc
-                else:
-                    _rotated(kc[blk, off, h], k_meta, k_cent, brain, kv)
-                    for g in range(n_group):
-                        acc = np.float32(0.0)
-                        for c in range(d):
-                            acc += q_rot[i, h, g, c] * kv[c]
-                        s[g, t] = acc
-            for g in range(n_group):
-                acc = np.float32(0.0)
-                for c in range(d):
-                    acc += q_raw[i, h, g, c] * k_new[rows[i], h, c]
-                s[g, ctx] = acc
-            total = np.zeros(n_group, np.float32)
-            for g in range(n_group):
-                top = s[g].max()
-                for t in range(ctx + 1):
-                    p = np.exp(s[g, t] - top)
-                    s[g, t] = p
-                    total[g] += p
-            acc_rot = np.zeros((n_group, d), np.float32)
-            acc_raw = np.zeros((n_group, d), np.float32)
-            for t in range(ctx):
-                blk = table[r, t // block_size]
-                off = t % block_size
-                if blk < 0 or blk >= num_blocks:
-                    continue
-                raw = rsb[blk]
-                if raw >= 0:
-                    for c in range(d):
-                        kv[c] = _raw(rv32, rv16, kind, raw, off, h, c, half, brain)
-                    for g in range(n_group):
-                        for c in range(d):
-                            acc_raw[g, c] += s[g, t] * kv[c]
-                else:
-                    _rotated(vc[blk, off, h], v_meta, v_cent, brain, kv)
-                    for g in range(n_group):
-                        for c in range(d):
-                            acc_rot[g, c] += s[g, t] * kv[c]
-            for g in range(n_group):
-                for c in range(d):
-                    acc_raw[g, c] += s[g, ctx] * v_new[rows[i], h, c]
-            # Un-rotate per group (decode is y @ R), then scatter through the value channels.
-            for g in range(n_group):
-                start = 0
-                for gi in range(v_meta.shape[0]):
-                    dim = v_meta[gi, 0]
+    @njit(fastmath=True, cache=True)
+    def _queries(q: np.ndarray, scale: float, k_meta: np.ndarray, k_rot: np.ndarray, k_chan: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """q [G, d] (one KV head's query heads) -> scaled (q_raw) and rotated per key group in the
+        keys' record order (q_rot), both [G, d] float32."""
+        n_group, d = q.shape
+        q_raw = np.empty((n_group, d), np.float32)
+        q_rot = np.empty((n_group, d), np.float32)
+        for g in range(n_group):
+            for c in range(d):
+                q_raw[g, c] = q[g, c] * scale
+        for g in range(n_group):
+            for gi in range(k_meta.shape[0]):
+                dim, start = k_meta[gi, 0], k_meta[gi, 4]
+                for j in range(dim):
+                    acc = np.float32(0.0)
                     for c in range(dim):
-                        x = np.float32(0.0)
-                        for j in range(dim):
-                            x += acc_rot[g, start + j] * v_rot[gi, j, c]
-                        out[i, h, g, v_chan[h, start + c]] = (x + acc_raw[g, v_chan[h, start + c]]) / total[g]
-                    start += dim
+                        acc += k_rot[gi, j, c] * q_raw[g, k_chan[start + c]]
+                    q_rot[g, start + j] = acc
+        return q_raw, q_rot
+
+    @njit(fastmath=True, cache=True)
+    def _scores(q_raw, q_rot, k_row, ctx, table_row, kc, h, rsb, rk32, rk16, kind,  # noqa: ANN001
+                k_meta, k_pairs, half, brain) -> np.ndarray:
+        """s [G, ctx + 1] float32: logits over the context, the new token's (``k_row``) last."""
+        n_group, d = q_raw.shape
+        num_blocks, block_size = kc.shape[0], kc.shape[1]
+        n_raw = rk32.shape[0] if kind == 0 else rk16.shape[0]
+        s = np.empty((n_group, ctx + 1), np.float32)
+        vals = np.empty(d, np.float32)
+        norms = np.empty(k_meta.shape[0], np.float32)
+        for jb in range((ctx + block_size - 1) // block_size):
+            t0 = jb * block_size
+            cnt = min(block_size, ctx - t0)
+            blk = table_row[jb]
+            if blk < 0 or blk >= num_blocks:
+                for g in range(n_group):
+                    for tt in range(cnt):
+                        s[g, t0 + tt] = -np.inf
+                continue
+            raw = rsb[blk]
+            if 0 <= raw < n_raw:
+                for tt in range(cnt):
+                    x = _raw_row(rk32, rk16, kind, raw, tt, h, half, brain, vals)
+                    for g in range(n_group):
+                        qq = q_raw[g]
+                        acc = np.float32(0.0)
+                        for c in range(d):
+                            acc += qq[c] * x[c]
+                        s[g, t0 + tt] = acc
+            else:
+                for tt in range(cnt):
+                    _unpack(kc[blk, tt, h], k_meta, k_pairs, half, vals, norms)
+                    for g in range(n_group):
+                        tot = np.float32(0.0)
+                        for gi in range(k_meta.shape[0]):
+                            # Slices, so the inner index runs from 0 (no wraparound: vectorised).
+                            dim, start = k_meta[gi, 0], k_meta[gi, 4]
+                            qq, vv = q_rot[g, start : start + dim], vals[start : start + dim]
+                            acc = np.float32(0.0)
+                            for c in range(dim):
+                                acc += qq[c] * vv[c]
+                            tot += acc * norms[gi]
+                        s[g, t0 + tt] = tot
+        for g in range(n_group):
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += q_raw[g, c] * k_row[c]
+            s[g, ctx] = acc
+        return s
+
+    @njit(fastmath=True, cache=True)
+    def _softmax(s: np.ndarray) -> np.ndarray:
+        """In place: s [G, L] -> exp(s - max) per row; returns the row sums [G]."""
+        total = np.zeros(s.shape[0], np.float32)
+        for g in range(s.shape[0]):
+            top = s[g].max()
+            for t in range(s.shape[1]):
+                p = np.exp(s[g, t] - top)
+                s[g, t] = p
+                total[g] += p
+        return total
+
+    @njit(fastmath=True, cache=True)
+    def _values(p, v_row, ctx, table_row, vc, h, rsb, rv32, rv16, kind,  # noqa: ANN001
+                v_meta, v_pairs, half, brain) -> tuple[np.ndarray, np.ndarray]:
+        """sum_t p[g, t] v_t as (acc_rot: compressed tokens, rotated, record order; acc_raw: raw
+        tokens and the new one ``v_row``, channel order), both [G, d] float32."""
+        n_group, d = p.shape[0], v_row.shape[0]
+        num_blocks, block_size = vc.shape[0], vc.shape[1]
+        n_raw = rv32.shape[0] if kind == 0 else rv16.shape[0]
+        acc_rot = np.zeros((n_group, d), np.float32)
+        acc_raw = np.zeros((n_group, d), np.float32)
+        vals = np.empty(d, np.float32)
+        norms = np.empty(v_meta.shape[0], np.float32)
+        for jb in range((ctx + block_size - 1) // block_size):
+            t0 = jb * block_size
+            cnt = min(block_size, ctx - t0)
+            blk = table_row[jb]
+            if blk < 0 or blk >= num_blocks:
+                continue
+            raw = rsb[blk]
+            if 0 <= raw < n_raw:
+                for tt in range(cnt):
+                    x = _raw_row(rv32, rv16, kind, raw, tt, h, half, brain, vals)
+                    for g in range(n_group):
+                        w = p[g, t0 + tt]
+                        acc = acc_raw[g]
+                        for c in range(d):
+                            acc[c] += w * x[c]
+            else:
+                for tt in range(cnt):
+                    _unpack(vc[blk, tt, h], v_meta, v_pairs, half, vals, norms)
+                    for g in range(n_group):
+                        for gi in range(v_meta.shape[0]):
+                            dim, start = v_meta[gi, 0], v_meta[gi, 4]
+                            w = p[g, t0 + tt] * norms[gi]
+                            acc, vv = acc_rot[g, start : start + dim], vals[start : start + dim]
+                            for c in range(dim):
+                                acc[c] += w * vv[c]
+        for g in range(n_group):
+            w = p[g, ctx]
+            for c in range(d):
+                acc_raw[g, c] += w * v_row[c]
+        return acc_rot, acc_raw
+
+    @njit(fastmath=True, cache=True)
+    def _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_chan, out):  # noqa: ANN001
+        """out [G, d] = (un-rotated acc_rot scattered through the value channels + acc_raw) / total."""
+        for g in range(acc_rot.shape[0]):
+            for gi in range(v_meta.shape[0]):
+                dim, start = v_meta[gi, 0], v_meta[gi, 4]
+                for c in range(dim):
+                    x = np.float32(0.0)
+                    for j in range(dim):
+                        x += acc_rot[g, start + j] * v_rot[gi, j, c]
+                    ch = v_chan[start + c]
+                    out[g, ch] = (x + acc_raw[g, ch]) / total[g]
+
+    @njit(parallel=True, cache=True)
+    def _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind,  # noqa: ANN001
+                     query, scale, k_new, v_new, k_meta, k_rot, k_pairs, k_chan, v_meta, v_rot, v_pairs,
+                     v_chan, half, brain, out):
+        """out[rows[i]] [h_q, d] float32 of the decode requests ``reqs`` (query rows ``rows``); one
+        task per (request, KV head)."""
+        n_heads = k_new.shape[1]
+        n_group = query.shape[1] // n_heads
+        for task in prange(reqs.size * n_heads):
+            i, h = task // n_heads, task % n_heads
+            r, row = reqs[i], rows[i]
+            ctx = seq[r] - 1
+            heads = slice(h * n_group, (h + 1) * n_group)
+            q_raw, q_rot = _queries(query[row, heads], scale, k_meta, k_rot, k_chan[h])
+            s = _scores(q_raw, q_rot, k_new[row, h], ctx, table[r], kc, h, rsb, rk32, rk16, kind,
+                        k_meta, k_pairs, half, brain)
+            total = _softmax(s)
+            acc_rot, acc_raw = _values(s, v_new[row, h], ctx, table[r], vc, h, rsb, rv32, rv16, kind,
+                                       v_meta, v_pairs, half, brain)
+            _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_chan[h], out[row, heads])
 
 
 # ---------------------------------------------------------------------------------------------- op
@@ -229,25 +327,31 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     if decodes.size == 0:
         return out
     rows = starts[decodes]
-    h_q, h_kv, d = query.shape[1], key.shape[1], key.shape[2]
-    q = np.asarray(query[rows]).astype(np.float64).reshape(rows.size, h_kv, h_q // h_kv, d) * scale
-    k_ch = None if cache.k_channels is None else np.asarray(cache.k_channels)
-    v_ch = (np.asarray(cache.v_channels).astype(np.int64) if cache.v_channels is not None
-            else np.broadcast_to(np.arange(d, dtype=np.int64), (h_kv, d)).copy())
-    k_meta, _, k_cent = _codec_tables(cache.k_config)
-    v_meta, v_rot, v_cent = _codec_tables(cache.v_config)
+    h_kv, d = key.shape[1], key.shape[2]
+    k_meta, k_rot, k_pairs = _codec_tables(cache.k_config)
+    v_meta, v_rot, v_pairs = _codec_tables(cache.v_config)
     rk32, rk16, kind = _raw_views(cache.raw_k)
     rv32, rv16, _ = _raw_views(cache.raw_v)
     rsb = (np.asarray(cache.raw_slot_of_block).astype(np.int64) if cache.has_raw
            else np.full(cache.num_blocks, -1, np.int64))
     half, brain = _widen()
-    result = np.empty((rows.size, h_kv, h_q // h_kv, d), np.float32)
+    direct = isinstance(out, np.ndarray) and out.dtype == np.float32
+    result = out if direct else np.zeros(out.shape, np.float32)
     _decode_step(decodes, rows, seq, table, np.asarray(cache.k_cache), np.asarray(cache.v_cache), rsb,
-                 rk32, rk16, rv32, rv16, kind, _rotate_queries(q, cache.k_config, k_ch),
-                 q.astype(np.float32), _float32(key), _float32(value), k_meta, k_cent, v_meta, v_rot,
-                 v_cent, v_ch, half, brain, result)
-    out[rows] = result.reshape(rows.size, h_q, d).astype(out.dtype)
+                 rk32, rk16, rv32, rv16, kind, _float32(query), np.float32(scale), _float32(key),
+                 _float32(value),
+                 k_meta, k_rot, k_pairs, _channels(cache.k_channels, h_kv, d),
+                 v_meta, v_rot, v_pairs, _channels(cache.v_channels, h_kv, d), half, brain, result)
+    if not direct:
+        out[rows] = result[rows].astype(out.dtype)
     return out
+
+
+def _channels(channels: Any, h_kv: int, d: int) -> np.ndarray:
+    """[H, d] int64: the model channel at each record position (identity without a split)."""
+    if channels is None:
+        return np.broadcast_to(np.arange(d, dtype=np.int64), (h_kv, d)).copy()
+    return np.asarray(channels).astype(np.int64)
 
 
 def _float32(x: Any) -> np.ndarray:
