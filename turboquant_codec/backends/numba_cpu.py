@@ -162,13 +162,18 @@ if not _IMPORT_ERROR:
         for g in range(n_group):
             for c in range(d):
                 q_raw[g, c] = q[g, c] * scale
+        permuted = np.empty(d, np.float32)
         for g in range(n_group):
+            for c in range(d):
+                permuted[c] = q_raw[g, k_chan[c]]
             for gi in range(k_meta.shape[0]):
                 dim, start = k_meta[gi, 0], k_meta[gi, 4]
+                x = permuted[start : start + dim]
                 for j in range(dim):
+                    row = k_rot[gi, j, :dim]
                     acc = np.float32(0.0)
                     for c in range(dim):
-                        acc += k_rot[gi, j, c] * q_raw[g, k_chan[start + c]]
+                        acc += row[c] * x[c]
                     q_rot[g, start + j] = acc
         return q_raw, q_rot
 
@@ -280,15 +285,21 @@ if not _IMPORT_ERROR:
     @njit(fastmath=True, cache=True)
     def _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_chan, out):  # noqa: ANN001
         """out [G, d] = (un-rotated acc_rot scattered through the value channels + acc_raw) / total."""
+        d = acc_rot.shape[1]
+        x = np.empty(d, np.float32)
         for g in range(acc_rot.shape[0]):
+            x[:] = 0.0
             for gi in range(v_meta.shape[0]):
                 dim, start = v_meta[gi, 0], v_meta[gi, 4]
-                for c in range(dim):
-                    x = np.float32(0.0)
-                    for j in range(dim):
-                        x += acc_rot[g, start + j] * v_rot[gi, j, c]
-                    ch = v_chan[start + c]
-                    out[g, ch] = (x + acc_raw[g, ch]) / total[g]
+                y = x[start : start + dim]
+                for j in range(dim):
+                    a, row = acc_rot[g, start + j], v_rot[gi, j, :dim]
+                    for c in range(dim):
+                        y[c] += a * row[c]
+            inv = np.float32(1.0) / total[g]
+            for c in range(d):
+                ch = v_chan[c]
+                out[g, ch] = (x[c] + acc_raw[g, ch]) * inv
 
     @njit(parallel=True, cache=True)
     def _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind,  # noqa: ANN001
