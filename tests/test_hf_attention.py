@@ -62,15 +62,19 @@ def _gen(model, ids, mask, cache, n=16, **kw):
 
 @pytest.fixture
 def paged_calls(monkeypatch):
-    """Counts the decode steps that ran the paged op."""
+    """Counts the decode steps that ran the paged op (through a layer's decoder on the host)."""
+    from turboquant_codec import PagedDecoder
+
     calls = [0]
-    real = hf_attention.paged_attention
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
+    def counting(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(hf_attention, "paged_attention", counting)
+    monkeypatch.setattr(hf_attention, "paged_attention", counting(hf_attention.paged_attention))
+    monkeypatch.setattr(PagedDecoder, "__call__", counting(PagedDecoder.__call__))
     return calls
 
 

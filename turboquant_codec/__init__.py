@@ -15,6 +15,7 @@ from .config import CodecConfig
 from .encoded import Encoded
 from .paged import paged_attention, paged_write
 from .paged_cache import PagedCache
+from .paged_decoder import PagedDecoder
 from .transforms import stream_seed
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "CodecConfig",
     "Encoded",
     "PagedCache",
+    "PagedDecoder",
     "attention",
     "backends",
     "decode",

@@ -28,6 +28,11 @@ call just made) returns a callable that repeats that call holding no array (its 
 then current stream), or None; the public API replays it for later calls with the same arrays
 (addresses, layouts) and scalars.
 
+A backend may also provide ``paged_decode(cache, query, key, value, block_table, seq_lens, scale,
+out)``: ``paged_attention`` where request r is query row r with one new token, which
+``paged_decoder.PagedDecoder`` calls when present (else ``paged_attention`` with
+``query_start_loc = arange(B + 1)``).
+
 The paged layout and its rules are owned by ``paged_cache.PagedCache``. Paged ops never
 synchronise with the host on a GPU when ``num_decodes`` is given and every request is a decode
 (the CUDA-graph case).

@@ -101,11 +101,14 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
     k, v = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
     a = layer.paged_args()
     # The codec's op directly (its torch.library wrapper only adds host time per call, and this
-    # cache is neither compiled nor graph-captured); on the host, on NumPy views.
+    # cache is neither compiled nor graph-captured); on the host, on NumPy views through the
+    # layer's decoder (cache and table checked once, not every layer call).
     out = torch.empty_like(q)
-    args = (q, k, v, out) if not a["host"] else (q.numpy(), k.numpy(), v.numpy(), out.numpy())
-    paged_attention(a["cache"], args[0], args[1], args[2], a["block_table"], a["seq_lens"],
-                    a["query_start_loc"], scale=scale, out=args[3], num_decodes=a["num_decodes"])
+    if a["host"]:
+        a["decoder"](q.numpy(), k.numpy(), v.numpy(), a["seq_lens"], scale=scale, out=out.numpy())
+    else:
+        paged_attention(a["cache"], q, k, v, a["block_table"], a["seq_lens"], a["query_start_loc"],
+                        scale=scale, out=out, num_decodes=a["num_decodes"])
     return out.unsqueeze(1)
 
 

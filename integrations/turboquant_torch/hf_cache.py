@@ -443,9 +443,12 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                 arr(vc.channels_on(self.device)) if vc.split else None,
                 arr(self.raw_k), arr(self.raw_v), arr(dev["rsb"]))
             dev["meta"] = tuple(arr(dev[k]) for k in ("table", "seq", "qsl"))
+            # On the host, the op bound to this cache and table: checked here, once per state of
+            # the cache (``seq`` is the same buffer, advanced in place by ``_append_fast``).
+            dev["decoder"] = tq.PagedDecoder(dev["cache"], dev["meta"][0]) if host else None
         table, seq, qsl = dev["meta"]
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
-                    num_decodes=self.batch_size, host=dev["host"])
+                    num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev

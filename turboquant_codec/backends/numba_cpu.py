@@ -86,16 +86,18 @@ def _widen() -> tuple[np.ndarray, np.ndarray]:
     return half, brain
 
 
+_PLACEHOLDER32, _PLACEHOLDER16 = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint16)
+
+
 def _raw_views(pool: Any) -> tuple[np.ndarray, np.ndarray, int]:
     """A raw pool as (float32 view, uint16 view, kind): kind 0 reads the first, 1 / 2 widen the
-    second as float16 / bfloat16; the unused one is a placeholder of the same rank."""
-    placeholder32, placeholder16 = np.zeros((1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1), np.uint16)
+    second as float16 / bfloat16; the unused one is a placeholder of the same rank (never read)."""
     if pool is None:
-        return placeholder32, placeholder16, 0
+        return _PLACEHOLDER32, _PLACEHOLDER16, 0
     name = str(pool.dtype)
     if name == "float32":
-        return pool, placeholder16, 0
-    return placeholder32, pool.view(np.uint16), 1 if name == "float16" else 2
+        return pool, _PLACEHOLDER16, 0
+    return _PLACEHOLDER32, pool.view(np.uint16), 1 if name == "float16" else 2
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -326,10 +328,14 @@ if not _IMPORT_ERROR:
 # ---------------------------------------------------------------------------------------------- op
 def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
                     query_start_loc: Any, scale: float, out: Any, num_decodes: int | None) -> Any:
-    """As ``numpy_ref.paged_attention``; decode requests run the compiled step above."""
-    starts = np.asarray(query_start_loc).astype(np.int64)
-    seq = np.asarray(seq_lens).astype(np.int64)
-    table = np.ascontiguousarray(block_table, dtype=np.int64)
+    """As ``numpy_ref.paged_attention``; decode requests run the compiled step above.
+
+    Index arrays go to the kernel as int32 (and the channel lists as int64), without a copy when
+    they already are: a decode step costs the kernel plus a few microseconds of host time.
+    """
+    starts = np.asarray(query_start_loc, dtype=np.int32)
+    seq = np.asarray(seq_lens, dtype=np.int32)
+    table = np.ascontiguousarray(block_table, dtype=np.int32)
     q_lens = np.diff(starts)
     decodes = np.flatnonzero(q_lens == 1)
     for r in np.flatnonzero(q_lens > 1):
@@ -337,34 +343,60 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
                                  slice(int(starts[r]), int(starts[r + 1])), scale, out, np.float32)
     if decodes.size == 0:
         return out
-    rows = starts[decodes]
+    return _decode(cache, query, key, value, table, seq, decodes, starts[decodes], scale, out)
+
+
+def paged_decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
+                 scale: float, out: Any) -> Any:
+    """``paged_attention`` where every request is one new token, query row r = request r (what
+    ``paged_decoder.PagedDecoder`` calls)."""
+    seq = np.asarray(seq_lens, dtype=np.int32)
+    rows = _arange(seq.size)
+    return _decode(cache, query, key, value, np.ascontiguousarray(block_table, dtype=np.int32), seq, rows,
+                   rows, scale, out)
+
+
+def _decode(cache: PagedCache, query: Any, key: Any, value: Any, table: np.ndarray, seq: np.ndarray,
+            reqs: np.ndarray, rows: np.ndarray, scale: float, out: Any) -> Any:
+    """The compiled step for requests ``reqs`` (query rows ``rows``), written to ``out[rows]``."""
     h_kv, d = key.shape[1], key.shape[2]
     k_meta, k_rot, k_pairs = _codec_tables(cache.k_config)
     v_meta, v_rot, v_pairs = _codec_tables(cache.v_config)
     rk32, rk16, kind = _raw_views(cache.raw_k)
     rv32, rv16, _ = _raw_views(cache.raw_v)
-    rsb = (np.asarray(cache.raw_slot_of_block).astype(np.int64) if cache.has_raw
-           else np.full(cache.num_blocks, -1, np.int64))
+    rsb = (np.asarray(cache.raw_slot_of_block, dtype=np.int32) if cache.has_raw
+           else _no_raw(cache.num_blocks))
     half, brain = _widen()
     direct = isinstance(out, np.ndarray) and out.dtype == np.float32
     result = out if direct else np.zeros(out.shape, np.float32)
-    _decode_step(decodes, rows, seq, table, np.asarray(cache.k_cache), np.asarray(cache.v_cache), rsb,
+    _decode_step(reqs, rows, seq, table, np.asarray(cache.k_cache), np.asarray(cache.v_cache), rsb,
                  rk32, rk16, rv32, rv16, kind, _float32(query), np.float32(scale), _float32(key),
-                 _float32(value),
-                 k_meta, k_rot, k_pairs, _channels(cache.k_channels, h_kv, d),
+                 _float32(value), k_meta, k_rot, k_pairs, _channels(cache.k_channels, h_kv, d),
                  v_meta, v_rot, v_pairs, _channels(cache.v_channels, h_kv, d), half, brain, result)
     if not direct:
         out[rows] = result[rows].astype(out.dtype)
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _no_raw(num_blocks: int) -> np.ndarray:
+    return np.full(num_blocks, -1, np.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(h_kv: int, d: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(d, dtype=np.int64), (h_kv, d)).copy()
+
+
 def _channels(channels: Any, h_kv: int, d: int) -> np.ndarray:
     """[H, d] int64: the model channel at each record position (identity without a split)."""
-    if channels is None:
-        return np.broadcast_to(np.arange(d, dtype=np.int64), (h_kv, d)).copy()
-    return np.asarray(channels).astype(np.int64)
+    return _identity(h_kv, d) if channels is None else np.asarray(channels, dtype=np.int64)
 
 
 def _float32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-

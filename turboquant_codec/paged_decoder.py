@@ -1,0 +1,113 @@
+"""``PagedDecoder``: the ``paged_attention`` op bound to one cache and one block table, for decode steps.
+
+A model layer calls the paged op once per decode step with the same cache and table. The public
+op checks a host cache's values on every call (the raw slot map, the channel permutations, every
+block the step reads); the decoder checks the cache and the table once, when built, and on each
+call only the step's own arrays. Layout and rules: ``paged_cache``. Per call::
+
+    query            [B, h_q, d]    float16/bfloat16/float32   query row r = request r (one new token)
+    key, value       [B, H, d]                                 the new tokens
+    seq_lens         [B] int                                   context lengths, the new token included
+    out              [B, h_q, d]    float, optional            written in place
+
+The arrays are read in place on every call, so records and raw rows written since are seen, and
+``seq_lens`` may be the same buffer updated in place. Build a new decoder when a checked value
+changes (the raw slot map, the channel permutations, the table) or any shape does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _interop, paged
+from .paged_cache import PagedCache
+
+_FLOATS = ("float16", "bfloat16", "float32")
+
+
+class PagedDecoder:
+    """``paged_attention`` for decode steps over one cache and one block table, checked once.
+
+    Parameters
+    ----------
+    cache : PagedCache
+        Checked here (values too, on the host); channel permutations set.
+    block_table : array, [B, max_blocks], int
+        Checked here: on the host each row's leading in-range blocks bound its ``seq_lens``.
+    backend : str
+        As ``paged_attention``'s; resolved per query dtype at the first call with it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``paged_attention`` would for the cache or the table.
+    """
+
+    def __init__(self, cache: PagedCache, block_table: Any, *, backend: str = "auto") -> None:
+        paged._check_type(cache)
+        paged._check_cache(cache)
+        for cfg, channels, name in ((cache.k_config, cache.k_channels, "k_channels"),
+                                    (cache.v_config, cache.v_channels, "v_channels")):
+            if cfg.split and channels is None:
+                raise ValueError(f"{name} is None: a paged_write (which picks the channels) must come first")
+        self.num_requests, max_blocks = paged._ints(block_table, "block_table", 2)
+        table = paged._host_ints(block_table)
+        self._reach: np.ndarray | None = None
+        if table is not None:
+            # Tokens each row can hold: its blocks up to the first one outside the cache.
+            inside = (table >= 0) & (table < cache.num_blocks)
+            leading = np.where(inside.all(axis=1), max_blocks, np.argmin(inside, axis=1))
+            self._reach = leading * cache.block_size
+        self.cache, self.block_table, self.backend = cache, block_table, backend
+        self._native: dict[str, tuple[Any, PagedCache, Any, Any]] = {}
+
+    def _for(self, dtype: str) -> tuple[Any, PagedCache, Any, Any]:
+        hit = self._native.get(dtype)
+        if hit is None:
+            module, native = paged._prepared(None, "paged_attention", self.cache, self.backend, dtype)
+            qsl = module.asarray(np.arange(self.num_requests + 1, dtype=np.int32)) if not hasattr(
+                module, "paged_decode") else None
+            hit = self._native[dtype] = (module, native, module.asarray(self.block_table), qsl)
+        return hit
+
+    def __call__(self, query: Any, key: Any, value: Any, seq_lens: Any, *, scale: float,
+                 out: Any = None) -> Any:
+        """One decode step: attention of each request's new token over its context and itself.
+
+        Returns
+        -------
+        array, [B, h_q, d]
+            ``out`` (zeros like ``query`` when omitted, then filled).
+        """
+        b = self.num_requests
+        t, h, d = paged._check_new(self.cache, key, value)
+        q_shape = tuple(int(s) for s in getattr(query, "shape", ()))
+        dtype = _interop.dtype_name(query) if hasattr(query, "dtype") else type(query).__name__
+        if (t != b or len(q_shape) != 3 or q_shape[0] != b or q_shape[2] != d or q_shape[1] % h
+                or dtype not in _FLOATS):
+            raise ValueError(f"query must be float [{b}, a multiple of {h} heads, {d}] and key/value "
+                             f"[{b}, {h}, {d}] (one new token per request), got query {dtype} {q_shape}, "
+                             f"key {(t, h, d)}")
+        if paged._ints(seq_lens, "seq_lens", 1) != (b,):
+            raise ValueError(f"seq_lens must have {b} entries (the table's rows), got "
+                             f"{tuple(seq_lens.shape)}")
+        seq = paged._host_ints(seq_lens)
+        if seq is not None and self._reach is not None and (np.any(seq < 1) or np.any(seq > self._reach)):
+            raise ValueError(f"seq_lens {seq.tolist()} must lie in 1..the tokens each table row maps "
+                             f"({self._reach.tolist()})")
+        if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        if out is None:
+            out = paged._zeros_like(query)
+        elif tuple(out.shape) != q_shape or _interop.dtype_name(out) not in _FLOATS:
+            raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
+                             f"{tuple(out.shape)}")
+        module, native, table, qsl = self._for(dtype)
+        args = [module.asarray(a) for a in (query, key, value, seq_lens, out)]
+        if qsl is None:
+            result = module.paged_decode(native, *args[:3], table, args[3], float(scale), args[4])
+        else:
+            result = module.paged_attention(native, *args[:3], table, args[3], qsl, float(scale), args[4], b)
+        return out if result is args[4] else _interop.like(result, out)
