@@ -3,7 +3,8 @@
 A model layer calls the paged op once per decode step with the same cache and table. The public
 op checks a host cache's values on every call (the raw slot map, the channel permutations, every
 block the step reads); the decoder checks the cache and the table once, when built, and on each
-call only the step's own arrays. Layout and rules: ``paged_cache``. Per call::
+call only the step's own arrays: their shapes and dtypes when they differ from the last call's,
+the context lengths' values (host) always. Layout and rules: ``paged_cache``. Per call::
 
     query            [B, h_q, d]    float16/bfloat16/float32   query row r = request r (one new token)
     key, value       [B, H, d]                                 the new tokens
@@ -61,15 +62,24 @@ class PagedDecoder:
             leading = np.where(inside.all(axis=1), max_blocks, np.argmin(inside, axis=1))
             self._reach = leading * cache.block_size
         self.cache, self.block_table, self.backend = cache, block_table, backend
-        self._native: dict[str, tuple[Any, PagedCache, Any, Any]] = {}
+        # The rows' smallest reach: one comparison per call when every row is within it.
+        self._least_reach = (None if self._reach is None
+                             else int(self._reach.min(initial=max_blocks * cache.block_size)))
+        self._native: dict[str, tuple[Any, Any, Any]] = {}
+        self._checked: tuple[Any, ...] | None = None  # the last call's argument layout that passed
 
-    def _for(self, dtype: str) -> tuple[Any, PagedCache, Any, Any]:
+    def _for(self, dtype: str) -> tuple[Any, Any, Any]:
+        """(backend module, its bound step or None, the arguments of its ``paged_attention``)."""
         hit = self._native.get(dtype)
         if hit is None:
             module, native = paged._prepared(None, "paged_attention", self.cache, self.backend, dtype)
-            qsl = module.asarray(np.arange(self.num_requests + 1, dtype=np.int32)) if not hasattr(
-                module, "paged_decode") else None
-            hit = self._native[dtype] = (module, native, module.asarray(self.block_table), qsl)
+            table = module.asarray(self.block_table)
+            if hasattr(module, "paged_decoder"):
+                hit = (module, module.paged_decoder(native, table), None)
+            else:
+                qsl = module.asarray(np.arange(self.num_requests + 1, dtype=np.int32))
+                hit = (module, None, (native, table, qsl))
+            self._native[dtype] = hit
         return hit
 
     def __call__(self, query: Any, key: Any, value: Any, seq_lens: Any, *, scale: float,
@@ -81,6 +91,32 @@ class PagedDecoder:
         array, [B, h_q, d]
             ``out`` (zeros like ``query`` when omitted, then filled).
         """
+        if out is None:
+            out = paged._zeros_like(query)
+        layout = tuple((type(a), getattr(a, "shape", None), getattr(a, "dtype", None))
+                       for a in (query, key, value, seq_lens, out))
+        if layout != self._checked:
+            self._check(query, key, value, seq_lens, out)
+            self._checked = layout
+        reach, least = self._reach, self._least_reach
+        seq = paged._host_ints(seq_lens) if reach is not None and least is not None else None
+        if (seq is not None and reach is not None and (seq.min() < 1 or seq.max() > least)
+                and (np.any(seq < 1) or np.any(seq > reach))):
+            raise ValueError(f"seq_lens {seq.tolist()} must lie in 1..the tokens each table row maps "
+                             f"({reach.tolist()})")
+        if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        module, step, args = self._for(_interop.dtype_name(query))
+        if step is not None:
+            return step(query, key, value, seq_lens, float(scale), out)
+        native, table, qsl = args
+        conv = [module.asarray(a) for a in (query, key, value, seq_lens, out)]
+        result = module.paged_attention(native, *conv[:3], table, conv[3], qsl, float(scale), conv[4],
+                                        self.num_requests)
+        return out if result is conv[4] else _interop.like(result, out)
+
+    def _check(self, query: Any, key: Any, value: Any, seq_lens: Any, out: Any) -> None:
+        """Shapes and dtypes of a step's arrays (kept for the next calls with the same layout)."""
         b = self.num_requests
         t, h, d = paged._check_new(self.cache, key, value)
         q_shape = tuple(int(s) for s in getattr(query, "shape", ()))
@@ -93,21 +129,6 @@ class PagedDecoder:
         if paged._ints(seq_lens, "seq_lens", 1) != (b,):
             raise ValueError(f"seq_lens must have {b} entries (the table's rows), got "
                              f"{tuple(seq_lens.shape)}")
-        seq = paged._host_ints(seq_lens)
-        if seq is not None and self._reach is not None and (np.any(seq < 1) or np.any(seq > self._reach)):
-            raise ValueError(f"seq_lens {seq.tolist()} must lie in 1..the tokens each table row maps "
-                             f"({self._reach.tolist()})")
-        if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-        if out is None:
-            out = paged._zeros_like(query)
-        elif tuple(out.shape) != q_shape or _interop.dtype_name(out) not in _FLOATS:
+        if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in _FLOATS:
             raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
                              f"{tuple(out.shape)}")
-        module, native, table, qsl = self._for(dtype)
-        args = [module.asarray(a) for a in (query, key, value, seq_lens, out)]
-        if qsl is None:
-            result = module.paged_decode(native, *args[:3], table, args[3], float(scale), args[4])
-        else:
-            result = module.paged_attention(native, *args[:3], table, args[3], qsl, float(scale), args[4], b)
-        return out if result is args[4] else _interop.like(result, out)

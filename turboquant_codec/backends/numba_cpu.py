@@ -343,23 +343,27 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
                                  slice(int(starts[r]), int(starts[r + 1])), scale, out, np.float32)
     if decodes.size == 0:
         return out
-    return _decode(cache, query, key, value, table, seq, decodes, starts[decodes], scale, out)
+    return _bind(cache, table)(query, key, value, seq, decodes, starts[decodes], scale, out)
 
 
-def paged_decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
-                 scale: float, out: Any) -> Any:
-    """``paged_attention`` where every request is one new token, query row r = request r (what
-    ``paged_decoder.PagedDecoder`` calls)."""
-    seq = np.asarray(seq_lens, dtype=np.int32)
-    rows = _arange(seq.size)
-    return _decode(cache, query, key, value, np.ascontiguousarray(block_table, dtype=np.int32), seq, rows,
-                   rows, scale, out)
+def paged_decoder(cache: PagedCache, block_table: Any) -> Any:
+    """``paged_attention`` bound to ``cache`` and ``block_table`` for steps where request r is query
+    row r with one new token: ``step(query, key, value, seq_lens, scale, out) -> out`` (what
+    ``paged_decoder.PagedDecoder`` calls). Everything derived from the cache is prepared here."""
+    step = _bind(cache, np.ascontiguousarray(block_table, dtype=np.int32))
+
+    def decode(query: Any, key: Any, value: Any, seq_lens: Any, scale: float, out: Any) -> Any:
+        seq = np.asarray(seq_lens, dtype=np.int32)
+        rows = _arange(seq.size)
+        return step(query, key, value, seq, rows, rows, scale, out)
+
+    return decode
 
 
-def _decode(cache: PagedCache, query: Any, key: Any, value: Any, table: np.ndarray, seq: np.ndarray,
-            reqs: np.ndarray, rows: np.ndarray, scale: float, out: Any) -> Any:
-    """The compiled step for requests ``reqs`` (query rows ``rows``), written to ``out[rows]``."""
-    h_kv, d = key.shape[1], key.shape[2]
+def _bind(cache: PagedCache, table: np.ndarray) -> Any:
+    """The compiled step over ``cache``: ``step(query, key, value, seq, reqs, rows, scale, out)``
+    for requests ``reqs`` (query rows ``rows``), written to ``out[rows]``."""
+    h_kv, d = cache.num_kv_heads, cache.head_dim
     k_meta, k_rot, k_pairs = _codec_tables(cache.k_config)
     v_meta, v_rot, v_pairs = _codec_tables(cache.v_config)
     rk32, rk16, kind = _raw_views(cache.raw_k)
@@ -367,15 +371,21 @@ def _decode(cache: PagedCache, query: Any, key: Any, value: Any, table: np.ndarr
     rsb = (np.asarray(cache.raw_slot_of_block, dtype=np.int32) if cache.has_raw
            else _no_raw(cache.num_blocks))
     half, brain = _widen()
-    direct = isinstance(out, np.ndarray) and out.dtype == np.float32
-    result = out if direct else np.zeros(out.shape, np.float32)
-    _decode_step(reqs, rows, seq, table, np.asarray(cache.k_cache), np.asarray(cache.v_cache), rsb,
-                 rk32, rk16, rv32, rv16, kind, _float32(query), np.float32(scale), _float32(key),
-                 _float32(value), k_meta, k_rot, k_pairs, _channels(cache.k_channels, h_kv, d),
-                 v_meta, v_rot, v_pairs, _channels(cache.v_channels, h_kv, d), half, brain, result)
-    if not direct:
-        out[rows] = result[rows].astype(out.dtype)
-    return out
+    kc, vc = np.asarray(cache.k_cache), np.asarray(cache.v_cache)
+    k_chan, v_chan = _channels(cache.k_channels, h_kv, d), _channels(cache.v_channels, h_kv, d)
+
+    def step(query: Any, key: Any, value: Any, seq: np.ndarray, reqs: np.ndarray, rows: np.ndarray,
+             scale: float, out: Any) -> Any:
+        direct = type(out) is np.ndarray and out.dtype == np.float32
+        result = out if direct else np.zeros(out.shape, np.float32)
+        _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind, _float32(query),
+                     np.float32(scale), _float32(key), _float32(value), k_meta, k_rot, k_pairs, k_chan,
+                     v_meta, v_rot, v_pairs, v_chan, half, brain, result)
+        if not direct:
+            out[rows] = result[rows].astype(out.dtype)
+        return out
+
+    return step
 
 
 @functools.lru_cache(maxsize=64)
