@@ -97,19 +97,22 @@ def _dense(module: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor, m
 
 def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     """One token per row over the paged records: (B, 1, H_q, d)."""
+    a = layer.paged_args()
+    if a["host"]:
+        # NumPy views through the layer's decoder (cache and table checked once, not every layer
+        # call); the kernel reads the strided views as they are.
+        q, k, v = (t.detach().numpy()[:, :, 0] for t in (query, key, value))
+        out = np.empty(q.shape, q.dtype)
+        a["decoder"](q, k, v, a["seq_lens"], scale=scale, out=out)
+        return torch.from_numpy(out).unsqueeze(1)
+    # The codec's op directly (its torch.library wrapper only adds host time per call, and this
+    # cache is neither compiled nor graph-captured).
     q = query[:, :, 0].contiguous()
     k, v = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
-    a = layer.paged_args()
-    # The codec's op directly (its torch.library wrapper only adds host time per call, and this
-    # cache is neither compiled nor graph-captured); on the host, on NumPy views through the
-    # layer's decoder (cache and table checked once, not every layer call).
-    out = torch.empty_like(q)
-    if a["host"]:
-        a["decoder"](q.numpy(), k.numpy(), v.numpy(), a["seq_lens"], scale=scale, out=out.numpy())
-    else:
-        paged_attention(a["cache"], q, k, v, a["block_table"], a["seq_lens"], a["query_start_loc"],
-                        scale=scale, out=out, num_decodes=a["num_decodes"])
-    return out.unsqueeze(1)
+    out_t = torch.empty_like(q)
+    paged_attention(a["cache"], q, k, v, a["block_table"], a["seq_lens"], a["query_start_loc"],
+                    scale=scale, out=out_t, num_decodes=a["num_decodes"])
+    return out_t.unsqueeze(1)
 
 
 def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,

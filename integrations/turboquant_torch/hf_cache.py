@@ -515,15 +515,38 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """One real token per row, inside each row's current raw block, no flush."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
         h, d = self.num_kv_heads, self.head_dim
-        self.raw_k.view(-1, h, d).index_copy_(0, self._next_slot, key[:, :, 0])
-        self.raw_v.view(-1, h, d).index_copy_(0, self._next_slot, value[:, :, 0])
+        if self.device.type == "cpu" and self.dtype != torch.bfloat16:
+            # On the host, through NumPy views of the same memory: each torch call here costs
+            # several times the NumPy one, and this runs once per layer and token.
+            raw_k, raw_v = self._host_pools()
+            slot = self._next_slot.numpy()
+            raw_k[slot] = key.detach().numpy()[:, :, 0]
+            raw_v[slot] = value.detach().numpy()[:, :, 0]
+            slot += 1
+            if "seq" in self._dev:
+                seq = self._dev["seq"].numpy()
+                seq += 1
+        else:
+            self.raw_k.view(-1, h, d).index_copy_(0, self._next_slot, key[:, :, 0])
+            self.raw_v.view(-1, h, d).index_copy_(0, self._next_slot, value[:, :, 0])
+            self._next_slot += 1
+            if "seq" in self._dev:
+                self._dev["seq"] += 1
         self.n += 1
-        self._next_slot += 1
-        if "seq" in self._dev:
-            self._dev["seq"] += 1
         if (self.n % self.block_size == 0).any():
             self._next_slot = None
             self._ensure_cap(int(-(-(self.n.max() + 1) // self.block_size)))
+
+    def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
+        """NumPy views [slots, H, d] of the raw pools (host, float16/float32), kept while the pools
+        are the same tensors."""
+        assert self.raw_k is not None and self.raw_v is not None
+        kept = self._dev.get("pools")
+        if kept is None or kept[0] is not self.raw_k or kept[1] is not self.raw_v:
+            h, d = self.num_kv_heads, self.head_dim
+            kept = self._dev["pools"] = (self.raw_k, self.raw_v, self.raw_k.view(-1, h, d).numpy(),
+                                         self.raw_v.view(-1, h, d).numpy())
+        return kept[2], kept[3]
 
     def _commit(self, key: Tensor, value: Tensor, real: np.ndarray | None, counts: np.ndarray) -> None:
         b, h, q, d = key.shape
