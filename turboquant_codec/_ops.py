@@ -28,9 +28,10 @@ call just made) returns a callable that repeats that call holding no array (its 
 then current stream), or None; the public API replays it for later calls with the same arrays
 (addresses, layouts) and scalars.
 
-A backend may also provide ``paged_decode(cache, query, key, value, block_table, seq_lens, scale,
-out)``: ``paged_attention`` where request r is query row r with one new token, which
-``paged_decoder.PagedDecoder`` calls when present (else ``paged_attention`` with
+Optional, for host backends: ``paged_decoder(cache, block_table)`` returns ``step(query, key, value,
+seq_lens, scale, out) -> out``, ``paged_attention`` bound to that cache and table for steps where
+request r is query row r with one new token (everything derived from the cache prepared once);
+``paged_decoder.PagedDecoder`` calls it when present (else ``paged_attention`` with
 ``query_start_loc = arange(B + 1)``).
 
 The paged layout and its rules are owned by ``paged_cache.PagedCache``. Paged ops never
@@ -68,7 +69,8 @@ class Backend(Protocol):
     Dispatch hands callers the chosen module typed as this (``_dispatch.backend``), so every call
     into a backend is checked against it; ``tests/test_ops_contract.py`` checks each registered
     module's functions against it. Optional extras, looked up with ``hasattr``: ``attention_replay``,
-    ``paged_attention_replay`` (a callable repeating a call just made; see ``_replay``).
+    ``paged_attention_replay`` (a callable repeating a call just made; see ``_replay``),
+    ``paged_decoder`` (see above).
     """
 
     __name__: str  # the module's

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _interop, paged
+from . import _interop, _validate, paged
 from .paged_cache import PagedCache
 
 _FLOATS = ("float16", "bfloat16", "float32")
@@ -53,7 +53,7 @@ class PagedDecoder:
                                     (cache.v_config, cache.v_channels, "v_channels")):
             if cfg.split and channels is None:
                 raise ValueError(f"{name} is None: a paged_write (which picks the channels) must come first")
-        self.num_requests, max_blocks = paged._ints(block_table, "block_table", 2)
+        self.num_requests, max_blocks = _validate.int_array(block_table, "block_table", 2)
         table = paged._host_ints(block_table)
         self._reach: np.ndarray | None = None
         if table is not None:
@@ -104,8 +104,7 @@ class PagedDecoder:
                 and (np.any(seq < 1) or np.any(seq > reach))):
             raise ValueError(f"seq_lens {seq.tolist()} must lie in 1..the tokens each table row maps "
                              f"({reach.tolist()})")
-        if not (isinstance(scale, int | float | np.floating) and np.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        _validate.positive_finite(scale, "scale")
         module, step, args = self._for(_interop.dtype_name(query))
         if step is not None:
             return step(query, key, value, seq_lens, float(scale), out)
@@ -126,7 +125,7 @@ class PagedDecoder:
             raise ValueError(f"query must be float [{b}, a multiple of {h} heads, {d}] and key/value "
                              f"[{b}, {h}, {d}] (one new token per request), got query {dtype} {q_shape}, "
                              f"key {(t, h, d)}")
-        if paged._ints(seq_lens, "seq_lens", 1) != (b,):
+        if _validate.int_array(seq_lens, "seq_lens", 1) != (b,):
             raise ValueError(f"seq_lens must have {b} entries (the table's rows), got "
                              f"{tuple(seq_lens.shape)}")
         if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in _FLOATS:

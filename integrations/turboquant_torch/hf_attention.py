@@ -107,10 +107,10 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
         return torch.from_numpy(out).unsqueeze(1)
     # The codec's op directly (its torch.library wrapper only adds host time per call, and this
     # cache is neither compiled nor graph-captured).
-    q = query[:, :, 0].contiguous()
-    k, v = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
-    out_t = torch.empty_like(q)
-    paged_attention(a["cache"], q, k, v, a["block_table"], a["seq_lens"], a["query_start_loc"],
+    q_t = query[:, :, 0].contiguous()
+    k_t, v_t = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
+    out_t = torch.empty_like(q_t)
+    paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
                     scale=scale, out=out_t, num_decodes=a["num_decodes"])
     return out_t.unsqueeze(1)
 

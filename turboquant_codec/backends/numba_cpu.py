@@ -17,7 +17,7 @@ heads)::
 
 Records follow ``config``'s byte layout. Codes are unpacked eight at a time (eight ``b``-bit codes
 fill ``b`` whole bytes) as four two-code fields, each looked up in a pair table of centroids;
-float16 norms and 16-bit raw pools are widened through a 65536-entry table (exact). The phases
+bfloat16 norms and 16-bit raw pools are widened through 65536-entry tables (exact). The phases
 (queries, scores, softmax, values, finish) are separate compiled functions, so each can be timed
 alone. Float32 throughout; results match the float64 reference to float32
 rounding.
@@ -122,7 +122,7 @@ if not _IMPORT_ERROR:
                 vals[base + np.uint64(2 * p + 1)] = pairs[gi, x, 1]
 
     @njit(inline="always", cache=True)
-    def _unpack(rec: Any, meta: np.ndarray, pairs: np.ndarray, half: np.ndarray, vals: np.ndarray,
+    def _unpack(rec: Any, meta: np.ndarray, pairs: np.ndarray, brain: np.ndarray, vals: np.ndarray,
                 norms: np.ndarray) -> None:
         """One record's centroids ``vals`` [d] in record order and its group norms ``norms`` [groups].
 
@@ -130,7 +130,7 @@ if not _IMPORT_ERROR:
         for gi in range(meta.shape[0]):
             dim, bits, start = meta[gi, 0], meta[gi, 1], meta[gi, 4]
             code_at, norm_at = meta[gi, 2], meta[gi, 3]
-            norms[gi] = half[np.int64(rec[norm_at]) | (np.int64(rec[norm_at + 1]) << 8)]
+            norms[gi] = brain[np.int64(rec[norm_at]) | (np.int64(rec[norm_at + 1]) << 8)]
             n8 = dim >> 3
             if bits == 4:
                 _pairs(rec, code_at, n8, 4, pairs, gi, vals, start)
@@ -210,7 +210,7 @@ if not _IMPORT_ERROR:
                         s[g, t0 + tt] = acc
             else:
                 for tt in range(cnt):
-                    _unpack(kc[blk, tt, h], k_meta, k_pairs, half, vals, norms)
+                    _unpack(kc[blk, tt, h], k_meta, k_pairs, brain, vals, norms)
                     for g in range(n_group):
                         tot = np.float32(0.0)
                         for gi in range(k_meta.shape[0]):
@@ -270,7 +270,7 @@ if not _IMPORT_ERROR:
                             acc[c] += w * x[c]
             else:
                 for tt in range(cnt):
-                    _unpack(vc[blk, tt, h], v_meta, v_pairs, half, vals, norms)
+                    _unpack(vc[blk, tt, h], v_meta, v_pairs, brain, vals, norms)
                     for g in range(n_group):
                         for gi in range(v_meta.shape[0]):
                             dim, start = v_meta[gi, 0], v_meta[gi, 4]
