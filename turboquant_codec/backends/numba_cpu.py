@@ -153,6 +153,21 @@ if not _IMPORT_ERROR:
             vals[c] = table[src[c]]
         return vals
 
+    @njit(inline="always", cache=True)
+    def _block(table_row: np.ndarray, jb: int, ctx: int, records: np.ndarray, rsb: np.ndarray,
+               pool32: np.ndarray, pool16: np.ndarray, kind: int) -> tuple[Any, Any, Any, Any]:
+        """Logical block ``jb`` of a context of ``ctx`` tokens: (first token, tokens, physical block
+        or -1 when the table's entry lies outside the cache, raw-pool row or -1: read the codes)."""
+        block_size = records.shape[1]
+        t0 = jb * block_size
+        cnt = min(block_size, ctx - t0)
+        blk = np.int64(table_row[jb])
+        if blk < 0 or blk >= records.shape[0]:
+            return t0, cnt, np.int64(-1), np.int64(-1)
+        raw = np.int64(rsb[blk])
+        n_raw = pool32.shape[0] if kind == 0 else pool16.shape[0]
+        return t0, cnt, blk, raw if 0 <= raw < n_raw else np.int64(-1)
+
     @njit(fastmath=True, cache=True)
     def _queries(q: np.ndarray, scale: float, k_meta: np.ndarray, k_rot: np.ndarray, k_chan: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,22 +199,17 @@ if not _IMPORT_ERROR:
                 k_meta, k_pairs, half, brain) -> np.ndarray:
         """s [G, ctx + 1] float32: logits over the context, the new token's (``k_row``) last."""
         n_group, d = q_raw.shape
-        num_blocks, block_size = kc.shape[0], kc.shape[1]
-        n_raw = rk32.shape[0] if kind == 0 else rk16.shape[0]
         s = np.empty((n_group, ctx + 1), np.float32)
         vals = np.empty(d, np.float32)
         norms = np.empty(k_meta.shape[0], np.float32)
-        for jb in range((ctx + block_size - 1) // block_size):
-            t0 = jb * block_size
-            cnt = min(block_size, ctx - t0)
-            blk = table_row[jb]
-            if blk < 0 or blk >= num_blocks:
+        for jb in range((ctx + kc.shape[1] - 1) // kc.shape[1]):
+            t0, cnt, blk, raw = _block(table_row, jb, ctx, kc, rsb, rk32, rk16, kind)
+            if blk < 0:
                 for g in range(n_group):
                     for tt in range(cnt):
                         s[g, t0 + tt] = -np.inf
                 continue
-            raw = rsb[blk]
-            if 0 <= raw < n_raw:
+            if raw >= 0:
                 for tt in range(cnt):
                     x = _raw_row(rk32, rk16, kind, raw, tt, h, half, brain, vals)
                     for g in range(n_group):
@@ -247,20 +257,15 @@ if not _IMPORT_ERROR:
         """sum_t p[g, t] v_t as (acc_rot: compressed tokens, rotated, record order; acc_raw: raw
         tokens and the new one ``v_row``, channel order), both [G, d] float32."""
         n_group, d = p.shape[0], v_row.shape[0]
-        num_blocks, block_size = vc.shape[0], vc.shape[1]
-        n_raw = rv32.shape[0] if kind == 0 else rv16.shape[0]
         acc_rot = np.zeros((n_group, d), np.float32)
         acc_raw = np.zeros((n_group, d), np.float32)
         vals = np.empty(d, np.float32)
         norms = np.empty(v_meta.shape[0], np.float32)
-        for jb in range((ctx + block_size - 1) // block_size):
-            t0 = jb * block_size
-            cnt = min(block_size, ctx - t0)
-            blk = table_row[jb]
-            if blk < 0 or blk >= num_blocks:
+        for jb in range((ctx + vc.shape[1] - 1) // vc.shape[1]):
+            t0, cnt, blk, raw = _block(table_row, jb, ctx, vc, rsb, rv32, rv16, kind)
+            if blk < 0:
                 continue
-            raw = rsb[blk]
-            if 0 <= raw < n_raw:
+            if raw >= 0:
                 for tt in range(cnt):
                     x = _raw_row(rv32, rv16, kind, raw, tt, h, half, brain, vals)
                     for g in range(n_group):
