@@ -391,9 +391,13 @@ def test_decode_step_graph_capture_equals_eager(side: bool, monkeypatch: pytest.
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
     import turboquant_codec as tq
+    from turboquant_codec import _replay
+    from turboquant_codec import paged as public_paged
 
     if side:  # raw partials on the forked stream: the capture follows the fork and the join
         monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
+    # No replay of the other case's launches (the allocator may hand this case the same addresses).
+    monkeypatch.setattr(public_paged, "_REPLAYS", _replay.Memo())
     rng = np.random.default_rng()
     dev = torch.device("cuda")
     layers, b, h, group, d, bs = 32, 4, 2, 4, 128, 16

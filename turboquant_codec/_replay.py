@@ -13,14 +13,15 @@ layout is read and written as that array, as in a CUDA graph replay.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _interop
+from . import tuning as _tuning
 
 
 class Memo:
-    """Least-recently-inserted bounded dict (``size`` entries)."""
+    """Least-recently-inserted bounded dict (``size`` entries); ``replay`` / ``keep`` hold replays."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
@@ -42,6 +43,20 @@ class Memo:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def replay(self, key: Any) -> bool:
+        """Run the replay kept under ``key``, if one was kept under the tuning now in force (the
+        launches were planned for it; an identity test, as cheap as the lookup). Whether it ran."""
+        entry = self.get(key)
+        if entry is None or entry[0] is not _tuning.current():
+            return False
+        entry[1]()
+        return True
+
+    def keep(self, key: Any, replay: Callable[[], None] | None) -> None:
+        """Keep ``replay`` (a backend's, or None: nothing kept) under ``key`` and the tuning in force."""
+        if key is not None and replay is not None:
+            self.put(key, (_tuning.current(), replay))
 
 
 def arrays_key(arrays: Iterable[Any]) -> tuple[Any, ...] | None:

@@ -217,9 +217,7 @@ def attention(
     call = None
     if out is not None and not check_finite:
         call = _attention_key(q, k_enc, v_enc, scale, k_tail, v_tail, out, backend)
-        replay = _REPLAYS.get(call)
-        if replay is not None:
-            replay()
+        if _REPLAYS.replay(call):
             return out
     for name, enc in (("k_enc", k_enc), ("v_enc", v_enc)):
         if not isinstance(enc, Encoded):
@@ -243,7 +241,7 @@ def attention(
         return result
     _interop.copy_into(out, result)
     if call is not None and hasattr(module, "attention_replay"):
-        _REPLAYS.put(call, module.attention_replay(*args, module.asarray(out)))
+        _REPLAYS.keep(call, module.attention_replay(*args, module.asarray(out)))
     return out
 
 

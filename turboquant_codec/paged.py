@@ -274,9 +274,7 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     step = (query, key, value, block_table, seq_lens, query_start_loc, out)
     call = None if out is None or num_decodes is None else _call_signature(cache, step, scale, num_decodes,
                                                                            backend)
-    replay = _REPLAYS.get(call)
-    if replay is not None:
-        replay()
+    if _REPLAYS.replay(call):
         return out
     if out is None:
         out = _zeros_like(query)
@@ -291,9 +289,7 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     args = (native, *natives[:6], float(scale), natives[6], None if num_decodes is None else int(num_decodes))
     result = module.paged_attention(*args)
     if call is not None and signature is not None and hasattr(module, "paged_attention_replay"):
-        replay = module.paged_attention_replay(*args)
-        if replay is not None:
-            _REPLAYS.put(call, replay)
+        _REPLAYS.keep(call, module.paged_attention_replay(*args))
     return out if result is natives[6] else _interop.like(result, out)
 
 
