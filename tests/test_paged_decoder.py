@@ -148,3 +148,19 @@ def test_bad_cache_is_refused_when_built() -> None:
         PagedDecoder(cache, table.astype(np.float32))
     with pytest.raises(TypeError, match="cache must be a PagedCache"):
         PagedDecoder("cache", table)  # type: ignore[arg-type]
+
+
+def test_channels_changed_in_place_stay_inside_out() -> None:
+    """Channel lists corrupted in place after the decoder checked them: the kernel clamps them (as
+    the GPU kernels do), so it neither reads nor writes outside its rows; only ``out`` changes."""
+    _available("numba_cpu")
+    cache, table = _build([40, 25], 2, 64, 3.5, "float32", seed=5)
+    decoder = PagedDecoder(cache, table, backend="numba_cpu")
+    assert cache.k_channels is not None and cache.v_channels is not None
+    # Just past the row: unclamped, the last request's last head would write into guard row 3.
+    cache.k_channels[1, 0] = cache.v_channels[1, 3] = 64 + 5
+    guard = np.full((4, 4, 64), 7.0, np.float32)  # out is rows 1-2: rows 0 and 3 must stay 7
+    q, k, v = _step(2, 2, 2, 64, seed=6)
+    decoder(q, k, v, np.array([41, 26], np.int32), scale=0.125, out=guard[1:3])
+    assert np.all(guard[[0, 3]] == 7.0)
+    assert np.all(np.isfinite(guard[1:3]))

@@ -181,8 +181,8 @@ if not _IMPORT_ERROR:
                 q_raw[g, c] = q[g, c] * scale
         permuted = np.empty(d, np.float32)
         for g in range(n_group):
-            for c in range(d):
-                permuted[c] = q_raw[g, k_chan[c]]
+            for c in range(d):  # channel lists clamped to d, as in the GPU kernels: never out of bounds
+                permuted[c] = q_raw[g, min(max(k_chan[c], 0), d - 1)]
             for gi in range(k_meta.shape[0]):
                 dim, start = k_meta[gi, 0], k_meta[gi, 4]
                 x = permuted[start : start + dim]
@@ -305,7 +305,7 @@ if not _IMPORT_ERROR:
                         y[c] += a * row[c]
             inv = np.float32(1.0) / total[g]
             for c in range(d):
-                ch = v_chan[c]
+                ch = min(max(v_chan[c], 0), d - 1)
                 out[g, ch] = (x[c] + acc_raw[g, ch]) * inv
 
     @njit(parallel=True, cache=True)
