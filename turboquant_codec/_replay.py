@@ -7,7 +7,8 @@ callable holding no array (``paged_attention``, ``attention`` with ``out``). A k
 ``_interop.gpu_key`` of every array (address, shape, strides, dtype) plus the scalars, configurations
 and backend asked for: every check the public API makes of GPU inputs is of that metadata, so an
 equal key is a call the checks already passed, and an address reused by a new array of the same
-layout is read and written as that array, as in a CUDA graph replay.
+layout is read and written as that array, as in a CUDA graph replay. A replay also runs only under
+the tuning settings it was planned for (``Memo.replay``).
 """
 
 from __future__ import annotations
