@@ -175,19 +175,22 @@ def permutation(channels: Any, d: int) -> None:
         raise ValueError(f"channels must hold a permutation of 0..{d - 1} in every row")
 
 
-def output(out: Any, shape: tuple[int, ...], like: Any, name: str) -> None:
-    """Raise unless ``out`` is a float32 array of ``shape`` in the library of ``like`` (on the GPU
-    when ``like`` is)."""
+def output(out: Any, shape: tuple[int, ...], name: str, *, dtypes: tuple[str, ...] = ("float32",),
+           like: Any = None) -> None:
+    """Raise unless ``out`` is an array of ``shape`` with a dtype in ``dtypes`` (and, when ``like`` is
+    given, of ``like``'s library, on the GPU when ``like`` is)."""
     if not hasattr(out, "shape") or not hasattr(out, "dtype"):
         raise TypeError(f"{name} must be an array or tensor, got {type(out).__name__}")
-    def where(x: Any) -> str:
-        return f"{_interop.library_of(x)} array on the {'GPU' if _interop.on_gpu(x) else 'host'}"
+    if like is not None:
+        def where(x: Any) -> str:
+            return f"{_interop.library_of(x)} array on the {'GPU' if _interop.on_gpu(x) else 'host'}"
 
-    if where(out) != where(like):
-        raise ValueError(f"{name} must be a {where(like)} like the query, got a {where(out)}")
-    if tuple(map(int, out.shape)) != shape or _interop.dtype_name(out) != "float32":
-        raise ValueError(f"{name} must be float32 of shape {shape}, got {_interop.dtype_name(out)} "
-                         f"{tuple(map(int, out.shape))}")
+        if where(out) != where(like):
+            raise ValueError(f"{name} must be a {where(like)} like the query, got a {where(out)}")
+    found = tuple(map(int, out.shape))
+    if found != shape or _interop.dtype_name(out) not in dtypes:
+        kind = dtypes[0] if len(dtypes) == 1 else "a float array"
+        raise ValueError(f"{name} must be {kind} of shape {shape}, got {_interop.dtype_name(out)} {found}")
 
 
 # -------------------------------------------------------------------- shapes of the codec's inputs

@@ -230,7 +230,7 @@ def attention(
             _validate.finite(k_tail, "k_tail")
             _validate.finite(v_tail, "v_tail")
     if out is not None:
-        _validate.output(out, shape, q, "out")
+        _validate.output(out, shape, "out", like=q)
     module = _dispatch.backend(
         "attention", backend, k_enc.records, (k_enc.config, v_enc.config), _interop.dtype_name(q)
     )

@@ -317,9 +317,7 @@ def _check_step(cache: PagedCache, query: Any, key: Any, value: Any, block_table
             raise ValueError(f"{name} is None: a paged_write (which picks the channels) must come first")
     _validate.positive_finite(scale, "scale")
     _check_metadata(cache, t, block_table, seq_lens, query_start_loc, num_decodes)
-    if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
-                         f"{tuple(out.shape)}")
+    _validate.output(out, q_shape, "out", dtypes=_validate.DTYPES)
 
 
 def _zeros_like(x: Any) -> Any:

@@ -25,8 +25,6 @@ import numpy as np
 from . import _interop, _validate, paged
 from .paged_cache import PagedCache
 
-_FLOATS = ("float16", "bfloat16", "float32")
-
 
 class PagedDecoder:
     """``paged_attention`` for decode steps over one cache and one block table, checked once.
@@ -121,13 +119,11 @@ class PagedDecoder:
         q_shape = tuple(int(s) for s in getattr(query, "shape", ()))
         dtype = _interop.dtype_name(query) if hasattr(query, "dtype") else type(query).__name__
         if (t != b or len(q_shape) != 3 or q_shape[0] != b or q_shape[2] != d or q_shape[1] % h
-                or dtype not in _FLOATS):
+                or dtype not in _validate.DTYPES):
             raise ValueError(f"query must be float [{b}, a multiple of {h} heads, {d}] and key/value "
                              f"[{b}, {h}, {d}] (one new token per request), got query {dtype} {q_shape}, "
                              f"key {(t, h, d)}")
         if _validate.int_array(seq_lens, "seq_lens", 1) != (b,):
             raise ValueError(f"seq_lens must have {b} entries (the table's rows), got "
                              f"{tuple(seq_lens.shape)}")
-        if tuple(out.shape) != q_shape or _interop.dtype_name(out) not in _FLOATS:
-            raise ValueError(f"out must be a float array of shape {q_shape}, got {_interop.dtype_name(out)} "
-                             f"{tuple(out.shape)}")
+        _validate.output(out, q_shape, "out", dtypes=_validate.DTYPES)
