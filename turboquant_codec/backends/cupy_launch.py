@@ -11,7 +11,7 @@ the layout at each address; scratch buffers are never freed, see ``cupy_paged._s
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -55,15 +55,22 @@ class Launch:
         launch(self.fn.ptr, *self.dims, stream, ctypes.addressof(self.params), 0)
 
 
+def on_device(device: int, fn: Callable[..., None], *args: Any) -> None:
+    """``fn(*args)`` with ``device`` current, entering its context only when another device is (a
+    replay's common case costs one runtime query)."""
+    cp = _cupy()
+    if cp.cuda.runtime.getDevice() == device:
+        fn(*args)
+        return
+    with cp.cuda.Device(device):
+        fn(*args)
+
+
 def run_in_order(launches: Sequence[Launch], device: int) -> None:
-    """``launches`` one after another on ``device``'s current stream (``cupy_raw._stream``)."""
+    """``launches`` one after another on ``device``'s current stream (``cupy_raw._stream``);
+    ``device`` must be current (``on_device``)."""
     from .cupy_raw import _stream
 
-    cp = _cupy()
-    if cp.cuda.runtime.getDevice() != device:
-        with cp.cuda.Device(device):
-            run_in_order(launches, device)
-        return
     stream = _stream(device).ptr
     for launch in launches:
         launch(stream)

@@ -49,7 +49,7 @@ from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
 from ..tuning import CupyRawTuning
-from . import cupy_raw, cupy_raw_build, cupy_raw_device, cupy_raw_tables, cupy_raw_tc
+from . import cupy_launch, cupy_raw, cupy_raw_build, cupy_raw_device, cupy_raw_tables, cupy_raw_tc
 from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
 from .occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT, resident_blocks
@@ -522,15 +522,9 @@ def paged_attention_replay(cache: PagedCache, query: Any, key: Any, value: Any, 
     device = int(qw.data.device_id)
     launches = _LAUNCHES.get(_decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, b,
                                          device))
-    return None if launches is None else functools.partial(_replay, launches, device)
-
-
-def _replay(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int) -> None:
-    if _cupy().cuda.runtime.getDevice() == device:
-        _run(launches, device)
-        return
-    with _cupy().cuda.Device(device):
-        _run(launches, device)
+    if launches is None:
+        return None
+    return functools.partial(cupy_launch.on_device, device, _run, launches, device)
 
 
 def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,

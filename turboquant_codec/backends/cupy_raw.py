@@ -641,7 +641,7 @@ def attention_replay(q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, 
         plan.reduce, lay.rows_grid, (_attn.REDUCE_THREADS,),
         (part_m, part_l, part_acc, np.int32(lay.nblocks), q32, ktw, vtw, t_len, fscale, vtab, vch,
          np.uint64(out.data.ptr)), lay.reduce_smem))
-    return functools.partial(cupy_launch.run_in_order, tuple(launches), device)
+    return functools.partial(cupy_launch.on_device, device, cupy_launch.run_in_order, tuple(launches), device)
 
 
 def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
