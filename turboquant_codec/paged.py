@@ -271,16 +271,14 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
         ``out``.
     """
     _check_type(cache)
+    dtype = _interop.dtype_name(query)
+    signature = _signature("paged_attention", cache, backend, dtype)
     step = (query, key, value, block_table, seq_lens, query_start_loc, out)
-    call = None if out is None or num_decodes is None else _call_signature(cache, step, scale, num_decodes,
-                                                                           backend)
+    call = None if out is None else _call_signature(signature, step, scale, num_decodes)
     if _REPLAYS.replay(call):
         return out
     if out is None:
         out = _zeros_like(query)
-    dtype = _interop.dtype_name(query)
-
-    signature = _signature("paged_attention", cache, backend, dtype)
     if signature not in _PREPARED:
         _check_cache(cache)
     _check_step(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, num_decodes)
@@ -288,20 +286,19 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     natives = [module.asarray(a) for a in (query, key, value, block_table, seq_lens, query_start_loc, out)]
     args = (native, *natives[:6], float(scale), natives[6], None if num_decodes is None else int(num_decodes))
     result = module.paged_attention(*args)
-    if call is not None and signature is not None and hasattr(module, "paged_attention_replay"):
+    if call is not None and hasattr(module, "paged_attention_replay"):
         _REPLAYS.keep(call, module.paged_attention_replay(*args))
     return out if result is natives[6] else _interop.like(result, out)
 
 
-def _call_signature(cache: PagedCache, step: tuple[Any, ...], scale: Any, num_decodes: Any,
-                    backend: str) -> tuple[Any, ...] | None:
-    """What a decode call's launches depend on (``_replay``): the cache's signature, the scalars and
-    every step array's key; None unless every array is on the GPU."""
-    keys = _replay.arrays_key(step)
-    if keys is None or not keys[0] or type(scale) not in (float, int) or type(num_decodes) is not int:
+def _call_signature(signature: tuple[Any, ...] | None, step: tuple[Any, ...], scale: Any,
+                    num_decodes: Any) -> tuple[Any, ...] | None:
+    """What a decode call's launches depend on (``_replay``): the cache's ``signature``, the scalars
+    and every step array's key; None unless the cache and every array are on the GPU."""
+    if signature is None or type(scale) not in (float, int) or type(num_decodes) is not int:
         return None
-    cache_keys = _signature("paged_attention", cache, backend, "")
-    return None if cache_keys is None else (*cache_keys, scale, num_decodes, *keys)
+    keys = _replay.arrays_key(step)
+    return None if keys is None else (*signature, scale, num_decodes, *keys)
 
 
 def _check_step(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
