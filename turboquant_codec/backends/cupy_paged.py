@@ -236,9 +236,9 @@ def _ws(v_cfg: CodecConfig) -> int:
     return vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
 
 
-def _reduce_smem(v_cfg: CodecConfig, nchunks: int, raw_parts: int) -> int:
+def _reduce_smem(v_cfg: CodecConfig, nchunks: int) -> int:
     vqd = cupy_raw_tables.fdims(v_cfg)
-    return 4 * (nchunks + vqd + v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd + raw_parts)
+    return 4 * (nchunks + vqd + 2 * v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd)
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,7 @@ def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_d
     raw_smem = _raw_smem(group, k_cfg.d)
     if raw_smem > 48 * 1024:
         prep.max_dynamic_shared_size_bytes = raw_smem
-    reduce_max = _reduce_smem(v_cfg, 4096, 4096)
+    reduce_max = _reduce_smem(v_cfg, 4096)
     if reduce_max > 48 * 1024:
         reduce.max_dynamic_shared_size_bytes = reduce_max
     # Driver functions, called directly (a RawKernel looks its function up on every call).
@@ -653,7 +653,7 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
                      (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, np.int32(raw_parts),
                       _p(sl),
                       np.int32(max_tokens), np.int32(h_q), _p(vtab), _p(vch), _p(ow), np.int64(os_[0]),
-                      np.int64(os_[1])), _reduce_smem(v_cfg, nchunks, raw_parts))
+                      np.int64(os_[1])), _reduce_smem(v_cfg, nchunks))
     return raw_part, prep, split, reduce
 
 

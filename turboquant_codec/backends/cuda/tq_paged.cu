@@ -436,8 +436,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
 }
 
 // ------------------------------------------------------------------------------------ reduce
-// Dynamic shared memory (floats): w[nchunks] | y[VQD] | z[D] | red[32] | yw[nwarps][VQD] |
-// rw[raw_parts].
+// Dynamic shared memory (floats): w[nchunks] | y[VQD] | z[D] | red[32] | yw[nwarps][VQD] | ra[D].
 extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                            const float* __restrict__ part_acc, int nchunks,
                                            const float* __restrict__ raw_m, const float* __restrict__ raw_l,
@@ -452,38 +451,39 @@ extern "C" __global__ void tq_paged_reduce(const float* __restrict__ part_m, con
   float* z = y + VQD;
   float* red = z + D;
   float* yw = red + 32;
-  float* rw = yw + (blockDim.x >> 5) * VQD;
-  const int row = blockIdx.x, bh = row / GQ, h = row % GQ, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* ra = yw + (blockDim.x >> 5) * VQD;
+  const int row = blockIdx.x, bh = row / GQ, h = row % GQ;
   const int r = row / h_q, kvh = (row % h_q) / GQ;
   const int ctx = context_len(seq_lens, r, max_tokens);
   const int nparts = ((ctx + TILE - 1) / TILE + NWARPS * TPW - 1) / (NWARPS * TPW);
   const u64 prow0 = static_cast<u64>(bh) * nchunks * GQ + h;
 
-  // The request's raw parts (as tq_paged_prep splits them): their max (every warp, lanes over
-  // parts) joins the chunk partials'.
+  // The request's raw parts (as tq_paged_prep splits them) merged first, into one raw partial
+  // (m: rm; l: rl, every thread; acc: ra[D], original channel order), before anything waits on
+  // the chunk partials: their loads are the first the kernel issues.
   const int rparts = max(1, ((ctx + BS - 1) / BS + RAW_PART - 1) / RAW_PART);
   const u64 rrow = static_cast<u64>(row) * raw_parts;
   float rm = -TQ_INF;
-  for (int p = lane; p < rparts; p += 32) rm = fmaxf(rm, raw_m[rrow + p]);
-  for (int o = 16; o; o >>= 1) rm = fmaxf(rm, __shfl_xor_sync(0xffffffffu, rm, o));
-  const Merged mg = merge_partials(part_m, part_l, part_acc, nparts, prow0, rm, w, y, yw, red);
+  for (int p = 0; p < rparts; ++p) rm = fmaxf(rm, raw_m[rrow + p]);
+  const float rms = rm == -TQ_INF ? 0.f : rm;
   float rl = 0.f;
-  for (int p = lane; p < rparts; p += 32) {
-    const float wp = exp2f(raw_m[rrow + p] - mg.Ms);
-    rl = fmaf(wp, raw_l[rrow + p], rl);
-    if (warp == 0) rw[p] = wp;
+  for (int p = 0; p < rparts; ++p) rl = fmaf(exp2f(raw_m[rrow + p] - rms), raw_l[rrow + p], rl);
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float a = 0.f;
+    for (int p = 0; p < rparts; ++p) a = fmaf(exp2f(raw_m[rrow + p] - rms), raw_acc[(rrow + p) * D + c], a);
+    ra[c] = a;  // read after merge_partials' barriers
   }
-  for (int o = 16; o; o >>= 1) rl += __shfl_xor_sync(0xffffffffu, rl, o);
-  const float L = mg.L + rl;
+  // The chunk partials' max joins the raw partial's.
+  const Merged mg = merge_partials(part_m, part_l, part_acc, nparts, prow0, rm, w, y, yw, red);
+  const float wr = exp2f(rms - mg.Ms);
+  const float L = mg.L + wr * rl;
   __syncthreads();
 
   const float invL = 1.f / L;
   const u64 obase = static_cast<u64>(r) * o_st + static_cast<u64>(row % h_q) * o_sh;
   unrotate_values(vtab, y, z, [&](int pos, float a) {
     const int ch = vch ? min(static_cast<int>(vch[kvh * D + pos]), D - 1) : pos;
-    float x = a;
-    for (int p = 0; p < rparts; ++p) x = fmaf(rw[p], raw_acc[(rrow + p) * D + ch], x);
-    store_float<OUT_KIND>(out, obase + ch, x * invL);
+    store_float<OUT_KIND>(out, obase + ch, (a + wr * ra[ch]) * invL);
   });
 }
 
