@@ -23,6 +23,29 @@ paged_attention  cache: PagedCache, query [T, h_q, d], key/value       out [T, h
                  num_decodes (int or None)
 ===============  ====================================================  =================================
 
+Op boundaries (``SPECS``, in ``_opspec``'s terms): the same ops as a foreign-function layer carries
+them, each configuration spelled as fields, each cache as its tensors, with the backend to use or
+the finiteness check as arguments. ``turboquant_torch`` generates its custom ops (schema, mutated
+arguments, fake implementation) from these; ``name!`` is written in place, ``name?`` may be None,
+results are (shape rule) dtype. Rendered by ``_opspec.render(SPECS)``; a test keeps this block
+equal to it::
+
+    encode(x, channels?, bits, mode, seed, check_finite, rotation="haar") ->
+           records (x[:-1], R) uint8, channels (x[:-2], C) uint16
+    decode(records, channels?, d, bits, mode, seed, rotation="haar") -> x (records[:-1], d) float32
+    scores(q, records, channels?, bits, mode, seed, rotation="haar") ->
+           scores (q[:-1], records[-2]) float32
+    attention(q, k_records, k_channels?, v_records, v_channels?, k_bits, k_mode, k_seed, v_bits,
+              v_mode, v_seed, scale, k_tail?, v_tail?, k_rotation="haar", v_rotation="haar") ->
+              out (q) float32
+    paged_write(k_cache!, v_cache!, key, value, slot_mapping, k_channels?, v_channels?, raw_k!?,
+                raw_v!?, raw_slot_of_block?, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed,
+                backend, k_rotation="haar", v_rotation="haar") -> ()
+    paged_attention(out!, query, key, value, k_cache, v_cache, k_channels?, v_channels?, raw_k?,
+                    raw_v?, raw_slot_of_block?, block_table, seq_lens, query_start_loc, scale,
+                    num_decodes, k_bits, k_mode, k_seed, v_bits, v_mode, v_seed, backend,
+                    k_rotation="haar", v_rotation="haar") -> ()
+
 Optional, for GPU backends: ``paged_attention_replay`` (the arguments of a ``paged_attention``
 call just made) returns a callable that repeats that call holding no array (its launches on the
 then current stream), or None; the public API replays it for later calls with the same arrays
@@ -44,11 +67,56 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._opspec import Arg, Config, OpSpec, Result, config_args, rotation_arg
 from .config import CodecConfig
 from .encoded import Encoded
 from .paged_cache import PagedCache
 
-OPS = ("encode", "decode", "scores", "attention", "paged_write", "paged_attention")
+
+# ------------------------------------------------------------------------------- boundaries as data
+def _t(name: str, mutated: bool = False) -> Arg:
+    return Arg(name, "tensor", mutated=mutated)
+
+
+def _opt(name: str, mutated: bool = False) -> Arg:
+    return Arg(name, "tensor?", mutated=mutated)
+
+
+def _paged_cache(mutated: bool) -> tuple[Arg, ...]:
+    """The cache's channel permutations and raw side pool (its record caches stand apart: they lead
+    ``paged_write`` but follow the new tokens in ``paged_attention``)."""
+    return (_opt("k_channels"), _opt("v_channels"), _opt("raw_k", mutated), _opt("raw_v", mutated),
+            _opt("raw_slot_of_block"))
+
+
+# Schema order is the compatibility contract of callers (torch.ops.turboquant.*): rotations came
+# later, so they trail with defaults; the paged ops spell their cache as tensors plus two configs
+# and name the backend (vLLM picks it).
+_KV = (*config_args("k_"), *config_args("v_"))
+_KV_TAIL = (Arg("backend", "str"), rotation_arg("k_"), rotation_arg("v_"))
+_KV_CONFIGS = (Config("k_", "key"), Config("v_", "key"))
+SPECS: dict[str, OpSpec] = {s.name: s for s in (
+    OpSpec("encode", (_t("x"), _opt("channels"), *config_args(), Arg("check_finite", "bool"),
+                      rotation_arg()),
+           (Config("", "x"),),
+           (Result("records", "uint8", "x[:-1], R"), Result("channels", "uint16", "x[:-2], C"))),
+    OpSpec("decode", (_t("records"), _opt("channels"), Arg("d", "int"), *config_args(), rotation_arg()),
+           (Config("", "d"),), (Result("x", "float32", "records[:-1], d"),)),
+    OpSpec("scores", (_t("q"), _t("records"), _opt("channels"), *config_args(), rotation_arg()),
+           (Config("", "q"),), (Result("scores", "float32", "q[:-1], records[-2]"),)),
+    OpSpec("attention", (_t("q"), _t("k_records"), _opt("k_channels"), _t("v_records"), _opt("v_channels"),
+                         *_KV, Arg("scale", "float"), _opt("k_tail"), _opt("v_tail"), rotation_arg("k_"),
+                         rotation_arg("v_")),
+           (Config("k_", "q"), Config("v_", "q")), (Result("out", "float32", "q"),)),
+    OpSpec("paged_write", (_t("k_cache", True), _t("v_cache", True), _t("key"), _t("value"),
+                           _t("slot_mapping"), *_paged_cache(True), *_KV, *_KV_TAIL), _KV_CONFIGS),
+    OpSpec("paged_attention", (_t("out", True), _t("query"), _t("key"), _t("value"), _t("k_cache"),
+                               _t("v_cache"), *_paged_cache(False), _t("block_table"), _t("seq_lens"),
+                               _t("query_start_loc"), Arg("scale", "float"),
+                               # -1: not given (a schema int cannot be None)
+                               Arg("num_decodes", "int"), *_KV, *_KV_TAIL), _KV_CONFIGS),
+)}
+OPS = tuple(SPECS)
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,11 @@ Tensors owned here (``R = CodecConfig(d, bits, mode, seed).record_bytes``)::
     channels  (*lead, d)          uint16                         per stream: outlier channels first;
               (*lead, 0)          uint16                         when bits are an integer (no split)
 
-Ops (config passed as plain ``float bits, str mode, int seed, str rotation``; seeds are 64-bit
-unsigned in the codec and travel as their two's-complement int64 through the op schema; ``rotation``
-comes last and defaults to ``"haar"``)::
-
-    turboquant::encode(x, channels?, bits, mode, seed, check_finite, rotation) -> (records, channels)
-    turboquant::decode(records, channels?, d, bits, mode, seed, rotation)  -> (*lead, n, d) float32
-    turboquant::scores(q, records, channels?, bits, mode, seed, rotation)  -> (*lead, m, n) float32
-    turboquant::attention(q, k_records, k_channels?, v_records, v_channels?, k_bits, k_mode, k_seed,
-                          v_bits, v_mode, v_seed, scale, k_tail?, v_tail?, k_rotation, v_rotation)
-                                                                         -> (*lead, h_q, d) float32
+Ops ``turboquant::encode``, ``decode``, ``scores``, ``attention``: their signatures, mutated
+arguments and result shapes are declared in ``turboquant_codec._ops.SPECS`` (rendered in that
+module's docstring) and ``_opgen`` generates the custom ops and their fakes from them; this module
+writes each op's body and argument checks. Configurations travel as plain ``bits, mode, seed,
+rotation`` (seeds as their two's-complement int64: ``seed_arg``).
 
 CPU tensors run the NumPy reference backend on zero-copy NumPy views (bfloat16, which NumPy lacks,
 through float32); CUDA tensors run ``turboquant_codec`` with ``backend="auto"`` (the GPU backends,
@@ -35,24 +30,18 @@ from torch import Tensor
 
 import turboquant_codec as tq
 from turboquant_codec import _validate
+from turboquant_codec._opspec import wire_config, wire_seed
 from turboquant_codec.config import CodecConfig
 
+from ._opgen import Call, define
+
 CHANNEL_DTYPE = torch.uint16
-_U64 = (1 << 64) - 1
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def seed_arg(seed: int, name: str = "seed") -> int:
-    """A codec seed (an integer in [0, 2**64), checked) as the int64 the op schema carries (two's
-    complement)."""
-    seed = _validate.seed(seed, name)
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
-def make_config(d: int, bits: float, mode: str, seed: int, rotation: str = "haar") -> CodecConfig:
-    """``CodecConfig`` from op arguments: ``seed`` is the schema's signed int64 (``seed_arg``)."""
-    seed = _validate.integer(seed, "seed", -(1 << 63), _U64)
-    return CodecConfig(d=d, bits=bits, mode=mode, seed=seed & _U64, rotation=rotation)
+# Seeds cross the op boundary as int64 two's complement: the contract's one convention, re-exported.
+seed_arg = wire_seed
+make_config = wire_config
 
 
 def check_float(x: Tensor, name: str) -> None:
@@ -62,8 +51,9 @@ def check_float(x: Tensor, name: str) -> None:
     _validate.float_dtype(x, name)
 
 
-def _same_device(*named: tuple[str, Tensor | None]) -> None:
-    present = [(n, t) for n, t in named if t is not None]
+def _same_device(a: Call, *names: str) -> None:
+    """ValueError unless the tensors of ``a`` named (those given) share one device."""
+    present = [(n, getattr(a, n)) for n in names if getattr(a, n) is not None]
     first_name, first = present[0]
     for name, t in present[1:]:
         if t.device != first.device:
@@ -119,24 +109,19 @@ def _backend(t: Tensor) -> str:
 
 
 # -------------------------------------------------------------------------------------------- encode
-@torch.library.custom_op("turboquant::encode", mutates_args=())
-def _encode_op(
-    x: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int, check_finite: bool,
-    rotation: str = "haar",
-) -> tuple[Tensor, Tensor]:
-    cfg = make_config(x.shape[-1], bits, mode, seed, rotation)
-    ch = _channels_in(channels, cfg)
-    lead = tuple(x.shape[:-2])
+def _encode(a: Call) -> tuple[Tensor, Tensor]:
+    x, cfg = a.x, a.cfg[""]
+    ch = _channels_in(a.channels, cfg)
     if x.is_cuda:
         enc = tq.encode(_gpu(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed, channels=_gpu(ch),
-                        backend="auto", check_finite=check_finite, rotation=cfg.rotation)
+                        backend="auto", check_finite=a.check_finite, rotation=cfg.rotation)
     else:
         enc = tq.encode(_host(x), bits=cfg.bits, mode=cfg.mode, seed=cfg.seed,
                         channels=None if ch is None else _host(ch), backend="numpy",
-                        check_finite=check_finite, rotation=cfg.rotation)
+                        check_finite=a.check_finite, rotation=cfg.rotation)
     records = _torch(enc.records, x.device)
     if not cfg.split:
-        out_channels = x.new_empty(lead + (0,), dtype=CHANNEL_DTYPE)
+        out_channels = x.new_empty(tuple(x.shape[:-2]) + (0,), dtype=CHANNEL_DTYPE)
     elif ch is not None:
         # The codec hands the given permutation back; a custom op must not alias its inputs.
         out_channels = ch.to(CHANNEL_DTYPE, copy=True)
@@ -145,16 +130,14 @@ def _encode_op(
     return records, out_channels
 
 
-@_encode_op.register_fake
-def _(x, channels, bits, mode, seed, check_finite, rotation="haar"):
-    shape = _validate.float_array(x, "x", 2)
-    cfg = make_config(x.shape[-1], bits, mode, seed, rotation)
-    lead = tuple(x.shape[:-2])
-    ch = _channels_in(channels, cfg)
+def _check_encode(a: Call) -> None:
+    shape = _validate.float_array(a.x, "x", 2)
+    ch = _channels_in(a.channels, a.cfg[""])
     if ch is not None:
-        _validate.given_channels(ch, shape[:-2], cfg)
-    records = x.new_empty(tuple(x.shape[:-1]) + (cfg.record_bytes,), dtype=torch.uint8)
-    return records, x.new_empty(lead + (cfg.d if cfg.split else 0,), dtype=CHANNEL_DTYPE)
+        _validate.given_channels(ch, shape[:-2], a.cfg[""])
+
+
+define("encode", _encode, _check_encode)
 
 
 def encode(
@@ -191,22 +174,18 @@ def encode(
 
 
 # -------------------------------------------------------------------------------------------- decode
-@torch.library.custom_op("turboquant::decode", mutates_args=())
-def _decode_op(
-    records: Tensor, channels: Tensor | None, d: int, bits: float, mode: str, seed: int,
-    rotation: str = "haar",
-) -> Tensor:
-    cfg = make_config(d, bits, mode, seed, rotation)
-    _validate.record_array(records, cfg, "records")
-    enc = _encoded(records, _channels_in(channels, cfg), cfg)
-    return _torch(tq.decode(enc, backend=_backend(records)), records.device)
+def _decode(a: Call) -> Tensor:
+    cfg = a.cfg[""]
+    _validate.record_array(a.records, cfg, "records")
+    enc = _encoded(a.records, _channels_in(a.channels, cfg), cfg)
+    return _torch(tq.decode(enc, backend=_backend(a.records)), a.records.device)
 
 
-@_decode_op.register_fake
-def _(records, channels, d, bits, mode, seed, rotation="haar"):
-    cfg = make_config(d, bits, mode, seed, rotation)
-    _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
-    return records.new_empty(tuple(records.shape[:-1]) + (cfg.d,), dtype=torch.float32)
+def _check_decode(a: Call) -> None:
+    _validate.encoded_arrays(a.records, _channels_in(a.channels, a.cfg[""]), a.cfg[""])
+
+
+define("decode", _decode, _check_decode)
 
 
 def decode(
@@ -231,27 +210,24 @@ def decode(
 
 
 # -------------------------------------------------------------------------------------------- scores
-@torch.library.custom_op("turboquant::scores", mutates_args=())
-def _scores_op(
-    q: Tensor, records: Tensor, channels: Tensor | None, bits: float, mode: str, seed: int,
-    rotation: str = "haar",
-) -> Tensor:
-    cfg = make_config(q.shape[-1], bits, mode, seed, rotation)
-    _validate.record_array(records, cfg, "records")
-    _same_device(("q", q), ("records", records), ("channels", channels))
-    enc = _encoded(records, _channels_in(channels, cfg), cfg)
+def _scores(a: Call) -> Tensor:
+    q, cfg = a.q, a.cfg[""]
+    _validate.record_array(a.records, cfg, "records")
+    _same_device(a, "q", "records", "channels")
+    enc = _encoded(a.records, _channels_in(a.channels, cfg), cfg)
     query = _gpu(q) if q.is_cuda else _host(q)
     return _torch(tq.scores(query, enc, backend=_backend(q)), q.device)
 
 
-@_scores_op.register_fake
-def _(q, records, channels, bits, mode, seed, rotation="haar"):
-    check_float(q, "q")
-    cfg = make_config(q.shape[-1], bits, mode, seed, rotation)
-    _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
-    _validate.scores_inputs(q, tuple(records.shape[:-1]) + (cfg.d,))
-    _same_device(("q", q), ("records", records), ("channels", channels))
-    return q.new_empty(tuple(q.shape[:-1]) + (records.shape[-2],), dtype=torch.float32)
+def _check_scores(a: Call) -> None:
+    check_float(a.q, "q")
+    cfg = a.cfg[""]
+    _validate.encoded_arrays(a.records, _channels_in(a.channels, cfg), cfg)
+    _validate.scores_inputs(a.q, tuple(a.records.shape[:-1]) + (cfg.d,))
+    _same_device(a, "q", "records", "channels")
+
+
+define("scores", _scores, _check_scores)
 
 
 def scores(
@@ -276,63 +252,42 @@ def scores(
 
 
 # ----------------------------------------------------------------------------------------- attention
-@torch.library.custom_op("turboquant::attention", mutates_args=())
-def _attention_op(
-    q: Tensor,
-    k_records: Tensor,
-    k_channels: Tensor | None,
-    v_records: Tensor,
-    v_channels: Tensor | None,
-    k_bits: float,
-    k_mode: str,
-    k_seed: int,
-    v_bits: float,
-    v_mode: str,
-    v_seed: int,
-    scale: float,
-    k_tail: Tensor | None,
-    v_tail: Tensor | None,
-    k_rotation: str = "haar",
-    v_rotation: str = "haar",
-) -> Tensor:
-    d = q.shape[-1]
-    k_cfg = make_config(d, k_bits, k_mode, k_seed, k_rotation)
-    v_cfg = make_config(d, v_bits, v_mode, v_seed, v_rotation)
-    _validate.record_array(k_records, k_cfg, "k_records")
-    _validate.record_array(v_records, v_cfg, "v_records")
-    _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
-                 ("v_tail", v_tail))
-    k_enc = _encoded(k_records, _channels_in(k_channels, k_cfg), k_cfg)
-    v_enc = _encoded(v_records, _channels_in(v_channels, v_cfg), v_cfg)
+_ATTENTION_TENSORS = ("q", "k_records", "v_records", "k_tail", "v_tail")
+
+
+def _attention(a: Call) -> Tensor:
+    q = a.q
+    for kv in "kv":
+        _validate.record_array(getattr(a, f"{kv}_records"), a.cfg[kv], f"{kv}_records")
+    _same_device(a, *_ATTENTION_TENSORS)
+    k_enc, v_enc = (_encoded(getattr(a, f"{kv}_records"), _channels_in(getattr(a, f"{kv}_channels"), a.cfg[kv]),
+                             a.cfg[kv]) for kv in "kv")
     if q.is_cuda:
         # No finiteness check on the GPU: it would synchronise (and break CUDA-graph capture); a
         # non-finite query gives non-finite outputs, as with SDPA.
-        out = tq.attention(_gpu(q), k_enc, v_enc, scale=scale, k_tail=_gpu(k_tail), v_tail=_gpu(v_tail),
-                           backend="auto", check_finite=False)
+        out = tq.attention(_gpu(q), k_enc, v_enc, scale=a.scale, k_tail=_gpu(a.k_tail),
+                           v_tail=_gpu(a.v_tail), backend="auto", check_finite=False)
     else:
-        tails = [None if t is None else _host(t) for t in (k_tail, v_tail)]
-        out = tq.attention(_host(q), k_enc, v_enc, scale=scale, k_tail=tails[0], v_tail=tails[1],
+        tails = [None if t is None else _host(t) for t in (a.k_tail, a.v_tail)]
+        out = tq.attention(_host(q), k_enc, v_enc, scale=a.scale, k_tail=tails[0], v_tail=tails[1],
                            backend="numpy")
     return _torch(out, q.device)
 
 
-@_attention_op.register_fake
-def _(q, k_records, k_channels, v_records, v_channels, k_bits, k_mode, k_seed, v_bits, v_mode,
-      v_seed, scale, k_tail, v_tail, k_rotation="haar", v_rotation="haar"):
-    check_float(q, "q")
-    d = q.shape[-1]
+def _check_attention(a: Call) -> None:
+    check_float(a.q, "q")
     shapes = []
-    for name, records, channels, cfg in (
-            ("k_records", k_records, k_channels, make_config(d, k_bits, k_mode, k_seed, k_rotation)),
-            ("v_records", v_records, v_channels, make_config(d, v_bits, v_mode, v_seed, v_rotation))):
-        _validate.record_array(records, cfg, name)
+    for kv in "kv":
+        records, channels, cfg = getattr(a, f"{kv}_records"), getattr(a, f"{kv}_channels"), a.cfg[kv]
+        _validate.record_array(records, cfg, f"{kv}_records")
         _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
-        shapes.append(tuple(records.shape[:-1]) + (d,))
-    _validate.attention_inputs(q, shapes[0], shapes[1], k_tail, v_tail)
-    _validate.positive_finite(scale, "scale")
-    _same_device(("q", q), ("k_records", k_records), ("v_records", v_records), ("k_tail", k_tail),
-                 ("v_tail", v_tail))
-    return torch.empty_like(q, dtype=torch.float32)
+        shapes.append(tuple(records.shape[:-1]) + (cfg.d,))
+    _validate.attention_inputs(a.q, shapes[0], shapes[1], a.k_tail, a.v_tail)
+    _validate.positive_finite(a.scale, "scale")
+    _same_device(a, *_ATTENTION_TENSORS)
+
+
+define("attention", _attention, _check_attention)
 
 
 def attention(
