@@ -23,6 +23,7 @@ Results live on the device of the op's first tensor argument.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -103,7 +104,13 @@ class Config:
     prefix: str
     d: str
 
-    @property
+    @functools.cached_property  # read on every call of an op: built once
+    def fields(self) -> tuple[str, str, str, str]:
+        """Its arguments' names, in ``wire_config``'s order after ``d``."""
+        p = self.prefix
+        return f"{p}bits", f"{p}mode", f"{p}seed", f"{p}rotation"
+
+    @functools.cached_property
     def key(self) -> str:
         """The name ``OpSpec.configs`` files it under: the prefix without its underscore."""
         return self.prefix.rstrip("_")
@@ -136,9 +143,9 @@ class OpSpec:
         if any(has and not later for has, later in zip(tail, tail[1:], strict=False)):
             raise ValueError(f"{self.name}: an argument without a default follows one with a default")
         for c in self.configs_:
-            for field in ("bits", "mode", "seed", "rotation"):
-                if c.prefix + field not in names:
-                    raise ValueError(f"{self.name}: config {c.prefix!r} lacks {c.prefix + field}")
+            for field in c.fields:
+                if field not in names:
+                    raise ValueError(f"{self.name}: config {c.prefix!r} lacks {field}")
         for r in self.results:
             for term in r.shape.split(","):
                 name = _parse(term)[0]
@@ -154,14 +161,21 @@ class OpSpec:
     def mutated(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args if a.mutated)
 
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
     def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """A call's arguments by name, defaults filled in; TypeError on a missing or unknown one."""
+        if len(args) == len(self.args) and not kwargs:
+            # The dispatcher's usual call (defaults filled in): the hot path of every op.
+            return dict(zip(self.names, args, strict=True))
         if len(args) > len(self.args):
             raise TypeError(f"{self.name} takes {len(self.args)} arguments, got {len(args)}")
         unknown = set(kwargs) - {a.name for a in self.args}
         if unknown:
             raise TypeError(f"{self.name} got unknown arguments {sorted(unknown)}")
-        bound = dict(zip((a.name for a in self.args), args, strict=False))
+        bound = dict(zip(self.names, args, strict=False))
         for a in self.args[len(args):]:
             value = kwargs.get(a.name, a.default)
             if value is REQUIRED:
@@ -175,9 +189,8 @@ class OpSpec:
         for c in self.configs_:
             src = bound[c.d]  # a tensor or an int (a SymInt while torch.compile traces)
             d = src.shape[-1] if hasattr(src, "shape") else src
-            p = c.prefix
-            out[c.key] = wire_config(d, bound[p + "bits"], bound[p + "mode"], bound[p + "seed"],
-                                     bound[p + "rotation"])
+            bits, mode, seed, rotation = c.fields
+            out[c.key] = wire_config(d, bound[bits], bound[mode], bound[seed], bound[rotation])
         return out
 
     def result_shapes(self, bound: Mapping[str, Any], configs: Mapping[str, CodecConfig]

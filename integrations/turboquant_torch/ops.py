@@ -255,13 +255,17 @@ def scores(
 _ATTENTION_TENSORS = ("q", "k_records", "v_records", "k_tail", "v_tail")
 
 
+def _stream(a: Call, kv: str) -> tuple[Tensor, Tensor | None]:
+    """The records and the channels to hand the codec of stream ``kv`` ("k" or "v")."""
+    return getattr(a, f"{kv}_records"), _channels_in(getattr(a, f"{kv}_channels"), a.cfg[kv])
+
+
 def _attention(a: Call) -> Tensor:
     q = a.q
     for kv in "kv":
         _validate.record_array(getattr(a, f"{kv}_records"), a.cfg[kv], f"{kv}_records")
     _same_device(a, *_ATTENTION_TENSORS)
-    k_enc, v_enc = (_encoded(getattr(a, f"{kv}_records"), _channels_in(getattr(a, f"{kv}_channels"), a.cfg[kv]),
-                             a.cfg[kv]) for kv in "kv")
+    k_enc, v_enc = (_encoded(*_stream(a, kv), a.cfg[kv]) for kv in "kv")
     if q.is_cuda:
         # No finiteness check on the GPU: it would synchronise (and break CUDA-graph capture); a
         # non-finite query gives non-finite outputs, as with SDPA.
@@ -278,9 +282,9 @@ def _check_attention(a: Call) -> None:
     check_float(a.q, "q")
     shapes = []
     for kv in "kv":
-        records, channels, cfg = getattr(a, f"{kv}_records"), getattr(a, f"{kv}_channels"), a.cfg[kv]
+        (records, channels), cfg = _stream(a, kv), a.cfg[kv]
         _validate.record_array(records, cfg, f"{kv}_records")
-        _validate.encoded_arrays(records, _channels_in(channels, cfg), cfg)
+        _validate.encoded_arrays(records, channels, cfg)
         shapes.append(tuple(records.shape[:-1]) + (cfg.d,))
     _validate.attention_inputs(a.q, shapes[0], shapes[1], a.k_tail, a.v_tail)
     _validate.positive_finite(a.scale, "scale")

@@ -138,14 +138,17 @@ def _check_write(a: Call) -> None:
     check_write(_op_cache(a), a.key, a.value, a.slot_mapping)
 
 
+def _step(a: Call) -> tuple[tq.PagedCache, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``paged_attention``'s positional arguments: the cache, the step's tokens and metadata."""
+    return _op_cache(a), a.query, a.key, a.value, a.block_table, a.seq_lens, a.query_start_loc
+
+
 def _paged_attention(a: Call) -> None:
-    tq.paged_attention(_op_cache(a), a.query, a.key, a.value, a.block_table, a.seq_lens, a.query_start_loc,
-                       scale=a.scale, out=a.out, num_decodes=_num_decodes(a), backend=a.backend)
+    tq.paged_attention(*_step(a), scale=a.scale, out=a.out, num_decodes=_num_decodes(a), backend=a.backend)
 
 
 def _check_attention(a: Call) -> None:
-    check_attention(_op_cache(a), a.query, a.key, a.value, a.block_table, a.seq_lens, a.query_start_loc,
-                    scale=a.scale, out=a.out, num_decodes=_num_decodes(a))
+    check_attention(*_step(a), scale=a.scale, out=a.out, num_decodes=_num_decodes(a))
 
 
 define("paged_write", _paged_write, _check_write)
