@@ -187,6 +187,10 @@ def test_seeds_round_trip_through_the_wire(seed: int) -> None:
      "unknown 'z'"),
     (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "float32", "x["),)),
      "bad shape term"),
+    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "float32", "x[]"),)),
+     "bad shape term"),
+    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "uint8", "x, R"),)),
+     "unknown 'R'"),  # a symbol needs a configuration
 ])
 def test_bad_declarations_are_refused(make: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -18,7 +18,7 @@ term           dimensions
 ``C``          its channel-permutation length: ``d`` when its bits split channels, else 0
 =============  ===================================================================
 
-Results live on the device of the op's first tensor argument.
+Results live on the device of the op's first (not optional) tensor argument.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Config:
 
     @functools.cached_property
     def key(self) -> str:
-        """The name ``OpSpec.configs`` files it under: the prefix without its underscore."""
+        """The name ``OpSpec.build_configs`` files it under: the prefix without its underscore."""
         return self.prefix.rstrip("_")
 
 
@@ -128,11 +128,12 @@ def rotation_arg(prefix: str = "") -> Arg:
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op's boundary: arguments in order, configurations among them, results."""
+    """One op's boundary: arguments in order, the configurations they spell, results (none for an
+    op that only writes into its mutated arguments)."""
 
     name: str
     args: tuple[Arg, ...]
-    configs_: tuple[Config, ...] = ()
+    configs: tuple[Config, ...] = ()
     results: tuple[Result, ...] = ()
 
     def __post_init__(self) -> None:
@@ -142,14 +143,14 @@ class OpSpec:
         tail = [a.default is not REQUIRED for a in self.args]
         if any(has and not later for has, later in zip(tail, tail[1:], strict=False)):
             raise ValueError(f"{self.name}: an argument without a default follows one with a default")
-        for c in self.configs_:
+        for c in self.configs:
             for field in c.fields:
                 if field not in names:
                     raise ValueError(f"{self.name}: config {c.prefix!r} lacks {field}")
         for r in self.results:
             for term in r.shape.split(","):
                 name = _parse(term)[0]
-                if name not in self.tensors and name not in _SYMBOLS:
+                if name not in self.tensors and (name not in _SYMBOLS or not self.configs):
                     raise ValueError(f"{self.name}: result {r.name}'s rule names unknown {name!r}")
 
     @property
@@ -183,10 +184,10 @@ class OpSpec:
             bound[a.name] = value
         return bound
 
-    def configs(self, bound: Mapping[str, Any]) -> dict[str, CodecConfig]:
-        """The call's configurations by ``Config.key`` (``""`` for an op's only one)."""
+    def build_configs(self, bound: Mapping[str, Any]) -> dict[str, CodecConfig]:
+        """A call's configurations by ``Config.key`` (``""`` for an op's only one)."""
         out = {}
-        for c in self.configs_:
+        for c in self.configs:
             src = bound[c.d]  # a tensor or an int (a SymInt while torch.compile traces)
             d = src.shape[-1] if hasattr(src, "shape") else src
             bits, mode, seed, rotation = c.fields
@@ -217,12 +218,12 @@ class OpSpec:
 
 def _parse(term: str) -> tuple[str, str | None, bool, str | None]:
     m = _TERM.match(term.strip())
-    if m is None:
+    if m is None or (m.group(2) == "" and m.group(3) is None):  # "x[]"
         raise ValueError(f"bad shape term {term!r}")
     return m.group(1), m.group(2), m.group(3) is not None, m.group(4)
 
 
-def _shape(rule: str, tensors: Mapping[str, Any], cfg: CodecConfig | None) -> tuple[int, ...]:
+def _shape(rule: str, tensors: Mapping[str, Any], cfg: Any) -> tuple[int, ...]:
     dims: list[int] = []
     for term in rule.split(","):
         name, start, is_slice, stop = _parse(term)
@@ -235,8 +236,7 @@ def _shape(rule: str, tensors: Mapping[str, Any], cfg: CodecConfig | None) -> tu
             else:
                 dims += shape
             continue
-        assert cfg is not None, f"{rule!r} needs a configuration"
-        dims.append(_SYMBOLS[name](cfg))
+        dims.append(_SYMBOLS[name](cfg))  # OpSpec refuses a symbol in an op without configurations
     return tuple(dims)
 
 

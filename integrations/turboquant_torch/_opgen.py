@@ -29,7 +29,7 @@ class Call:
 
     def __init__(self, spec: OpSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.bound = spec.bind(args, kwargs)
-        self.cfg = spec.configs(self.bound)
+        self.cfg = spec.build_configs(self.bound)
         self.__dict__.update(self.bound)  # no argument is named bound or cfg (_opspec.RESERVED)
 
     def __getattr__(self, name: str) -> Any:  # typing only: every argument is set in __init__
