@@ -94,27 +94,46 @@ def _paged_cache(mutated: bool) -> tuple[Arg, ...]:
 # and name the backend (vLLM picks it).
 _KV = (*config_args("k_"), *config_args("v_"))
 _KV_TAIL = (Arg("backend", "str"), rotation_arg("k_"), rotation_arg("v_"))
-_KV_CONFIGS = (Config("k_", "key"), Config("v_", "key"))
 SPECS: dict[str, OpSpec] = {s.name: s for s in (
-    OpSpec("encode", (_t("x"), _opt("channels"), *config_args(), Arg("check_finite", "bool"),
-                      rotation_arg()),
-           (Config("", "x"),),
-           (Result("records", "uint8", "x[:-1], R"), Result("channels", "uint16", "x[:-2], C"))),
-    OpSpec("decode", (_t("records"), _opt("channels"), Arg("d", "int"), *config_args(), rotation_arg()),
-           (Config("", "d"),), (Result("x", "float32", "records[:-1], d"),)),
-    OpSpec("scores", (_t("q"), _t("records"), _opt("channels"), *config_args(), rotation_arg()),
-           (Config("", "q"),), (Result("scores", "float32", "q[:-1], records[-2]"),)),
-    OpSpec("attention", (_t("q"), _t("k_records"), _opt("k_channels"), _t("v_records"), _opt("v_channels"),
-                         *_KV, Arg("scale", "float"), _opt("k_tail"), _opt("v_tail"), rotation_arg("k_"),
-                         rotation_arg("v_")),
-           (Config("k_", "q"), Config("v_", "q")), (Result("out", "float32", "q"),)),
-    OpSpec("paged_write", (_t("k_cache", True), _t("v_cache", True), _t("key"), _t("value"),
-                           _t("slot_mapping"), *_paged_cache(True), *_KV, *_KV_TAIL), _KV_CONFIGS),
-    OpSpec("paged_attention", (_t("out", True), _t("query"), _t("key"), _t("value"), _t("k_cache"),
-                               _t("v_cache"), *_paged_cache(False), _t("block_table"), _t("seq_lens"),
-                               _t("query_start_loc"), Arg("scale", "float"),
-                               # -1: not given (a schema int cannot be None)
-                               Arg("num_decodes", "int"), *_KV, *_KV_TAIL), _KV_CONFIGS),
+    OpSpec(
+        "encode",
+        args=(_t("x"), _opt("channels"), *config_args(), Arg("check_finite", "bool"), rotation_arg()),
+        configs=(Config("", d="x"),),
+        results=(Result("records", "uint8", "x[:-1], R"), Result("channels", "uint16", "x[:-2], C")),
+    ),
+    OpSpec(
+        "decode",
+        args=(_t("records"), _opt("channels"), Arg("d", "int"), *config_args(), rotation_arg()),
+        configs=(Config("", d="d"),),
+        results=(Result("x", "float32", "records[:-1], d"),),
+    ),
+    OpSpec(
+        "scores",
+        args=(_t("q"), _t("records"), _opt("channels"), *config_args(), rotation_arg()),
+        configs=(Config("", d="q"),),
+        results=(Result("scores", "float32", "q[:-1], records[-2]"),),
+    ),
+    OpSpec(
+        "attention",
+        args=(_t("q"), _t("k_records"), _opt("k_channels"), _t("v_records"), _opt("v_channels"), *_KV,
+              Arg("scale", "float"), _opt("k_tail"), _opt("v_tail"), rotation_arg("k_"), rotation_arg("v_")),
+        configs=(Config("k_", d="q"), Config("v_", d="q")),
+        results=(Result("out", "float32", "q"),),
+    ),
+    OpSpec(
+        "paged_write",
+        args=(_t("k_cache", True), _t("v_cache", True), _t("key"), _t("value"), _t("slot_mapping"),
+              *_paged_cache(True), *_KV, *_KV_TAIL),
+        configs=(Config("k_", d="key"), Config("v_", d="key")),
+    ),
+    OpSpec(
+        "paged_attention",
+        args=(_t("out", True), _t("query"), _t("key"), _t("value"), _t("k_cache"), _t("v_cache"),
+              *_paged_cache(False), _t("block_table"), _t("seq_lens"), _t("query_start_loc"),
+              Arg("scale", "float"), Arg("num_decodes", "int"),  # -1 for None: a schema int is never None
+              *_KV, *_KV_TAIL),
+        configs=(Config("k_", d="key"), Config("v_", d="key")),
+    ),
 )}
 OPS = tuple(SPECS)
 
