@@ -52,12 +52,17 @@ def _codec_cases() -> list[tuple[str, tuple[object, ...]]]:
         ("encode_integer_bits", (x.bfloat16(), None, 3.0, "mse", v, True)),
         ("decode", (rec, ch, D, 3.5, "mse", k)),
         ("decode_integer_bits", (v_rec, None, D, 3.0, "prod", v)),
+        ("decode_hadamard2", (turboquant_torch.encode(x, bits=3.5, seed=K_SEED, rotation="hadamard2")[0], ch,
+                              D, 3.5, "mse", k, "hadamard2")),
         ("scores", (_rand(4, 2, 3, 5, D, dtype=torch.float16), rec, ch, 3.5, "mse", k)),
         # lead (2,), 3 KV heads, 6 query heads (GQA), 4 raw tail tokens.
         ("attention", (_rand(5, 2, 6, D), rec, ch, v_rec, None, 3.5, "mse", k, 3.0, "prod", v, 0.125,
                        tail, tail.clone())),
         ("attention_no_tail", (_rand(6, 2, 3, D), rec, ch, rec, ch, 3.5, "mse", k, 3.5, "mse", k, 0.2,
                                None, None)),
+        # lead (): one sequence's 3 KV heads, float16 queries.
+        ("attention_no_lead", (_rand(15, 3, D, dtype=torch.float16), rec[0], ch[0], v_rec[0], None,
+                               3.5, "mse", k, 3.0, "prod", v, 0.125, tail[0], tail[0].clone())),
     ]
 
 
