@@ -13,17 +13,15 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
+import turboquant_torch
+import turboquant_torch.paged  # noqa: F401  (registers the paged ops)
+from torch._subclasses.fake_tensor import FakeTensorMode
+from turboquant_torch import _opgen
+from turboquant_torch.ops import seed_arg
 
-torch = pytest.importorskip("torch")
-
-import turboquant_torch  # noqa: E402,F401  (registers the ops)
-import turboquant_torch.paged  # noqa: E402,F401
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from turboquant_torch import _opgen  # noqa: E402
-from turboquant_torch.ops import seed_arg  # noqa: E402
-
-import turboquant_codec as tq  # noqa: E402
-from turboquant_codec import _ops, _opspec  # noqa: E402
+import turboquant_codec as tq
+from turboquant_codec import _ops, _opspec
 
 D, H, BS, NB = 64, 2, 16, 4
 K_SEED, V_SEED = tq.stream_seed(5, 0), tq.stream_seed(5, 1)  # full 64-bit: negative on the wire
@@ -137,7 +135,8 @@ def test_fake_gives_what_the_real_op_gives(case: tuple[str, tuple[object, ...]])
     call = _opgen.Call(spec, tuple(args), {})
     declared = [(shape, getattr(torch, dtype)) for shape, dtype in spec.result_shapes(call.bound, call.cfg)]
     assert _meta(real) == declared
-    assert all(t.device == args[0].device for t in real)  # type: ignore[union-attr]
+    first = args[0]
+    assert isinstance(first, torch.Tensor) and all(t.device == first.device for t in real)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
