@@ -147,7 +147,7 @@ def test_opcheck(case: tuple[str, tuple[object, ...]]) -> None:
 
 # ------------------------------------------------------------------------------ the contract's text
 def test_docstring_shows_the_declarations() -> None:
-    assert textwrap.indent(_opspec.render(_ops.SPECS, 96), "    ") in (_ops.__doc__ or "")
+    assert textwrap.indent(_opspec.render(_ops.SPECS), "    ") in (_ops.__doc__ or "")
 
 
 def _table_rows() -> dict[str, str]:

@@ -240,8 +240,9 @@ def _shape(rule: str, tensors: Mapping[str, Any], cfg: Any) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def render(specs: Mapping[str, OpSpec], width: int = 100) -> str:
-    """The signatures of ``specs``, wrapped at ``width``, as the contract's docstring shows them."""
+def render(specs: Mapping[str, OpSpec], width: int = 96) -> str:
+    """The signatures of ``specs``, one op after another, wrapped at ``width``: the block the
+    contract's docstring shows (indented by four)."""
     lines = []
     for spec in specs.values():
         line, indent = "", " " * (len(spec.name) + 1)
