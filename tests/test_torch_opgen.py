@@ -1,15 +1,10 @@
 """The torch ops generated from the op contract (``_ops.SPECS``): every declared op exists with the
 declared schema, its fake gives the shapes and dtypes the real op gives (and the declaration's rule
-predicts) on fresh random CPU data, and ``torch.library.opcheck`` passes; the contract's documents
-(its docstring block, its table) agree with its data and its Protocol.
+predicts) on fresh random CPU data, and ``torch.library.opcheck`` passes. (The declarations
+themselves: ``test_ops_contract.py``.)
 """
 
 from __future__ import annotations
-
-import inspect
-import re
-import textwrap
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -143,72 +138,3 @@ def test_fake_gives_what_the_real_op_gives(case: tuple[str, tuple[object, ...]])
 def test_opcheck(case: tuple[str, tuple[object, ...]]) -> None:
     name, args = case
     torch.library.opcheck(getattr(torch.ops.turboquant, _op(name)).default, args)
-
-
-# ------------------------------------------------------------------------------ the contract's text
-def test_docstring_shows_the_declarations() -> None:
-    assert textwrap.indent(_opspec.render(_ops.SPECS), "    ") in (_ops.__doc__ or "")
-
-
-def _table_rows() -> dict[str, str]:
-    """The op table of ``_ops``'s docstring: op -> the text of its row (continuation lines too)."""
-    lines = (_ops.__doc__ or "").splitlines()
-    rules = [i for i, line in enumerate(lines) if line.startswith("=" * 15)]
-    rows: dict[str, str] = {}
-    op = ""
-    for line in lines[rules[1] + 1:rules[2]]:  # the body: between the header's rule and the last
-        head = line[:17].strip()
-        op = head or op
-        if op:
-            rows[op] = rows.get(op, "") + line[17:]
-    return rows
-
-
-def test_table_agrees_with_the_protocol() -> None:
-    rows = _table_rows()
-    assert tuple(rows) == _ops.OPS
-    for op in _ops.OPS:
-        params = [p for p in inspect.signature(getattr(_ops.Backend, op)).parameters if p != "self"]
-        words = set(re.findall(r"\w+", rows[op]))
-        assert set(params) <= words, f"{op}: {set(params) - words} missing from its table row"
-
-
-# ------------------------------------------------------------------------------------ the vocabulary
-@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1, 2**63, 2**64 - 1, K_SEED])
-def test_seeds_round_trip_through_the_wire(seed: int) -> None:
-    wire = _opspec.wire_seed(seed)
-    assert -(2**63) <= wire < 2**63
-    assert _opspec.wire_config(D, 3.0, "mse", wire).seed == seed
-
-
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: _opspec.Arg("x", "tensor[]"), "kind"),
-    (lambda: _opspec.Arg("s", "float", mutated=True), "only tensors"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("a", "int", 1), _opspec.Arg("b", "int"))), "follows"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("cfg", "int"),)), "reserved"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (_opspec.Config("", "x"),)), "lacks bits"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "float32", "z"),)),
-     "unknown 'z'"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "float32", "x["),)),
-     "bad shape term"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "float32", "x[]"),)),
-     "bad shape term"),
-    (lambda: _opspec.OpSpec("f", (_opspec.Arg("x", "tensor"),), (), (_opspec.Result("y", "uint8", "x, R"),)),
-     "unknown 'R'"),  # a symbol needs a configuration
-])
-def test_bad_declarations_are_refused(make: Callable[[], object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        make()
-
-
-def test_bind_fills_defaults_and_refuses_what_the_schema_would() -> None:
-    spec = _ops.SPECS["decode"]
-    bound = spec.bind(("r", None, 64, 3.0, "mse", 0), {})
-    assert bound["rotation"] == "haar" and bound["d"] == 64
-    assert spec.bind(("r", None, 64, 3.0, "mse", 0), {"rotation": "hadamard"})["rotation"] == "hadamard"
-    with pytest.raises(TypeError, match="missing argument seed"):
-        spec.bind(("r", None, 64, 3.0, "mse"), {})
-    with pytest.raises(TypeError, match="unknown arguments"):
-        spec.bind(("r", None, 64, 3.0, "mse", 0), {"sead": 1})
-    with pytest.raises(TypeError, match="takes 7 arguments"):
-        spec.bind(tuple(range(8)), {})
