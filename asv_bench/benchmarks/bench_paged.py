@@ -1,11 +1,16 @@
 """Time of one paged decode step's attention (``tq.paged_attention``, every request a decode) per GPU
-backend, bits/mode and context length: 4 requests, 8 KV heads, 32 query heads, d=128, block size 16,
+backend, bits/mode and context length, and of a whole decode step captured in a CUDA graph
+(``PagedGraphStep``): 4 requests, 8 KV heads, 32 query heads, d=128, block size 16,
 a random block table over vLLM's packed ``[num_blocks, H, 16, R_k + R_v]`` cache, a raw pool on each
 request's first and last block.
 
 The cache is written once in ``setup`` by ``tq.paged_write`` (kernels, tables and launch plans are
 warm before timing); the timed function waits for the device. CPU backends are skipped (the host
 paged path has its own benchmarks); so is everything without a GPU.
+
+``PagedGraphStep`` is what the vLLM plugin's graph-captured decode step runs: per layer, the new
+token's ``tq.paged_write`` and ``tq.paged_attention`` on torch tensors, ``LAYERS`` layers in one
+``torch.cuda.CUDAGraph`` (every layer reads the same cache), replayed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ CONTEXTS = (2048, 32768)
 REQUESTS = 4
 HEAD_DIM = 128
 BLOCK = 16
+LAYERS = 8
 
 
 class PagedDecode:
@@ -55,6 +61,7 @@ class PagedDecode:
             raise NotImplementedError("GPU backends only")
         self.backend = backend
         self.sync = synchronizer(backend)
+        self.scale = HEAD_DIM**-0.5
         mode, bits = parse_config(config)
         rng = np.random.default_rng(1234)
         ctx = scaled(context)
@@ -63,6 +70,8 @@ class PagedDecode:
         per = -(-(ctx + 1) // BLOCK)
         nb = REQUESTS * per + 2
         table = rng.permutation(nb)[: REQUESTS * per].reshape(REQUESTS, per).astype(np.int32)
+        # The slot of each request's new token (position ctx), for the graph step's write.
+        self.new_slots = table[:, ctx // BLOCK].astype(np.int64) * BLOCK + ctx % BLOCK
         rsb = np.full(nb, -1, np.int32)
         raw_blocks = np.unique(np.concatenate([table[:, 0], table[:, -1]]))
         rsb[raw_blocks] = np.arange(raw_blocks.size)
@@ -89,9 +98,56 @@ class PagedDecode:
         self.sync()
 
     def call(self) -> Any:
-        return tq.paged_attention(self.cache, *self.args, scale=HEAD_DIM**-0.5, out=self.out,
+        return tq.paged_attention(self.cache, *self.args, scale=self.scale, out=self.out,
                                   num_decodes=REQUESTS, backend=self.backend)
 
     def time_paged_decode(self, *params: Any) -> None:
         self.call()
+        self.sync()
+
+
+class PagedGraphStep:
+    params = (CONFIGS, CONTEXTS)
+    param_names = ("config", "context")
+    repeat = TIMING["repeat"]
+    warmup_time = TIMING["warmup_time"]
+    sample_time = TIMING["sample_time"]
+    min_run_count = TIMING["min_run_count"]
+    timeout = 300
+
+    def setup(self, config: str, context: int) -> None:
+        try:
+            import torch
+        except ImportError as e:
+            raise NotImplementedError("torch is not installed") from e
+        if not torch.cuda.is_available():
+            raise NotImplementedError("torch sees no CUDA device")
+        base = PagedDecode()
+        base.setup("cupy_raw", config, context)
+        t = torch.from_dlpack  # zero-copy views of the CuPy arrays
+        cache = base.cache.converted(t)
+        q, key, value, table, seq_lens, qsl = (t(a) for a in base.args)
+        out, slots = t(base.out), torch.as_tensor(base.new_slots, device=q.device)
+
+        def step() -> None:
+            for _ in range(LAYERS):
+                tq.paged_write(cache, key, value, slots, backend="cupy_raw")
+                tq.paged_attention(cache, q, key, value, table, seq_lens, qsl, scale=base.scale, out=out,
+                                   num_decodes=REQUESTS, backend="cupy_raw")
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: kernels, plans, replays built
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+        self.sync = torch.cuda.synchronize
+        self.graph.replay()
+        self.sync()
+
+    def time_graph_step(self, *params: Any) -> None:
+        self.graph.replay()
         self.sync()
