@@ -106,10 +106,13 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
         a["decoder"](q, k, v, a["seq_lens"], scale=scale, out=out)
         return torch.from_numpy(out).unsqueeze(1)
     # The codec's op directly (its torch.library wrapper only adds host time per call, and this
-    # cache is neither compiled nor graph-captured).
-    q_t = query[:, :, 0].contiguous()
-    k_t, v_t = key[:, :, 0].contiguous(), value[:, :, 0].contiguous()
-    out_t = torch.empty_like(q_t)
+    # cache is neither compiled nor graph-captured). The new tokens go through the layer's step
+    # buffers: the op then sees the same arrays every step and replays its prepared launches
+    # instead of checking and packing new ones.
+    q_t, k_t, v_t, out_t = layer.step_buffers(query, key)
+    q_t.copy_(query[:, :, 0])
+    k_t.copy_(key[:, :, 0])
+    v_t.copy_(value[:, :, 0])
     paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
                     scale=scale, out=out_t, num_decodes=a["num_decodes"])
     return out_t.unsqueeze(1)

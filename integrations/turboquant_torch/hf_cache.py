@@ -450,6 +450,23 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
                     num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
 
+    def step_buffers(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Buffers of a one-token GPU step, kept across steps while the shapes hold: query and out
+        ``(B, H_q, d)``, the new key and value ``(B, H, d)``.
+
+        Parameters
+        ----------
+        query : Tensor (B, H_q, 1, d)
+        key : Tensor (B, H, 1, d)
+        """
+        b, hq, _, d = query.shape
+        kept = self._dev.get("step")
+        if kept is None or kept[0].shape != (b, hq, d) or kept[0].dtype != query.dtype:
+            q = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
+            kv = torch.empty(2, b, key.shape[1], d, dtype=key.dtype, device=key.device)
+            kept = self._dev["step"] = (q, kv[0], kv[1], torch.empty_like(q))
+        return kept
+
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
         if "table" not in dev:
@@ -799,6 +816,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]  # not the views
         dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *tensors, self._next_slot))
+        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # query, key, value, out buffers
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(
