@@ -12,12 +12,13 @@ import pytest
 from turboquant_codec import tuning
 from turboquant_codec.backends import cupy_raw_attn, cupy_raw_build, cupy_raw_device
 from turboquant_codec.config import CodecConfig
-from turboquant_codec.tuning import CupyRawTuning, NumbaCudaTuning, Tuning
+from turboquant_codec.tuning import CupyRawTuning, HostTuning, NumbaCudaTuning, Tuning
 
 
 def test_defaults_are_the_tuned_values() -> None:
     assert dataclasses.astuple(CupyRawTuning()) == (16, 4, 1, None, None, 12, None, "auto")
     assert dataclasses.astuple(NumbaCudaTuning()) == (None, False)
+    assert dataclasses.astuple(HostTuning()) == ("auto",)
     assert tuning.from_env({}) == Tuning()
 
 

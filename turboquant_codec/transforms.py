@@ -13,9 +13,10 @@ Each channel group owns two matrices, both functions of (seed, group index, grou
     ``D1``, ``D2`` diagonal random signs from (seed, group);
   - ``"hadamard"``: ``H`` alone (no signs; the same for every seed), upstream vLLM's rotation.
 
-  The Hadamard kinds are delivered as dense matrices too: encode and decode cost ``g^2``
-  multiply-adds per vector whatever the kind (no ``g log g`` fast path), none per key in attention,
-  where the query is rotated once.
+  The Hadamard kinds are delivered as dense matrices too (the GPU kernels read them so), and also
+  as their sign rows (``GroupTables.signs``): the host applies them as sign flips and fast
+  Walsh-Hadamard transforms, ``g log2 g`` additions per vector per round instead of ``g^2``
+  multiply-adds (``rotate``; which path runs: ``tuning.HostTuning.rotation_path``).
 - ``projection``: the QJL matrix ``S`` with i.i.d. N(0, 1) entries, ``g x g``.
 
 Randomness comes from NumPy's Philox counter-based bit generator, whose raw stream NumPy guarantees
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validate
+from . import tuning as _tuning
 from .codebooks import codec_codebook
 from .config import CodecConfig
 
@@ -126,6 +128,118 @@ def rotation_matrix(kind: str, seed: int, group: int, dim: int) -> np.ndarray:
     raise ValueError(f"unknown rotation kind {kind!r}")
 
 
+def hadamard_signs(kind: str, seed: int, group: int, dim: int) -> np.ndarray | None:
+    """The sign rows of a Hadamard kind, one per round in the order applied; None for ``"haar"``.
+
+    Returns
+    -------
+    ndarray (rounds, dim) float64 of +-1, or None
+        ``rotation_matrix(kind, ...) @ x`` equals ``H (signs[-1] * ... H (signs[0] * x))`` with
+        ``H = sylvester_hadamard(dim)``: one row of ones for ``"hadamard"``, ``random_signs(..., 2)``
+        for ``"hadamard2"``.
+    """
+    if kind == "haar":
+        return None
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two dimension, got {dim}")
+    if kind == "hadamard":
+        return np.ones((1, dim))
+    if kind == "hadamard2":
+        return random_signs(seed, group, dim, 2)
+    raise ValueError(f"unknown rotation kind {kind!r}")
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Normalised Walsh-Hadamard transform of the last axis, in NumPy: ``x @ sylvester_hadamard(g)``.
+
+    Parameters
+    ----------
+    x : ndarray (..., g) float
+        ``g`` a power of two.
+
+    Returns
+    -------
+    ndarray (..., g) float64
+        A new array; ``log2 g`` butterfly stages over whole-array slices.
+    """
+    out = np.array(x, dtype=np.float64, copy=True)
+    lead, g = out.shape[:-1], out.shape[-1]
+    flat = out.reshape(-1, g)
+    h = 1
+    while h < g:
+        pairs = flat.reshape(flat.shape[0], g // (2 * h), 2, h)
+        low = pairs[:, :, 0, :].copy()
+        pairs[:, :, 0, :] += pairs[:, :, 1, :]
+        low -= pairs[:, :, 1, :]
+        pairs[:, :, 1, :] = low
+        h *= 2
+    return (flat * (1.0 / np.sqrt(g))).reshape(*lead, g)
+
+
+@functools.cache
+def _numba_rotate() -> object | None:
+    """``numba_cpu.fwht_rotate`` when Numba imports, else None (checked once per process)."""
+    from .backends import availability, load
+
+    return load("numba_cpu").fwht_rotate if availability("numba_cpu") else None
+
+
+def rotation_path(kind: str) -> str:
+    """Which path ``rotate`` takes for ``kind`` under the tuning in force: "dense", "numpy" or "numba".
+
+    Haar is always dense. For the Hadamard kinds, ``HostTuning.rotation_path`` "auto" takes the
+    Numba transform when Numba imports and the dense product otherwise: NumPy's butterflies, one
+    pass over the array per stage, are slower than the BLAS product at g <= 128
+    (``benchmarks/RESULTS-rotation.md``).
+    """
+    path = _tuning.current().host.rotation_path
+    if kind == "haar" or path == "dense":
+        return "dense"
+    if path == "auto":
+        return "numba" if _numba_rotate() is not None else "dense"
+    if path == "numba" and _numba_rotate() is None:
+        raise RuntimeError("HostTuning.rotation_path='numba' but the numba_cpu backend is not available")
+    return path
+
+
+def rotate(x: np.ndarray, t: GroupTables, inverse: bool = False) -> np.ndarray:
+    """One group's rotation applied to the rows of ``x`` on the host, by the path ``rotation_path`` picks.
+
+    Parameters
+    ----------
+    x : ndarray (..., g) float
+        Vectors of one group (any strides).
+    t : GroupTables
+        The group's tables (``rotation``, and ``signs`` for the Hadamard kinds).
+    inverse : bool
+        False: ``R x`` per row (``x @ R.T``); True: ``R^T x`` per row (``x @ R``).
+
+    Returns
+    -------
+    ndarray (..., g) float64
+        Equal to the dense product within float64 rounding (a few ulps of the norm).
+    """
+    path = "dense" if t.signs is None else rotation_path("hadamard")
+    if path == "dense":
+        return np.asarray(x, dtype=np.float64) @ (t.rotation if inverse else t.rotation.T)
+    assert t.signs is not None
+    if path == "numba":
+        fast = _numba_rotate()
+        assert fast is not None
+        g = x.shape[-1]
+        flat = np.asarray(x, dtype=np.float64).reshape(-1, g)
+        return fast(flat, t.signs, inverse).reshape(x.shape)  # type: ignore[operator]
+    # NumPy: R = H D_k ... H D_1, so R x flips then transforms per round; R^T x the reverse.
+    y = np.asarray(x, dtype=np.float64)
+    if not inverse:
+        for row in t.signs:
+            y = fwht(y * row)
+    else:
+        for row in t.signs[::-1]:
+            y = fwht(y) * row
+    return y
+
+
 @dataclass(frozen=True)
 class GroupTables:
     """Host float64 tables of one channel group.
@@ -140,6 +254,9 @@ class GroupTables:
     boundaries : ndarray (2**code_bits - 1,)
     qjl_scale : float
         ``sqrt(pi/2) / g``: the QJL dequantization constant.
+    signs : ndarray (rounds, g) or None
+        The Hadamard kinds' sign rows (``hadamard_signs``), which with fast transforms make
+        ``rotation``; None for Haar.
     """
 
     rotation: np.ndarray
@@ -147,6 +264,7 @@ class GroupTables:
     centroids: np.ndarray
     boundaries: np.ndarray
     qjl_scale: float
+    signs: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -164,6 +282,7 @@ def tables(cfg: CodecConfig) -> tuple[GroupTables, ...]:
                 centroids=book.centroids,
                 boundaries=book.boundaries,
                 qjl_scale=float(np.sqrt(np.pi / 2) / g.dim),
+                signs=hadamard_signs(cfg.rotation, cfg.seed, g.index, g.dim),
             )
         )
     return tuple(out)

@@ -1,4 +1,5 @@
-"""Every tuning knob of the GPU backends, and every environment variable the codec reads, in one place.
+"""Every tuning knob of the backends (the GPU ones, the host's rotation path) and every environment
+variable the codec reads, in one place.
 
 Settings are frozen dataclasses, one per backend, gathered in ``Tuning``. A backend reads
 ``current()`` at each call and keys its build and plan caches on the settings object it got, so a
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENCODE_PATHS = ("auto", "scalar")
+ROTATION_PATHS = ("auto", "dense", "numpy", "numba")
 
 
 def _positive(owner: object, name: str, value: int | None, optional: bool = False) -> None:
@@ -123,15 +125,37 @@ class NumbaCudaTuning:
 
 
 @dataclass(frozen=True)
+class HostTuning:
+    """How the host (the NumPy reference, and the transforms it shares) computes.
+
+    Attributes
+    ----------
+    rotation_path : {"auto", "dense", "numpy", "numba"}
+        How the Hadamard rotation kinds are applied on the host (``transforms.rotate``; Haar is always
+        the dense product): "dense" the ``g x g`` BLAS product, "numpy" sign flips and NumPy
+        butterflies, "numba" sign flips and a compiled fast Walsh-Hadamard transform; "auto" Numba
+        when it imports, else dense (timings: ``benchmarks/RESULTS-rotation.md``).
+    """
+
+    rotation_path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rotation_path not in ROTATION_PATHS:
+            raise ValueError(f"HostTuning.rotation_path must be one of {ROTATION_PATHS}, "
+                             f"got {self.rotation_path!r}")
+
+
+@dataclass(frozen=True)
 class Tuning:
-    """The settings of every GPU backend."""
+    """The settings of every backend."""
 
     cupy_raw: CupyRawTuning = field(default_factory=CupyRawTuning)
     numba_cuda: NumbaCudaTuning = field(default_factory=NumbaCudaTuning)
+    host: HostTuning = field(default_factory=HostTuning)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            kind = {"cupy_raw": CupyRawTuning, "numba_cuda": NumbaCudaTuning}[f.name]
+            kind = {"cupy_raw": CupyRawTuning, "numba_cuda": NumbaCudaTuning, "host": HostTuning}[f.name]
             if not isinstance(getattr(self, f.name), kind):
                 raise TypeError(f"Tuning.{f.name} must be a {kind.__name__}, "
                                 f"got {type(getattr(self, f.name)).__name__}")
@@ -193,7 +217,7 @@ def using(**settings: Any) -> Iterator[Tuning]:
     Parameters
     ----------
     **settings
-        ``cupy_raw=CupyRawTuning(...)``, ``numba_cuda=NumbaCudaTuning(...)``.
+        ``cupy_raw=CupyRawTuning(...)``, ``numba_cuda=NumbaCudaTuning(...)``, ``host=HostTuning(...)``.
     """
     before = _current
     use(dataclasses.replace(before, **settings))

@@ -15,6 +15,9 @@ heads)::
     acc_raw      += p * v_raw                        (model domain, channel order)
     out           = (unpermute(acc_rot_g @ R_g) + acc_raw) / sum(p)     one un-rotation per head
 
+The Hadamard rotation kinds rotate the query and un-rotate the values by sign flips and fast
+Walsh-Hadamard transforms (``g log2 g`` additions per round instead of ``g^2`` multiply-adds).
+
 Records follow ``config``'s byte layout. Codes are unpacked eight at a time (eight ``b``-bit codes
 fill ``b`` whole bytes) as four two-code fields, each looked up in a pair table of centroids;
 bfloat16 norms and 16-bit raw pools are widened through 65536-entry tables (exact). The phases
@@ -53,28 +56,53 @@ def availability() -> Availability:
 asarray = numpy_ref.asarray
 
 
+def fwht_rotate(x: np.ndarray, signs: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """A Hadamard-kind rotation of each row by sign flips and a compiled fast Walsh-Hadamard transform.
+
+    Parameters
+    ----------
+    x : ndarray (n, g) float64
+        Rows of one group, ``g`` a power of two >= 4 (any strides).
+    signs : ndarray (rounds, g) float64
+        ``transforms.hadamard_signs``: ``R = H D_rounds ... H D_1``.
+    inverse : bool
+        False: ``R x`` per row; True: ``R^T x``.
+
+    Returns
+    -------
+    ndarray (n, g) float64
+        ``x @ R.T`` (or ``x @ R``) within float64 rounding, in ``rounds * g * log2 g`` additions per row.
+    """
+    return _fwht_rows(x, np.ascontiguousarray(signs, dtype=np.float64), bool(inverse))
+
+
 # ------------------------------------------------------------------------------------------ tables
 @functools.lru_cache(maxsize=64)
-def _codec_tables(cfg: CodecConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per configuration: ``meta`` [groups, 5] int64 (dim, code bits, code offset, norm offset,
-    first channel in record order), ``rot`` [groups, g, g] float32 and ``pairs`` [groups, 256, 2]
-    float32 (entry ``x``: the centroids of the two codes packed in the ``2 * bits`` bits of ``x``,
-    low code first)."""
+def _codec_tables(cfg: CodecConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per configuration: ``meta`` [groups, 6] int64 (dim, code bits, code offset, norm offset,
+    first channel in record order, Hadamard rounds: 0 for a dense rotation), ``rot`` [groups, g, g]
+    float32, ``pairs`` [groups, 256, 2] float32 (entry ``x``: the centroids of the two codes packed in
+    the ``2 * bits`` bits of ``x``, low code first) and ``signs`` [groups, max(rounds, 1), g] float32
+    (the Hadamard kinds' sign rows; zeros for Haar)."""
     groups, tabs = cfg.groups, tables(cfg)
     if any(g.dim % 8 for g in groups):  # head dims are multiples of 16: groups of d or d / 2
         raise ValueError(f"{cfg}: group sizes {[g.dim for g in groups]} are not multiples of 8")
     g_max = max(g.dim for g in groups)
     starts = np.cumsum([0] + [g.dim for g in groups])[:-1]
-    meta = np.array([[g.dim, g.code_bits, g.code_offset, g.norm_offset, s]
-                     for g, s in zip(groups, starts, strict=True)], np.int64)
+    rounds = [0 if t.signs is None else t.signs.shape[0] for t in tabs]
+    meta = np.array([[g.dim, g.code_bits, g.code_offset, g.norm_offset, s, r]
+                     for g, s, r in zip(groups, starts, rounds, strict=True)], np.int64)
     rot = np.zeros((len(groups), g_max, g_max), np.float32)
+    signs = np.zeros((len(groups), max(max(rounds), 1), g_max), np.float32)
     pairs = np.zeros((len(groups), MAX_CODES * MAX_CODES, 2), np.float32)
     for i, (g, t) in enumerate(zip(groups, tabs, strict=True)):
         rot[i, : g.dim, : g.dim] = t.rotation
+        if t.signs is not None:
+            signs[i, : t.signs.shape[0], : g.dim] = t.signs
         x = np.arange(1 << (2 * g.code_bits))
         pairs[i, : x.size, 0] = t.centroids[x & ((1 << g.code_bits) - 1)]
         pairs[i, : x.size, 1] = t.centroids[x >> g.code_bits]
-    return meta, rot, pairs
+    return meta, rot, pairs, signs
 
 
 @functools.cache
@@ -168,11 +196,60 @@ if not _IMPORT_ERROR:
         n_raw = pool32.shape[0] if kind == 0 else pool16.shape[0]
         return t0, cnt, blk, raw if 0 <= raw < n_raw else np.int64(-1)
 
+    @njit(inline="always", cache=True)
+    def _hadamard(row: np.ndarray) -> None:
+        """In place: ``row`` [g] (g a power of two, >= 4) -> its unnormalised Walsh-Hadamard transform.
+        The first two stages as one radix-4 step in registers; later stages run over contiguous
+        halves (vectorised)."""
+        g = row.size
+        for i in range(0, g, 4):
+            a, b, c, e = row[i], row[i + 1], row[i + 2], row[i + 3]
+            s0, s1, s2, s3 = a + b, a - b, c + e, c - e
+            row[i], row[i + 1], row[i + 2], row[i + 3] = s0 + s2, s1 + s3, s0 - s2, s1 - s3
+        h = 4
+        while h < g:
+            for i in range(0, g, 2 * h):
+                low, high = row[i : i + h], row[i + h : i + 2 * h]
+                for j in range(h):
+                    a, b = low[j], high[j]
+                    low[j], high[j] = a + b, a - b
+            h *= 2
+
+    @njit(inline="always", cache=True)
+    def _hadamard_rotate(row: np.ndarray, signs: np.ndarray, inverse: bool) -> None:
+        """In place: ``row`` [g] -> ``R row`` (or ``R^T row``) for ``R = H D_k ... H D_1`` with
+        ``D_r = diag(signs[r])`` and ``H`` normalised; ``signs`` [rounds, >= g]."""
+        g, rounds = row.size, signs.shape[0]
+        scale = row.dtype.type(1.0 / np.sqrt(g))
+        for r in range(rounds):
+            if inverse:
+                _hadamard(row)
+                sr = signs[rounds - 1 - r]
+                for c in range(g):
+                    row[c] *= sr[c] * scale
+            else:
+                sr = signs[r]
+                for c in range(g):
+                    row[c] *= sr[c] * scale
+                _hadamard(row)
+
     @njit(fastmath=True, cache=True)
-    def _queries(q: np.ndarray, scale: float, k_meta: np.ndarray, k_rot: np.ndarray, k_chan: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def _fwht_rows(x: np.ndarray, signs: np.ndarray, inverse: bool) -> np.ndarray:
+        """[n, g] float64 rows (any strides) -> their rotations, a new contiguous [n, g]."""
+        out = np.empty(x.shape, np.float64)
+        for r in range(x.shape[0]):
+            row = out[r]
+            for c in range(x.shape[1]):
+                row[c] = x[r, c]
+            _hadamard_rotate(row, signs, inverse)
+        return out
+
+    @njit(fastmath=True, cache=True)
+    def _queries(q: np.ndarray, scale: float, k_meta: np.ndarray, k_rot: np.ndarray, k_sgn: np.ndarray,
+                 k_chan: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """q [G, d] (one KV head's query heads) -> scaled (q_raw) and rotated per key group in the
-        keys' record order (q_rot), both [G, d] float32."""
+        keys' record order (q_rot), both [G, d] float32. Hadamard kinds: sign flips and fast
+        transforms in place of the dense rows."""
         n_group, d = q.shape
         q_raw = np.empty((n_group, d), np.float32)
         q_rot = np.empty((n_group, d), np.float32)
@@ -184,8 +261,13 @@ if not _IMPORT_ERROR:
             for c in range(d):  # channel lists clamped to d, as in the GPU kernels: never out of bounds
                 permuted[c] = q_raw[g, min(max(k_chan[c], 0), d - 1)]
             for gi in range(k_meta.shape[0]):
-                dim, start = k_meta[gi, 0], k_meta[gi, 4]
+                dim, start, rounds = k_meta[gi, 0], k_meta[gi, 4], k_meta[gi, 5]
                 x = permuted[start : start + dim]
+                if rounds > 0:
+                    y = q_rot[g, start : start + dim]
+                    y[:] = x
+                    _hadamard_rotate(y, k_sgn[gi, :rounds, :dim], False)
+                    continue
                 for j in range(dim):
                     row = k_rot[gi, j, :dim]
                     acc = np.float32(0.0)
@@ -290,15 +372,19 @@ if not _IMPORT_ERROR:
         return acc_rot, acc_raw
 
     @njit(fastmath=True, cache=True)
-    def _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_chan, out):  # noqa: ANN001
+    def _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_sgn, v_chan, out):  # noqa: ANN001
         """out [G, d] = (un-rotated acc_rot scattered through the value channels + acc_raw) / total."""
         d = acc_rot.shape[1]
         x = np.empty(d, np.float32)
         for g in range(acc_rot.shape[0]):
             x[:] = 0.0
             for gi in range(v_meta.shape[0]):
-                dim, start = v_meta[gi, 0], v_meta[gi, 4]
+                dim, start, rounds = v_meta[gi, 0], v_meta[gi, 4], v_meta[gi, 5]
                 y = x[start : start + dim]
+                if rounds > 0:
+                    y[:] = acc_rot[g, start : start + dim]
+                    _hadamard_rotate(y, v_sgn[gi, :rounds, :dim], True)
+                    continue
                 for j in range(dim):
                     a, row = acc_rot[g, start + j], v_rot[gi, j, :dim]
                     for c in range(dim):
@@ -310,8 +396,8 @@ if not _IMPORT_ERROR:
 
     @njit(parallel=True, cache=True)
     def _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind,  # noqa: ANN001
-                     query, scale, k_new, v_new, k_meta, k_rot, k_pairs, k_chan, v_meta, v_rot, v_pairs,
-                     v_chan, half, brain, out):
+                     query, scale, k_new, v_new, k_meta, k_rot, k_sgn, k_pairs, k_chan, v_meta, v_rot,
+                     v_sgn, v_pairs, v_chan, half, brain, out):
         """out[rows[i]] [h_q, d] float32 of the decode requests ``reqs`` (query rows ``rows``); one
         task per (request, KV head)."""
         n_heads = k_new.shape[1]
@@ -321,13 +407,13 @@ if not _IMPORT_ERROR:
             r, row = reqs[i], rows[i]
             ctx = seq[r] - 1
             heads = slice(h * n_group, (h + 1) * n_group)
-            q_raw, q_rot = _queries(query[row, heads], scale, k_meta, k_rot, k_chan[h])
+            q_raw, q_rot = _queries(query[row, heads], scale, k_meta, k_rot, k_sgn, k_chan[h])
             s = _scores(q_raw, q_rot, k_new[row, h], ctx, table[r], kc, h, rsb, rk32, rk16, kind,
                         k_meta, k_pairs, half, brain)
             total = _softmax(s)
             acc_rot, acc_raw = _values(s, v_new[row, h], ctx, table[r], vc, h, rsb, rv32, rv16, kind,
                                        v_meta, v_pairs, half, brain)
-            _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_chan[h], out[row, heads])
+            _finish(acc_rot, acc_raw, total, v_meta, v_rot, v_sgn, v_chan[h], out[row, heads])
 
 
 # ---------------------------------------------------------------------------------------------- op
@@ -369,8 +455,8 @@ def _bind(cache: PagedCache, table: np.ndarray) -> Any:
     """The compiled step over ``cache``: ``step(query, key, value, seq, reqs, rows, scale, out)``
     for requests ``reqs`` (query rows ``rows``), written to ``out[rows]``."""
     h_kv, d = cache.num_kv_heads, cache.head_dim
-    k_meta, k_rot, k_pairs = _codec_tables(cache.k_config)
-    v_meta, v_rot, v_pairs = _codec_tables(cache.v_config)
+    k_meta, k_rot, k_pairs, k_sgn = _codec_tables(cache.k_config)
+    v_meta, v_rot, v_pairs, v_sgn = _codec_tables(cache.v_config)
     rk32, rk16, kind = _raw_views(cache.raw_k)
     rv32, rv16, _ = _raw_views(cache.raw_v)
     rsb = (np.asarray(cache.raw_slot_of_block, dtype=np.int32) if cache.has_raw
@@ -384,8 +470,8 @@ def _bind(cache: PagedCache, table: np.ndarray) -> Any:
         direct = type(out) is np.ndarray and out.dtype == np.float32
         result = out if direct else np.zeros(out.shape, np.float32)
         _decode_step(reqs, rows, seq, table, kc, vc, rsb, rk32, rk16, rv32, rv16, kind, _float32(query),
-                     np.float32(scale), _float32(key), _float32(value), k_meta, k_rot, k_pairs, k_chan,
-                     v_meta, v_rot, v_pairs, v_chan, half, brain, result)
+                     np.float32(scale), _float32(key), _float32(value), k_meta, k_rot, k_sgn, k_pairs,
+                     k_chan, v_meta, v_rot, v_sgn, v_pairs, v_chan, half, brain, result)
         if not direct:
             out[rows] = result[rows].astype(out.dtype)
         return out

@@ -16,7 +16,7 @@ from ..config import NORM_LIMIT, CodecConfig, Group, norm_range_error
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
 from ..serialization import norm_bytes
-from ..transforms import GroupTables, tables
+from ..transforms import GroupTables, rotate, tables
 
 
 def availability() -> Availability:
@@ -99,7 +99,8 @@ def _slices(cfg: CodecConfig) -> list[tuple[Group, GroupTables, slice]]:
 def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tuple[np.ndarray, Any]:
     """Records (..., n, record_bytes) uint8 of x (..., n, d), and the channel permutation used.
 
-    Per group: y = R x_g / |x_g|, code = number of boundaries strictly below y; prod mode adds the
+    Per group: y = R x_g / |x_g| (``transforms.rotate``: dense, or fast for the Hadamard kinds),
+    code = number of boundaries strictly below y; prod mode adds the
     signs of S (y - centroid[code]) and the residual norm.
     """
     x = np.asarray(x).astype(np.float64)
@@ -112,7 +113,7 @@ def encode(x: np.ndarray, cfg: CodecConfig, channels: np.ndarray | None) -> tupl
         norm = np.linalg.norm(part, axis=-1)
         if np.any(norm >= NORM_LIMIT):
             raise norm_range_error(int(np.sum(norm >= NORM_LIMIT)))
-        y = (part @ t.rotation.T) / np.where(norm > 0, norm, 1.0)[..., None]
+        y = rotate(part, t) / np.where(norm > 0, norm, 1.0)[..., None]
         code = np.searchsorted(t.boundaries, y)
         records[..., g.code_offset : g.code_offset + g.code_bytes] = pack_bits(code, g.code_bits)
         stored = [norm]
@@ -140,7 +141,7 @@ def _rotated(records: np.ndarray, g: Group, t: GroupTables) -> np.ndarray:
 def decode(enc: Encoded) -> np.ndarray:
     """(..., n, d) float32: per group R^T (|x_g| centroid[code] (+ QJL term)), unpermuted."""
     records = np.asarray(enc.records)
-    parts = [_rotated(records, g, t) @ t.rotation for g, t, _ in _slices(enc.config)]
+    parts = [rotate(_rotated(records, g, t), t, inverse=True) for g, t, _ in _slices(enc.config)]
     x = np.concatenate(parts, axis=-1)
     return _unpermute(x, enc.channels).astype(np.float32)
 
@@ -150,7 +151,7 @@ def _scores64(q: np.ndarray, keys: Encoded) -> np.ndarray:
     qp = _permute(np.asarray(q).astype(np.float64), keys.channels)
     s = 0.0
     for g, t, cols in _slices(keys.config):
-        q_rot = qp[..., cols] @ t.rotation.T
+        q_rot = rotate(qp[..., cols], t)
         s = s + np.einsum("...mg,...ng->...mn", q_rot, _rotated(records, g, t))
     return np.asarray(s)
 
