@@ -62,3 +62,58 @@ def test_one_candidate_and_fixed_hadamard_keep_the_seed() -> None:
     assert chosen.metadata_nbytes() == 3 * 64 * 2 + 8  # plus the chosen seed
     with pytest.raises(ValueError, match="seed_candidates must be an integer >= 1"):
         TurboQuantizer(64, 3.5, "mse", seed=77, seed_candidates=0)
+
+
+def _criterion(x: torch.Tensor, seed: int, channels: np.ndarray | None, bits: float, rotation: str,
+               criterion: str) -> float:
+    """A candidate's error by ``criterion``, written here in NumPy (not through ``calibration_error``):
+    the tokens of each sequence as queries over its earlier tokens."""
+    b, h, n, d = x.shape
+    pooled = x.transpose(0, 1).reshape(h, -1, d).numpy()
+    enc = tq.encode(pooled, bits=bits, seed=seed, channels=channels, rotation=rotation)
+    rec = tq.decode(enc).astype(np.float64).reshape(h, b, n, d).transpose(1, 0, 2, 3)
+    k = x.numpy().astype(np.float64)
+    total = 0.0
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(1, n):
+                q, exact, approx = k[bi, hi, i], k[bi, hi, :i], rec[bi, hi, :i]
+                if criterion == "scores":
+                    total += float(np.sum((q @ (approx - exact).T) ** 2))
+                else:
+                    s, t = exact @ q / np.sqrt(d), approx @ q / np.sqrt(d)
+                    log_p = s - s.max() - np.log(np.exp(s - s.max()).sum())
+                    log_q = t - t.max() - np.log(np.exp(t - t.max()).sum())
+                    total += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+    return total
+
+
+@pytest.mark.parametrize("criterion", ["scores", "attention"])
+def test_attention_criteria_keep_their_own_best_candidate(criterion: str) -> None:
+    """The kept seed minimises the stated criterion, and on some data that is not the seed the
+    reconstruction error would keep (otherwise the test could not tell the criteria apart)."""
+    differs = 0
+    for data in range(4):
+        x = _calibration(10 + data)[:, :, :24]
+        chosen = {}
+        for crit in (criterion, "reconstruction"):
+            q = TurboQuantizer(64, 2.5, "mse", seed=99, rotation="haar", seed_candidates=6, criterion=crit)
+            q.calibrate(x)
+            chosen[crit] = q.codec.config.seed
+        channels = None if q.codec.channels is None else q.codec.channels.to(torch.int32).numpy()
+        seeds = q.candidate_seeds()
+        errors = [_criterion(x, s, channels, 2.5, "haar", criterion) for s in seeds]
+        assert max(errors) > min(errors) * 1.001
+        assert chosen[criterion] == seeds[int(np.argmin(errors))], (data, errors)
+        differs += chosen[criterion] != chosen["reconstruction"]
+    assert differs > 0
+
+
+def test_caches_rank_key_seeds_by_the_criterion_and_value_seeds_by_reconstruction() -> None:
+    from turboquant_torch.hf_cache import turboquant_factory
+
+    make = turboquant_factory(seed_candidates=3, seed_criterion="attention")
+    assert make("key", 2, 64).criterion == "attention"  # type: ignore[attr-defined]
+    assert make("value", 2, 64).criterion == "reconstruction"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="seed criterion must be one of"):
+        TurboQuantizer(64, 3.5, "mse", seed=1, seed_candidates=2, criterion="kl")

@@ -48,6 +48,7 @@ from .hf_cache import (
     DEFAULT_FLUSH,
     DEFAULT_ROTATION,
     DEFAULT_SEED_CANDIDATES,
+    DEFAULT_SEED_CRITERION,
     DEFAULT_SINKS,
     KVQuantizer,
     LayerMemory,
@@ -295,13 +296,14 @@ class DecodedCopyCache(Cache):
     def __init__(self, config: Any, *, key_bits: float = 3.5, value_bits: float = 3.5, key_mode: str = "mse",
                  value_mode: str = "mse", flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS,
                  seed: int = 0, quantizer: QuantizerFactory | None = None, rotation: str = DEFAULT_ROTATION,
-                 seed_candidates: int = DEFAULT_SEED_CANDIDATES) -> None:
+                 seed_candidates: int = DEFAULT_SEED_CANDIDATES,
+                 seed_criterion: str = DEFAULT_SEED_CRITERION) -> None:
         flush_interval, sinks, _ = check_layout(flush_interval, sinks)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
         if any(t != "full_attention" for t in types):
             raise ValueError("DecodedCopyCache supports full-attention layers only")
         make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed, rotation,
-                                               seed_candidates)
+                                               seed_candidates, seed_criterion)
         super().__init__(layers=[
             DecodedCopyLayer(i, kv_heads, head_dim, make("key", i, head_dim), make("value", i, head_dim),
                              flush_interval, sinks)

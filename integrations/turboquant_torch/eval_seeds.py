@@ -25,6 +25,11 @@ with its default flush interval and sinks, unless said otherwise):
 ``haar+selectN``, ``hadamard2+selectN``
     The same with ``seed_candidates=N``: each layer's K and V stream keeps, of N seeds, the one that
     reconstructs its first flushed tokens best.
+``haar+scoresN``, ``haar+attnN``
+    ``haar+selectN`` with the key streams' seeds ranked by an attention criterion instead
+    (``seed_criterion="scores"``: squared logit error; ``"attention"``: KL of the attention weights;
+    the first flushed keys as their own queries, ``hf_cache.calibration_error``); value streams as
+    before.
 ``upstream``
     ``baselines.UpstreamCache``: upstream vLLM's shipped recipe, quantize on write, no raw window,
     boundary layers raw; 2.5 bits -> preset ``turboquant_3bit_nc``, 3.5 -> ``turboquant_k3v4_nc``
@@ -104,10 +109,10 @@ class Recipe:
 
 
 def recipes(candidates: int) -> dict[str, Recipe]:
-    def ours(rotation: str, n: int) -> Callable[[Any, float, int], Any]:
+    def ours(rotation: str, n: int, criterion: str = "reconstruction") -> Callable[[Any, float, int], Any]:
         return lambda cfg, b, s: DecodedCopyCache(cfg, key_bits=b, value_bits=b, seed=s, rotation=rotation,
-                                                  seed_candidates=n, flush_interval=DEFAULT_FLUSH,
-                                                  sinks=DEFAULT_SINKS)
+                                                  seed_candidates=n, seed_criterion=criterion,
+                                                  flush_interval=DEFAULT_FLUSH, sinks=DEFAULT_SINKS)
 
     def upstream(cfg: Any, b: float, s: int) -> Any:
         kb, vb = UPSTREAM_PRESETS[b]
@@ -116,6 +121,8 @@ def recipes(candidates: int) -> dict[str, Recipe]:
     out = [Recipe("haar", True, ours("haar", 1)), Recipe("hadamard2", True, ours("hadamard2", 1)),
            Recipe(f"haar+select{candidates}", True, ours("haar", candidates)),
            Recipe(f"hadamard2+select{candidates}", True, ours("hadamard2", candidates)),
+           Recipe(f"haar+scores{candidates}", True, ours("haar", candidates, "scores")),
+           Recipe(f"haar+attn{candidates}", True, ours("haar", candidates, "attention")),
            Recipe("hadamard", False, ours("hadamard", 1)), Recipe("upstream", False, upstream)]
     return {r.name: r for r in out}
 

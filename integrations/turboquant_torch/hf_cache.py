@@ -40,6 +40,7 @@ their payloads are stored the same way (``[B * cap, bs, H, P]``) and always read
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,10 @@ DEFAULT_MODE = "mse"
 # stays; choosing a seed among 4 at the first flush did not lower the KL.
 DEFAULT_ROTATION = "haar"
 DEFAULT_SEED_CANDIDATES = 1
+# What a key stream's seed candidates are ranked by (values always by reconstruction); see
+# TurboQuantizer and docs/quality-seeds.md.
+SEED_CRITERIA = ("reconstruction", "scores", "attention")
+DEFAULT_SEED_CRITERION = "reconstruction"
 # Tuned on SmolLM2-135M / GPL-3 (docs/eval-smollm2.md): flush 256 beat 128; more sinks did not pay.
 DEFAULT_FLUSH = 256
 DEFAULT_SINKS = 4
@@ -137,17 +142,24 @@ class TurboQuantizer:
         Rotation kind (``turboquant_codec.CodecConfig``).
     seed_candidates : int
         Seeds tried at calibration: ``seed`` and ``stream_seed(seed, j)`` for ``j = 1 ..
-        seed_candidates - 1``; the one whose records reconstruct the calibration tokens with the
-        least squared error (summed over heads and tokens) becomes the stream's seed, kept in
-        ``codec.config`` beside the channel list. 1 keeps ``seed`` (no search). A fixed
-        ``"hadamard"`` rotation does not depend on the seed, so it never searches.
+        seed_candidates - 1``; the one of least ``criterion`` error on the calibration tokens becomes
+        the stream's seed, kept in ``codec.config`` beside the channel list. 1 keeps ``seed`` (no
+        search). A fixed ``"hadamard"`` rotation does not depend on the seed, so it never searches.
+    criterion : {"reconstruction", "scores", "attention"}
+        The error that ranks the candidates (``calibration_error``): squared reconstruction error;
+        squared error of the attention logits ``q . k``; or KL between the attention weights with
+        exact and with reconstructed keys. The two attention criteria take the calibration tokens
+        themselves as the queries (the cache does not see the model's queries), each attending
+        causally to the earlier tokens of its sequence. Meant for key streams.
     """
 
     def __init__(self, d: int, bits: float, mode: str, seed: int, rotation: str = "haar",
-                 seed_candidates: int = 1) -> None:
+                 seed_candidates: int = 1, criterion: str = DEFAULT_SEED_CRITERION) -> None:
         if not isinstance(seed_candidates, int) or seed_candidates < 1:
             raise ValueError(f"seed_candidates must be an integer >= 1, got {seed_candidates!r}")
-        self.base_seed, self.seed_candidates = seed, seed_candidates
+        if criterion not in SEED_CRITERIA:
+            raise ValueError(f"seed criterion must be one of {SEED_CRITERIA}, got {criterion!r}")
+        self.base_seed, self.seed_candidates, self.criterion = seed, seed_candidates, criterion
         self.codec = TorchCodec(d, bits, mode, seed, check_finite=False, rotation=rotation)
         self.label = f"TurboQuant {mode} {self.codec.bits:g} {rotation}"
 
@@ -180,11 +192,11 @@ class TurboQuantizer:
             self.codec.calibrate(pooled)
         seeds = self.candidate_seeds()
         if len(seeds) > 1:
-            target = pooled.float()
             errors = []
             for seed in seeds:
                 codec = self._with_seed(seed)
-                errors.append(float(((codec.decode(codec.encode(pooled)) - target) ** 2).sum()))
+                rec = codec.decode(codec.encode(pooled)).reshape(h, b, n, d).transpose(0, 1)
+                errors.append(calibration_error(x, rec, self.criterion))
             self.codec = self._with_seed(seeds[int(np.argmin(errors))])
 
     def encode(self, x: Tensor) -> Tensor:
@@ -213,17 +225,53 @@ class TurboQuantizer:
                                 check_finite=False, rotation=self.codec.rotation)
 
 
+def calibration_error(x: Tensor, rec: Tensor, criterion: str) -> float:
+    """The error ``criterion`` ranks seed candidates by (``TurboQuantizer``), summed over the batch.
+
+    Parameters
+    ----------
+    x, rec : Tensor (B, H, n, d)
+        Calibration tokens and their reconstruction through one candidate's records.
+    criterion : {"reconstruction", "scores", "attention"}
+        ``sum |rec - x|^2``; ``sum_{j < i} (x_i . (rec_j - x_j))^2``, the logit errors with the tokens
+        as their own queries, each query over the earlier tokens of its sequence; or
+        ``sum_i KL(p_i || p^_i)`` for the attention weights ``p_i = softmax_{j < i}(x_i . x_j / sqrt(d))``
+        and ``p^_i`` the same over ``rec_j`` (query 0 has nothing earlier and adds 0).
+
+    Returns
+    -------
+    float
+    """
+    x64, rec64 = x.double(), rec.double()
+    if criterion == "reconstruction":
+        return float(((rec64 - x64) ** 2).sum())
+    n, d = x.shape[-2], x.shape[-1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j < i
+    if criterion == "scores":
+        err = x64 @ (rec64 - x64).transpose(-1, -2)
+        return float((err[..., earlier] ** 2).sum())
+    if criterion != "attention":
+        raise ValueError(f"seed criterion must be one of {SEED_CRITERIA}, got {criterion!r}")
+    exact, approx = ((x64 @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~earlier, -math.inf)
+                     for k in (x64, rec64))
+    log_p, log_q = exact[..., 1:, :].log_softmax(-1), approx[..., 1:, :].log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(~earlier[1:], 0.0)
+    return float(kl.sum())
+
+
 def turboquant_factory(
     key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS, key_mode: str = DEFAULT_MODE,
     value_mode: str = DEFAULT_MODE, seed: int = 0, rotation: str = DEFAULT_ROTATION,
-    seed_candidates: int = DEFAULT_SEED_CANDIDATES,
+    seed_candidates: int = DEFAULT_SEED_CANDIDATES, seed_criterion: str = DEFAULT_SEED_CRITERION,
 ) -> QuantizerFactory:
-    """Factory of per-layer TurboQuant quantizers with per-layer, per-K/V seeds."""
+    """Factory of per-layer TurboQuant quantizers with per-layer, per-K/V seeds; key streams rank
+    their seed candidates by ``seed_criterion``, value streams by reconstruction."""
 
     def make(kind: str, layer_idx: int, head_dim: int) -> KVQuantizer:
         key = kind == "key"
         return TurboQuantizer(head_dim, key_bits if key else value_bits, key_mode if key else value_mode,
-                              stream_seed(seed, 2 * layer_idx + (0 if key else 1)), rotation, seed_candidates)
+                              stream_seed(seed, 2 * layer_idx + (0 if key else 1)), rotation, seed_candidates,
+                              seed_criterion if key else "reconstruction")
 
     return make
 
@@ -873,8 +921,11 @@ class TurboQuantCache(Cache):
     rotation : {"haar", "hadamard2", "hadamard"}
         Rotation kind of every stream (``turboquant_codec.CodecConfig``).
     seed_candidates : int
-        Seeds each stream tries at its first flush, keeping the one that reconstructs those tokens
+        Seeds each stream tries at its first flush, keeping the one whose records serve those tokens
         best (``TurboQuantizer``); 1 keeps the base stream seed.
+    seed_criterion : {"reconstruction", "scores", "attention"}
+        What "best" means for key streams (``calibration_error``); value streams always take
+        reconstruction.
     block_size : int
         Tokens per block of the record and raw pools (16: what the fused CUDA kernel reads).
     quantizer : callable, optional
@@ -893,7 +944,8 @@ class TurboQuantCache(Cache):
                  key_mode: str = DEFAULT_MODE, value_mode: str = DEFAULT_MODE,
                  flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS, seed: int = 0,
                  block_size: int = DEFAULT_BLOCK, quantizer: QuantizerFactory | None = None,
-                 rotation: str = DEFAULT_ROTATION, seed_candidates: int = DEFAULT_SEED_CANDIDATES) -> None:
+                 rotation: str = DEFAULT_ROTATION, seed_candidates: int = DEFAULT_SEED_CANDIDATES,
+                 seed_criterion: str = DEFAULT_SEED_CRITERION) -> None:
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
         from . import hf_attention  # noqa: F401  (registers the "turboquant" attention)
@@ -901,7 +953,7 @@ class TurboQuantCache(Cache):
         flush_interval, sinks, block_size = check_layout(flush_interval, sinks, block_size)
         num_layers, kv_heads, head_dim, types = _model_shape(config)
         make = quantizer or turboquant_factory(key_bits, value_bits, key_mode, value_mode, seed, rotation,
-                                               seed_candidates)
+                                               seed_candidates, seed_criterion)
         layers: list[Any] = []
         for i, kind in enumerate(types[:num_layers]):
             if kind == "sliding_attention":
