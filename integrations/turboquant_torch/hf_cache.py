@@ -66,8 +66,8 @@ DEFAULT_MODE = "mse"
 # stays; choosing a seed among 4 at the first flush did not lower the KL.
 DEFAULT_ROTATION = "haar"
 DEFAULT_SEED_CANDIDATES = 1
-# What a key stream's seed candidates are ranked by (values always by reconstruction); see
-# TurboQuantizer and docs/quality-seeds.md.
+# What a key stream's seed candidates are ranked by (values always by reconstruction): the attention
+# criteria did not lower the KL either (docs/quality-seeds.md, second sweep).
 SEED_CRITERIA = ("reconstruction", "scores", "attention")
 DEFAULT_SEED_CRITERION = "reconstruction"
 # Tuned on SmolLM2-135M / GPL-3 (docs/eval-smollm2.md): flush 256 beat 128; more sinks did not pay.
