@@ -27,6 +27,7 @@ Usage: python benchmarks/bench_paged.py [--out benchmarks/RESULTS-paged.md] [--q
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import numpy as np
@@ -34,6 +35,7 @@ from timing import best_sdpa, host_us, timed
 
 import turboquant_codec as tq
 from turboquant_codec import paged as public_paged
+from turboquant_codec import tuning
 from turboquant_codec.backends import availability, cupy_paged, cupy_raw
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.paged_cache import PagedCache
@@ -93,7 +95,6 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    default_tpw = cupy_paged.PAGED_TILES_PER_WARP
     tpw_rows = []
     graph_row = None
     gen = torch.Generator(device="cuda").manual_seed(b * t)
@@ -200,11 +201,10 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
                 print(log[-1], flush=True)
     row = (b, t, ms_k, best, which, ms_api, us_k, us_api, scratch, pool_growth, err, ms_unpaged)
     print(row, flush=True)
-    for tpw in extra_tpw:
-        set_tpw(tpw)
-        ms_v = timed(kernel_call, primed=True)
+    for tpw in extra_tpw:  # the kernel call builds and plans for the settings in force
+        with tuning.using(cupy_paged=dataclasses.replace(tuning.current().cupy_paged, tiles_per_warp=tpw)):
+            ms_v = timed(kernel_call, primed=True)
         tpw_rows.append((b, t, tpw, ms_v, best))
-        set_tpw(default_tpw)
 
     if graphs:
         qs = torch.randn(LAYERS, b, H_Q, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -256,10 +256,6 @@ def graph_of(fn):
     return g.replay
 
 
-def set_tpw(tpw: int) -> None:
-    cupy_paged.PAGED_TILES_PER_WARP = tpw
-
-
 def main() -> None:
     import cupy as cp
     import torch
@@ -271,24 +267,27 @@ def main() -> None:
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel times (torch.profiler) into the log")
     ap.add_argument("--side-min", type=int, default=None,
-                    help="KV streams from which the raw partials run on a side stream (cupy_paged's default)")
+                    help="KV streams from which the raw partials run on a side stream "
+                         "(CupyPagedTuning.side_min_streams; default: its default)")
     ap.add_argument("--row-threads", type=int, default=None,
-                    help="threads of a query-preparation block in side-stream mode (cupy_paged's default)")
+                    help="threads of a query-preparation block in side-stream mode "
+                         "(CupyPagedTuning.side_row_threads; default: its default)")
     ap.add_argument("--shapes", default="", help="BxT,... instead of the defaults: 1x131072,32x8192")
     args = ap.parse_args()
     status = availability("cupy_raw")
     if not status:
         raise SystemExit(f"cupy_raw unavailable: {status.reason}")
     torch.cuda.init()
-    if args.side_min is not None:
-        cupy_paged.SIDE_STREAM_MIN_STREAMS = args.side_min
-    if args.row_threads is not None:
-        cupy_paged.SIDE_ROW_THREADS = args.row_threads
+    changes = {name: value for name, value in (("side_min_streams", args.side_min),
+                                               ("side_row_threads", args.row_threads)) if value is not None}
+    paged = dataclasses.replace(tuning.current().cupy_paged, **changes)
+    tuning.use(dataclasses.replace(tuning.current(), cupy_paged=paged))  # for the whole run
     card = torch.cuda.get_device_name()
     log = [f"card: {card}", f"torch {torch.__version__}, cupy {cp.__version__}",
-           f"split: {cupy_paged.PAGED_WARPS} warps x {cupy_paged.PAGED_TILES_PER_WARP} tiles per chunk "
-           f"(= {16 * cupy_paged.PAGED_WARPS * cupy_paged.PAGED_TILES_PER_WARP} tokens); raw partials on a "
-           f"side stream from {cupy_paged.SIDE_STREAM_MIN_STREAMS} KV streams"]
+           f"split: {paged.split_warps} warps x {paged.tiles_per_warp} tiles per chunk "
+           f"(= {16 * paged.split_warps * paged.tiles_per_warp} tokens); raw partials on a "
+           f"side stream from {paged.side_min_streams} KV streams (prep rows of {paged.side_row_threads} "
+           f"threads there)"]
     extra_tpw = [int(x) for x in args.tpw.split(",") if x]
     rows, graph_rows, tpw_rows = [], [], []
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ import pytest
 
 from turboquant_codec.backends import cupy_paged, cupy_raw_build
 from turboquant_codec.config import CodecConfig
+from turboquant_codec.tuning import CupyPagedTuning
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
 
@@ -65,6 +66,12 @@ CASES = {
         "attention", k_cfg=_C(64, 4.0), v_cfg=_C(64, 2.5, seed=1), dtype="float32",
         new_dtype="float32", raw_dtype="float16", out_dtype="float16", group=1, block_size=16,
         layout=cupy_paged.Layout(True, 60, 60, 36))),
+    # Other split / raw-partial shapes than the defaults (CupyPagedTuning).
+    "paged-d128-mse3.5-gqa4-f16-packed-w8-tpw8": ("tq_paged.cu", _PAGED(
+        "attention", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), dtype="float16",
+        new_dtype="float16", raw_dtype="float16", out_dtype="float16", group=4, block_size=16,
+        layout=cupy_paged.Layout(True, 120, 120, 60),
+        tuning=CupyPagedTuning(split_warps=8, tiles_per_warp=8, raw_scan=1, raw_u=2))),
     "paged-write-d128-mse3.5-bf16": ("tq_paged.cu", _PAGED(
         "write", k_cfg=_C(128, 3.5), v_cfg=_C(128, 3.5, seed=1), new_dtype="bfloat16",
         raw_dtype="float16")),

@@ -11,15 +11,18 @@ GPU tests skip where cupy_raw is unavailable; the nvcc compile test runs on CPU 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import pytest
 
+from turboquant_codec import tuning
 from turboquant_codec.backends import availability as backend_availability
 from turboquant_codec.backends import cupy_paged, cupy_raw, numpy_ref
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.paged_cache import PagedCache
+from turboquant_codec.tuning import CupyPagedTuning
 
 from .conftest import kv_like
 
@@ -28,6 +31,13 @@ gpu = pytest.mark.skipif(not _STATUS, reason=f"cupy_raw unavailable: {_STATUS.re
 
 
 # ------------------------------------------------------------------------------------ host helpers
+def _side_stream_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw partials on the forked stream whatever the batch, for the rest of the test (the settings
+    in force are restored after it)."""
+    paged = CupyPagedTuning(side_min_streams=1)
+    monkeypatch.setattr(tuning, "_current", dataclasses.replace(tuning.current(), cupy_paged=paged))
+
+
 def _bf16_words(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
@@ -204,15 +214,18 @@ CASES = {
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(CASES) + ["side-stream"])
+@pytest.mark.parametrize("case", list(CASES) + ["side-stream", "small-chunks"])
 def test_paged_attention_matches_reference(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if case == "side-stream":  # raw partials on the forked stream, whatever the batch
-        monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
+        _side_stream_always(monkeypatch)
+    if case == "small-chunks":  # other split and raw-part shapes than the defaults: 1024-token chunks
+        paged = CupyPagedTuning(split_warps=8, tiles_per_warp=8, raw_scan=1, raw_u=2, side_row_threads=64)
+        monkeypatch.setattr(tuning, "_current", dataclasses.replace(tuning.current(), cupy_paged=paged))
     bits, mode, d, dtype, bs, group, layout = CASES.get(case, CASES["mse3.5-d128-bf16-b16-g4"])
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
-    # empty, multi-chunk, and two raw parts (over cupy_paged.RAW_PART blocks at block size 16)
+    # empty, multi-chunk, and two raw parts (over cupy_paged.raw_part() blocks at block size 16)
     reqs = _requests(rng, 5, 2, 700) + [(0, 1), (16 * 4096 // 16 + 37, 1),
-                                        (16 * cupy_paged.RAW_PART + 300, 1)]
+                                        (16 * cupy_paged.raw_part() + 300, 1)]
     scene = Scene(rng, d=d, bits=bits, mode=mode, dtype=dtype, bs=bs, group=group, reqs=reqs, layout=layout)
     assert (cupy_paged.fast_layout(scene.gpu_cache()) is None) == (bs % 16 != 0)
     _check(scene, scene.run_gpu())
@@ -236,7 +249,7 @@ def test_decode_batch_invariant_bitwise() -> None:
     rng = np.random.default_rng()
     # Request 0 spans two raw parts; the sub-batches' block tables are cut to their own widest
     # request, so chunk and raw-part counts (and the scratch strides) change with the batch.
-    reqs = [(16 * cupy_paged.RAW_PART + 300, 1)] + [(int(rng.integers(1, 9000)), 1) for _ in range(6)]
+    reqs = [(16 * cupy_paged.raw_part() + 300, 1)] + [(int(rng.integers(1, 9000)), 1) for _ in range(6)]
     scene = Scene(rng, d=128, bits=3.5, mode="mse", dtype="float32", bs=16, group=4, reqs=reqs)
     cache = scene.gpu_cache()
     assert cupy_paged.fast_layout(cache) is not None
@@ -395,7 +408,7 @@ def test_decode_step_graph_capture_equals_eager(side: bool, monkeypatch: pytest.
     from turboquant_codec import paged as public_paged
 
     if side:  # raw partials on the forked stream: the capture follows the fork and the join
-        monkeypatch.setattr(cupy_paged, "SIDE_STREAM_MIN_STREAMS", 1)
+        _side_stream_always(monkeypatch)
     # No replay of the other case's launches (the allocator may hand this case the same addresses).
     monkeypatch.setattr(public_paged, "_REPLAYS", _replay.Memo())
     rng = np.random.default_rng()

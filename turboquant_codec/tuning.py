@@ -103,6 +103,70 @@ class CupyRawTuning:
 
 
 @dataclass(frozen=True)
+class CupyPagedTuning:
+    """Launch shapes and path thresholds of cupy_raw's fused paged decode (``backends/cupy_paged.py``,
+    ``cuda/tq_paged.cu``). The split's chunk, ``split_warps * tiles_per_warp`` 16-token tiles, is
+    fixed in tokens under one setting: a request's output does not depend on its batch, but does on
+    these settings.
+
+    Attributes
+    ----------
+    split_warps : int
+        Warps of a ``tq_paged_split`` block, and of a ``tq_paged_prep`` block (its raw-partial blocks
+        use all ``32 * split_warps`` threads); at most 32.
+    tiles_per_warp : int
+        16-token tiles each split warp streams per chunk, 1 to 32 (one tile per lane of the block
+        lookup): the default gives one chunk, hence one partial, per 8192 tokens.
+    stages : int
+        Deepest cp.async ring of the split (>= 2); configurations whose tables and ring overflow
+        shared memory get fewer stages (``cupy_paged._stages``).
+    raw_scan : int
+        Block-table entries each thread of a raw partial scans: one raw block takes
+        ``32 * split_warps * raw_scan`` logical blocks of a stream (``cupy_paged.raw_part``).
+    raw_u : int
+        Listed raw tokens a warp of the raw partial loads at once (capped at 16 / query heads per KV
+        head, which bounds its registers).
+    side_min_streams : int
+        KV streams (requests x KV heads) from which the raw partials run on a side stream beside the
+        split: below it the split grid is about one wave, and raw blocks beside it would hold SMs it
+        needs (RESULTS-paged.md has the timings of both placements).
+    side_row_threads : int
+        Threads of a query-preparation block when the rows have ``tq_paged_prep``'s launch to
+        themselves (side stream mode): the kernel's registers are sized for its raw-partial blocks,
+        so fewer threads let more row blocks share an SM. A multiple of 32, at most
+        ``32 * split_warps`` (the kernel's launch bounds).
+    max_stage_bytes : int
+        Bytes a split block's ring may give one tile's K+V span; a cache whose records lie further
+        apart (a contiguous ``[num_blocks, block_size, H, R]`` cache with many heads) takes the
+        generic path.
+    generic_rows : int
+        Query rows per dense product on the generic path (bounds its logits' memory).
+    """
+
+    split_warps: int = 16
+    tiles_per_warp: int = 32
+    stages: int = 4
+    raw_scan: int = 2
+    raw_u: int = 4
+    side_min_streams: int = 128
+    side_row_threads: int = 128
+    max_stage_bytes: int = 8 * 1024
+    generic_rows: int = 256
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _positive(self, f.name, getattr(self, f.name))
+        for name, top in (("split_warps", 32), ("tiles_per_warp", 32)):
+            if getattr(self, name) > top:
+                raise ValueError(f"CupyPagedTuning.{name} must be <= {top}, got {getattr(self, name)}")
+        if self.stages < 2:
+            raise ValueError(f"CupyPagedTuning.stages must be >= 2, got {self.stages}")
+        if self.side_row_threads % 32 or self.side_row_threads > 32 * self.split_warps:
+            raise ValueError(f"CupyPagedTuning.side_row_threads must be a multiple of 32 and at most "
+                             f"32 * split_warps = {32 * self.split_warps}, got {self.side_row_threads}")
+
+
+@dataclass(frozen=True)
 class NumbaCudaTuning:
     """Compile options of the Numba CUDA warp attention kernel (``backends/numba_warp_attention.py``).
 
@@ -150,12 +214,14 @@ class Tuning:
     """The settings of every backend."""
 
     cupy_raw: CupyRawTuning = field(default_factory=CupyRawTuning)
+    cupy_paged: CupyPagedTuning = field(default_factory=CupyPagedTuning)
     numba_cuda: NumbaCudaTuning = field(default_factory=NumbaCudaTuning)
     host: HostTuning = field(default_factory=HostTuning)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            kind = {"cupy_raw": CupyRawTuning, "numba_cuda": NumbaCudaTuning, "host": HostTuning}[f.name]
+            kind = {"cupy_raw": CupyRawTuning, "cupy_paged": CupyPagedTuning, "numba_cuda": NumbaCudaTuning,
+                    "host": HostTuning}[f.name]
             if not isinstance(getattr(self, f.name), kind):
                 raise TypeError(f"Tuning.{f.name} must be a {kind.__name__}, "
                                 f"got {type(getattr(self, f.name)).__name__}")
@@ -217,7 +283,8 @@ def using(**settings: Any) -> Iterator[Tuning]:
     Parameters
     ----------
     **settings
-        ``cupy_raw=CupyRawTuning(...)``, ``numba_cuda=NumbaCudaTuning(...)``, ``host=HostTuning(...)``.
+        ``cupy_raw=CupyRawTuning(...)``, ``cupy_paged=CupyPagedTuning(...)``,
+        ``numba_cuda=NumbaCudaTuning(...)``, ``host=HostTuning(...)``.
     """
     before = _current
     use(dataclasses.replace(before, **settings))

@@ -14,15 +14,16 @@ What this module owns:
   process lives, so the decode path allocates nothing and a CUDA graph that captured it keeps valid
   pointers. One caller stream per device at a time is assumed (calls on two streams at once would
   share it, and the side stream).
-- Split: chunks of ``PAGED_WARPS * PAGED_TILES_PER_WARP`` 16-token tiles, fixed in tokens, so a
-  request's output is bitwise the same in any batch; the raw partials (new token + raw-pool tokens),
-  one block per KV stream and ``RAW_PART`` logical blocks (fixed too, merged in the reduce), run in
-  the prep launch, or from ``SIDE_STREAM_MIN_STREAMS`` KV streams on, on a side stream forked
-  from the caller's and joined before the reduce (same kernel, same results: only the overlap
-  changes).
+- Split: chunks of ``split_warps * tiles_per_warp`` 16-token tiles (``tuning.CupyPagedTuning``, the
+  settings in force at the call), fixed in tokens, so a request's output is bitwise the same in any
+  batch; the raw partials (new token + raw-pool tokens), one block per KV stream and ``raw_part``
+  logical blocks (fixed too, merged in the reduce), run in the prep launch, or from
+  ``side_min_streams`` KV streams on, on a side stream forked from the caller's and joined before
+  the reduce (same kernel, same results: only the overlap changes).
 - Launches (``_LAUNCHES``): per call signature (every array's address, shape, strides and dtype, the
-  scalars, the settings) the kernels' arguments packed once as driver parameter arrays, so a repeated
-  call costs the signature and one ``cuLaunchKernel`` per kernel.
+  scalars, the settings object) the kernels' arguments packed once as driver parameter arrays, so a
+  repeated call costs the signature and one ``cuLaunchKernel`` per kernel. Builds (``_plan``) are
+  keyed on the settings object too: a changed setting builds, plans and packs its own entries.
 
 - Write: ``paged_write`` encodes on the tensor cores straight from the new tokens into their slots
   and raw rows (``tq_write_tc`` in ``cuda/tq_codec.cu``: one launch for K and V when both build the
@@ -48,39 +49,18 @@ from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
-from ..tuning import CupyRawTuning
+from ..tuning import CupyPagedTuning, CupyRawTuning
 from . import cupy_launch, cupy_raw, cupy_raw_build, cupy_raw_device, cupy_raw_tables, cupy_raw_tc
 from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
 from .occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT, resident_blocks
 
 SOURCE = "tq_paged.cu"
+# Tokens per tile of the split (tq_attn_common.cuh's TILE: one tensor-core fragment of keys).
 TILE = 16
-# Warps per split block and 16-token tiles per warp: one chunk (and one partial) per 8192 tokens.
-# Fixed, never derived from the batch (batch invariance); a chunk's 16 warps each stream 32 tiles.
-PAGED_WARPS = 16
-PAGED_TILES_PER_WARP = 32
-PAGED_STAGES = 4
-# The raw partials (tq_paged_prep's extra blocks): block-table entries each of their threads scans
-# (RAW_SCAN in tq_paged.cu), so one block takes a part of 32 x PAGED_WARPS x RAW_SCAN = 1024 logical
-# blocks (16k tokens at block size 16) of a stream; listed tokens each warp loads at once (RAW_U).
-RAW_SCAN = 2
-RAW_PART = 32 * PAGED_WARPS * RAW_SCAN
-RAW_U = 4
+# Threads of a tq_paged_reduce block (_reduce_smem sizes its per-warp scratch from it). The tunable
+# launch shapes and thresholds are tuning.CupyPagedTuning's.
 REDUCE_THREADS = 256
-# Bytes a split block's ring may give one tile's K+V span (a view whose records sit far apart in
-# memory, e.g. a contiguous [num_blocks, block_size, H, R] cache with many heads, goes generic).
-MAX_STAGE_BYTES = 8 * 1024
-# KV streams (requests x KV heads) from which the raw partials run on a side stream beside the split:
-# below it the split grid is about one wave, and raw blocks beside it would hold SMs it needs
-# (RESULTS-paged.md has the timings of both placements).
-SIDE_STREAM_MIN_STREAMS = 128
-# Threads of a query-preparation block when the rows have tq_paged_prep's launch to themselves (side
-# stream mode): the kernel's registers are sized for its raw-partial blocks, so fewer threads let
-# more row blocks share an SM.
-SIDE_ROW_THREADS = 128
-# Query rows per dense product on the generic path (bounds its logits' memory).
-GENERIC_ROWS = 256
 _KIND = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
@@ -155,8 +135,17 @@ class Layout:
     voff: int
 
 
-def fast_layout(cache: PagedCache) -> Layout | None:
-    """The fused decode kernel's layout of ``cache`` (CuPy views), or None: generic path."""
+def raw_part(tuning: CupyPagedTuning | None = None) -> int:
+    """Logical blocks per part of a raw partial (tq_paged.cu's RAW_PART) under ``tuning`` (default:
+    the settings in force): 1024 by default, 16k tokens at block size 16."""
+    t = _tuning.current().cupy_paged if tuning is None else tuning
+    return 32 * t.split_warps * t.raw_scan
+
+
+def fast_layout(cache: PagedCache, tuning: CupyPagedTuning | None = None) -> Layout | None:
+    """The fused decode kernel's layout of ``cache`` (CuPy views) under ``tuning`` (default: the
+    settings in force), or None: generic path."""
+    tuning = _tuning.current().cupy_paged if tuning is None else tuning
     k, v = cache.k_cache, cache.v_cache
     if cache.block_size % TILE or k.shape[0] == 0 or cache.head_dim % 32:
         return None  # (the raw partial gives each lane head_dim / 32 dims)
@@ -174,7 +163,7 @@ def fast_layout(cache: PagedCache) -> Layout | None:
         return None
     else:
         layout = Layout(False, k.strides[1], v.strides[1], 0)
-    if _stage_bytes(layout) > MAX_STAGE_BYTES:
+    if _stage_bytes(layout) > tuning.max_stage_bytes:
         return None
     if cache.has_raw:  # raw rows are read in 16-byte chunks
         for pool in (cache.raw_k, cache.raw_v):
@@ -192,8 +181,9 @@ def _stage_bytes(layout: Layout) -> int:
 
 def compile_options(kind: str, **p: Any) -> list[str]:
     """``-D`` options of tq_paged.cu: ``kind`` "attention" (k_cfg, v_cfg, dtype, new_dtype,
-    raw_dtype, out_dtype, group, block_size, layout) or "write" (k_cfg, v_cfg, new_dtype,
-    raw_dtype). Also what ``tests/test_cupy_paged.py`` compiles with nvcc."""
+    raw_dtype, out_dtype, group, block_size, layout; optional tuning, a ``CupyPagedTuning``, default
+    the settings in force) or "write" (k_cfg, v_cfg, new_dtype, raw_dtype). Also what
+    ``tests/test_cuda_sources.py`` compiles with nvcc."""
     k_cfg, v_cfg = p["k_cfg"], p["v_cfg"]
     base = [*cupy_raw_build.codec_macros("K", k_cfg), *cupy_raw_build.codec_macros("V", v_cfg),
             f"-DNEW_KIND={_KIND[p['new_dtype']]}",
@@ -201,11 +191,12 @@ def compile_options(kind: str, **p: Any) -> list[str]:
     if kind == "write":
         return [*base, "-DTQ_PAGED_WRITE=1"]
     lay: Layout = p["layout"]
+    t: CupyPagedTuning = p.get("tuning") or _tuning.current().cupy_paged
     return [*base, f"-DIN_KIND={_KIND[p['dtype']]}", f"-DOUT_KIND={_KIND[p['out_dtype']]}",
             f"-DGQ={p['group']}", f"-DKV_SAME_LUT={int(cupy_raw_tables.same_lut(k_cfg, v_cfg))}",
-            f"-DNWARPS={PAGED_WARPS}", f"-DTPW={p.get('tpw', PAGED_TILES_PER_WARP)}",
-            f"-DRAW_U={max(1, min(RAW_U, 16 // p['group']))}", f"-DRAW_SCAN={RAW_SCAN}",
-            f"-DSTAGES={_stages(k_cfg, v_cfg, lay)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
+            f"-DNWARPS={t.split_warps}", f"-DTPW={t.tiles_per_warp}",
+            f"-DRAW_U={max(1, min(t.raw_u, 16 // p['group']))}", f"-DRAW_SCAN={t.raw_scan}",
+            f"-DSTAGES={_stages(k_cfg, v_cfg, lay, t)}", "-DMINBLOCKS=1", f"-DBS={p['block_size']}",
             f"-DMERGED={int(lay.merged)}", f"-DKTS={lay.kts}", f"-DVTS={lay.vts}", f"-DVOFF={lay.voff}"]
 
 
@@ -216,18 +207,20 @@ def _luts_bytes(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
     return 4 * 32 * (lutn(k_cfg) + (0 if cupy_raw_tables.same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
 
 
-def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout) -> int:
-    for stages in range(PAGED_STAGES, 1, -1):
-        if _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * stages * _stage_bytes(layout) <= SM90_SMEM_OPTIN:
+def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout, tuning: CupyPagedTuning) -> int:
+    for stages in range(tuning.stages, 1, -1):
+        if _luts_bytes(k_cfg, v_cfg) + tuning.split_warps * stages * _stage_bytes(layout) <= SM90_SMEM_OPTIN:
             return stages
     raise ValueError(f"paged attention tables of {k_cfg} / {v_cfg} do not fit shared memory")
 
 
-def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layout) -> int:
+def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layout,
+                tuning: CupyPagedTuning) -> int:
     """Dynamic shared memory of tq_paged_split: the larger of its main loop (tables + rings) and its
     merge (mirrors the kernel's carve-ups)."""
-    ring = _luts_bytes(k_cfg, v_cfg) + PAGED_WARPS * _stages(k_cfg, v_cfg, layout) * _stage_bytes(layout)
-    merge = 4 * PAGED_WARPS * min(group, 8) * (2 + _ws(v_cfg))
+    warps = tuning.split_warps
+    ring = _luts_bytes(k_cfg, v_cfg) + warps * _stages(k_cfg, v_cfg, layout, tuning) * _stage_bytes(layout)
+    merge = 4 * warps * min(group, 8) * (2 + _ws(v_cfg))
     return max(ring, merge)
 
 
@@ -255,17 +248,17 @@ class _Plan:
 
 @functools.lru_cache(maxsize=256)
 def _plan(device: int, k_cfg: CodecConfig, v_cfg: CodecConfig, dtype: str, new_dtype: str, raw_dtype: str,
-          out_dtype: str, group: int, block_size: int, layout: Layout, tpw: int) -> _Plan:
+          out_dtype: str, group: int, block_size: int, layout: Layout, tuning: CupyPagedTuning) -> _Plan:
     opts = compile_options("attention", k_cfg=k_cfg, v_cfg=v_cfg, dtype=dtype, new_dtype=new_dtype,
                            raw_dtype=raw_dtype, out_dtype=out_dtype, group=group, block_size=block_size,
-                           layout=layout, tpw=tpw)
+                           layout=layout, tuning=tuning)
     mod = cupy_raw_build.module(device, SOURCE, tuple(opts))
     prep = mod.get_function("tq_paged_prep")
     split, reduce = mod.get_function("tq_paged_split"), mod.get_function("tq_paged_reduce")
-    smem = _split_smem(k_cfg, v_cfg, group, layout)
+    smem = _split_smem(k_cfg, v_cfg, group, layout, tuning)
     if smem > 48 * 1024:
         split.max_dynamic_shared_size_bytes = smem
-    raw_smem = _raw_smem(group, k_cfg.d)
+    raw_smem = _raw_smem(group, k_cfg.d, tuning)
     if raw_smem > 48 * 1024:
         prep.max_dynamic_shared_size_bytes = raw_smem
     reduce_max = _reduce_smem(v_cfg, 4096)
@@ -463,6 +456,7 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
     cp = _cupy()
     qw = query.words if isinstance(query, _Raw16) else query
     device = qw.data.device_id
+    tuning = _tuning.current().cupy_paged
     with cp.cuda.Device(device):
         b = block_table.shape[0]
         if num_decodes is None:
@@ -470,11 +464,12 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
             num_decodes = int(np.argmin(q_lens == 1)) if not np.all(q_lens == 1) else b
         n_fast = min(num_decodes, b)
         if n_fast and not _decode(cache, query, key, value, block_table, seq_lens, scale, out, n_fast,
-                                  device):
+                                  device, tuning):
             n_fast = 0
         if n_fast < b:
             with cupy_raw._stream(device):
-                _generic(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, n_fast)
+                _generic(cache, query, key, value, block_table, seq_lens, query_start_loc, scale, out, n_fast,
+                         tuning.generic_rows)
         return out
 
 
@@ -494,16 +489,15 @@ def _p(a: Any) -> Any:
 
 
 # Launches of recent decode calls, keyed on everything their arguments depend on (_sig of each
-# array, the scalars, the settings); None = the cache's layout is not fused (generic path). A hit
-# costs the key and three driver calls. Bounded; cleared when full.
+# array, the scalars, the CupyPagedTuning they were planned under); None = the cache's layout is
+# not fused (generic path). A hit costs the key and three driver calls. Bounded; cleared when full.
 _LAUNCHES: dict[tuple[Any, ...], tuple[_Launch | None, _Launch, _Launch, _Launch] | None] = {}
 _MAX_LAUNCHES = 1024
 
 
 def _decode_sig(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
-                scale: float, out: Any, n: int, device: int) -> tuple[Any, ...]:
-    return (device, n, scale, PAGED_TILES_PER_WARP, SIDE_STREAM_MIN_STREAMS, SIDE_ROW_THREADS, cache.k_config,
-            cache.v_config,
+                scale: float, out: Any, n: int, device: int, tuning: CupyPagedTuning) -> tuple[Any, ...]:
+    return (device, n, scale, tuning, cache.k_config, cache.v_config,
             *(_sig(a) for a in (query, key, value, block_table, seq_lens, out, cache.k_cache, cache.v_cache,
                                  cache.k_channels, cache.v_channels, cache.raw_k, cache.raw_v,
                                  cache.raw_slot_of_block)))
@@ -521,24 +515,25 @@ def paged_attention_replay(cache: PagedCache, query: Any, key: Any, value: Any, 
     qw = query.words if isinstance(query, _Raw16) else query
     device = int(qw.data.device_id)
     launches = _LAUNCHES.get(_decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, b,
-                                         device))
+                                         device, _tuning.current().cupy_paged))
     if launches is None:
         return None
     return functools.partial(cupy_launch.on_device, device, _run, launches, device)
 
 
 def _decode(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
-            scale: float, out: Any, n: int, device: int) -> bool:
+            scale: float, out: Any, n: int, device: int, tuning: CupyPagedTuning) -> bool:
     """The fused decode kernels for requests 0..n-1 (prep, split, reduce; no host sync), on the
-    current stream; False (nothing launched) where the cache's layout is not fused."""
-    sig = _decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, n, device)
+    current stream, planned under ``tuning``; False (nothing launched) where the cache's layout is
+    not fused."""
+    sig = _decode_sig(cache, query, key, value, block_table, seq_lens, scale, out, n, device, tuning)
     if sig in _LAUNCHES:
         launches = _LAUNCHES[sig]
     else:
-        layout = fast_layout(cache)
+        layout = fast_layout(cache, tuning)
         keep: list[Any] = []
         launches = None if layout is None else _build_decode(
-            cache, layout, query, key, value, block_table, seq_lens, scale, out, n, device, keep)
+            cache, layout, query, key, value, block_table, seq_lens, scale, out, n, device, tuning, keep)
         if keep:  # converted copies (int32, contiguous): this call's launch only
             if launches is not None:
                 _run(launches, device)
@@ -566,8 +561,8 @@ def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int
     the side stream forked from it and joined before reduce. Event record and wait are stream
     operations, so a CUDA graph capture follows the fork and the join."""
     main = cupy_raw._stream(device).ptr
-    raw_part, prep, split, reduce = launches
-    if raw_part is None:
+    raws, prep, split, reduce = launches
+    if raws is None:
         prep(main)
         split(main)
         reduce(main)
@@ -576,7 +571,7 @@ def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int
     side, fork, join = _side(device)
     rt.eventRecord(fork.ptr, main)
     rt.streamWaitEvent(side.ptr, fork.ptr, 0)
-    raw_part(side.ptr)
+    raws(side.ptr)
     rt.eventRecord(join.ptr, side.ptr)
     prep(main)
     split(main)
@@ -584,17 +579,17 @@ def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int
     reduce(main)
 
 
-def _raw_smem(group: int, d: int) -> int:
+def _raw_smem(group: int, d: int, tuning: CupyPagedTuning) -> int:
     """Dynamic shared memory of tq_paged_prep's raw-partial blocks (mirrors raw_partial): the pass
     lists, later aliased by the warps' merge."""
-    return max(4 * (2 * 32 * PAGED_WARPS * RAW_SCAN + 32), 4 * PAGED_WARPS * group * (d + 2))
+    return max(4 * (2 * raw_part(tuning) + 32), 4 * tuning.split_warps * group * (d + 2))
 
 
 def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
-                  seq_lens: Any, scale: float, out: Any, n: int, device: int,
+                  seq_lens: Any, scale: float, out: Any, n: int, device: int, tuning: CupyPagedTuning,
                   keep: list[Any]) -> tuple[_Launch | None, _Launch, _Launch, _Launch]:
-    """The three launches of ``_decode``; arrays converted on the way (int32, contiguous) go to
-    ``keep``: such launches are for this call only."""
+    """The three launches of ``_decode`` under ``tuning``; arrays converted on the way (int32,
+    contiguous) go to ``keep``: such launches are for this call only."""
     cp = _cupy()
     qw, dtype = _native(query)
     ow, out_dtype = _native(out)
@@ -605,17 +600,17 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     raw, raw_dtype = _raw_params(cache, key, value)
     raw = tuple(_p(a) if isinstance(a, cp.ndarray) else a for a in raw)
     new_dtype = _native(key)[1]
-    tpw = PAGED_TILES_PER_WARP
+    warps = tuning.split_warps
     plan = _plan(device, k_cfg, v_cfg, dtype, new_dtype, raw_dtype, out_dtype, group, cache.block_size,
-                 layout, tpw)
+                 layout, tuning)
     ktab, klut, vtab, vlut = plan.tables
     bt, sl = _int32(block_table), _int32(seq_lens)
     keep += [x for x, y in ((bt, block_table), (sl, seq_lens)) if x is not y]
     max_blocks = int(bt.shape[1])
     max_tokens = max_blocks * cache.block_size
     ntiles = -(-max_tokens // TILE)
-    nchunks = max(1, -(-ntiles // (PAGED_WARPS * tpw)))
-    raw_parts = max(1, -(-max_blocks // RAW_PART))
+    nchunks = max(1, -(-ntiles // (warps * tuning.tiles_per_warp)))
+    raw_parts = max(1, -(-max_blocks // raw_part(tuning)))
     rows, streams = n * h_q, n * h
     kqd, vqd = cupy_raw_tables.fdims(k_cfg), cupy_raw_tables.fdims(v_cfg)
     parts = [((rows, 2, kqd), cp.uint16), ((rows,), cp.float32),
@@ -635,16 +630,16 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     if rsb is not cache.raw_slot_of_block:
         keep.append(rsb)
     fscale = np.float32(scale)
-    side = streams >= SIDE_STREAM_MIN_STREAMS
+    side = streams >= tuning.side_min_streams
     tail = (_p(bt), np.int32(bt.strides[0] // 4), np.int32(max_blocks), _p(sl), _p(rsb),
             np.int32(cache.num_blocks), np.int32(h), np.int32(raw_parts), raw_m, raw_l, raw_acc, *raw)
     head = (_p(qw), np.int64(qs[0]), np.int64(qs[1]), np.int32(h_q), _p(kch), _p(ktab), fscale, qh, qscale)
-    raw_part = _Launch(plan.prep, (streams * raw_parts,), (32 * PAGED_WARPS,), (*head, np.int32(0), *tail),
-                       plan.raw_smem) if side else None
+    raws = _Launch(plan.prep, (streams * raw_parts,), (32 * warps,), (*head, np.int32(0), *tail),
+                   plan.raw_smem) if side else None
     prep = _Launch(plan.prep, (rows + (0 if side else streams * raw_parts),),
-                   (SIDE_ROW_THREADS if side else 32 * PAGED_WARPS,),
+                   (tuning.side_row_threads if side else 32 * warps,),
                    (*head, np.int32(rows), *tail), 0 if side else plan.raw_smem)
-    split = _Launch(plan.split, (nchunks, streams), (32 * PAGED_WARPS,),
+    split = _Launch(plan.split, (nchunks, streams), (32 * warps,),
                     (_p(kc), _p(vc), end, end, np.int64(kc.strides[0]), np.int64(kc.strides[2]),
                      np.int64(vc.strides[0]), np.int64(vc.strides[2]), _p(bt), np.int32(bt.strides[0] // 4),
                      np.int32(max_blocks), _p(sl), _p(rsb), np.int32(cache.num_blocks), np.int32(h), qh,
@@ -654,7 +649,7 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
                       _p(sl),
                       np.int32(max_tokens), np.int32(h_q), _p(vtab), _p(vch), _p(ow), np.int64(os_[0]),
                       np.int64(os_[1])), _reduce_smem(v_cfg, nchunks))
-    return raw_part, prep, split, reduce
+    return raws, prep, split, reduce
 
 
 # ------------------------------------------------------------------------------------ generic path
@@ -708,8 +703,9 @@ def _context(cache: PagedCache, table_row: np.ndarray, ctx: int) -> tuple[Any, A
 
 
 def _generic(cache: PagedCache, query: Any, key: Any, value: Any, block_table: Any, seq_lens: Any,
-             query_start_loc: Any, scale: float, out: Any, first: int) -> None:
-    """Requests ``first``.. : context decoded once, float32 causal attention (host syncs)."""
+             query_start_loc: Any, scale: float, out: Any, first: int, rows_per_product: int) -> None:
+    """Requests ``first``.. : context decoded once, float32 causal attention (host syncs), at most
+    ``rows_per_product`` query rows per dense product."""
     cp = _cupy()
     qw, qdt = _native(query)
     kw, kdt = _native(key)
@@ -730,8 +726,8 @@ def _generic(cache: PagedCache, query: Any, key: Any, value: Any, block_table: A
         k_all = cp.concatenate([k_ctx, _to_f32(kw[q0:q1], kdt).transpose(1, 0, 2)], axis=1)
         v_all = cp.concatenate([v_ctx, _to_f32(vw[q0:q1], kdt).transpose(1, 0, 2)], axis=1)
         q = _to_f32(qw[q0:q1], qdt).reshape(n, h, group, d).transpose(1, 2, 0, 3)  # [H, G, n, d]
-        for i0 in range(0, n, GENERIC_ROWS):
-            i1 = min(n, i0 + GENERIC_ROWS)
+        for i0 in range(0, n, rows_per_product):
+            i1 = min(n, i0 + rows_per_product)
             logits = cp.matmul(q[:, :, i0:i1], k_all.transpose(0, 2, 1)[:, None]) * np.float32(scale)
             j = cp.arange(ctx + n)
             allowed = (j[None, :] <= ctx + cp.arange(i0, i1)[:, None]) & cp.concatenate(
