@@ -103,27 +103,27 @@ def dtype_name(x: Any) -> str:
         return name
 
 
-def layout_key(x: Any) -> tuple[Any, ...]:
-    """What identifies the memory a torch tensor views: data pointer, shape, strides.
-
-    Equal keys mean a view made of ``x`` earlier still views the same bytes the same way. (Only
-    ``.data =`` with a reinterpreted view of the same bytes would change the dtype and keep the
-    key; ``Encoded`` fixes its arrays' dtypes when it is made.)
-    """
-    return (x.data_ptr(), x.shape, x.stride())
-
-
 def gpu_key(x: Any) -> tuple[Any, ...] | None:
-    """What identifies a GPU torch tensor's or CuPy array's memory and layout: address, shape,
-    strides, dtype (device addresses are unique across devices: unified addressing); ``()`` for
-    None; None for anything else (host arrays, Numba device arrays)."""
+    """What identifies a GPU torch tensor's or CuPy array's memory and layout: the one key of an
+    array by identity that every memo of GPU calls uses (``_replay``, ``api._native``, cupy_paged's
+    launches).
+
+    Returns
+    -------
+    tuple or None
+        (address, shape, strides, dtype, device) for a CUDA torch tensor or a CuPy array (strides
+        as the library gives them: elements for torch, bytes for CuPy); ``()`` for None; None for
+        anything else (host arrays, Numba device arrays). The device is in the key although device
+        addresses are unique across devices (unified addressing): empty arrays all have address 0.
+    """
     if x is None:
         return ()
     lib = library_of(x)
     if lib == "torch":
-        return (x.data_ptr(), x.shape, x.stride(), x.dtype) if x.is_cuda else None
+        return (x.data_ptr(), x.shape, x.stride(), x.dtype, x.get_device()) if x.is_cuda else None
     if lib == "cupy":
-        return (x.data.ptr, x.shape, x.strides, x.dtype)
+        data = x.data
+        return (data.ptr, x.shape, x.strides, x.dtype, data.device_id)
     return None
 
 

@@ -4,7 +4,7 @@ A decode loop calls the same op with the same arrays (persistent buffers, or add
 allocator hands out again) step after step. The public ops keep, per call key, what a repeat needs:
 the checked cache and its backend views (``paged``), or the backend's replay of the whole call, a
 callable holding no array (``paged_attention``, ``attention`` with ``out``). A key is built from
-``_interop.gpu_key`` of every array (address, shape, strides, dtype) plus the scalars, configurations
+``_interop.gpu_key`` of every array (address, shape, strides, dtype, device) plus the scalars, configurations
 and backend asked for: every check the public API makes of GPU inputs is of that metadata, so an
 equal key is a call the checks already passed, and an address reused by a new array of the same
 layout is read and written as that array, as in a CUDA graph replay. A replay also runs only under

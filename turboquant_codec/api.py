@@ -80,8 +80,8 @@ def _native(module: Backend, enc: Encoded) -> Encoded:
     than the kernels take at small batches. So the views of a GPU-resident torch ``Encoded`` are
     kept with it (``Encoded._memo``). Only zero-copy views are kept (GPU data for a GPU backend):
     writes into the records stay visible. The entry is keyed on the backend and on the tensors'
-    data pointers, shapes and strides, so a tensor whose storage was swapped in place is
-    converted again.
+    ``_interop.gpu_key`` (address, shape, strides, dtype, device), so a tensor whose storage was
+    swapped in place is converted again.
     """
     records, channels = enc.records, enc.channels
     if (
@@ -92,8 +92,8 @@ def _native(module: Backend, enc: Encoded) -> Encoded:
     ):
         key = (
             module.__name__,
-            _interop.layout_key(records),
-            None if channels is None else _interop.layout_key(channels),
+            _interop.gpu_key(records),
+            _interop.gpu_key(channels),
         )
         memo = enc._memo()
         hit = memo.get("native")

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _interop
 from .. import tuning as _tuning
 from ..config import CodecConfig
 from ..encoded import Encoded
@@ -474,13 +475,12 @@ def paged_attention(cache: PagedCache, query: Any, key: Any, value: Any, block_t
 
 
 def _sig(a: Any) -> Any:
-    """What a launch's arguments depend on for one array: address, shape, strides, dtype."""
-    if a is None:
-        return None
+    """What a launch's arguments depend on for one array: its ``_interop.gpu_key``; a ``_Raw16``'s
+    is its words' key and its dtype name (its words are uint16, whatever they hold)."""
     if isinstance(a, _Raw16):
-        w = a.words
-        return (w.data.ptr, w.shape, w.strides, "bf16")
-    return (a.data.ptr, a.shape, a.strides, a.dtype.char)
+        key = _interop.gpu_key(a.words)
+        return None if key is None else (*key, a.dtype)
+    return _interop.gpu_key(a)
 
 
 def _p(a: Any) -> Any:
