@@ -4,10 +4,18 @@ split of a batch over the SMs."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from turboquant_codec.backends import cupy_raw_attn, cupy_raw_device, cupy_raw_tables, occupancy
+from turboquant_codec.backends import (
+    cupy_raw_attn,
+    cupy_raw_build,
+    cupy_raw_device,
+    cupy_raw_tables,
+    occupancy,
+)
 from turboquant_codec.capabilities import ALL_BITS, CAPABILITIES
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.transforms import tables
@@ -130,3 +138,34 @@ def test_shared_layouts_name_the_kernels_parts_in_order() -> None:
     split = cupy_raw_attn.split_layout(cfg, cfg, 2, 16)
     assert [name for name, _ in split.parts] == ["K pair tables", "rings"]  # V's tables equal K's
     assert split.nbytes == sum(size for _, size in split.parts) == cupy_raw_attn.split_smem(cfg, cfg, 2, 16)
+
+
+def _parameters(source: str, kernel: str) -> list[str]:
+    """Parameter names of ``kernel`` in ``source`` (its ``extern "C" __global__`` signature)."""
+    text = (cupy_raw_build.CUDA_DIR / source).read_text()
+    params = re.search(kernel + r"\((.*?)\)\s*\{", text, re.S)
+    assert params is not None, kernel
+    return [re.findall(r"\w+", p)[-1] for p in params.group(1).split(",")]
+
+
+@pytest.mark.parametrize("nparts", [0, 3])
+def test_attention_calls_pass_each_kernel_its_parameters_in_order(nparts: int) -> None:
+    """``cupy_raw._attention_calls`` (the launch list of ``attention`` and ``attention_replay``),
+    with every argument labelled by its name: each kernel gets its own parameters in tq_attention.cu's
+    order; no split where the context has no partials."""
+    from types import SimpleNamespace
+
+    from turboquant_codec.backends import cupy_raw
+
+    plan = SimpleNamespace(prep="tq_attn_prep", split="tq_attn_split", reduce="tq_attn_reduce", split_smem=7)
+    lay = SimpleNamespace(nparts=nparts, rows_grid=(8,), split_grid=(1, 2), split_block=(512,), reduce_smem=9)
+    calls = cupy_raw._attention_calls(
+        plan, lay, "q", ("krec", "vrec"), ("kch", "vch"), ("k_tail", "v_tail"), "t_len", "scale",
+        ("q32", "qh", "qscale", "part_m", "part_l", "part_acc"), ("ktab", "klutv", "vtab", "vlutv"),
+        ("n", "tiles_per_warp", "nparts", "nblocks"), "out")
+    assert [c[0] for c in calls] == ["tq_attn_prep", *(["tq_attn_split"] if nparts else []), "tq_attn_reduce"]
+    for kernel, _, _, args, _ in calls:
+        want = _parameters("tq_attention.cu", kernel)
+        if kernel == "tq_attn_reduce":  # its nparts: one partial per split block
+            want = ["nblocks" if p == "nparts" else p for p in want]
+        assert list(args) == want, kernel

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -504,6 +505,50 @@ def _attention_operands(enc: Encoded) -> tuple[Any, Any]:
     return rec, _null_arg() if ch is None else ch
 
 
+# One kernel launch: (kernel, grid, block, arguments, dynamic shared memory bytes).
+_Call = tuple[Any, tuple[int, ...], tuple[int, ...], tuple[Any, ...], int]
+
+
+def _attention_calls(plan: _AttentionLaunch, lay: _AttentionLayout, q: Any, records: tuple[Any, Any],
+                     channels: tuple[Any, Any], tails: tuple[Any, Any], t_len: Any, scale: Any,
+                     scratch: Sequence[Any], tables: Sequence[Any], ints: Sequence[Any],
+                     out: Any) -> list[_Call]:
+    """The kernel launches of one ``attention`` call, in order: prep, split (where the context has
+    partials), reduce, each as ``cupy_launch.Launch``'s arguments (kernel, grid, block, args, dynamic
+    shared memory). The one place that knows each kernel's argument order and launch shape.
+
+    Arguments come in the form the caller launches with: ``attention`` passes CuPy launch arguments
+    (arrays, its prebuilt pointer and value arguments) to CuPy's launcher, cheaper for one launch
+    than packing driver parameters; ``attention_replay`` passes NumPy scalars (addresses as uint64)
+    and packs each launch once (``cupy_launch.Launch``).
+
+    Parameters
+    ----------
+    plan, lay : the configuration's kernels and the call shape's split and scratch layout
+    q : query, [*lead, h_q, d]
+    records : K, V records [*lead, h_kv, n, R]; channels : K, V channels [h_kv, d] or null
+    tails : K, V tails [*lead, h_kv, t, d] or null; t_len : their t (int32)
+    scale : float32
+    scratch : q32, qh, qscale, part_m, part_l, part_acc (``lay.offsets`` into one buffer)
+    tables : K table buffer, K pair tables, V table buffer, V pair tables (``plan.tables``)
+    ints : n, per_warp, nparts, nblocks (int32; ``lay.ints``)
+    out : [*lead, h_q, d] float32
+    """
+    q32, qh, qscale, part_m, part_l, part_acc = scratch
+    ktab, klut, vtab, vlut = tables
+    n32, per_warp32, nparts32, nblocks32 = ints
+    calls: list[_Call] = [(plan.prep, lay.rows_grid, (128,),
+                           (q, channels[0], ktab, scale, q32, qh, qscale), 0)]
+    if lay.nparts:
+        calls.append((plan.split, lay.split_grid, lay.split_block,
+                      (*records, qh, qscale, klut, vlut, part_m, part_l, part_acc, n32, per_warp32, nparts32),
+                      plan.split_smem))
+    calls.append((plan.reduce, lay.rows_grid, (_attn.REDUCE_THREADS,),
+                  (part_m, part_l, part_acc, nblocks32, q32, *tails, t_len, scale, vtab, channels[1], out),
+                  lay.reduce_smem))
+    return calls
+
+
 def attention(
     q: Any,
     k: Encoded,
@@ -550,30 +595,16 @@ def attention(
             tail_dtype, t_len = "float32", _no_tail_arg()
         settings = _tuning.current().cupy_raw
         plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, settings)
-        ktab, klut, vtab, vlut = plan.table_args
         lay = _attention_layout(plan, device, bh, n, d, group, k.config, v.config)
         # One allocation for the query prep's outputs and the partials (one pool call instead of six);
         # it returns to the pool, on this stream, when ``scratch`` goes.
         scratch = cp.cuda.alloc(lay.nbytes)
         base = scratch.ptr
-        q32, qh, qscale, part_m, part_l, part_acc = (_pointer_arg(base + off) for off in lay.offsets)
-        fscale = _scale_arg(scale)
-        n32, per_warp32, nparts32, nblocks32 = lay.ints
-        plan.prep(lay.rows_grid, (128,), (qw, kch, ktab, fscale, q32, qh, qscale))
-        if lay.nparts:
-            plan.split(
-                lay.split_grid,
-                lay.split_block,
-                (krec, vrec, qh, qscale, klut, vlut, part_m, part_l, part_acc, n32, per_warp32, nparts32),
-                plan.split_smem,
-            )
         out = cp.ndarray(q_shape, cp.float32)
-        plan.reduce(
-            lay.rows_grid,
-            (_attn.REDUCE_THREADS,),
-            (part_m, part_l, part_acc, nblocks32, q32, ktw, vtw, t_len, fscale, vtab, vch, out),
-            lay.reduce_smem,
-        )
+        for fn, grid, block, args, smem in _attention_calls(
+                plan, lay, qw, (krec, vrec), (kch, vch), (ktw, vtw), t_len, _scale_arg(scale),
+                [_pointer_arg(base + off) for off in lay.offsets], plan.table_args, lay.ints, out):
+            fn(grid, block, args, smem)
         del scratch  # after the launches are queued (stream order keeps the pool's reuse behind them)
         return out
 
@@ -625,23 +656,16 @@ def attention_replay(q: Any, k: Encoded, v: Encoded, scale: float, k_tail: Any, 
         plan = _attention_launch(device, k.config, v.config, dtype, tail_dtype, group, settings)
         lay = _attention_layout(plan, device, qw.size // (h_q * d) * h_kv, n, d, group, k.config, v.config)
         base = cupy_paged._scratch(device, "attention-replay", lay.nbytes).data.ptr
-    q32, qh, qscale, part_m, part_l, part_acc = (np.uint64(base + off) for off in lay.offsets)
-    ktab, klut, vtab, vlut = (np.uint64(t.data.ptr) for t in plan.tables)
-    kch, vch = (np.uint64(0 if c is None else c.data.ptr) for c in channels)
-    ktw, vtw = (np.uint64(t.data.ptr) for t in tails) if tails else (np.uint64(0), np.uint64(0))
-    fscale = np.float32(scale)
-    launches = [cupy_launch.Launch(plan.prep, lay.rows_grid, (128,),
-                                   (np.uint64(qw.data.ptr), kch, ktab, fscale, q32, qh, qscale), 0)]
-    if lay.nparts:
-        launches.append(cupy_launch.Launch(
-            plan.split, lay.split_grid, lay.split_block,
-            (np.uint64(k.records.data.ptr), np.uint64(v.records.data.ptr), qh, qscale, klut, vlut, part_m,
-             part_l, part_acc, np.int32(n), np.int32(lay.per_warp), np.int32(lay.nparts)), plan.split_smem))
-    launches.append(cupy_launch.Launch(
-        plan.reduce, lay.rows_grid, (_attn.REDUCE_THREADS,),
-        (part_m, part_l, part_acc, np.int32(lay.nblocks), q32, ktw, vtw, t_len, fscale, vtab, vch,
-         np.uint64(out.data.ptr)), lay.reduce_smem))
-    return functools.partial(cupy_launch.on_device, device, cupy_launch.run_in_order, tuple(launches), device)
+    def ptr(a: Any) -> np.uint64:
+        return np.uint64(0 if a is None else a.data.ptr)
+
+    calls = _attention_calls(
+        plan, lay, ptr(qw), (ptr(k.records), ptr(v.records)), (ptr(channels[0]), ptr(channels[1])),
+        (ptr(tails[0]), ptr(tails[1])) if tails else (ptr(None), ptr(None)), t_len, np.float32(scale),
+        [np.uint64(base + off) for off in lay.offsets], [ptr(t) for t in plan.tables],
+        [np.int32(x) for x in (n, lay.per_warp, lay.nparts, lay.nblocks)], ptr(out))
+    launches = tuple(cupy_launch.Launch(*call) for call in calls)
+    return functools.partial(cupy_launch.on_device, device, cupy_launch.run_in_order, launches, device)
 
 
 def paged_write(cache: Any, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
