@@ -297,6 +297,28 @@ def test_hostile_metadata_stays_inside_the_cache() -> None:
     assert np.isnan(_host(out)[3:]).all()
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["mse3.5-d128-bf16-b16-g4", "mse3.5-d128-f16-b24-g4-generic", "side-stream"])
+def test_raw_slot_past_the_pool_reads_the_records(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PagedCache's rule: a raw_slot_of_block entry past the raw pool is no raw row; the fused
+    split, its raw partials and the generic path all read such a block from its records, as the
+    reference does."""
+    if case == "side-stream":
+        _side_stream_always(monkeypatch)
+    bits, mode, d, dtype, bs, group, layout = CASES.get(case, CASES["mse3.5-d128-bf16-b16-g4"])
+    rng = np.random.default_rng()
+    scene = Scene(rng, d=d, bits=bits, mode=mode, dtype=dtype, bs=bs, group=group, layout=layout,
+                  reqs=_requests(rng, 5, 2, 700) + [(900, 1)], raw_share=0.6)
+    rsb = scene.cache.raw_slot_of_block.copy()
+    mapped = np.flatnonzero(rsb >= 0)
+    num_raw = scene.cache.raw_k.shape[0]
+    rsb[mapped[::2]] = num_raw + np.arange(len(mapped[::2]))  # half the raw rows: past the pool
+    scene.cache = PagedCache(**{**vars(scene.cache), "raw_slot_of_block": rsb})
+    assert (cupy_paged.fast_layout(scene.gpu_cache()) is None) == (bs % 16 != 0)
+    _check(scene, scene.run_gpu())
+
+
 # ------------------------------------------------------------------------------------ GPU: write
 @gpu
 @pytest.mark.gpu

@@ -379,6 +379,22 @@ def test_paged_attention_reads_raw_rows() -> None:
 
 
 @needs_backend
+def test_paged_attention_raw_slot_past_the_pool_reads_the_records() -> None:
+    """PagedCache's rule: a raw_slot_of_block entry past the raw pool is no raw row, here as in the
+    reference (the raw pool is changed after the write, so reading it would show)."""
+    scene = _scene(7, 32, (3.5, "mse"), (3.5, "mse"), np.float32, **SMALL)
+    numpy_ref.paged_write(scene.host_cache(), scene.key, scene.value, scene.slot_mapping)
+    scene.raw_k[:] = -scene.raw_k
+    rsb = scene.raw_slot_of_block.copy()
+    rsb[rsb >= 0] += scene.raw_k.shape[0]  # every raw row past the pool
+    past = replace(scene, raw_slot_of_block=rsb)
+    want = _reference(past)
+    no_raw = _reference(replace(scene, raw_slot_of_block=np.full_like(rsb, -1)))
+    assert np.array_equal(want, no_raw)
+    _check_attention(_numba(past), want, past)
+
+
+@needs_backend
 def test_paged_attention_hostile_block_ids_stay_in_the_cache() -> None:
     """Block ids past the cache or negative inside a request's used range are skipped (never read
     out of range: the simulator raises on such an index); the other requests' outputs are the

@@ -209,3 +209,38 @@ def test_kept_cache_views_serve_new_steps(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(checks) == 2  # once for the auto backend, once for the reference's own entry
     with pytest.raises(ValueError, match="query_start_loc must rise from 0"):
         tq.paged_attention(p.cache, query, key, value, p.table, seq, qsl[::-1].copy(), scale=0.125)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba_cpu"])
+def test_raw_slot_past_the_pool_is_no_raw_row(name: str) -> None:
+    """PagedCache's rule, in the backends (the public ops refuse such host entries, so the backend
+    modules are called directly): a raw_slot_of_block entry past the raw pool reads the block from
+    its records, exactly as -1 does; paged_write writes the records and no raw copy."""
+    if not tq.backends.availability(name):
+        pytest.skip(tq.backends.availability(name).reason)
+    from turboquant_codec.backends import numpy_ref
+
+    module = numpy_ref if name == "numpy" else tq.backends.load(name)
+    p = make([45, 100, 20], 64, 3.5, raw_blocks=5, seed=13)
+    num_raw = p.cache.raw_k.shape[0]
+    mapped = np.flatnonzero(p.cache.raw_slot_of_block >= 0)
+    past, none = (p.cache.raw_slot_of_block.copy() for _ in range(2))
+    past[mapped[:3]] = num_raw + np.arange(3)  # one entry just past the pool, two further
+    none[mapped[:3]] = -1
+    caches = {k: PagedCache(**{**vars(p.cache), "raw_slot_of_block": m}) for k, m in (("past", past),
+                                                                                      ("none", none))}
+    query, key, value, seq, qsl = step(p, [1, 1, 5], seed=14)
+
+    def attend(cache: PagedCache) -> np.ndarray:
+        out = np.zeros(query.shape, np.float32)
+        module.paged_attention(cache, query, key, value, p.table, seq, qsl, 0.125, out, 2)
+        return out
+
+    got = attend(caches["past"])
+    assert np.array_equal(got, attend(caches["none"]))
+    assert not np.allclose(got, attend(p.cache), rtol=1e-3, atol=1e-3)  # the raw rows did count there
+    pool, records = p.cache.raw_k.copy(), p.cache.k_cache.copy()
+    block = int(mapped[0])
+    numpy_ref.paged_write(caches["past"], key[:2], value[:2], np.array([block * BLOCK, block * BLOCK + 1]))
+    assert np.array_equal(p.cache.raw_k, pool)
+    assert not np.array_equal(p.cache.k_cache[block, :2], records[block, :2])

@@ -34,6 +34,11 @@ Rules:
 - ``paged_write`` encodes every new token into the compressed cache, so it is always complete, and
   copies it into the raw pool where its block has a raw row; the raw pool holds *extra* copies.
   Attention reads a context token raw when its physical block has a raw row, else from its records.
+- A block has a raw row when its ``raw_slot_of_block`` entry lies in 0 .. num_raw_blocks - 1. Any
+  other entry (-1, another negative, or one past the raw pool) means no raw row, in every backend and
+  kernel: attention reads the block from its records and ``paged_write`` copies nothing raw. (The
+  public ops refuse entries outside -1 .. num_raw_blocks - 1 where they can see them without a host
+  synchronisation; GPU caches are not read back, so the backends follow this rule for what they get.)
 - A request's own new tokens (the ``key``/``value`` arguments) are always read raw, and query token
   ``i`` of request ``r`` sits at position ``seq_lens[r] - q_len_r + i`` (causal mask).
 - A request's output depends on its own context only, never on the batch it shares a step with.

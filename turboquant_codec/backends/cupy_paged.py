@@ -599,6 +599,7 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     k_cfg, v_cfg = cache.k_config, cache.v_config
     raw, raw_dtype = _raw_params(cache, key, value)
     raw = tuple(_p(a) if isinstance(a, cp.ndarray) else a for a in raw)
+    num_raw = raw[-1]  # rows of the raw pool (RAW_PARAMS' last), 0 without one
     new_dtype = _native(key)[1]
     warps = tuning.split_warps
     plan = _plan(device, k_cfg, v_cfg, dtype, new_dtype, raw_dtype, out_dtype, group, cache.block_size,
@@ -642,8 +643,8 @@ def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value
     split = _Launch(plan.split, (nchunks, streams), (32 * warps,),
                     (_p(kc), _p(vc), end, end, np.int64(kc.strides[0]), np.int64(kc.strides[2]),
                      np.int64(vc.strides[0]), np.int64(vc.strides[2]), _p(bt), np.int32(bt.strides[0] // 4),
-                     np.int32(max_blocks), _p(sl), _p(rsb), np.int32(cache.num_blocks), np.int32(h), qh,
-                     qscale, _p(klut), _p(vlut), part_m, part_l, part_acc), plan.split_smem)
+                     np.int32(max_blocks), _p(sl), _p(rsb), np.int32(cache.num_blocks), num_raw, np.int32(h),
+                     qh, qscale, _p(klut), _p(vlut), part_m, part_l, part_acc), plan.split_smem)
     reduce = _Launch(plan.reduce, (rows,), (REDUCE_THREADS,),
                      (part_m, part_l, part_acc, np.int32(nchunks), raw_m, raw_l, raw_acc, np.int32(raw_parts),
                       _p(sl),

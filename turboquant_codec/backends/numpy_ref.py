@@ -193,6 +193,16 @@ def _valid_slots(slot_mapping: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, slots[rows]
 
 
+def _raw_rows(cache: PagedCache, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the physical ``blocks`` have a raw row, and the rows (int64, same shape).
+
+    ``PagedCache``'s rule: a ``raw_slot_of_block`` entry outside 0 .. num_raw_blocks - 1 (-1, or
+    past the pool) is no raw row.
+    """
+    rows = np.asarray(cache.raw_slot_of_block)[blocks].astype(np.int64)
+    return (rows >= 0) & (rows < np.asarray(cache.raw_k).shape[0]), rows
+
+
 def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> tuple[Any, Any]:
     """Encode the new tokens [T, H, d] into their slots (and raw rows); the channels used.
 
@@ -210,8 +220,7 @@ def paged_write(cache: PagedCache, key: Any, value: Any, slot_mapping: Any) -> t
         records, channels[i] = encode(heads_first, cfg, channels[i])
         records_out[blocks, offsets] = records.transpose(1, 0, 2)
     if cache.has_raw:
-        raw_rows = np.asarray(cache.raw_slot_of_block)[blocks].astype(np.int64)
-        keep = raw_rows >= 0
+        keep, raw_rows = _raw_rows(cache, blocks)
         for raw, x in ((cache.raw_k, key), (cache.raw_v, value)):
             raw[raw_rows[keep], offsets[keep]] = np.asarray(x)[rows[keep]].astype(raw.dtype)
     return channels[0], channels[1]
@@ -228,8 +237,8 @@ def _context(cache: PagedCache, table_row: np.ndarray, length: int) -> tuple[np.
         kv.append(decode(Encoded(records=np.ascontiguousarray(heads_first), channels=channels,
                                  config=cfg)).astype(np.float64))
     if cache.has_raw:
-        raw_rows = np.asarray(cache.raw_slot_of_block)[blocks].astype(np.int64)
-        raw = np.flatnonzero(raw_rows >= 0)
+        has, raw_rows = _raw_rows(cache, blocks)
+        raw = np.flatnonzero(has)
         for out, pool in zip(kv, (cache.raw_k, cache.raw_v), strict=True):
             out[:, raw] = np.asarray(pool)[raw_rows[raw], offsets[raw]].astype(np.float64).transpose(1, 0, 2)
     return kv[0], kv[1]

@@ -29,7 +29,8 @@
 //                    values from per-lane pair tables, online softmax per warp, the block's warps
 //                    merged into one partial), the records copied in place through the block table.
 //                    Tiles whose block is out of range or has a raw row are skipped (no copy, no
-//                    work). Chunk boundaries are fixed in tokens (NWARPS, TPW compile-time), so a
+//                    work). A raw_slot_of_block entry outside 0 .. num_raw - 1 is no raw row, in
+//                    every kernel here (PagedCache's rule): its block is read from its records. Chunk boundaries are fixed in tokens (NWARPS, TPW compile-time), so a
 //                    request's partials, and its output, do not depend on the batch it shares a
 //                    launch with; chunks past a request's context exit at once.
 //   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
@@ -343,7 +344,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
                    long long k_sb, long long k_sh, long long v_sb, long long v_sh,
                    const int* __restrict__ block_table, int bt_stride, int max_blocks,
                    const int* __restrict__ seq_lens, const int* __restrict__ raw_slot, int num_blocks,
-                   int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
+                   int num_raw, int h_kv, const u16* __restrict__ qh, const float* __restrict__ qscale,
                    const u32* __restrict__ klutv, const u32* __restrict__ vlutv,
                    float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
   extern __shared__ __align__(16) u8 smem[];
@@ -362,7 +363,8 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   u8* ring = ring_all + warp * (STAGES * STAGE_BYTES);
 
   // Lane i looks up tile tile0 + i: its block, whether it is read from its records (in range, no
-  // raw row), and the addresses of its K and V spans.
+  // raw row: raw_slot outside 0 .. num_raw - 1, as the raw partial reads it), and the addresses of
+  // its K and V spans.
   u64 ka = 0;
 #if !MERGED
   u64 va = 0;
@@ -373,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINBLOCKS)
   if (lane < my_tiles) {
     const int tok = (tile0 + lane) * TILE, lb = tok / BS, ob = tok - lb * BS;
     const int b = lb < max_blocks ? bt_row[lb] : -1;
-    ok = b >= 0 && b < num_blocks && (raw_slot == nullptr || raw_slot[b] < 0);
+    ok = b >= 0 && b < num_blocks && (raw_slot == nullptr || raw_slot[b] < 0 || raw_slot[b] >= num_raw);
     if (ok) {
       ka = reinterpret_cast<u64>(kc) + static_cast<u64>(b) * k_sb + static_cast<u64>(kvh) * k_sh +
            static_cast<u64>(ob) * KTS;
