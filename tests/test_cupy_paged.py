@@ -82,7 +82,8 @@ class Scene:
 
     def __init__(self, rng: np.random.Generator, *, d: int, bits: float, mode: str, dtype: str, bs: int,
                  group: int, reqs: list[tuple[int, int]], h: int = 2, layout: str = "merged",
-                 raw_share: float = 0.4, spare_blocks: int = 6, v_bits: float | None = None) -> None:
+                 raw_share: float = 0.4, spare_blocks: int = 6, v_bits: float | None = None,
+                 v_scale: float = 1.0) -> None:
         self.dtype, self.bs, self.h, self.d = dtype, bs, h, d
         self.k_cfg = CodecConfig(d, bits, mode, seed=11)
         self.v_cfg = CodecConfig(d, bits if v_bits is None else v_bits, mode, seed=12)
@@ -117,7 +118,8 @@ class Scene:
             rsb[has] = rng.permutation(int(has.sum()))
             n_raw = int(has.sum()) + 1
             raw = (_rounded(rng.standard_normal((n_raw, bs, h, d)).astype(np.float32), dtype),
-                   _rounded(rng.standard_normal((n_raw, bs, h, d)).astype(np.float32), dtype), rsb)
+                   _rounded((rng.standard_normal((n_raw, bs, h, d)) * v_scale).astype(np.float32), dtype),
+                   rsb)
         self.cache = PagedCache(k_cache, v_cache, self.k_cfg, self.v_cfg,
                                 raw_k=None if raw is None else raw[0], raw_v=None if raw is None else raw[1],
                                 raw_slot_of_block=None if raw is None else raw[2])
@@ -127,7 +129,7 @@ class Scene:
         if ctx_slots:
             n = len(ctx_slots)
             kc = _rounded(kv_like(rng, (n, h, d)), dtype)
-            vc = _rounded(rng.standard_normal((n, h, d)).astype(np.float32), dtype)
+            vc = _rounded((rng.standard_normal((n, h, d)) * v_scale).astype(np.float32), dtype)
             k_ch, v_ch = numpy_ref.paged_write(self.cache, kc, vc, np.asarray(ctx_slots, np.int64))
         else:
             k_ch = v_ch = None
@@ -141,7 +143,7 @@ class Scene:
         h_q = h * group
         self.query = _rounded(rng.standard_normal((self.t, h_q, d)).astype(np.float32), dtype)
         self.key = _rounded(kv_like(rng, (self.t, h, d)), dtype)
-        self.value = _rounded(rng.standard_normal((self.t, h, d)).astype(np.float32), dtype)
+        self.value = _rounded((rng.standard_normal((self.t, h, d)) * v_scale).astype(np.float32), dtype)
         self.scale = d**-0.5
 
     def gpu_cache(self) -> PagedCache:
@@ -317,6 +319,22 @@ def test_raw_slot_past_the_pool_reads_the_records(case: str, monkeypatch: pytest
     scene.cache = PagedCache(**{**vars(scene.cache), "raw_slot_of_block": rsb})
     assert (cupy_paged.fast_layout(scene.gpu_cache()) is None) == (bs % 16 != 0)
     _check(scene, scene.run_gpu())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["mse3.5-d128-bf16-b16-g4", "prod2.5-d128-bf16-b16-g12",
+                                  "mse4-d64-f32-b32-g2-split"])
+def test_paged_attention_with_value_norms_past_float16(case: str) -> None:
+    """Value norms of ~1e6 (past float16's 65504, where the split's P' = p * value norm takes its
+    range factor) in the records, the raw rows and the new tokens: as the reference, finite."""
+    bits, mode, d, dtype, bs, group, layout = CASES[case]
+    rng = np.random.default_rng()
+    scene = Scene(rng, d=d, bits=bits, mode=mode, dtype=dtype, bs=bs, group=group, layout=layout,
+                  reqs=_requests(rng, 5, 2, 700) + [(9000, 1)], v_scale=1e6 / np.sqrt(d))
+    got = scene.run_gpu()
+    assert np.isfinite(_host(got)[: int(scene.qsl[-1])]).all()
+    _check(scene, got)
 
 
 # ------------------------------------------------------------------------------------ GPU: write

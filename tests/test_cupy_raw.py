@@ -83,6 +83,31 @@ def test_odd_sizes(n: int) -> None:
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 12])
+@pytest.mark.parametrize(("bits", "mode"), [(3.5, "mse"), (3.0, "prod")])
+def test_attention_with_value_norms_past_float16(group: int, bits: float, mode: str) -> None:
+    """Value norms of ~1e6, past float16's 65504 (the split's P' = p * value norm would overflow
+    without its range factor), with one token in four of norm ~1 beside them: as the reference,
+    finite. Groups 1 and 4 pack hi/lo halves in one mma, 12 does not."""
+    import cupy as cp
+
+    rng = np.random.default_rng(23 + group)
+    d, n = 128, 4099
+    k = kv_like(rng, (1, 2, n, d))
+    size = np.where(np.arange(n) % 4 == 0, 1.0, 1e6)[:, None]
+    v = (rng.standard_normal((1, 2, n, d)) / np.sqrt(d) * size).astype(np.float32)
+    q = rng.standard_normal((1, 2 * group, d)).astype(np.float32)
+    ke = tq.encode(k, bits=3.5, seed=1, backend="numpy")
+    ve = tq.encode(v, bits=bits, mode=mode, seed=2, backend="numpy")
+    want = tq.attention(q, ke, ve, scale=d**-0.5, backend="numpy")
+    got = cp.asnumpy(tq.attention(cp.asarray(q), _enc_on(ke, cp.asarray), _enc_on(ve, cp.asarray),
+                                  scale=d**-0.5, backend="cupy_raw"))
+    assert np.isfinite(got).all() and np.abs(want).max() > 1e3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_very_long_sequence() -> None:
     import cupy as cp

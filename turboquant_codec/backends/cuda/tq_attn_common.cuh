@@ -26,7 +26,9 @@
 // per-token norm. Precision: scores run as c*q_hi + c*q_lo, values as c*P_hi + c*P_lo (query and
 // P' = p * norm split into float16 hi + lo): float32-level products with one lookup per register
 // (with peaked softmaxes a 1e-4 relative score error would move outputs by ~1e-3). K and V share
-// one table when their codebooks coincide (KV_SAME_LUT).
+// one table when their codebooks coincide (KV_SAME_LUT). P' carries a per-warp power-of-two range
+// factor (WarpAttn::vinv) so that value norms past float16's range (record norms are bfloat16)
+// neither overflow P' to inf nor change anything for norms inside it.
 #pragma once
 
 #include "tq_common.cuh"
@@ -138,7 +140,7 @@ __device__ __forceinline__ void ring_loop(int n, Issue issue, Body body) {
 
 // One warp's flash-decoding state over its run of tiles: the query fragments of its KV stream, and
 // per query head the running max m, sum l (log2 domain) and V accumulators acc (rotated domain,
-// value-product fragment layout).
+// value-product fragment layout, scaled by vinv until the merge).
 struct WarpAttn {
   static constexpr int KQD = KC::fdims(), VQD = VC::fdims(), KNF = KC::nf(), VNF = VC::nf();
   static constexpr int KSTEPS = KQD / 16, QW = PACK ? 2 : 4;
@@ -151,6 +153,11 @@ struct WarpAttn {
   float qsc[NT][2];
   float acc[VTILES][NT][4];
   float m_run[NT][2], l_run[NT][2];
+  // P' range factor, a power of two <= 1 (warp-uniform): P' = p * value scale * vinv and acc holds
+  // the value sums times vinv. 1 unless a tile's value scales reach P_TOP (value_range).
+  float vinv;
+  static constexpr int P_EXP = 15;
+  static constexpr float P_TOP = 1 << P_EXP;  // P' = p * scale * vinv < P_TOP (p <= 1): below 65504
 
   // Query fragments of KV stream bh (query rows bh * GQ + head of qh / qscale) for every K field and
   // k-step, in registers for the whole run: (hi, lo) B fragments, or with PACK one fragment whose
@@ -194,6 +201,31 @@ struct WarpAttn {
         m_run[nt][e] = -TQ_INF;
         l_run[nt][e] = 0.f;
       }
+    vinv = 1.f;
+  }
+
+  // vinv for a tile whose largest finite value scale on this lane is `top`: the largest power of
+  // two <= 1 that keeps the warp's largest below P_TOP, acc rescaled to it (exact: powers of two).
+  // Set per tile, so a tile's P' use float16's whole range [2^-24, 2^15) (hi + lo: float32-level
+  // products down to 2^-14) whatever the norms of other tiles. Warp-uniform; called only where a
+  // value scale reaches P_TOP or vinv is not 1 (value norms near or past 32768, whose P' would
+  // otherwise overflow float16): other streams keep vinv = 1 and their exact results.
+  __device__ __forceinline__ void value_range(float top) {
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 4));
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 8));
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 16));
+    int ex;
+    frexpf(top, &ex);  // top < 2^ex (ex = 0 for top = 0)
+    const int want = min(0, P_EXP - ex), have = ilogbf(vinv);  // top * 2^want < P_TOP
+    if (want == have) return;
+    const float a = ldexpf(1.f, want - have);
+#pragma unroll
+    for (int i = 0; i < VTILES; ++i)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][nt][c] *= a;
+    vinv = ldexpf(1.f, want);
   }
 
   // One tile of 16 tokens in shared memory: K records at kt, V records at vt, KS / VS bytes apart;
@@ -293,12 +325,26 @@ struct WarpAttn {
     }
 
     // ---- values: acc[dims x heads] += codes^T[dims x tokens] * P'[tokens x heads], with
-    //      P' = p * per-token value scale split into float16 hi + lo (float32-level products).
+    //      P' = p * per-token value scale * vinv split into float16 hi + lo (float32-level
+    //      products). First vinv, from the tile's largest value scale (masked rows may hold any
+    //      bytes: stale slots; an infinite or NaN scale is left out, its product is inf / NaN
+    //      whatever the factor).
+    {
+      float top = 0.f;
+      static_for<0, VNF>([&](auto fi) {
+        constexpr int f = decltype(fi)::value;
+        const float s0 = valid0 ? rec_norm(vt + gid * VS, VC::fscale(f)) * VC::pfactor(f) : 0.f;
+        const float s1 = valid1 ? rec_norm(vt + (gid + 8) * VS, VC::fscale(f)) * VC::pfactor(f) : 0.f;
+        top = fmaxf(top, fmaxf(s0 < TQ_INF ? s0 : 0.f, s1 < TQ_INF ? s1 : 0.f));
+      });
+      if (__any_sync(0xffffffffu, vinv != 1.f || top >= P_TOP)) value_range(top);
+    }
     static_for<0, VNF>([&](auto fi) {
       constexpr int f = decltype(fi)::value, G = VC::fdim(f), B = VC::fbits(f);
       constexpr int SEG = G / 8, NWD = (SEG * B + 31) / 32, M0 = VC::foff(f) / 16;
-      const float sc[2] = {rec_norm(vt + gid * VS, VC::fscale(f)) * VC::pfactor(f),
-                           rec_norm(vt + (gid + 8) * VS, VC::fscale(f)) * VC::pfactor(f)};
+      const float fv = VC::pfactor(f) * vinv;  // exact: vinv is a power of two
+      const float sc[2] = {rec_norm(vt + gid * VS, VC::fscale(f)) * fv,
+                           rec_norm(vt + (gid + 8) * VS, VC::fscale(f)) * fv};
       const bool valid[2] = {valid0, valid1};
       // B operand (tokens x heads): the score fragment holds token rows (gid, gid+8) x columns
       // (2t, 2t+1); an 8x8 transpose per row half gives lane (column gid) x tokens (2t, 2t+1).
@@ -360,6 +406,15 @@ struct WarpAttn {
   __device__ __forceinline__ void merge(u8* smem, u64 prow0, float* __restrict__ part_m,
                                         float* __restrict__ part_l, float* __restrict__ part_acc) {
     const int warp = threadIdx.x >> 5;
+    if (vinv != 1.f) {  // acc back to the value sums (exact: vinv is a power of two)
+      const float up = ldexpf(1.f, -ilogbf(vinv));
+#pragma unroll
+      for (int i = 0; i < VTILES; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[i][nt][c] *= up;
+    }
     if constexpr (PACK) {  // column h (P'_hi products) + column h + 4 (P'_lo products)
 #pragma unroll
       for (int i = 0; i < VTILES; ++i)
