@@ -30,7 +30,8 @@
 //                    merged into one partial), the records copied in place through the block table.
 //                    Tiles whose block is out of range or has a raw row are skipped (no copy, no
 //                    work). A raw_slot_of_block entry outside 0 .. num_raw - 1 is no raw row, in
-//                    every kernel here (PagedCache's rule): its block is read from its records. Chunk boundaries are fixed in tokens (NWARPS, TPW compile-time), so a
+//                    every kernel here (PagedCache's rule): its block is read from its records.
+//                    Chunk boundaries are fixed in tokens (NWARPS, TPW compile-time), so a
 //                    request's partials, and its output, do not depend on the batch it shares a
 //                    launch with; chunks past a request's context exit at once.
 //   tq_paged_reduce  grid (n_dec*h_q), block 256: merges the request's chunk partials (rotated
