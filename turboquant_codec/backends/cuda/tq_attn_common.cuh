@@ -219,13 +219,17 @@ struct WarpAttn {
     const int want = min(0, P_EXP - ex), have = ilogbf(vinv);  // top * 2^want < P_TOP
     if (want == have) return;
     const float a = ldexpf(1.f, want - have);
+    scale_acc(a);
+    vinv = ldexpf(1.f, want);
+  }
+
+  __device__ __forceinline__ void scale_acc(const float a) {
 #pragma unroll
     for (int i = 0; i < VTILES; ++i)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[i][nt][c] *= a;
-    vinv = ldexpf(1.f, want);
   }
 
   // One tile of 16 tokens in shared memory: K records at kt, V records at vt, KS / VS bytes apart;
@@ -407,13 +411,7 @@ struct WarpAttn {
                                         float* __restrict__ part_l, float* __restrict__ part_acc) {
     const int warp = threadIdx.x >> 5;
     if (vinv != 1.f) {  // acc back to the value sums (exact: vinv is a power of two)
-      const float up = ldexpf(1.f, -ilogbf(vinv));
-#pragma unroll
-      for (int i = 0; i < VTILES; ++i)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[i][nt][c] *= up;
+      scale_acc(ldexpf(1.f, -ilogbf(vinv)));
     }
     if constexpr (PACK) {  // column h (P'_hi products) + column h + 4 (P'_lo products)
 #pragma unroll
