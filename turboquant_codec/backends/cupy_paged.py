@@ -20,6 +20,11 @@ What this module owns:
   logical blocks (fixed too, merged in the reduce), run in the prep launch, or from
   ``side_min_streams`` KV streams on, on a side stream forked from the caller's and joined before
   the reduce (same kernel, same results: only the overlap changes).
+- Shared memory, described once per kernel as it carves it (``occupancy.SharedLayout``):
+  tq_paged_split's main loop (``_split_layout``: the pair tables as tq_attn_split's, then the warps'
+  rings of page spans) and its closing merge (``cupy_raw_attn.merge_layout``, the same
+  ``WarpAttn::merge``); tq_paged_reduce's float32 parts (``_reduce_layout``); the raw partial's pass
+  lists and the merge aliasing them (``_raw_smem``).
 - Launches (``_LAUNCHES``): per call signature (every array's address, shape, strides and dtype, the
   scalars, the settings object) the kernels' arguments packed once as driver parameter arrays, so a
   repeated call costs the signature and one ``cuLaunchKernel`` per kernel. Builds (``_plan``) are
@@ -51,10 +56,18 @@ from ..config import CodecConfig
 from ..encoded import Encoded
 from ..paged_cache import PagedCache
 from ..tuning import CupyPagedTuning, CupyRawTuning
-from . import cupy_launch, cupy_raw, cupy_raw_build, cupy_raw_device, cupy_raw_tables, cupy_raw_tc
+from . import (
+    cupy_launch,
+    cupy_raw,
+    cupy_raw_attn,
+    cupy_raw_build,
+    cupy_raw_device,
+    cupy_raw_tables,
+    cupy_raw_tc,
+)
 from .cupy_launch import Launch as _Launch
 from .cupy_raw import _NULL, _Raw16
-from .occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT, resident_blocks
+from .occupancy import SM90_SMEM_OPTIN, STATIC_SMEM_LIMIT, SharedLayout, resident_blocks
 
 SOURCE = "tq_paged.cu"
 # Tokens per tile of the split (tq_attn_common.cuh's TILE: one tensor-core fragment of keys).
@@ -201,38 +214,47 @@ def compile_options(kind: str, **p: Any) -> list[str]:
             f"-DMERGED={int(lay.merged)}", f"-DKTS={lay.kts}", f"-DVTS={lay.vts}", f"-DVOFF={lay.voff}"]
 
 
-def _luts_bytes(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
-    def lutn(cfg: CodecConfig) -> int:
-        return sum((1 << 2 * g.code_bits) + (4 if g.qjl else 0) for g in cfg.groups)
-
-    return 4 * 32 * (lutn(k_cfg) + (0 if cupy_raw_tables.same_lut(k_cfg, v_cfg) else lutn(v_cfg)))
+def _tables_bytes(k_cfg: CodecConfig, v_cfg: CodecConfig) -> int:
+    """The pair tables at the start of tq_paged_split's shared memory (as tq_attn_split's)."""
+    return SharedLayout(cupy_raw_attn.pair_tables(k_cfg, v_cfg)).nbytes
 
 
 def _stages(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout, tuning: CupyPagedTuning) -> int:
+    tables = _tables_bytes(k_cfg, v_cfg)
     for stages in range(tuning.stages, 1, -1):
-        if _luts_bytes(k_cfg, v_cfg) + tuning.split_warps * stages * _stage_bytes(layout) <= SM90_SMEM_OPTIN:
+        if tables + tuning.split_warps * stages * _stage_bytes(layout) <= SM90_SMEM_OPTIN:
             return stages
     raise ValueError(f"paged attention tables of {k_cfg} / {v_cfg} do not fit shared memory")
 
 
+def _split_layout(k_cfg: CodecConfig, v_cfg: CodecConfig, layout: Layout, tuning: CupyPagedTuning
+                  ) -> SharedLayout:
+    """tq_paged_split's main loop: the pair tables | per warp a ring of stages, each one 16-token span
+    of a page's records (``_stage_bytes``)."""
+    ring = tuning.split_warps * _stages(k_cfg, v_cfg, layout, tuning) * _stage_bytes(layout)
+    return SharedLayout((*cupy_raw_attn.pair_tables(k_cfg, v_cfg), ("rings", ring)))
+
+
 def _split_smem(k_cfg: CodecConfig, v_cfg: CodecConfig, group: int, layout: Layout,
                 tuning: CupyPagedTuning) -> int:
-    """Dynamic shared memory of tq_paged_split: the larger of its main loop (tables + rings) and its
-    merge (mirrors the kernel's carve-ups)."""
-    warps = tuning.split_warps
-    ring = _luts_bytes(k_cfg, v_cfg) + warps * _stages(k_cfg, v_cfg, layout, tuning) * _stage_bytes(layout)
-    merge = 4 * warps * min(group, 8) * (2 + _ws(v_cfg))
-    return max(ring, merge)
+    """Dynamic shared memory of tq_paged_split: the larger of its main loop and its closing merge
+    (``WarpAttn::merge``, tq_attn_split's, reusing the buffer)."""
+    merge = cupy_raw_attn.merge_smem(v_cfg, group, tuning.split_warps)
+    return max(_split_layout(k_cfg, v_cfg, layout, tuning).nbytes, merge)
 
 
-def _ws(v_cfg: CodecConfig) -> int:
-    vqd = cupy_raw_tables.fdims(v_cfg)
-    return vqd + vqd // 16 + (20 - (vqd + vqd // 16) % 16) % 16
+def _reduce_layout(v_cfg: CodecConfig, nchunks: int) -> SharedLayout:
+    """tq_paged_reduce, float32: weights w[nchunks] | merged accumulator y[VQD] | un-rotated row z[D] |
+    reduction scratch red[32] | per-warp partial sums yw[nwarps][VQD] | merged raw partial ra[D]."""
+    vqd, d = cupy_raw_tables.fdims(v_cfg), v_cfg.d
+    floats = (("w", nchunks), ("y", vqd), ("z", d), ("red", 32), ("yw", REDUCE_THREADS // 32 * vqd),
+              ("ra", d))
+    return SharedLayout(tuple((name, 4 * n) for name, n in floats))
 
 
 def _reduce_smem(v_cfg: CodecConfig, nchunks: int) -> int:
-    vqd = cupy_raw_tables.fdims(v_cfg)
-    return 4 * (nchunks + vqd + 2 * v_cfg.d + 32 + REDUCE_THREADS // 32 * vqd)
+    """Bytes of ``_reduce_layout``."""
+    return _reduce_layout(v_cfg, nchunks).nbytes
 
 
 @dataclass(frozen=True)
@@ -580,9 +602,13 @@ def _run(launches: tuple[_Launch | None, _Launch, _Launch, _Launch], device: int
 
 
 def _raw_smem(group: int, d: int, tuning: CupyPagedTuning) -> int:
-    """Dynamic shared memory of tq_paged_prep's raw-partial blocks (mirrors raw_partial): the pass
-    lists, later aliased by the warps' merge."""
-    return max(4 * (2 * raw_part(tuning) + 32), 4 * tuning.split_warps * group * (d + 2))
+    """Dynamic shared memory of tq_paged_prep's raw-partial blocks (raw_partial): the pass lists (two
+    int32 per logical block of a part, and 32), later aliased by the warps' merge, float32
+    macc[NW][GQ][D] | mm[NW][GQ] | ml[NW][GQ]."""
+    lists = SharedLayout((("lists", 4 * (2 * raw_part(tuning) + 32)),))
+    per = 4 * tuning.split_warps * group
+    merge = SharedLayout((("macc", per * d), ("mm", per), ("ml", per)))
+    return max(lists.nbytes, merge.nbytes)
 
 
 def _build_decode(cache: PagedCache, layout: Layout, query: Any, key: Any, value: Any, block_table: Any,
