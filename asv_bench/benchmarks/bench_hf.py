@@ -1,5 +1,6 @@
 """``model.generate``'s decode step with a Hugging Face cache: ``TurboQuantCache`` on the registered
-``"turboquant"`` attention against ``DynamicCache``, on a small random-weight Llama-style model.
+``"turboquant"`` attention against ``DynamicCache`` on the stock ``"sdpa"`` attention (cuDNN off on a
+GPU: flash), on a small random-weight Llama-style model.
 
 - ``time_decode_step``: one forward of one new token per row after a ``tokens``-token prompt (the
   cache grows by a token per sample; a flush every 256 samples is part of the path).
@@ -37,7 +38,14 @@ def _setup(cache_kind: str, device: str, tokens: int) -> tuple[Any, Any, Any, An
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = LlamaForCausalLM(cfg).to(device, dtype).eval()
-    hf_attention.use(model)
+    if cache_kind == "dynamic":
+        # The stock attention on flash: torch's own choice on an H100 (cuDNN) builds a plan for every
+        # new key length, milliseconds of host time per decode step (benchmarks/RESULTS-hf.md).
+        model.set_attn_implementation("sdpa")
+        if device == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)
+    else:
+        hf_attention.use(model)
     cache = DynamicCache(config=cfg) if cache_kind == "dynamic" else TurboQuantCache(cfg)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens + 1), device=device, generator=gen)
