@@ -30,6 +30,9 @@ with its default flush interval and sinks, unless said otherwise):
     (``seed_criterion="scores"``: squared logit error; ``"attention"``: KL of the attention weights;
     the first flushed keys as their own queries, ``hf_cache.calibration_error``); value streams as
     before.
+``haar+kv``, ``hadamard+kv``
+    Half a bit moved from values to keys: keys at nominal bits + 0.5, values at - 0.5 (3.5 -> 4 / 3,
+    2.5 -> 3 / 2; the same bits per value on average).
 ``upstream``
     ``baselines.UpstreamCache``: upstream vLLM's shipped recipe, quantize on write, no raw window,
     boundary layers raw; 2.5 bits -> preset ``turboquant_3bit_nc``, 3.5 -> ``turboquant_k3v4_nc``
@@ -109,10 +112,13 @@ class Recipe:
 
 
 def recipes(candidates: int) -> dict[str, Recipe]:
-    def ours(rotation: str, n: int, criterion: str = "reconstruction") -> Callable[[Any, float, int], Any]:
-        return lambda cfg, b, s: DecodedCopyCache(cfg, key_bits=b, value_bits=b, seed=s, rotation=rotation,
-                                                  seed_candidates=n, seed_criterion=criterion,
-                                                  flush_interval=DEFAULT_FLUSH, sinks=DEFAULT_SINKS)
+    def ours(rotation: str, n: int, criterion: str = "reconstruction", skew: float = 0.0
+             ) -> Callable[[Any, float, int], Any]:
+        # skew: half a bit moved from values to keys (same bits per value on average).
+        return lambda cfg, b, s: DecodedCopyCache(cfg, key_bits=b + skew, value_bits=b - skew, seed=s,
+                                                  rotation=rotation, seed_candidates=n,
+                                                  seed_criterion=criterion, flush_interval=DEFAULT_FLUSH,
+                                                  sinks=DEFAULT_SINKS)
 
     def upstream(cfg: Any, b: float, s: int) -> Any:
         kb, vb = UPSTREAM_PRESETS[b]
@@ -123,7 +129,9 @@ def recipes(candidates: int) -> dict[str, Recipe]:
            Recipe(f"hadamard2+select{candidates}", True, ours("hadamard2", candidates)),
            Recipe(f"haar+scores{candidates}", True, ours("haar", candidates, "scores")),
            Recipe(f"haar+attn{candidates}", True, ours("haar", candidates, "attention")),
-           Recipe("hadamard", False, ours("hadamard", 1)), Recipe("upstream", False, upstream)]
+           Recipe("haar+kv", True, ours("haar", 1, skew=0.5)),
+           Recipe("hadamard", False, ours("hadamard", 1)),
+           Recipe("hadamard+kv", False, ours("hadamard", 1, skew=0.5)), Recipe("upstream", False, upstream)]
     return {r.name: r for r in out}
 
 
