@@ -199,3 +199,44 @@ def test_other_attention_is_refused(padded) -> None:
     with warnings.catch_warnings(), pytest.raises(RuntimeError, match="attn_implementation='turboquant'"):
         warnings.simplefilter("ignore")
         _gen(model, ids, mask, TurboQuantCache(model.config))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_decode_steps_read_records_like_the_decoded_copy(paged_calls) -> None:
+    """On CUDA (float32 model): one-token steps run the fused paged kernel through the layers' step
+    buffers, with flushes during decoding, and give the decoded-copy cache's logits up to the kernel's
+    float16 products (p * |v| and the tensor-core query products round to 11 significant bits); the
+    step buffers stay the same tensors from step to step (so the op replays its launches)."""
+    from turboquant_codec.backends import availability
+
+    if not torch.cuda.is_available() or not availability("cupy_raw"):
+        pytest.skip("needs torch CUDA and cupy_raw")
+    model = _model("llama").cuda()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 128, (2, 60), generator=g).cuda()
+    kw = dict(flush_interval=8, sinks=5)
+    ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
+    for s in range(0, 30, 10):
+        a = model(input_ids=ids[:, s : s + 10], **{CACHE: ours}).logits
+        torch.testing.assert_close(a, model(input_ids=ids[:, s : s + 10], **{CACHE: ref}).logits)
+    worst, kept, reused = 0.0, None, 0
+    layer = ours.layers[0]
+    for t in range(30, 60):
+        cap = layer.cap
+        a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits
+        b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+        step = layer._dev.get("step")
+        if layer.cap != cap:  # the records grew after the attention: the step metadata was dropped
+            kept = None
+            continue
+        assert step is not None
+        if kept is not None:
+            assert step[0] is kept[0]
+            reused += 1
+        kept = step
+    assert reused > 0
+    assert paged_calls[0] == 30 * model.config.num_hidden_layers
+    assert worst < 5e-3
+    assert ours.memory().decoded == 0
