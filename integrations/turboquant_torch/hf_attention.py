@@ -109,10 +109,16 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
     # cache is neither compiled nor graph-captured). The new tokens go through the layer's step
     # buffers: the op then sees the same arrays every step and replays its prepared launches
     # instead of checking and packing new ones.
-    q_t, k_t, v_t, out_t = layer.step_buffers(query, key)
-    q_t.copy_(query[:, :, 0])
-    k_t.copy_(key[:, :, 0])
-    v_t.copy_(value[:, :, 0])
+    if torch.is_grad_enabled():
+        # Autograd may keep the output (o_proj's input) past this step: fresh tensors, not buffers
+        # that the next step overwrites.
+        q_t, k_t, v_t = (t[:, :, 0].detach().contiguous() for t in (query, key, value))
+        out_t = torch.empty_like(q_t)
+    else:
+        q_t, k_t, v_t, out_t = layer.step_buffers(query, key)
+        q_t.copy_(query[:, :, 0])
+        k_t.copy_(key[:, :, 0])
+        v_t.copy_(value[:, :, 0])
     paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
                     scale=scale, out=out_t, num_decodes=a["num_decodes"])
     return out_t.unsqueeze(1)
