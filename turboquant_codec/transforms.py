@@ -116,16 +116,15 @@ def rotation_matrix(kind: str, seed: int, group: int, dim: int) -> np.ndarray:
     seed, group, dim : int
         The configuration's seed, the group index and its dimension.
     """
-    if kind == "haar":
+    signs = hadamard_signs(kind, seed, group, dim)
+    if signs is None:
         return haar_rotation(seed, group, dim)
     h = sylvester_hadamard(dim)
-    if kind == "hadamard":
-        return h
-    if kind == "hadamard2":
-        signs = random_signs(seed, group, dim, 2)
-        # y = H D2 H D1 x: sign flips folded into the columns of each round.
-        return (h * signs[1]) @ (h * signs[0])
-    raise ValueError(f"unknown rotation kind {kind!r}")
+    # y = H D_k ... H D_1 x: each round's sign flips folded into the columns of its H.
+    matrix = h * signs[0]
+    for row in signs[1:]:
+        matrix = (h * row) @ matrix
+    return matrix
 
 
 def hadamard_signs(kind: str, seed: int, group: int, dim: int) -> np.ndarray | None:
