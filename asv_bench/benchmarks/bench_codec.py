@@ -25,9 +25,9 @@ from .common import (
     Q_HEADS,
     SCORE_QUERIES,
     TAIL,
-    TIMING,
     TOKENS,
     DevicePeak,
+    Timed,
     kv_like,
     parse_config,
     put,
@@ -37,15 +37,10 @@ from .common import (
 )
 
 
-class _Op:
+class _Op(Timed):
     op = ""
     params = (BACKENDS, HEAD_DIMS, CONFIGS, TOKENS)
     param_names = ("backend", "head_dim", "config", "tokens")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
-    timeout = 300
 
     def setup(self, backend: str, head_dim: int, config: str, tokens: int) -> None:
         for op in ("encode", self.op):

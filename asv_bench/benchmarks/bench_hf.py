@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import TIMING
+from .common import Timed
 
 CPU_MAX_TOKENS = 2048
 
@@ -54,13 +54,9 @@ def _setup(cache_kind: str, device: str, tokens: int) -> tuple[Any, Any, Any, An
     return model, cache, ids[:, tokens:], CACHE_ARG
 
 
-class HFDecode:
+class HFDecode(Timed):
     params = (("dynamic", "turboquant"), ("cpu", "cuda"), (2048, 16384))
     param_names = ("cache", "device", "tokens")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
     timeout = 600
 
     def setup(self, cache: str, device: str, tokens: int) -> None:

@@ -27,7 +27,7 @@ from .common import (
     CONFIGS,
     KV_HEADS,
     Q_HEADS,
-    TIMING,
+    Timed,
     device_of,
     kv_like,
     parse_config,
@@ -45,14 +45,9 @@ BLOCK = 16
 LAYERS = 8
 
 
-class PagedDecode:
+class PagedDecode(Timed):
     params = (GPU_BACKENDS, CONFIGS, CONTEXTS)
     param_names = ("backend", "config", "context")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
-    timeout = 300
 
     def setup(self, backend: str, config: str, context: int) -> None:
         for op in ("paged_write", "paged_attention"):
@@ -106,14 +101,9 @@ class PagedDecode:
         self.sync()
 
 
-class PagedGraphStep:
+class PagedGraphStep(Timed):
     params = (CONFIGS, CONTEXTS)
     param_names = ("config", "context")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
-    timeout = 300
 
     def setup(self, config: str, context: int) -> None:
         try:

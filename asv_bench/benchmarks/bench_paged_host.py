@@ -18,19 +18,14 @@ import turboquant_codec as tq
 from turboquant_codec.config import CodecConfig
 from turboquant_codec.paged_cache import PagedCache
 
-from .common import TIMING, kv_like, scaled
+from .common import Timed, kv_like, scaled
 
 KV, QH, D, BITS, BLOCK = 3, 9, 64, 3.5, 16
 
 
-class HostPagedDecode:
+class HostPagedDecode(Timed):
     params = (("op", "decoder"), (2048,))
     param_names = ("path", "context")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
-    timeout = 300
 
     def setup(self, path: str, context: int) -> None:
         if not tq.backends.availability("numba_cpu"):

@@ -19,7 +19,7 @@ import numpy as np
 
 import turboquant_codec as tq
 
-from .common import KV_HEADS, Q_HEADS, TIMING, scaled
+from .common import KV_HEADS, Q_HEADS, Timed, scaled
 
 HEAD_DIM = 128
 BITS = 3.5
@@ -43,14 +43,9 @@ def _kv(torch: Any, shape: tuple[int, ...], device: str, gen: Any) -> Any:
     return x.to(torch.bfloat16)
 
 
-class _TorchAttention:
+class _TorchAttention(Timed):
     params = (("cpu", "cuda"), (1, 8), (2048, 32768))
     param_names = ("device", "batch", "tokens")
-    repeat = TIMING["repeat"]
-    warmup_time = TIMING["warmup_time"]
-    sample_time = TIMING["sample_time"]
-    min_run_count = TIMING["min_run_count"]
-    timeout = 300
 
     def setup(self, device: str, batch: int, tokens: int) -> None:
         torch = _torch()

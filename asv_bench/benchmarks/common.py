@@ -91,6 +91,17 @@ if os.environ.get("TQ_ASV_REUSE_DATA") == "1":
 TIMING = {"repeat": (1, 3, 1.5), "warmup_time": 0.05, "sample_time": 0.02, "min_run_count": 1}
 
 
+class Timed:
+    """asv's sampling attributes of every timed benchmark class (``TIMING``; a class overrides
+    ``timeout`` where its setup takes longer)."""
+
+    repeat = TIMING["repeat"]
+    warmup_time = TIMING["warmup_time"]
+    sample_time = TIMING["sample_time"]
+    min_run_count = TIMING["min_run_count"]
+    timeout = 300
+
+
 def _probe_availability() -> dict[str, tuple[bool, str]]:
     """Availability of every registered backend, probed once in a child process.
 
