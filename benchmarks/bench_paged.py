@@ -43,7 +43,7 @@ from turboquant_codec.paged_cache import PagedCache
 H_Q, H_KV, D, BS = 32, 8, 128, 16
 SCALE = D**-0.5
 SHAPES = ((8, 32768), (1, 131072), (32, 8192))
-BITS = 3.5
+BITS = (3.5, 3.5)  # key, value; --bits K,V
 WINDOW, SINKS = 128, 4
 LAYERS = 32
 
@@ -52,7 +52,7 @@ def build(b: int, t: int, gen, rng):
     """(torch PagedCache, block_table, seq_lens, query_start_loc, slot of each new token, K, V bf16)."""
     import torch
 
-    k_cfg, v_cfg = CodecConfig(D, BITS, seed=1), CodecConfig(D, BITS, seed=2)
+    k_cfg, v_cfg = CodecConfig(D, BITS[0], seed=1), CodecConfig(D, BITS[1], seed=2)
     rk, rv = k_cfg.record_bytes, v_cfg.record_bytes
     per = -(-(t + 1) // BS)
     nb = b * per + 8
@@ -154,8 +154,8 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     scratch = sum(int(buf.nbytes) for (dev, name), buf in cupy_paged._SCRATCH.items() if name == "attention")
     pool_growth = mp.used_bytes() - used0
     # The unpaged kernel (cupy_raw.attention) on the same tokens, contiguous records, no tail.
-    ke = tq.encode(k, bits=BITS, seed=1, backend="cupy_raw")
-    ve = tq.encode(v, bits=BITS, seed=2, backend="cupy_raw")
+    ke = tq.encode(k, bits=BITS[0], seed=1, backend="cupy_raw")
+    ve = tq.encode(v, bits=BITS[1], seed=2, backend="cupy_raw")
     enc = [tq.Encoded(cupy_raw.asarray(e.records), cupy_raw.asarray(e.channels), e.config) for e in (ke, ve)]
     qn = cupy_raw.asarray(q)
     ms_unpaged = timed(lambda enc=enc: cupy_raw.attention(qn, *enc, SCALE, None, None), primed=True)
@@ -273,7 +273,12 @@ def main() -> None:
                     help="threads of a query-preparation block in side-stream mode "
                          "(CupyPagedTuning.side_row_threads; default: its default)")
     ap.add_argument("--shapes", default="", help="BxT,... instead of the defaults: 1x131072,32x8192")
+    ap.add_argument("--bits", default="3.5,3.5", help="key,value bits (mse)")
     args = ap.parse_args()
+    global BITS
+    BITS = tuple(float(x) for x in args.bits.split(","))
+    if len(BITS) != 2:
+        raise SystemExit(f"--bits wants 'key,value', got {args.bits!r}")
     status = availability("cupy_raw")
     if not status:
         raise SystemExit(f"cupy_raw unavailable: {status.reason}")
@@ -302,7 +307,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     md = [f"# Paged decode benchmark ({card})", "", *[f"- {line}" for line in log], "",
-          f"32 query / 8 KV heads, d=128, block size 16, random block table, K and V mse {BITS:g} bits, raw "
+          f"32 query / 8 KV heads, d=128, block size 16, random block table, K mse {BITS[0]:g} / "
+          f"V mse {BITS[1]:g} bits, raw "
           f"pool: {SINKS} sinks' block + last {WINDOW} tokens' blocks per request (bf16); one decode token "
           "per request. SDPA: bf16, contiguous K/V, best of flash and cuDNN, same run.", "",
           "## Decode attention, one layer", "",

@@ -115,10 +115,7 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
         q_t, k_t, v_t = (t[:, :, 0].detach().contiguous() for t in (query, key, value))
         out_t = torch.empty_like(q_t)
     else:
-        q_t, k_t, v_t, out_t = layer.step_buffers(query, key)
-        q_t.copy_(query[:, :, 0])
-        k_t.copy_(key[:, :, 0])
-        v_t.copy_(value[:, :, 0])
+        q_t, k_t, v_t, out_t = layer.stage_step(query, key, value)
     paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
                     scale=scale, out=out_t, num_decodes=a["num_decodes"])
     return out_t.unsqueeze(1)

@@ -6,8 +6,9 @@ Layout of one layer (``B`` batch rows, ``H`` KV heads, ``d`` head dim, ``bs`` to
     packed      [B * cap, H, bs, R_k + R_v]  uint8   K record then V record per (block, head, slot)
     k_records,  [B * cap, bs, H, R_k / R_v]  uint8   views of ``packed`` (``turboquant_codec.
     v_records                                        paged_cache``'s layout; vLLM's packing)
-    raw_k,      [num_raw, bs, H, d]   model dtype    raw side pool: the blocks read uncompressed
-    raw_v
+    raw         [2, num_raw, bs, H, d]  model dtype  raw side pool: the blocks read uncompressed;
+    raw_k,      [num_raw, bs, H, d]                  ``raw[0]`` and ``raw[1]`` (one scatter writes
+    raw_v                                            a step's K and V)
     raw_of      [B, cap] int (host)                  raw-pool row of each block, -1 = read the records
     raw_slot_of_block  [B * cap] int32 (device)      the same map, flat, as the paged op reads it
     block_table [B, cap] int32 (device)              row r's block j is physical block r * cap + j
@@ -422,6 +423,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.packed: Tensor | None = None
         self.rec_k: Tensor | None = None
         self.rec_v: Tensor | None = None
+        self.raw: Tensor | None = None  # [2, num_raw, bs, H, d]: raw_k and raw_v are its halves
         self.raw_k: Tensor | None = None
         self.raw_v: Tensor | None = None
         self.raw_of = np.full((0, 0), -1, np.int64)
@@ -429,6 +431,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.pending: tuple[Tensor, Tensor] | None = None
         self._dev: dict[str, Any] = {}  # device copies of the step metadata, the PagedCache view
         self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
+        self._staged: tuple[Tensor, Tensor] | None = None  # (new key, its step buffer copy of K and V)
         self.is_initialized = False
         self.keys = self.values = None
 
@@ -498,22 +501,28 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
                     num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
 
-    def step_buffers(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Buffers of a one-token GPU step, kept across steps while the shapes hold: query and out
-        ``(B, H_q, d)``, the new key and value ``(B, H, d)``.
+    def stage_step(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Copy a one-token GPU step's new tokens into the layer's step buffers, kept across steps
+        while the shapes hold (so the paged op sees the same arrays and replays its launches), and
+        return them: query ``(B, H_q, d)``, key and value ``(B, H, d)`` (views of one ``(2, B, H, d)``
+        buffer, which ``commit`` then scatters into the raw pools in one copy), out ``(B, H_q, d)``.
 
         Parameters
         ----------
         query : Tensor (B, H_q, 1, d)
-        key : Tensor (B, H, 1, d)
+        key, value : Tensor (B, H, 1, d)
         """
         b, hq, _, d = query.shape
         kept = self._dev.get("step")
         if kept is None or kept[0].shape != (b, hq, d) or kept[0].dtype != query.dtype:
             q = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
             kv = torch.empty(2, b, key.shape[1], d, dtype=key.dtype, device=key.device)
-            kept = self._dev["step"] = (q, kv[0], kv[1], torch.empty_like(q))
-        return kept
+            kept = self._dev["step"] = (q, kv, torch.empty_like(q))
+        q, kv, out = kept
+        q.copy_(query[:, :, 0])
+        torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
+        self._staged = (key, kv)
+        return q, kv[0], kv[1], out
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
@@ -592,8 +601,12 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                 seq = self._dev["seq"].numpy()
                 seq += 1
         else:
-            self.raw_k.view(-1, h, d).index_copy_(0, self._next_slot, key[:, :, 0])
-            self.raw_v.view(-1, h, d).index_copy_(0, self._next_slot, value[:, :, 0])
+            staged, self._staged = self._staged, None
+            # K and V side by side, as the step buffers hold them: one scatter into both pools.
+            kv = staged[1] if staged is not None and staged[0] is key else torch.stack(
+                (key[:, :, 0], value[:, :, 0]))
+            assert self.raw is not None
+            self.raw.view(2, -1, h, d).index_copy_(1, self._next_slot, kv)
             self._next_slot += 1
             if "seq" in self._dev:
                 self._dev["seq"] += 1
@@ -760,6 +773,11 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.rec_k = packed[..., :r_k].transpose(1, 2)
         self.rec_v = packed[..., r_k:].transpose(1, 2)
 
+    def _set_raw(self, raw: Tensor) -> None:
+        """``raw`` [2, num_raw, bs, H, d] and its K / V halves, the pools the paged op reads."""
+        self.raw = raw
+        self.raw_k, self.raw_v = raw[0], raw[1]
+
     def _ensure_records(self, payload_k: Tensor, payload_v: Tensor) -> None:
         if self.rec_k is not None:
             return
@@ -778,14 +796,11 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             have = 0 if self.raw_k is None else self.raw_k.shape[0]
             # Headroom of one block per row: the window grows a block at a time on decode steps.
             size = have + short + self.batch_size
-            shape = (size, self.block_size, self.num_kv_heads, self.head_dim)
-            grown = []
-            for old in (self.raw_k, self.raw_v):
-                new = torch.empty(shape, dtype=self.dtype, device=self.device)
-                if old is not None:
-                    new[:have] = old
-                grown.append(new)
-            self.raw_k, self.raw_v = grown
+            old = self.raw
+            self._set_raw(torch.empty((2, size, self.block_size, self.num_kv_heads, self.head_dim),
+                                      dtype=self.dtype, device=self.device))
+            if old is not None:
+                self.raw[:, :have] = old  # type: ignore[index]
             self.free.extend(range(have, size))
             self._dev.pop("cache", None)
         self.free.sort(reverse=True)  # lowest rows first: pop() from the end
@@ -812,11 +827,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             # A fresh pool in block order, plus the usual headroom.
             gather = _index(src, self.device)
             pad = b
-            pool_shape = (src.size + pad, bs, self.num_kv_heads, self.head_dim)
-            new_k = self.raw_k.new_empty(pool_shape)
-            new_v = self.raw_v.new_empty(pool_shape)
-            new_k[: src.size], new_v[: src.size] = self.raw_k[gather], self.raw_v[gather]
-            self.raw_k, self.raw_v = new_k, new_v
+            assert self.raw is not None
+            old = self.raw
+            self._set_raw(old.new_empty((2, src.size + pad, bs, self.num_kv_heads, self.head_dim)))
+            self.raw[:, : src.size] = old[:, gather]  # type: ignore[index]
             raw_of[raw_of >= 0] = np.arange(src.size)
             self.free = list(range(src.size, src.size + pad))
         self.raw_of = raw_of
@@ -863,8 +877,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         elem = torch.finfo(self.dtype).bits // 8 if self.is_initialized else 0
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]  # not the views
-        dev = sum(_nbytes(t) for t in (self.packed, self.raw_k, self.raw_v, *tensors, self._next_slot))
-        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # query, key, value, out buffers
+        dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors, self._next_slot))
+        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # query, key + value, out buffers
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(
