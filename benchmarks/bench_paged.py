@@ -156,7 +156,9 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     # The unpaged kernel (cupy_raw.attention) on the same tokens, contiguous records, no tail.
     ke = tq.encode(k, bits=BITS[0], seed=1, backend="cupy_raw")
     ve = tq.encode(v, bits=BITS[1], seed=2, backend="cupy_raw")
-    enc = [tq.Encoded(cupy_raw.asarray(e.records), cupy_raw.asarray(e.channels), e.config) for e in (ke, ve)]
+    enc = [tq.Encoded(cupy_raw.asarray(e.records),
+                      None if e.channels is None else cupy_raw.asarray(e.channels), e.config)
+           for e in (ke, ve)]
     qn = cupy_raw.asarray(q)
     ms_unpaged = timed(lambda enc=enc: cupy_raw.attention(qn, *enc, SCALE, None, None), primed=True)
     del ke, ve, enc

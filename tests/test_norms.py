@@ -37,6 +37,19 @@ def test_norm_rounds_once_from_float64() -> None:
     assert numpy_ref._norms(enc.records, enc.config.groups[0], 0)[0, 0] == 1 + 2.0**-7
 
 
+def test_norm_bytes_rounds_every_tie_neighbourhood_once() -> None:
+    """At every positive finite bfloat16 midpoint and its float64 neighbours: below rounds down, above
+    up, the tie to the even word (whatever ml_dtypes version is installed: some round float64 through
+    float32, which sends the neighbours to the tie)."""
+    lo = np.arange(1, 0x7F7F, dtype=np.uint32)  # bfloat16 words with a finite successor
+    mid = (_bf16(lo) + _bf16(lo + 1)) / 2
+    near = (("below", np.nextafter(mid, 0)), ("tie", mid), ("above", np.nextafter(mid, np.inf)))
+    words = {t: serialization.norm_bytes(v).view("<u2") for t, v in near}
+    np.testing.assert_array_equal(words["below"], lo)
+    np.testing.assert_array_equal(words["above"], lo + 1)
+    np.testing.assert_array_equal(words["tie"], np.where(lo % 2 == 0, lo, lo + 1))
+
+
 @pytest.mark.parametrize("mode", ["mse", "prod"])
 def test_stored_norm_is_the_nearest_bfloat16(mode: str) -> None:
     """Every stored norm is at least as close to the float64 norm as its two bfloat16 neighbours,

@@ -129,12 +129,21 @@ def loads(data: bytes) -> tuple[CodecConfig, np.ndarray, np.ndarray | None]:
 
 
 def norm_bytes(norms: np.ndarray) -> np.ndarray:
-    """Little-endian bfloat16 bytes (..., 2k) of float64 norms (..., k), rounded to nearest even.
+    """Little-endian bfloat16 bytes (..., 2k) of non-negative float64 norms (..., k), rounded once to
+    nearest even.
 
-    ml_dtypes rounds float64 to bfloat16 in one step (torch goes through float32, and a value just
-    past a tie can round the other way).
+    As the kernels' ``d2bf`` (``cuda/tq_common.cuh``): to float32 toward zero with the lost bits ORed
+    into its last bit (round to odd, exact for the later rounding to 8 significant bits), then to
+    nearest even. Not ``astype(ml_dtypes.bfloat16)``: some ml_dtypes versions convert float64 through
+    float32 with two roundings (733.99998687 -> 734.0 -> 736 instead of 732).
     """
-    return norms.astype(ml_dtypes.bfloat16).view(np.uint16).astype("<u2").view(np.uint8)
+    d = np.asarray(norms, np.float64)
+    with np.errstate(over="ignore"):
+        f = d.astype(np.float32)
+    f = np.where(f.astype(np.float64) > d, np.nextafter(f, np.float32(0)), f)
+    u = f.view(np.uint32) | (f.astype(np.float64) != d).astype(np.uint32)
+    words = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype("<u2")
+    return words.view(np.uint8)
 
 
 def _float16_norms_to_bfloat16(cfg: CodecConfig, records: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int32, uint64
+from numba import cuda, float32, float64, int32, uint64
 
 from ..config import NORM_LIMIT
 
@@ -455,9 +455,11 @@ def energy_kernel(x, bf16, n, chunk, partial):  # pragma: no cover
     d = x.shape[1]
     if c >= d:
         return
-    acc = 0.0
+    acc = float64(0.0)
     for j in range(k * chunk, min(n, (k + 1) * chunk)):
-        v = float(_to_f32(x[s * n + j, c], bf16))
+        # float64 before squaring: numba's float() of a float32 kept the product in float32, whose
+        # squares overflow past ~1.8e19 (every energy inf at 1e30: the ranking fell to index order).
+        v = float64(_to_f32(x[s * n + j, c], bf16))
         acc += v * v
     partial[s, k, c] = acc
 
