@@ -201,6 +201,34 @@ def test_other_attention_is_refused(padded) -> None:
         _gen(model, ids, mask, TurboQuantCache(model.config))
 
 
+def _device_branch_steps(model, ids) -> tuple[float, int, TurboQuantCache]:
+    """Chunked prefill then one-token steps of ``ids`` (2, 60) through the paged op's device branch
+    (step buffers, one-scatter append), against the decoded-copy cache: (worst relative logit
+    difference, steps whose step buffers were the previous step's, our cache)."""
+    kw = dict(flush_interval=8, sinks=5)
+    ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
+    for s in range(0, 30, 10):
+        a = model(input_ids=ids[:, s : s + 10], **{CACHE: ours}).logits
+        torch.testing.assert_close(a, model(input_ids=ids[:, s : s + 10], **{CACHE: ref}).logits)
+    worst, kept, reused = 0.0, None, 0
+    layer = ours.layers[0]
+    for t in range(30, 60):
+        cap = layer.cap
+        a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits.float()
+        b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits.float()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+        step = layer._dev.get("step")
+        if layer.cap != cap:  # the records grew after the attention: the step metadata was dropped
+            kept = None
+            continue
+        assert step is not None
+        if kept is not None:
+            assert step[0] is kept[0]
+            reused += 1
+        kept = step
+    return worst, reused, ours
+
+
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_decode_steps_read_records_like_the_decoded_copy(paged_calls) -> None:
@@ -213,30 +241,24 @@ def test_gpu_decode_steps_read_records_like_the_decoded_copy(paged_calls) -> Non
     if not torch.cuda.is_available() or not availability("cupy_raw"):
         pytest.skip("needs torch CUDA and cupy_raw")
     model = _model("llama").cuda()
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(1, 128, (2, 60), generator=g).cuda()
-    kw = dict(flush_interval=8, sinks=5)
-    ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
-    for s in range(0, 30, 10):
-        a = model(input_ids=ids[:, s : s + 10], **{CACHE: ours}).logits
-        torch.testing.assert_close(a, model(input_ids=ids[:, s : s + 10], **{CACHE: ref}).logits)
-    worst, kept, reused = 0.0, None, 0
-    layer = ours.layers[0]
-    for t in range(30, 60):
-        cap = layer.cap
-        a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits
-        b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits
-        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
-        step = layer._dev.get("step")
-        if layer.cap != cap:  # the records grew after the attention: the step metadata was dropped
-            kept = None
-            continue
-        assert step is not None
-        if kept is not None:
-            assert step[0] is kept[0]
-            reused += 1
-        kept = step
+    ids = torch.randint(1, 128, (2, 60), generator=torch.Generator().manual_seed(2)).cuda()
+    worst, reused, ours = _device_branch_steps(model, ids)
     assert reused > 0
     assert paged_calls[0] == 30 * model.config.num_hidden_layers
     assert worst < 5e-3
+    assert ours.memory().decoded == 0
+
+
+@torch.no_grad()
+def test_bfloat16_decode_steps_take_the_device_branch(paged_calls) -> None:
+    """A bfloat16 model on the CPU takes the GPU's branch (torch tensors into ``tq.paged_attention``,
+    step buffers, K and V appended in one scatter from them), so CI runs it: logits as the
+    decoded-copy cache's within four bfloat16 steps (2**-6) of the largest, buffers reused."""
+    model = _model("llama").to(torch.bfloat16)
+    ids = torch.randint(1, 128, (2, 60), generator=torch.Generator().manual_seed(2))
+    worst, reused, ours = _device_branch_steps(model, ids)
+    assert ours.layers[0].paged_args()["host"] is False
+    assert reused > 0
+    assert paged_calls[0] == 30 * model.config.num_hidden_layers
+    assert worst < 2.0**-6
     assert ours.memory().decoded == 0

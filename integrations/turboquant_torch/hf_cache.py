@@ -577,16 +577,19 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         assert self.pending is not None
         key, value = self.pending
         self.pending = None
+        staged, self._staged = self._staged, None
         b, h, q, d = key.shape
         if real is None and q == 1 and self._next_slot is not None and not (
                 (self.n + 1 - self.c >= self.flush_interval).any()):
-            self._append_fast(key, value)
+            # K and V side by side as the step buffers hold them (else stacked here): one scatter.
+            self._append_fast(key, value, staged[1] if staged is not None and staged[0] is key else None)
             return
         counts = np.full(b, q, np.int64) if real is None else real.sum(1).astype(np.int64)
         self._commit(key, value, real, counts)
 
-    def _append_fast(self, key: Tensor, value: Tensor) -> None:
-        """One real token per row, inside each row's current raw block, no flush."""
+    def _append_fast(self, key: Tensor, value: Tensor, kv: Tensor | None) -> None:
+        """One real token per row, inside each row's current raw block, no flush (``kv``: the step
+        buffer holding key and value as ``(2, B, H, d)``, or None)."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
         h, d = self.num_kv_heads, self.head_dim
         if self.device.type == "cpu" and self.dtype != torch.bfloat16:
@@ -601,10 +604,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                 seq = self._dev["seq"].numpy()
                 seq += 1
         else:
-            staged, self._staged = self._staged, None
-            # K and V side by side, as the step buffers hold them: one scatter into both pools.
-            kv = staged[1] if staged is not None and staged[0] is key else torch.stack(
-                (key[:, :, 0], value[:, :, 0]))
+            if kv is None:
+                kv = torch.stack((key[:, :, 0], value[:, :, 0]))
             assert self.raw is not None
             self.raw.view(2, -1, h, d).index_copy_(1, self._next_slot, kv)
             self._next_slot += 1
@@ -830,7 +831,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             assert self.raw is not None
             old = self.raw
             self._set_raw(old.new_empty((2, src.size + pad, bs, self.num_kv_heads, self.head_dim)))
-            self.raw[:, : src.size] = old[:, gather]  # type: ignore[index]
+            self.raw[:, : src.size] = old[:, gather]
             raw_of[raw_of >= 0] = np.arange(src.size)
             self.free = list(range(src.size, src.size + pad))
         self.raw_of = raw_of
