@@ -1,8 +1,8 @@
 """Paged decode on one GPU: cupy_raw's fused paged kernels against bf16 SDPA on contiguous K/V, one process.
 
 Setup per shape (B requests of T context tokens, 32 query / 8 KV heads, d=128, block size 16, K and V
-mse at 3.5 bits): vLLM's packed cache ``[num_blocks, 8, 16, R_k + R_v]`` uint8 (torch) seen through
-its transposed views, a random permutation of the blocks as block table, filled by
+mse at 3.5 bits, or ``--bits K,V``): vLLM's packed cache ``[num_blocks, 8, 16, R_k + R_v]`` uint8
+(torch) seen through its transposed views, a random permutation of the blocks as block table, filled by
 ``cupy_raw.paged_write``; a raw pool holding each request's first block (4 sinks) and the blocks of
 its last 128 tokens (the new token's block included), bf16.
 
@@ -21,7 +21,7 @@ Timed (CUDA events, medians; ``timing.timed``):
 4. Transient memory of a decode call: cupy_paged's scratch (partials, query copies) in bytes.
 
 Usage: python benchmarks/bench_paged.py [--out benchmarks/RESULTS-paged.md] [--quick] [--tpw 8,16,32]
-       [--shapes 1x131072,32x8192] [--profile] [--no-graph]
+       [--shapes 1x131072,32x8192] [--bits 4,3] [--profile] [--no-graph]
 """
 
 from __future__ import annotations
