@@ -43,16 +43,16 @@ from turboquant_codec.paged_cache import PagedCache
 H_Q, H_KV, D, BS = 32, 8, 128, 16
 SCALE = D**-0.5
 SHAPES = ((8, 32768), (1, 131072), (32, 8192))
-BITS = (3.5, 3.5)  # key, value; --bits K,V
+BITS = (3.5, 3.5)  # key, value: the default of --bits K,V
 WINDOW, SINKS = 128, 4
 LAYERS = 32
 
 
-def build(b: int, t: int, gen, rng):
+def build(b: int, t: int, bits: tuple[float, float], gen, rng):
     """(torch PagedCache, block_table, seq_lens, query_start_loc, slot of each new token, K, V bf16)."""
     import torch
 
-    k_cfg, v_cfg = CodecConfig(D, BITS[0], seed=1), CodecConfig(D, BITS[1], seed=2)
+    k_cfg, v_cfg = CodecConfig(D, bits[0], seed=1), CodecConfig(D, bits[1], seed=2)
     rk, rv = k_cfg.record_bytes, v_cfg.record_bytes
     per = -(-(t + 1) // BS)
     nb = b * per + 8
@@ -88,7 +88,8 @@ def build(b: int, t: int, gen, rng):
     return cache, bt, seq, qsl, new_slot, k, v
 
 
-def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graphs: bool, profile: bool):
+def bench_shape(b: int, t: int, bits: tuple[float, float], rng, log: list[str], extra_tpw: list[int],
+                graphs: bool, profile: bool):
     """One shape's rows: (kernel/API row, graph row or None, tiles-per-warp rows)."""
     import cupy as cp
     import torch
@@ -98,7 +99,7 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     tpw_rows = []
     graph_row = None
     gen = torch.Generator(device="cuda").manual_seed(b * t)
-    cache, bt, seq, qsl, new_slot, k, v = build(b, t, gen, rng)
+    cache, bt, seq, qsl, new_slot, k, v = build(b, t, bits, gen, rng)
     q = torch.randn(b, H_Q, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     kn = torch.randn(b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     vn = torch.randn(b, H_KV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -154,8 +155,8 @@ def bench_shape(b: int, t: int, rng, log: list[str], extra_tpw: list[int], graph
     scratch = sum(int(buf.nbytes) for (dev, name), buf in cupy_paged._SCRATCH.items() if name == "attention")
     pool_growth = mp.used_bytes() - used0
     # The unpaged kernel (cupy_raw.attention) on the same tokens, contiguous records, no tail.
-    ke = tq.encode(k, bits=BITS[0], seed=1, backend="cupy_raw")
-    ve = tq.encode(v, bits=BITS[1], seed=2, backend="cupy_raw")
+    ke = tq.encode(k, bits=bits[0], seed=1, backend="cupy_raw")
+    ve = tq.encode(v, bits=bits[1], seed=2, backend="cupy_raw")
     enc = [tq.Encoded(cupy_raw.asarray(e.records),
                       None if e.channels is None else cupy_raw.asarray(e.channels), e.config)
            for e in (ke, ve)]
@@ -275,11 +276,10 @@ def main() -> None:
                     help="threads of a query-preparation block in side-stream mode "
                          "(CupyPagedTuning.side_row_threads; default: its default)")
     ap.add_argument("--shapes", default="", help="BxT,... instead of the defaults: 1x131072,32x8192")
-    ap.add_argument("--bits", default="3.5,3.5", help="key,value bits (mse)")
+    ap.add_argument("--bits", default=",".join(f"{x:g}" for x in BITS), help="key,value bits (mse)")
     args = ap.parse_args()
-    global BITS
-    BITS = tuple(float(x) for x in args.bits.split(","))
-    if len(BITS) != 2:
+    bits = tuple(float(x) for x in args.bits.split(","))
+    if len(bits) != 2:
         raise SystemExit(f"--bits wants 'key,value', got {args.bits!r}")
     status = availability("cupy_raw")
     if not status:
@@ -300,7 +300,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shapes = [tuple(int(x) for x in st.split("x")) for st in args.shapes.split(",") if st] or SHAPES
     for b, t in shapes[:1] if args.quick else shapes:
-        row, graph_row, more = bench_shape(b, t, rng, log, extra_tpw, not args.no_graph,
+        row, graph_row, more = bench_shape(b, t, bits, rng, log, extra_tpw, not args.no_graph,
                                                args.profile)
         rows.append(row)
         tpw_rows += more
@@ -309,8 +309,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     md = [f"# Paged decode benchmark ({card})", "", *[f"- {line}" for line in log], "",
-          f"32 query / 8 KV heads, d=128, block size 16, random block table, K mse {BITS[0]:g} / "
-          f"V mse {BITS[1]:g} bits, raw "
+          f"32 query / 8 KV heads, d=128, block size 16, random block table, K mse {bits[0]:g} / "
+          f"V mse {bits[1]:g} bits, raw "
           f"pool: {SINKS} sinks' block + last {WINDOW} tokens' blocks per request (bf16); one decode token "
           "per request. SDPA: bf16, contiguous K/V, best of flash and cuDNN, same run.", "",
           "## Decode attention, one layer", "",

@@ -624,14 +624,14 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
 
     def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
         """NumPy views [slots, H, d] of the raw pools (host, float16/float32), kept while the pools
-        are the same tensors."""
-        assert self.raw_k is not None and self.raw_v is not None
+        are the same tensor."""
+        assert self.raw is not None
         kept = self._dev.get("pools")
-        if kept is None or kept[0] is not self.raw_k or kept[1] is not self.raw_v:
+        if kept is None or kept[0] is not self.raw:
             h, d = self.num_kv_heads, self.head_dim
-            kept = self._dev["pools"] = (self.raw_k, self.raw_v, self.raw_k.view(-1, h, d).numpy(),
-                                         self.raw_v.view(-1, h, d).numpy())
-        return kept[2], kept[3]
+            pools = self.raw.view(2, -1, h, d).numpy()
+            kept = self._dev["pools"] = (self.raw, pools[0], pools[1])
+        return kept[1], kept[2]
 
     def _commit(self, key: Tensor, value: Tensor, real: np.ndarray | None, counts: np.ndarray) -> None:
         b, h, q, d = key.shape
