@@ -103,3 +103,60 @@ def test_decode_step_graph_replays_eager() -> None:
         assert torch.equal(kv_replayed, kv), f"step {i}: the captured write differs from eager"
         assert torch.equal(replayed, out_buf), f"step {i}: the captured attention differs from eager"
         assert replayed.float().abs().max() > 0.01
+
+
+def test_write_beside_attention_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's write on its side stream (``write_beside``) leaves the same cache bytes and output
+    as the write, then the attention, on one stream: a prefill, then decode steps, both ways."""
+    import turboquant_torch.paged as torch_paged
+    import turboquant_vllm.backend as backend
+    from turboquant_vllm.backend import TQCodecMetadata
+    from turboquant_vllm.raw_pool import RawSlotManager, blocks_per_seq
+
+    dev = torch.device("cuda")
+    per_seq = -(-(PROMPT + STEPS + 1) // BLOCK)
+    num_blocks = BATCH * per_seq
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        gen = torch.Generator(device=dev).manual_seed(1)
+        impl, cfg = _impl()
+        kv = torch.zeros(num_blocks, KV_HEADS, BLOCK, cfg.state_bytes(D), dtype=torch.uint8, device=dev)
+        table = torch.randperm(num_blocks, generator=gen, device=dev).view(BATCH, per_seq).int()
+        raw = RawSlotManager(num_blocks, BATCH * blocks_per_seq(BLOCK, 64, 4), BLOCK, 64, 4, dev)
+        outs = []
+        for length, q in [(PROMPT, PROMPT)] + [(PROMPT + 1 + i, 1) for i in range(STEPS)]:
+            raw.step(table, torch.full((BATCH,), length), torch.full((BATCH,), q))
+            rows = torch.arange(BATCH, device=dev).repeat_interleave(q)
+            pos = torch.arange(length - q, length, device=dev).repeat(BATCH)
+            slots = (table[rows, pos // BLOCK].long() * BLOCK + pos % BLOCK).long()
+            qsl = torch.arange(0, BATCH * q + 1, q, device=dev, dtype=torch.int32)
+            md = TQCodecMetadata(num_actual_tokens=BATCH * q, num_reqs=BATCH, max_query_len=q,
+                                 query_start_loc=qsl,
+                                 seq_lens=torch.full((BATCH,), length, device=dev, dtype=torch.int32),
+                                 block_table=table, slot_mapping=slots, raw=raw, block_size=BLOCK,
+                                 num_decodes=BATCH if q == 1 else 0)
+            x = [torch.randn(BATCH * q, h * D, generator=gen, device=dev, dtype=torch.bfloat16)
+                 for h in (HEADS, KV_HEADS, KV_HEADS)]
+            out = torch.zeros(BATCH * q, HEADS * D, device=dev, dtype=torch.bfloat16)
+            impl._attend(*x, kv, md, out, *impl.codecs)
+            outs.append(out)
+        torch.cuda.synchronize()
+        return kv, outs
+
+    monkeypatch.setattr(torch_paged, "_SIDE", {})
+    kv_beside, out_beside = run()
+    assert torch_paged._SIDE  # the write took the side stream
+    calls = []
+
+    def in_order(write, attend, device):
+        calls.append(device)
+        write()
+        attend()
+
+    monkeypatch.setattr(backend, "write_beside", in_order)
+    kv_order, out_order = run()
+    assert len(calls) == 1 + STEPS
+    assert torch.equal(kv_beside, kv_order)
+    for a, b in zip(out_beside, out_order, strict=True):
+        assert torch.equal(a, b)
+        assert a.float().abs().max() > 0.01

@@ -35,6 +35,7 @@ from .paged import (
     paged_attention,
     raw_blocks_needed,
     split_kv_cache,
+    write_beside,
     write_compressed,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "raw_blocks_needed",
     "scores",
     "split_kv_cache",
+    "write_beside",
     "write_compressed",
 ]
 

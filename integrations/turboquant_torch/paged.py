@@ -23,6 +23,8 @@ permutations: the first ``write_compressed`` with a non-padding token fixes them
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -110,6 +112,44 @@ def raw_blocks_needed(
     return torch.unique(block_table[need].long())
 
 
+
+
+# ------------------------------------------------------------------------------------- scheduling
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def write_beside(write: Callable[[], object], attend: Callable[[], object], device: torch.device) -> None:
+    """A step's ``write()`` and ``attend()``; on CUDA the write runs on a side stream beside the attention.
+
+    ``paged_attention`` reads the step's new tokens from ``key``/``value``, never from their slots, so
+    a step's write and its attention touch disjoint bytes and need no order. On CUDA the write's few
+    blocks fork from the current stream onto a high-priority side stream of ``device`` and run in the
+    SMs the attention leaves free, instead of ahead of it; the current stream waits for them before
+    whatever follows this call, also when ``attend`` raises (a CUDA graph captures the fork and the
+    join). On other devices, and while a capture is under way before the side stream exists (it
+    cannot be created then), they run in order. The write must not create what the attention reads
+    (a codec's first channel permutation: fix it before).
+    """
+    if device.type != "cuda":
+        write()
+        attend()
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index
+    side = _SIDE.get(index)
+    if side is None:
+        if torch.cuda.is_current_stream_capturing():
+            write()
+            attend()
+            return
+        side = _SIDE[index] = torch.cuda.Stream(index, priority=-1)
+    main = torch.cuda.current_stream(index)
+    side.wait_stream(main)
+    try:
+        with torch.cuda.stream(side):
+            write()
+        attend()
+    finally:
+        main.wait_stream(side)
 
 
 # ---------------------------------------------------------------------------------------------- ops

@@ -10,7 +10,8 @@ CUDA tensors: the GPU backends of ``turboquant_codec``).
   (``raw_pool.RawSlotManager``, in place) and counts the decode requests (vLLM orders them first).
   Every layer then makes two op calls: ``write_compressed`` (records and raw copies) and
   ``paged_attention`` over the block table (prefill, chunked prefill, prefix-cache hits and decode
-  alike: the context comes from the cache, the new tokens raw). A decode-only step synchronises
+  alike: the context comes from the cache, the new tokens raw); the attention does not read what
+  the write writes, so on CUDA the write runs beside it (``write_beside``). A decode-only step synchronises
   nothing with the host, so vLLM captures it in a CUDA graph (uniform single-token decode).
 - Channel permutations live in one tensor per (layer, K/V) from the first step on (identity until
   calibrated), and the first step with real tokens, eager, calibrates them in place: a graph
@@ -26,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from turboquant_torch import TorchCodec, paged_attention, split_kv_cache, write_compressed
+from turboquant_torch import TorchCodec, paged_attention, split_kv_cache, write_beside, write_compressed
 
 from turboquant_codec import stream_seed
 
@@ -223,11 +224,14 @@ class TurboQuantAttentionImpl(AttentionImpl):  # type: ignore[misc,valid-type]
             raw = (pool_k, pool_v, md.raw.raw_slot_of_block)
         # TQ_CODEC_BACKEND names the backend for CUDA tensors; host tensors take the host's own.
         backend = self.tq_config.codec_backend if key.is_cuda else "auto"
-        write_compressed(k_cache, v_cache, key, value, slots, k_codec, v_codec, raw=raw, backend=backend)
         raw_k, raw_v, raw_map = raw if raw is not None else (None, None, None)
-        paged_attention(query, key, value, k_cache, v_cache, md.block_table, md.seq_lens, md.query_start_loc,
-                        self.scale, k_codec, v_codec, raw_k, raw_v, raw_map, out=out,
-                        num_decodes=md.num_decodes, backend=backend)
+        write_beside(
+            lambda: write_compressed(k_cache, v_cache, key, value, slots, k_codec, v_codec, raw=raw,
+                                     backend=backend),
+            lambda: paged_attention(query, key, value, k_cache, v_cache, md.block_table, md.seq_lens,
+                                    md.query_start_loc, self.scale, k_codec, v_codec, raw_k, raw_v, raw_map,
+                                    out=out, num_decodes=md.num_decodes, backend=backend),
+            key.device)
 
     def _ready_channels(self, key: Tensor, value: Tensor, slots: Tensor, k_codec: TorchCodec,
                         v_codec: TorchCodec) -> None:
