@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -206,16 +207,19 @@ def test_other_attention_is_refused(padded) -> None:
 def _device_branch_steps(model, ids) -> tuple[float, int, TurboQuantCache]:
     """Chunked prefill then one-token steps of ``ids`` (2, 60) through the paged op's device branch
     (step buffers, one-scatter append), against the decoded-copy cache: (worst relative logit
-    difference, steps whose step buffers were the previous step's, our cache)."""
+    difference, steps whose step buffers were the previous step's, our cache). Also checks that
+    a step whose raw-block map changed (a new raw block, a flush) without the records growing kept
+    the map and length tensors, rewritten in place (the op's kept launches stay valid)."""
     kw = dict(flush_interval=8, sinks=5)
     ours, ref = TurboQuantCache(model.config, **kw), DecodedCopyCache(model.config, **kw)
     for s in range(0, 30, 10):
         a = model(input_ids=ids[:, s : s + 10], **{CACHE: ours}).logits
         torch.testing.assert_close(a, model(input_ids=ids[:, s : s + 10], **{CACHE: ref}).logits)
-    worst, kept, reused = 0.0, None, 0
+    worst, kept, reused, remapped = 0.0, None, 0, 0
     layer = ours.layers[0]
     for t in range(30, 60):
-        cap = layer.cap
+        cap, raw_of = layer.cap, layer.raw_of.copy()
+        meta = [layer._dev.get(k) for k in ("rsb", "seq")]
         a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits.float()
         b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits.float()
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
@@ -223,11 +227,16 @@ def _device_branch_steps(model, ids) -> tuple[float, int, TurboQuantCache]:
         if layer.cap != cap:  # the records grew after the attention: the step metadata was dropped
             kept = None
             continue
+        if meta[0] is not None and not np.array_equal(raw_of, layer.raw_of):
+            assert all(layer._dev.get(k) is m for k, m in zip(("rsb", "seq"), meta, strict=True))
+            assert np.array_equal(layer._dev["rsb"].cpu().numpy(), layer.raw_of.reshape(-1))
+            remapped += 1
         assert step is not None
         if kept is not None:
             assert step[0] is kept[0]
             reused += 1
         kept = step
+    assert remapped > 0
     return worst, reused, ours
 
 

@@ -362,6 +362,18 @@ def _index(a: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
 
 
+def _refill(dev: dict[str, Any], name: str, values: np.ndarray, device: torch.device) -> bool:
+    """Put ``values`` in ``dev[name]``: in place while its shape and dtype hold (True), else as a new
+    tensor on ``device`` (False)."""
+    new = torch.from_numpy(np.ascontiguousarray(values))
+    kept = dev.get(name)
+    if kept is not None and kept.shape == new.shape and kept.dtype == new.dtype:
+        kept.copy_(new)
+        return True
+    dev[name] = new.to(device)
+    return False
+
+
 class LengthProtocol:
     """transformers' length queries and reset for a layer that counts ``length`` tokens and clears
     its state with ``_clear`` (shared by ``TurboQuantLayer`` and ``baselines.DecodedCopyLayer``)."""
@@ -739,12 +751,21 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self.raw_v.view(-1, h, d).index_copy_(0, s, vals[1])
 
         self.n, self.c = new_n, new_c
-        self._dev.pop("rsb", None)
-        self._dev.pop("seq", None)
+        dev = self._dev
+        if dev.get("host", True):
+            # The host decoder checked the raw map's values once: a new state gets a new one.
+            dev.pop("rsb", None)
+            dev.pop("seq", None)
+        else:
+            # In place while the shapes hold: the paged op's kept launches read the same buffers.
+            for name, values in (("rsb", self.raw_of.reshape(-1)), ("seq", self.n + 1)):
+                if not _refill(dev, name, values.astype(np.int32), self.device):
+                    dev.pop("cache", None)  # built on the old tensor
         # The fast path's slots: each row's next position inside an existing raw block.
         nxt = self.raw_of[np.arange(b), np.minimum(self.n // bs, self.cap - 1)] if self.cap else None
         if nxt is not None and b and (self.n % bs != 0).all() and (nxt >= 0).all():
-            self._next_slot = _index(nxt * bs + self.n % bs, self.device)
+            _refill(dev, "slot", nxt * bs + self.n % bs, self.device)
+            self._next_slot = dev["slot"]
         else:
             self._next_slot = None
 
