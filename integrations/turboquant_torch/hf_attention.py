@@ -105,20 +105,23 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
         out = np.empty(q.shape, q.dtype)
         a["decoder"](q, k, v, a["seq_lens"], scale=scale, out=out)
         return torch.from_numpy(out).unsqueeze(1)
-    # The codec's op directly (its torch.library wrapper only adds host time per call, and this
-    # cache is neither compiled nor graph-captured). The new tokens go through the layer's step
-    # buffers: the op then sees the same arrays every step and replays its prepared launches
-    # instead of checking and packing new ones.
+    # The codec's op directly (its torch.library wrapper only adds host time per call). The new
+    # tokens go through the layer's step buffers: the op then sees the same arrays every step and
+    # replays its prepared launches, and on CUDA the layer replays the op and its append as one
+    # CUDA graph (``TurboQuantLayer.run_step``).
     if torch.is_grad_enabled():
         # Autograd may keep the output (o_proj's input) past this step: fresh tensors, not buffers
         # that the next step overwrites.
         q_t, k_t, v_t = (t[:, :, 0].detach().contiguous() for t in (query, key, value))
         out_t = torch.empty_like(q_t)
-    else:
-        q_t, k_t, v_t, out_t = layer.stage_step(query, key, value)
-    paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
-                    scale=scale, out=out_t, num_decodes=a["num_decodes"])
-    return out_t.unsqueeze(1)
+        paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
+                        scale=scale, out=out_t, num_decodes=a["num_decodes"])
+        return out_t.unsqueeze(1)
+    q_s, k_s, v_s, out_s = layer.stage_step(query, key, value)
+    layer.run_step(lambda: paged_attention(a["cache"], q_s, k_s, v_s, a["block_table"], a["seq_lens"],
+                                           a["query_start_loc"], scale=scale, out=out_s,
+                                           num_decodes=a["num_decodes"]), scale)
+    return out_s.unsqueeze(1)
 
 
 def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,

@@ -59,6 +59,7 @@ from turboquant_codec.transforms import stream_seed
 from .ops import TorchCodec
 from .ops import decode as _decode
 from .ops import encode as _encode
+from .step_graph import StepGraph
 
 # Keys get half a bit more than values at the same bits per value (3.5 on average): in the seeds x texts
 # sweep (docs/quality-seeds.md, third sweep) the split lowered the KL in 25 of 30 seed-paired cells
@@ -450,6 +451,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self._dev: dict[str, Any] = {}  # device copies of the step metadata, the PagedCache view
         self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
         self._staged: tuple[Tensor, Tensor] | None = None  # (new key, its step buffer copy of K and V)
+        self._appended = False  # run_step appended the held token on the device; commit only counts it
         self.is_initialized = False
         self.keys = self.values = None
 
@@ -542,6 +544,25 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self._staged = (key, kv)
         return q, kv[0], kv[1], out
 
+    def run_step(self, attend: Callable[[], object], tag: Any) -> None:
+        """A staged one-token step: ``attend`` (the paged op into the step buffers, ``tag`` whatever
+        else it depends on, e.g. its scale). On CUDA, where ``commit`` would take the fast append,
+        the append runs here too and both are this layer's ``StepGraph`` (one graph launch per step
+        once captured); ``commit`` then only counts the token."""
+        if self.device.type != "cuda" or not self._fast_append_next():
+            attend()
+            return
+        step = self._dev["step"]
+        graph = self._dev.setdefault("graph", StepGraph())
+
+        def work() -> None:
+            attend()
+            self._append_device(step[1])
+
+        graph((self._dev.get("cache"), self._next_slot, self.raw, self._dev.get("seq"), *step, tag), work,
+              self.device)
+        self._appended = True
+
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
         if "table" not in dev:
@@ -597,8 +618,12 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.pending = None
         staged, self._staged = self._staged, None
         b, h, q, d = key.shape
-        if real is None and q == 1 and self._next_slot is not None and not (
-                (self.n + 1 - self.c >= self.flush_interval).any()):
+        if self._appended:
+            assert real is None and q == 1
+            self._appended = False
+            self._advance()
+            return
+        if real is None and q == 1 and self._fast_append_next():
             # K and V side by side as the step buffers hold them (else stacked here): one scatter.
             self._append_fast(key, value, staged[1] if staged is not None and staged[0] is key else None)
             return
@@ -609,7 +634,6 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """One real token per row, inside each row's current raw block, no flush (``kv``: the step
         buffer holding key and value as ``(2, B, H, d)``, or None)."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
-        h, d = self.num_kv_heads, self.head_dim
         if self.device.type == "cpu" and self.dtype != torch.bfloat16:
             # On the host, through NumPy views of the same memory: each torch call here costs
             # several times the NumPy one, and this runs once per layer and token.
@@ -622,13 +646,26 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                 seq = self._dev["seq"].numpy()
                 seq += 1
         else:
-            if kv is None:
-                kv = torch.stack((key[:, :, 0], value[:, :, 0]))
-            assert self.raw is not None
-            self.raw.view(2, -1, h, d).index_copy_(1, self._next_slot, kv)
-            self._next_slot += 1
-            if "seq" in self._dev:
-                self._dev["seq"] += 1
+            self._append_device(torch.stack((key[:, :, 0], value[:, :, 0])) if kv is None else kv)
+        self._advance()
+
+    def _fast_append_next(self) -> bool:
+        """Whether a one-token step of real tokens appends inside each row's current raw block, with
+        no flush (``_append_fast``)."""
+        return self._next_slot is not None and not (self.n + 1 - self.c >= self.flush_interval).any()
+
+    def _append_device(self, kv: Tensor) -> None:
+        """The fast append's device work: K and V ``(2, B, H, d)`` into the raw pools at the next
+        slots, then the slots and lengths moved on (launches only: ``run_step`` captures them)."""
+        assert self.raw is not None and self._next_slot is not None
+        self.raw.view(2, -1, self.num_kv_heads, self.head_dim).index_copy_(1, self._next_slot, kv)
+        self._next_slot += 1
+        if "seq" in self._dev:
+            self._dev["seq"] += 1
+
+    def _advance(self) -> None:
+        """The fast append's host bookkeeping: one more token per row; a full block ends the fast path
+        until the next commit maps the new block."""
         self.n += 1
         if (self.n % self.block_size == 0).any():
             self._next_slot = None
