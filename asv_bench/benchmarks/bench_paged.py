@@ -9,8 +9,9 @@ warm before timing); the timed function waits for the device. CPU backends are s
 paged path has its own benchmarks); so is everything without a GPU.
 
 ``PagedGraphStep`` is what the vLLM plugin's graph-captured decode step runs: per layer, the new
-token's ``tq.paged_write`` and ``tq.paged_attention`` on torch tensors, ``LAYERS`` layers in one
-``torch.cuda.CUDAGraph`` (every layer reads the same cache), replayed.
+token's ``tq.paged_write`` beside ``tq.paged_attention`` (``turboquant_torch.write_beside``) on
+torch tensors, ``LAYERS`` layers in one ``torch.cuda.CUDAGraph`` (every layer reads the same cache),
+replayed.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class PagedGraphStep(Timed):
     def setup(self, config: str, context: int) -> None:
         try:
             import torch
+            from turboquant_torch import write_beside
         except ImportError as e:
             raise NotImplementedError("torch is not installed") from e
         if not torch.cuda.is_available():
@@ -119,11 +121,16 @@ class PagedGraphStep(Timed):
         q, key, value, table, seq_lens, qsl = (t(a) for a in base.args)
         out, slots = t(base.out), torch.as_tensor(base.new_slots, device=q.device)
 
+        def write() -> None:
+            tq.paged_write(cache, key, value, slots, backend="cupy_raw")
+
+        def attend() -> None:
+            tq.paged_attention(cache, q, key, value, table, seq_lens, qsl, scale=base.scale, out=out,
+                               num_decodes=REQUESTS, backend="cupy_raw")
+
         def step() -> None:
             for _ in range(LAYERS):
-                tq.paged_write(cache, key, value, slots, backend="cupy_raw")
-                tq.paged_attention(cache, q, key, value, table, seq_lens, qsl, scale=base.scale, out=out,
-                                   num_decodes=REQUESTS, backend="cupy_raw")
+                write_beside(write, attend, q.device)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
