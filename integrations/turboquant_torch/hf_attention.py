@@ -117,8 +117,9 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
         paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
                         scale=scale, out=out_t, num_decodes=a["num_decodes"])
         return out_t.unsqueeze(1)
-    q_s, k_s, v_s, out_s = layer.stage_step(query, key, value)
-    layer.run_step(lambda: paged_attention(a["cache"], q_s, k_s, v_s, a["block_table"], a["seq_lens"],
+    q_s, k_s, v_s, out_s = layer.step_buffers(query, key)
+    layer.run_step(query, key, value,
+                   lambda: paged_attention(a["cache"], q_s, k_s, v_s, a["block_table"], a["seq_lens"],
                                            a["query_start_loc"], scale=scale, out=out_s,
                                            num_decodes=a["num_decodes"]), scale)
     return out_s.unsqueeze(1)

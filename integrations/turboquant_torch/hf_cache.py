@@ -521,16 +521,16 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
                     num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
 
-    def stage_step(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Copy a one-token GPU step's new tokens into the layer's step buffers, kept across steps
-        while the shapes hold (so the paged op sees the same arrays and replays its launches), and
-        return them: query ``(B, H_q, d)``, key and value ``(B, H, d)`` (views of one ``(2, B, H, d)``
-        buffer, which ``commit`` then scatters into the raw pools in one copy), out ``(B, H_q, d)``.
+    def step_buffers(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The layer's buffers for a one-token GPU step's tokens, kept across steps while the shapes
+        hold (so the paged op sees the same arrays and replays its launches): query ``(B, H_q, d)``,
+        key and value ``(B, H, d)`` (views of one ``(2, B, H, d)`` buffer, which the append scatters
+        into the raw pools in one copy), out ``(B, H_q, d)``. ``run_step`` fills them.
 
         Parameters
         ----------
         query : Tensor (B, H_q, 1, d)
-        key, value : Tensor (B, H, 1, d)
+        key : Tensor (B, H, 1, d)
         """
         b, hq, _, d = query.shape
         kept = self._dev.get("step")
@@ -539,28 +539,43 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             kv = torch.empty(2, b, key.shape[1], d, dtype=key.dtype, device=key.device)
             kept = self._dev["step"] = (q, kv, torch.empty_like(q))
         q, kv, out = kept
-        q.copy_(query[:, :, 0])
-        torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
-        self._staged = (key, kv)
         return q, kv[0], kv[1], out
 
-    def run_step(self, attend: Callable[[], object], tag: Any) -> None:
-        """A staged one-token step: ``attend`` (the paged op into the step buffers, ``tag`` whatever
-        else it depends on, e.g. its scale). On CUDA, where ``commit`` would take the fast append,
-        the append runs here too and both are this layer's ``StepGraph`` (one graph launch per step
-        once captured); ``commit`` then only counts the token."""
+    def run_step(self, query: Tensor, key: Tensor, value: Tensor, attend: Callable[[], object], tag: Any
+                 ) -> None:
+        """A one-token GPU step: the new tokens into ``step_buffers``, then ``attend`` (the paged op
+        on them; ``tag``: whatever else it depends on, e.g. its scale). On CUDA, where ``commit``
+        would take the fast append, the append runs here too and all of it is this layer's
+        ``StepGraph`` (one graph launch per step once captured); ``commit`` then only counts the
+        token.
+
+        Parameters
+        ----------
+        query : Tensor (B, H_q, 1, d)
+        key, value : Tensor (B, H, 1, d)
+        """
+        q, kv, _ = self._dev["step"]
+        self._staged = (key, kv)
+
+        def stage() -> None:
+            q.copy_(query[:, :, 0])
+            torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
+
         if self.device.type != "cuda" or not self._fast_append_next():
+            stage()
             attend()
             return
-        step = self._dev["step"]
-        graph = self._dev.setdefault("graph", StepGraph())
 
         def work() -> None:
+            stage()
             attend()
-            self._append_device(step[1])
+            self._append_device(kv)
 
-        graph((self._dev.get("cache"), self._next_slot, self.raw, self._dev.get("seq"), *step, tag), work,
-              self.device)
+        inputs = tuple(x for t in (query, key, value) for x in (t.data_ptr(), *t.shape, *t.stride()))
+        graph = self._dev.setdefault("graph", StepGraph())
+        state = (self._dev.get("cache"), self._next_slot, self.raw, self._dev.get("seq"), *self._dev["step"],
+                 tag, *inputs)
+        graph(state, work, self.device)
         self._appended = True
 
     def _device_meta(self) -> dict[str, Any]:

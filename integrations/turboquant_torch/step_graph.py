@@ -2,12 +2,15 @@
 
 A Hugging Face decode step is host-bound: each layer's eager ops cost microseconds of Python and
 launch overhead each, while the GPU waits. ``StepGraph`` replays a layer's fixed sequence of
-launches (the paged attention into step buffers, the append of the new token, the length and slot
-increments) as one graph launch. The caller names the *state* the sequence depends on (the tensors
-it reads and writes, by identity); a state seen for the first time runs eagerly (which also builds
-the op's kept launches and scratch: nothing is allocated while capturing), the second sight
-captures, and later ones replay. Values inside those tensors may change between replays (the cache
-rewrites its step metadata in place); their addresses may not, which the identity test guarantees.
+launches (the new tokens copied into step buffers, the paged attention, the append of the new
+token, the length and slot increments) as one graph launch. The caller names the *state* the
+sequence depends on: the tensors it owns, by identity, and the model's new tensors by address,
+shape and strides (the allocator hands a layer the same blocks step after step, so these repeat;
+a graph reads whatever tensor lies at the address it was captured on, which the state check
+makes the current one). A state seen for the first time runs eagerly (which also builds the op's
+kept launches and scratch: nothing is allocated while capturing), the second sight captures, and
+later ones replay; a few recent states are kept, for allocators that alternate. Values inside the
+tensors may change between replays (the cache rewrites its step metadata in place).
 
 Capture uses ``capture_begin`` / ``capture_end`` on a side stream of the device, not
 ``torch.cuda.graph``, whose entry synchronises the device, collects garbage and empties the
@@ -47,11 +50,12 @@ def _capture(step: Callable[[], object], index: int) -> torch.cuda.CUDAGraph:
 
 
 class StepGraph:
-    """A layer's decode step, eager on a new state, captured on its second sight, then replayed."""
+    """A layer's decode step, kept as a CUDA graph per state (the last ``keep`` states): eager on a
+    state's first sight, captured on its second, replayed from then on."""
 
-    def __init__(self) -> None:
-        self.state: tuple[Any, ...] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.entries: list[tuple[tuple[Any, ...], torch.cuda.CUDAGraph | None]] = []
         self.disabled = False
 
     def __call__(self, state: tuple[Any, ...], step: Callable[[], object], device: torch.device) -> None:
@@ -61,29 +65,34 @@ class StepGraph:
         ----------
         state : tuple
             Everything ``step``'s launches depend on: objects (tensors, the op's cache) compared
-            by identity, numbers and strings by value.
+            by identity, numbers and strings (addresses, shapes, strides) by value.
         step : callable
             Enqueues the step's work on the current stream.
         device : torch.device
             A CUDA device.
         """
-        same = self.state is not None and len(state) == len(self.state) and all(
-            a is b or (isinstance(a, (int, float, str)) and type(a) is type(b) and a == b)
-            for a, b in zip(state, self.state, strict=True))
-        if same and self.graph is not None:
-            self.graph.replay()
-            return
-        if not same or self.disabled:
+        at = next((i for i, (s, _) in enumerate(self.entries) if _same(s, state)), None)
+        if at is None or self.disabled:
             step()
-            self.state, self.graph = state, None
+            if not self.disabled:
+                self.entries = [*self.entries, (state, None)][-self.keep:]
             return
-        index = torch.cuda.current_device() if device.index is None else device.index
-        try:
-            self.graph = _capture(step, index)
-        except RuntimeError as err:
-            warnings.warn(f"decode step not captured in a CUDA graph ({err}); this layer runs eagerly",
-                          RuntimeWarning, stacklevel=2)
-            self.disabled = True
-            step()
-            return
-        self.graph.replay()
+        graph = self.entries[at][1]
+        if graph is None:
+            index = torch.cuda.current_device() if device.index is None else device.index
+            try:
+                graph = _capture(step, index)
+            except RuntimeError as err:
+                warnings.warn(f"decode step not captured in a CUDA graph ({err}); this layer runs eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self.disabled, self.entries = True, []
+                step()
+                return
+            self.entries[at] = (state, graph)
+        graph.replay()
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, (int, float, str)) and type(x) is type(y) and x == y)
+        for x, y in zip(a, b, strict=True))
