@@ -173,13 +173,16 @@ def attention(
     *lead, h_q, d = q.shape
     h_kv = k.shape[-3]
     qg = np.asarray(q).astype(np.float64).reshape(*lead, h_kv, h_q // h_kv, d)
-    logits = _scores64(qg, k) * scale
+    logits = _scores64(qg, k)
     values = decode(v).astype(np.float64)
     if k_tail is not None and v_tail is not None:
         tail_logits = np.einsum("...gd,...td->...gt", qg, np.asarray(k_tail).astype(np.float64))
-        logits = np.concatenate([logits, tail_logits * scale], axis=-1)
+        logits = np.concatenate([logits, tail_logits], axis=-1)
         values = np.concatenate([values, np.asarray(v_tail).astype(np.float64)], axis=-2)
-    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    # Scaled once the maximum is out: a huge finite scale then sends the other logits to -inf
+    # instead of the largest to inf (and inf - inf).
+    with np.errstate(over="ignore"):
+        weights = np.exp((logits - logits.max(axis=-1, keepdims=True)) * scale)
     weights /= weights.sum(axis=-1, keepdims=True)
     out = weights @ values
     return out.reshape(*lead, h_q, d).astype(np.float32)
@@ -260,10 +263,12 @@ def attend_request(cache: PagedCache, query: Any, key: Any, value: Any, table_ro
     # Query rows of one KV head's group stacked: [H, G * n, d].
     q = np.asarray(query[rows]).astype(dtype).reshape(n, h_kv, group, d).transpose(1, 2, 0, 3)
     logits = (q.reshape(h_kv, group * n, d) @ k_all.transpose(0, 2, 1)).reshape(h_kv, group, n, ctx + n)
-    logits *= dtype(scale)
     causal = np.arange(ctx + n)[None, :] <= ctx + np.arange(n)[:, None]  # [n, L]
     logits += np.where(causal, 0.0, -np.inf).astype(dtype)
     logits -= logits.max(axis=-1, keepdims=True)
+    # Scaled once the maximum is out (as ``attention``), by at most the dtype's largest number.
+    with np.errstate(over="ignore"):
+        logits *= dtype(min(scale, float(np.finfo(dtype).max)))
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=-1, keepdims=True)
     result = (logits.reshape(h_kv, group * n, ctx + n) @ v_all).reshape(h_kv, group, n, d)
