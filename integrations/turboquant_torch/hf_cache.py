@@ -545,9 +545,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                  ) -> None:
         """A one-token GPU step: the new tokens into ``step_buffers``, then ``attend`` (the paged op
         on them; ``tag``: whatever else it depends on, e.g. its scale). On CUDA, where ``commit``
-        would take the fast append, the append runs here too and all of it is this layer's
-        ``StepGraph`` (one graph launch per step once captured); ``commit`` then only counts the
-        token.
+        would take the fast append, the append runs here too, and the op and the append are this
+        layer's ``StepGraph`` (one graph launch per step once captured); ``commit`` then only counts
+        the token. The two staging copies stay outside the graph: the model's new tensors need not
+        come at the same addresses from step to step.
 
         Parameters
         ----------
@@ -556,25 +557,19 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """
         q, kv, _ = self._dev["step"]
         self._staged = (key, kv)
-
-        def stage() -> None:
-            q.copy_(query[:, :, 0])
-            torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
-
+        q.copy_(query[:, :, 0])
+        torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
         if self.device.type != "cuda" or not self._fast_append_next():
-            stage()
             attend()
             return
 
         def work() -> None:
-            stage()
             attend()
             self._append_device(kv)
 
-        inputs = tuple(x for t in (query, key, value) for x in (t.data_ptr(), *t.shape, *t.stride()))
-        graph = self._dev.setdefault("graph", StepGraph())
-        state = (self._dev.get("cache"), self._next_slot, self.raw, self._dev.get("seq"), *self._dev["step"],
-                 tag, *inputs)
+        dev = self._dev
+        graph = dev.setdefault("graph", StepGraph())
+        state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), *dev["step"], tag)
         graph(state, work, self.device)
         self._appended = True
 

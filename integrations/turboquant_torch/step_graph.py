@@ -2,15 +2,13 @@
 
 A Hugging Face decode step is host-bound: each layer's eager ops cost microseconds of Python and
 launch overhead each, while the GPU waits. ``StepGraph`` replays a layer's fixed sequence of
-launches (the new tokens copied into step buffers, the paged attention, the append of the new
-token, the length and slot increments) as one graph launch. The caller names the *state* the
-sequence depends on: the tensors it owns, by identity, and the model's new tensors by address,
-shape and strides (the allocator hands a layer the same blocks step after step, so these repeat;
-a graph reads whatever tensor lies at the address it was captured on, which the state check
-makes the current one). A state seen for the first time runs eagerly (which also builds the op's
-kept launches and scratch: nothing is allocated while capturing), the second sight captures, and
-later ones replay; a few recent states are kept, for allocators that alternate. Values inside the
-tensors may change between replays (the cache rewrites its step metadata in place).
+launches (the paged attention over the step buffers, the append of the new token, the length and
+slot increments) as one graph launch. The caller names the *state* the sequence depends on: the
+tensors it reads and writes (by identity) and its scalars (by value). A state seen for the first
+time runs eagerly (which also builds the op's kept launches and scratch: nothing is allocated
+while capturing), the second sight captures, and later ones replay; the last few states are kept.
+Values inside the tensors may change between replays (the cache rewrites its step metadata in
+place); their addresses may not, which the identity test guarantees.
 
 Capture uses ``capture_begin`` / ``capture_end`` on a side stream of the device, not
 ``torch.cuda.graph``, whose entry synchronises the device, collects garbage and empties the
@@ -65,7 +63,7 @@ class StepGraph:
         ----------
         state : tuple
             Everything ``step``'s launches depend on: objects (tensors, the op's cache) compared
-            by identity, numbers and strings (addresses, shapes, strides) by value.
+            by identity, numbers and strings by value.
         step : callable
             Enqueues the step's work on the current stream.
         device : torch.device
