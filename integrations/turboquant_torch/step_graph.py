@@ -12,9 +12,8 @@ place); their addresses may not, which the identity test guarantees.
 
 Capture uses ``capture_begin`` / ``capture_end`` on a side stream of the device, not
 ``torch.cuda.graph``, whose entry synchronises the device, collects garbage and empties the
-allocator's cache: milliseconds per layer at every new state. Graphs share one memory pool per
-device (the sequence allocates nothing). A capture that fails (an op that cannot be captured)
-disables graphs for that layer with a warning; its steps then run eagerly.
+allocator's cache: milliseconds per layer at every new state. A capture that fails (an op that
+cannot be captured) disables graphs for that layer with a warning; its steps then run eagerly.
 """
 
 from __future__ import annotations
@@ -26,19 +25,19 @@ from typing import Any
 import torch
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
-_POOLS: dict[int, Any] = {}
 
 
 def _capture(step: Callable[[], object], index: int) -> torch.cuda.CUDAGraph:
     """``step``'s launches on device ``index`` as a graph (captured, not run)."""
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(index)
-        _POOLS[index] = torch.cuda.graph_pool_handle()
     stream, main = _STREAMS[index], torch.cuda.current_stream(index)
     graph = torch.cuda.CUDAGraph()
     stream.wait_stream(main)
     with torch.cuda.stream(stream):
-        graph.capture_begin(pool=_POOLS[index], capture_error_mode="thread_local")
+        # A private pool per graph (the step allocates nothing): a pool shared with graphs that
+        # were since freed trips the caching allocator's pool bookkeeping (torch 2.11).
+        graph.capture_begin(capture_error_mode="thread_local")
         try:
             step()
         finally:
