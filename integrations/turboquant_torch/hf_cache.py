@@ -33,6 +33,10 @@ the new tokens; the attention function then runs either ``tq.paged_attention`` o
 the raw pool and the new token (one call per layer: single-token steps with every row's token real,
 once something is compressed), or SDPA over the history decoded transiently (multi-token steps,
 padded new tokens, or nothing compressed yet); ``commit`` then stores the new tokens and flushes.
+On CUDA a one-token step whose token goes into the row's current raw block (no flush) runs the
+paged op and that append as the layer's CUDA graph (``run_step``, ``step_graph.StepGraph``); the
+device copies of the step metadata are rewritten in place, so the graph and the op's kept launches
+outlive new raw blocks and flushes.
 
 Seeds: layer ``i`` encodes keys with ``stream_seed(seed, 2 i)`` and values with
 ``stream_seed(seed, 2 i + 1)``. Other compressors (``baselines``) plug in through ``quantizer=``;
