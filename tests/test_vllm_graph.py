@@ -8,6 +8,8 @@ the host updates in place between replays, and a first eager prefill that calibr
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -25,6 +27,22 @@ def _impl():  # type: ignore[no-untyped-def]
                                    tq_config=cfg, layer_idx=3), cfg
 
 
+def _metadata(table: torch.Tensor, raw: Any, lens: list[int], q_lens: list[int], slots: torch.Tensor,
+              qsl: torch.Tensor, seq: torch.Tensor) -> Any:
+    """vLLM's step metadata for ``_attend``, after the raw pool's map is updated for the step."""
+    from turboquant_vllm.backend import TQCodecMetadata
+
+    raw.step(table, torch.tensor(lens), torch.tensor(q_lens))
+    return TQCodecMetadata(num_actual_tokens=sum(q_lens), num_reqs=BATCH, max_query_len=max(q_lens),
+                           query_start_loc=qsl, seq_lens=seq, block_table=table, slot_mapping=slots,
+                           raw=raw, block_size=BLOCK, num_decodes=BATCH if max(q_lens) == 1 else 0)
+
+
+def _slots(table: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The cache slots of the tokens at ``positions`` of requests ``rows``."""
+    return (table[rows, positions // BLOCK].long() * BLOCK + positions % BLOCK).long()
+
+
 def test_decode_step_graph_replays_eager() -> None:
     from turboquant_vllm.backend import TQCodecMetadata
     from turboquant_vllm.raw_pool import RawSlotManager, blocks_per_seq
@@ -39,16 +57,6 @@ def test_decode_step_graph_replays_eager() -> None:
     table = table.view(BATCH, per_seq).int()
     raw = RawSlotManager(num_blocks, BATCH * blocks_per_seq(BLOCK, 64, 4), BLOCK, 64, 4, dev)
 
-    def metadata(lens: list[int], q_lens: list[int], slots: torch.Tensor, qsl: torch.Tensor,
-                 seq: torch.Tensor) -> TQCodecMetadata:
-        raw.step(table, torch.tensor(lens), torch.tensor(q_lens))
-        return TQCodecMetadata(num_actual_tokens=sum(q_lens), num_reqs=BATCH, max_query_len=max(q_lens),
-                               query_start_loc=qsl, seq_lens=seq, block_table=table, slot_mapping=slots,
-                               raw=raw, block_size=BLOCK, num_decodes=BATCH if max(q_lens) == 1 else 0)
-
-    def slots_of(positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return (table[rows, positions // BLOCK].long() * BLOCK + positions % BLOCK).long()
-
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=dev, dtype=torch.bfloat16)
 
@@ -58,7 +66,7 @@ def test_decode_step_graph_replays_eager() -> None:
     n = BATCH * PROMPT
     qsl = torch.arange(0, n + 1, PROMPT, device=dev, dtype=torch.int32)
     seq = torch.full((BATCH,), PROMPT, device=dev, dtype=torch.int32)
-    md = metadata([PROMPT] * BATCH, [PROMPT] * BATCH, slots_of(pos, rows), qsl, seq)
+    md = _metadata(table, raw, [PROMPT] * BATCH, [PROMPT] * BATCH, _slots(table, pos, rows), qsl, seq)
     out = torch.empty(n, HEADS * D, device=dev, dtype=torch.bfloat16)
     impl._attend(rand(n, HEADS * D), rand(n, KV_HEADS * D), rand(n, KV_HEADS * D), kv, md, out, *impl.codecs)
     assert impl._calibrated
@@ -72,11 +80,11 @@ def test_decode_step_graph_replays_eager() -> None:
     batch = torch.arange(BATCH, device=dev)
 
     def load(length: int) -> TQCodecMetadata:
-        slot_buf.copy_(slots_of(torch.full((BATCH,), length - 1, device=dev), batch))
+        slot_buf.copy_(_slots(table, torch.full((BATCH,), length - 1, device=dev), batch))
         seq_buf.fill_(length)
         for buf in (q_buf, k_buf, v_buf):
             buf.copy_(rand(*buf.shape))
-        return metadata([length] * BATCH, [1] * BATCH, slot_buf, qsl_buf, seq_buf)
+        return _metadata(table, raw, [length] * BATCH, [1] * BATCH, slot_buf, qsl_buf, seq_buf)
 
     def step(md: TQCodecMetadata) -> None:
         impl._attend(q_buf, k_buf, v_buf, kv, md, out_buf, *impl.codecs)
@@ -110,7 +118,6 @@ def test_write_beside_attention_changes_nothing(monkeypatch: pytest.MonkeyPatch)
     as the write, then the attention, on one stream: a prefill, then decode steps, both ways."""
     import turboquant_torch.paged as torch_paged
     import turboquant_vllm.backend as backend
-    from turboquant_vllm.backend import TQCodecMetadata
     from turboquant_vllm.raw_pool import RawSlotManager, blocks_per_seq
 
     dev = torch.device("cuda")
@@ -125,16 +132,11 @@ def test_write_beside_attention_changes_nothing(monkeypatch: pytest.MonkeyPatch)
         raw = RawSlotManager(num_blocks, BATCH * blocks_per_seq(BLOCK, 64, 4), BLOCK, 64, 4, dev)
         outs = []
         for length, q in [(PROMPT, PROMPT)] + [(PROMPT + 1 + i, 1) for i in range(STEPS)]:
-            raw.step(table, torch.full((BATCH,), length), torch.full((BATCH,), q))
             rows = torch.arange(BATCH, device=dev).repeat_interleave(q)
             pos = torch.arange(length - q, length, device=dev).repeat(BATCH)
-            slots = (table[rows, pos // BLOCK].long() * BLOCK + pos % BLOCK).long()
-            qsl = torch.arange(0, BATCH * q + 1, q, device=dev, dtype=torch.int32)
-            md = TQCodecMetadata(num_actual_tokens=BATCH * q, num_reqs=BATCH, max_query_len=q,
-                                 query_start_loc=qsl,
-                                 seq_lens=torch.full((BATCH,), length, device=dev, dtype=torch.int32),
-                                 block_table=table, slot_mapping=slots, raw=raw, block_size=BLOCK,
-                                 num_decodes=BATCH if q == 1 else 0)
+            md = _metadata(table, raw, [length] * BATCH, [q] * BATCH, _slots(table, pos, rows),
+                           torch.arange(0, BATCH * q + 1, q, device=dev, dtype=torch.int32),
+                           torch.full((BATCH,), length, device=dev, dtype=torch.int32))
             x = [torch.randn(BATCH * q, h * D, generator=gen, device=dev, dtype=torch.bfloat16)
                  for h in (HEADS, KV_HEADS, KV_HEADS)]
             out = torch.zeros(BATCH * q, HEADS * D, device=dev, dtype=torch.bfloat16)

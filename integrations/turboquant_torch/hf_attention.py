@@ -109,20 +109,20 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
     # tokens go through the layer's step buffers: the op then sees the same arrays every step and
     # replays its prepared launches, and on CUDA the layer replays the op and its append as one
     # CUDA graph (``TurboQuantLayer.run_step``).
+    def attend(q_t: Tensor, k_t: Tensor, v_t: Tensor, out_t: Tensor) -> None:
+        paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
+                        scale=scale, out=out_t, num_decodes=a["num_decodes"])
+
     if torch.is_grad_enabled():
         # Autograd may keep the output (o_proj's input) past this step: fresh tensors, not buffers
         # that the next step overwrites.
         q_t, k_t, v_t = (t[:, :, 0].detach().contiguous() for t in (query, key, value))
         out_t = torch.empty_like(q_t)
-        paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
-                        scale=scale, out=out_t, num_decodes=a["num_decodes"])
+        attend(q_t, k_t, v_t, out_t)
         return out_t.unsqueeze(1)
-    q_s, k_s, v_s, out_s = layer.step_buffers(query, key)
-    layer.run_step(query, key, value,
-                   lambda: paged_attention(a["cache"], q_s, k_s, v_s, a["block_table"], a["seq_lens"],
-                                           a["query_start_loc"], scale=scale, out=out_s,
-                                           num_decodes=a["num_decodes"]), scale)
-    return out_s.unsqueeze(1)
+    buffers = layer.step_buffers(query, key)
+    layer.run_step(query, key, value, lambda: attend(*buffers), scale)
+    return buffers[3].unsqueeze(1)
 
 
 def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
