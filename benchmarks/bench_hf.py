@@ -8,8 +8,10 @@ and at 3.5 / 3.5; KV bytes held after prefill; greedy output over
 ``--greedy`` tokens of the paged cache against the decoded-copy cache at each of ``--bits``.
 
 ``gpu``: a random-weight Llama-style model (``--layers`` layers, 16 query / 4 KV heads, head_dim 128,
-bf16), ``--batch`` rows of ``--tokens``-token random prompts, ``--steps`` decode steps timed
-with a synchronisation per step; KV resident after prefill and peak during prefill as torch's
+bf16), ``--batch`` rows of ``--tokens``-token random prompts, prefilled into every cache, then
+``--steps`` one-token steps interleaved across the caches (the order rotates each step), a
+synchronisation around each: medians and means of the wall time and the median host time (until
+the forward returns); KV resident after prefill and peak during prefill as torch's
 allocator plus CuPy's pool (the codec's scratch lives there) above the weights. DynamicCache runs
 the model's stock ``"sdpa"`` attention twice: with torch's own choice of SDPA kernel (cuDNN on an
 H100 with torch 2.11, which builds an execution plan for every new key length: milliseconds of
@@ -140,12 +142,9 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     hf_attention.register()
     gen = torch.Generator(device=dev).manual_seed(0)
 
-    def run(make: Any, tokens: int, steps: int, impl: str = hf_attention.NAME, cudnn: bool = True
-            ) -> tuple[dict[str, float], Any]:
-        model.set_attn_implementation(impl)
-        if cuda:
-            torch.backends.cuda.enable_cudnn_sdp(cudnn)
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, tokens + steps), device=dev, generator=gen)
+    def prefill(make: Any, ids: torch.Tensor, impl: str, cudnn: bool) -> tuple[Any, int, int]:
+        """A new cache holding the prompt ``ids``; its KV resident after and peak during the prefill."""
+        select(impl, cudnn)
         gc.collect()
         sync()
         if cuda:
@@ -154,43 +153,67 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         t_before, p_before, p_total = torch_bytes(), pool_bytes(), pool_bytes(total=True)
         cache = make()
-        model(input_ids=ids[:, :tokens], **{CACHE_ARG: cache}, logits_to_keep=1)
+        model(input_ids=ids, **{CACHE_ARG: cache}, logits_to_keep=1)
         sync()
         kv = torch_bytes() - t_before + pool_bytes() - p_before
         peak = ((torch.cuda.max_memory_allocated() if cuda else 0) - t_before
                 + pool_bytes(total=True) - p_total)
-        times, logits = [], []
+        return cache, kv, peak
+
+    def select(impl: str, cudnn: bool) -> None:
+        model.set_attn_implementation(impl)
+        if cuda:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+    def decode(caches: dict[str, Any], ids: torch.Tensor, steps: int
+               ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, torch.Tensor]]:
+        """One-token steps, interleaved across ``caches`` (the order rotates each step): wall and
+        host (until the forward returns) seconds per step, and the logits."""
+        names = list(caches)
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        host: dict[str, list[float]] = {n: [] for n in names}
+        logits: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         for s in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            out = model(input_ids=ids[:, tokens + s : tokens + s + 1], **{CACHE_ARG: cache})
-            sync()
-            times.append(time.perf_counter() - t0)
-            logits.append(out.logits.float())
-        result = {"kv_bytes": kv, "peak_prefill_bytes": peak, "held_bytes": held_bytes(cache),
-                  "step_ms": 1e3 * statistics.median(times[min(args.warmup, steps - 1):])}
-        del cache
-        return result, torch.cat(logits, dim=1)
+            for name in names[s % len(names):] + names[: s % len(names)]:
+                select(*makers[name][1:])
+                sync()
+                t0 = time.perf_counter()
+                out = model(input_ids=ids[:, s : s + 1], **{CACHE_ARG: caches[name]})
+                t1 = time.perf_counter()
+                sync()
+                wall[name].append(time.perf_counter() - t0)
+                host[name].append(t1 - t0)
+                logits[name].append(out.logits.float())
+        return wall, host, {n: torch.cat(v, dim=1) for n, v in logits.items()}
 
     dynamic = lambda: DynamicCache(config=cfg)  # noqa: E731
     makers = {"DynamicCache (sdpa, torch's choice of kernel)": (dynamic, "sdpa", True),
               "DynamicCache (sdpa, cuDNN off: flash)": (dynamic, "sdpa", False),
-              "TurboQuantCache (paged)": (lambda: TurboQuantCache(cfg), hf_attention.NAME, True)}
-    # Warm-up (compiles the kernels) and a check: 1024-token prompts, 772 tokens compressed, against
-    # the decoded-copy cache, which reads the same numbers.
-    gen.manual_seed(1)
-    _, ours = run(makers["TurboQuantCache (paged)"][0], 1024, 4)
-    gen.manual_seed(1)
-    _, ref = run(lambda: DecodedCopyCache(cfg), 1024, 4)
-    check = float((ours - ref).abs().max() / ref.abs().max())
+              "TurboQuantCache (paged)": (lambda: TurboQuantCache(cfg), hf_attention.NAME, True),
+              "DecodedCopyCache (check)": (lambda: DecodedCopyCache(cfg), hf_attention.NAME, True)}
+    # Warm-up (compiles the kernels, captures nothing that is kept) and a check: 1024-token prompts,
+    # 772 tokens compressed, against the decoded-copy cache, which reads the same numbers.
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, 1024 + 4), device=dev, generator=gen)
+    warm = {n: prefill(m[0], ids[:, :1024], *m[1:])[0] for n, m in makers.items()}
+    _, _, out = decode(warm, ids[:, 1024:], 4)
+    ref = out["DecodedCopyCache (check)"]
+    check = float((out["TurboQuantCache (paged)"] - ref).abs().max() / ref.abs().max())
     print(f"check: decode-step logits vs decoded copy, max |diff| / max |ref| = {check:.2e}", flush=True)
-    for make, impl, cudnn in list(makers.values())[:2]:
-        run(make, 1024, 4, impl, cudnn)
-    rows = []
+    del warm, out, ref
+    makers.pop("DecodedCopyCache (check)")
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens + args.steps), device=dev, generator=gen)
+    caches, rows = {}, []
     for name, (make, impl, cudnn) in makers.items():
-        gen.manual_seed(2)
-        rows.append({"cache": name, **run(make, args.tokens, args.steps, impl, cudnn)[0]})
-        print(rows[-1], flush=True)
+        caches[name], kv, peak = prefill(make, ids[:, : args.tokens], impl, cudnn)
+        rows.append({"cache": name, "kv_bytes": kv, "peak_prefill_bytes": peak})
+    wall, host, _ = decode(caches, ids[:, args.tokens :], args.steps)
+    for r in rows:
+        steady = wall[r["cache"]][args.warmup:]
+        r.update(held_bytes=held_bytes(caches[r["cache"]]), step_ms=1e3 * statistics.median(steady),
+                 step_mean_ms=1e3 * statistics.fmean(steady),
+                 host_ms=1e3 * statistics.median(host[r["cache"]][args.warmup:]))
+        print(r["cache"], "steps (ms):", " ".join(f"{1e3 * t:.1f}" for t in wall[r["cache"]]), flush=True)
+    del caches
     base = min(rows[:2], key=lambda r: r["step_ms"])  # the faster DynamicCache
     for r in rows:
         r["step_vs_dynamic"] = r["step_ms"] / base["step_ms"]
@@ -204,8 +227,9 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     gib = 2.0**30
-    keys = [k for k in ("step_ms", "step_vs_dynamic", "kv_bytes", "kv_vs_dynamic", "held_bytes",
-                        "peak_prefill_bytes", "peak_vs_dynamic", "prefill_s") if k in res["rows"][0]]
+    keys = [k for k in ("step_ms", "step_vs_dynamic", "step_mean_ms", "host_ms", "kv_bytes", "kv_vs_dynamic",
+                        "held_bytes", "peak_prefill_bytes", "peak_vs_dynamic", "prefill_s")
+            if k in res["rows"][0]]
     lines = ["| cache | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in res["rows"]:
         cells = []
