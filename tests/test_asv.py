@@ -64,7 +64,7 @@ def test_asv_quick_run(home: Path) -> None:
     proc = _asv(
         ["run", "--python=same", "--quick", "--dry-run", "--show-stderr", "--machine", "ci"],
         home,
-        240,
+        600,  # a hang guard: ~200 s alone on 2 cores, longer beside another pytest worker
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-20000:]
