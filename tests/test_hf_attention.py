@@ -145,6 +145,55 @@ def test_greedy_matches_decoded_copy(model) -> None:
         assert torch.equal(_gen(model, ids, one, TurboQuantCache(model.config, **kw), n=24), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["host", "device-branch"])
+@torch.no_grad()
+def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> None:
+    """Rows of different lengths (left padding) cross block boundaries at different steps; the new
+    raw block is mapped as the previous token is appended, so no one-token step between flushes
+    takes the general commit, and each row reads what the decoded-copy cache reads for that row
+    alone (integer bits: no calibration shared between rows)."""
+    from turboquant_torch.hf_cache import TurboQuantLayer
+
+    model = _model("llama").to(dtype)
+    steps, pad = 16, 10
+    ids = torch.randint(1, 128, (2, 50 + steps), generator=torch.Generator().manual_seed(4))
+    ids[0, :pad] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0  # row 0: 40 real prompt tokens, row 1: 50
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    # flush 32, 4 sinks, 16-token blocks: both rows compress 32 tokens at the prefill and flush
+    # again only after 16 more steps; row 0 opens a block at its 48th token (step 8), row 1 at its
+    # 64th (step 14).
+    kw = dict(flush_interval=32, sinks=4, key_bits=4.0, value_bits=4.0)
+    ours = TurboQuantCache(model.config, **kw)
+    alone = [DecodedCopyCache(model.config, **kw) for _ in range(2)]
+    first = [pad, 0]  # each row's first real column
+    model(input_ids=ids[:, :50], attention_mask=mask[:, :50], position_ids=pos[:, :50], **{CACHE: ours})
+    for r, cache in enumerate(alone):
+        model(input_ids=ids[r : r + 1, first[r] : 50], **{CACHE: cache})
+    general = [0]
+    real_commit = TurboQuantLayer._commit
+
+    def counting(self, *args, **kwargs):
+        general[0] += 1
+        return real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(TurboQuantLayer, "_commit", counting)
+    worst = 0.0
+    for t in range(50, 50 + steps):
+        a = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                  position_ids=pos[:, t : t + 1], **{CACHE: ours}).logits.float()
+        for r, cache in enumerate(alone):
+            b = model(input_ids=ids[r : r + 1, t : t + 1], **{CACHE: cache}).logits.float()
+            worst = max(worst, float((a[r] - b[0]).abs().max() / b.abs().max()))
+    layers = model.config.num_hidden_layers
+    assert list(ours.layers[0].n) == [40 + steps, 50 + steps]
+    assert (ours.layers[0].c == 36).all()  # no flush during the steps
+    assert general[0] == 0
+    assert paged_calls[0] == steps * layers
+    assert worst < (1e-5 if dtype == torch.float32 else 2.0**-6)
+
+
 def test_left_padding_is_not_stored(llama, padded, paged_calls) -> None:
     """At integer bits (no calibration shared by rows) a padded row generates what it does alone."""
     ids, mask, a, b = padded

@@ -369,13 +369,17 @@ def _index(a: np.ndarray, device: torch.device) -> Tensor:
 
 def _refill(dev: dict[str, Any], name: str, values: np.ndarray, device: torch.device) -> bool:
     """Put ``values`` in ``dev[name]``: in place while its shape and dtype hold (True), else as a new
-    tensor on ``device`` (False)."""
+    tensor on ``device`` (False). To a CUDA device the copy leaves from pinned memory without blocking
+    the host (torch keeps the pinned block until the copy is done)."""
     new = torch.from_numpy(np.ascontiguousarray(values))
+    cuda = device.type == "cuda"
+    if cuda:
+        new = new.pin_memory()
     kept = dev.get(name)
     if kept is not None and kept.shape == new.shape and kept.dtype == new.dtype:
-        kept.copy_(new)
+        kept.copy_(new, non_blocking=cuda)
         return True
-    dev[name] = new.to(device)
+    dev[name] = new.to(device, non_blocking=cuda)
     return False
 
 
@@ -503,8 +507,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         dev = self._device_meta()
         if "cache" not in dev:
             kc, vc = self.kq.codec, self.vq.codec  # type: ignore[attr-defined]
-            host = self.device.type == "cpu" and self.dtype != torch.bfloat16
-            dev["host"] = host
+            host = dev["host"] = self._on_host
 
             def arr(t: Tensor | None) -> Any:
                 if t is None or not host:
@@ -648,7 +651,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """One real token per row, inside each row's current raw block, no flush (``kv``: the step
         buffer holding key and value as ``(2, B, H, d)``, or None)."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
-        if self.device.type == "cpu" and self.dtype != torch.bfloat16:
+        if self._on_host:
             # On the host, through NumPy views of the same memory: each torch call here costs
             # several times the NumPy one, and this runs once per layer and token.
             raw_k, raw_v = self._host_pools()
@@ -678,12 +681,36 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self._dev["seq"] += 1
 
     def _advance(self) -> None:
-        """The fast append's host bookkeeping: one more token per row; a full block ends the fast path
-        until the next commit maps the new block."""
+        """The fast append's host bookkeeping: one more token per row; where a row's next token opens
+        a block, that block is mapped now (``_map_next``), so the next step stays on the fast path."""
         self.n += 1
         if (self.n % self.block_size == 0).any():
-            self._next_slot = None
             self._ensure_cap(int(-(-(self.n.max() + 1) // self.block_size)))
+            self._map_next()
+
+    @property
+    def _on_host(self) -> bool:
+        """Whether steps run the host branch: NumPy views into the compiled CPU kernel (float16 and
+        float32 on the CPU; bfloat16, which NumPy lacks, takes the device branch)."""
+        return self.device.type == "cpu" and self.dtype != torch.bfloat16
+
+    def _map_next(self) -> None:
+        """Point ``_next_slot`` at each row's next position (``n``), first giving a raw block to rows
+        whose next token opens one (that block is raw whatever the step: it holds the newest token).
+        The device branch rewrites the raw-block map in place (the op's kept launches and the step
+        graphs read the same buffers); the host one drops it, and the next step binds a new decoder."""
+        b, bs, dev = self.batch_size, self.block_size, self._dev
+        rows, blocks = np.arange(b), self.n // bs
+        opens = np.flatnonzero(self.raw_of[rows, blocks] < 0)
+        if opens.size:
+            self._alloc_raw([(int(r), int(blocks[r])) for r in opens])
+            if self._on_host:
+                dev.pop("rsb", None)
+            elif "rsb" in dev:
+                if not _refill(dev, "rsb", self.raw_of.reshape(-1).astype(np.int32), self.device):
+                    dev.pop("cache", None)  # built on the old tensor
+        _refill(dev, "slot", self.raw_of[rows, blocks] * bs + self.n % bs, self.device)
+        self._next_slot = dev["slot"]
 
     def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
         """NumPy views [slots, H, d] of the raw pools (host, float16/float32), kept while the pools
@@ -812,11 +839,9 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             for name, values in (("rsb", self.raw_of.reshape(-1)), ("seq", self.n + 1)):
                 if not _refill(dev, name, values.astype(np.int32), self.device):
                     dev.pop("cache", None)  # built on the old tensor
-        # The fast path's slots: each row's next position inside an existing raw block.
-        nxt = self.raw_of[np.arange(b), np.minimum(self.n // bs, self.cap - 1)] if self.cap else None
-        if nxt is not None and b and (self.n % bs != 0).all() and (nxt >= 0).all():
-            _refill(dev, "slot", nxt * bs + self.n % bs, self.device)
-            self._next_slot = dev["slot"]
+        # The fast path's slots: each row's next position (``_ensure_cap`` above left room for it).
+        if b:
+            self._map_next()
         else:
             self._next_slot = None
 
