@@ -48,7 +48,7 @@ def test_eager_then_captured_then_replayed(captures) -> None:  # type: ignore[no
     assert runs[-1] == 1 and captures == [0]
 
 
-def test_keeps_the_last_states(captures) -> None:  # type: ignore[no-untyped-def]
+def test_keeps_the_states_used_last(captures) -> None:  # type: ignore[no-untyped-def]
     graph = StepGraph(keep=2)
     for state in (1, 2, 3, 1):  # 1 dropped when 3 came: first sight again, eager
         graph((state,), lambda: None, CUDA)
@@ -57,6 +57,11 @@ def test_keeps_the_last_states(captures) -> None:  # type: ignore[no-untyped-def
     graph((3,), lambda: None, CUDA)
     assert len(captures) == 2
     assert [s for s, _ in graph.entries] == [(3,), (1,)]
+    # Kept by last use: 3, replayed just before 2 came, survives 2 and 4; 1 does not.
+    graph((2,), lambda: None, CUDA)
+    graph((3,), lambda: None, CUDA)
+    graph((4,), lambda: None, CUDA)
+    assert [s for s, _ in graph.entries] == [(4,), (3,)]
 
 
 def test_failed_capture_runs_eagerly_with_a_warning(monkeypatch) -> None:  # type: ignore[no-untyped-def]

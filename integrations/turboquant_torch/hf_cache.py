@@ -540,37 +540,48 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         key : Tensor (B, H, 1, d)
         """
         b, hq, _, d = query.shape
+        h = key.shape[1]
         kept = self._dev.get("step")
-        if kept is None or kept[0].shape != (b, hq, d) or kept[0].dtype != query.dtype:
+        if kept is None or kept[1].shape != (b, hq, d) or kept[1].dtype != query.dtype:
+            # ``stage`` takes the new query, key and value in one launch; the step (a graph on
+            # CUDA) splits it into the op's contiguous buffers.
+            stage = torch.empty(b, hq + 2 * h, d, dtype=query.dtype, device=query.device)
             q = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
-            kv = torch.empty(2, b, key.shape[1], d, dtype=key.dtype, device=key.device)
-            kept = self._dev["step"] = (q, kv, torch.empty_like(q))
-        q, kv, out = kept
+            kv = torch.empty(2, b, h, d, dtype=query.dtype, device=query.device)
+            kept = self._dev["step"] = (stage, q, kv, torch.empty_like(q))
+        _, q, kv, out = kept
         return q, kv[0], kv[1], out
 
     def run_step(self, query: Tensor, key: Tensor, value: Tensor, attend: Callable[[], object], tag: Any
                  ) -> None:
         """A one-token GPU step: the new tokens into ``step_buffers``, then ``attend`` (the paged op
         on them; ``tag``: whatever else it depends on, e.g. its scale). On CUDA, where ``commit``
-        would take the fast append, the append runs here too, and the op and the append are this
-        layer's ``StepGraph`` (one graph launch per step once captured); ``commit`` then only counts
-        the token. The two staging copies stay outside the graph: the model's new tensors need not
-        come at the same addresses from step to step.
+        would take the fast append, the append runs here too, and the split of the staged tokens,
+        the op and the append are this layer's ``StepGraph`` (one graph launch per step once
+        captured); ``commit`` then only counts the token. The staging copy stays outside the graph:
+        the model's new tensors need not come at the same addresses from step to step.
 
         Parameters
         ----------
         query : Tensor (B, H_q, 1, d)
         key, value : Tensor (B, H, 1, d)
         """
-        q, kv, _ = self._dev["step"]
+        stage, q, kv, _ = self._dev["step"]
         self._staged = (key, kv)
-        q.copy_(query[:, :, 0])
-        torch.stack((key[:, :, 0], value[:, :, 0]), out=kv)
+        torch.cat((query[:, :, 0], key[:, :, 0], value[:, :, 0]), dim=1, out=stage)
+        hq, b = q.shape[1], q.shape[0]
+
+        def split() -> None:
+            q.copy_(stage[:, :hq])
+            kv.copy_(stage[:, hq:].view(b, 2, -1, stage.shape[2]).transpose(0, 1))
+
         if self.device.type != "cuda" or not self._fast_append_next():
+            split()
             attend()
             return
 
         def work() -> None:
+            split()
             attend()
             self._append_device(kv)
 
@@ -982,7 +993,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]  # not the views
         dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors, self._next_slot))
-        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # query, key + value, out buffers
+        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # staging, query, key + value, out buffers
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(

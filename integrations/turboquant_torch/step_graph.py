@@ -47,8 +47,8 @@ def _capture(step: Callable[[], object], index: int) -> torch.cuda.CUDAGraph:
 
 
 class StepGraph:
-    """A layer's decode step, kept as a CUDA graph per state (the last ``keep`` states): eager on a
-    state's first sight, captured on its second, replayed from then on."""
+    """A layer's decode step, kept as a CUDA graph per state (the ``keep`` states used last): eager
+    on a state's first sight, captured on its second, replayed from then on."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
@@ -72,8 +72,11 @@ class StepGraph:
         if at is None or self.disabled:
             step()
             if not self.disabled:
-                self.entries = [*self.entries, (state, None)][-self.keep:]
+                self.entries = [(state, None), *self.entries][: self.keep]
             return
+        if at:  # most recent first: a steady decode finds its state at the first comparison
+            self.entries.insert(0, self.entries.pop(at))
+            at = 0
         graph = self.entries[at][1]
         if graph is None:
             index = torch.cuda.current_device() if device.index is None else device.index
