@@ -1,0 +1,116 @@
+"""Host time per part of a Hugging Face decode step: ``DynamicCache`` (stock ``"sdpa"``, cuDNN off)
+against ``TurboQuantCache`` (``"turboquant"`` attention), steps interleaved.
+
+Wraps the Llama modules (decoder layer, attention, MLP, RMSNorm), the caches' ``update``, the two
+attention functions and ``TurboQuantLayer``'s step methods in ``perf_counter`` timers (a fraction
+of a microsecond each, unlike cProfile's per-call cost), then prints each part's median host time
+per step and per layer. The model is ``bench_hf.py gpu``'s. ``--device cpu`` is a dry run: a
+bfloat16 model on the CPU takes the layers' device branch, without graphs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+
+import torch  # noqa: E402
+import transformers.models.llama.modeling_llama as llama  # noqa: E402
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.integrations import sdpa_attention  # noqa: E402
+from turboquant_torch import hf_attention, hf_cache, step_graph  # noqa: E402
+from turboquant_torch.hf_cache import CACHE_ARG, TurboQuantCache  # noqa: E402
+
+spent: dict[str, float] = collections.defaultdict(float)
+
+
+def timed(f: Any, label: str) -> Any:
+    @functools.wraps(f)
+    def g(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - t0
+    return g
+
+
+def instrument() -> None:
+    parts = [(llama.LlamaDecoderLayer, "forward", "decoder layer"),
+             (llama.LlamaAttention, "forward", "attention"), (llama.LlamaMLP, "forward", "mlp"),
+             (llama.LlamaRMSNorm, "forward", "rmsnorm"), (DynamicCache, "update", "cache.update"),
+             (TurboQuantCache, "update", "cache.update"), (step_graph.StepGraph, "__call__", "tq StepGraph"),
+             (torch.cuda.CUDAGraph, "replay", "graph replay")]
+    methods = ("update", "commit", "_commit", "run_step", "step_buffers", "paged_args", "can_page",
+               "_advance")
+    parts += [(hf_cache.TurboQuantLayer, m, f"tq {m}") for m in methods]
+    for owner, name, label in parts:
+        setattr(owner, name, timed(getattr(owner, name), label))
+    AttentionInterface.register("sdpa", timed(sdpa_attention.sdpa_attention_forward, "attention function"))
+    AttentionInterface.register(hf_attention.NAME,
+                                timed(hf_attention.turboquant_attention, "attention function"))
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=8, help="steps left out of the medians")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=2048 * 11 // 4,
+                      num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=128, max_position_embeddings=args.tokens + args.steps + 64)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    if dev.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    instrument()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens + args.steps), device=dev, generator=gen)
+    caches = {"DynamicCache": (DynamicCache(config=cfg), "sdpa"),
+              "TurboQuantCache": (TurboQuantCache(cfg), hf_attention.NAME)}
+    for cache, impl in caches.values():
+        model.set_attn_implementation(impl)
+        model(input_ids=ids[:, : args.tokens], **{CACHE_ARG: cache}, logits_to_keep=1)
+    sync()
+    steps: dict[str, list[dict[str, float]]] = {name: [] for name in caches}
+    for s in range(args.steps):
+        for name in list(caches)[:: 1 if s % 2 else -1]:
+            cache, impl = caches[name]
+            model.set_attn_implementation(impl)
+            sync()
+            spent.clear()
+            t0 = time.perf_counter()
+            model(input_ids=ids[:, args.tokens + s : args.tokens + s + 1], **{CACHE_ARG: cache})
+            t1 = time.perf_counter()
+            sync()
+            steps[name].append({"step (wall)": time.perf_counter() - t0, "forward (host)": t1 - t0, **spent})
+    for name, rows in steps.items():
+        print(f"{name}: median of steps {args.warmup + 1}-{args.steps}, per step and per layer")
+        kept = rows[args.warmup:]
+        med = {k: statistics.median(r.get(k, 0.0) for r in kept) for k in set().union(*kept)}
+        for k, v in sorted(med.items(), key=lambda kv: -kv[1]):
+            print(f"  {k:24s} {1e3 * v:8.3f} ms {1e6 * v / args.layers:9.1f} us/layer")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
