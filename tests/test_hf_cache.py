@@ -104,9 +104,11 @@ def test_memory_is_compressed(lm) -> None:
     fp16 = mem.compressed_tokens * heads * d * 2 * 2
     assert fp16 / mem.records == pytest.approx(4.0)
     assert fp16 / (mem.records + mem.metadata) > 3.8
-    held = sum(t.numel() * t.element_size() for lay in cache.layers
-               for t in (lay.packed, lay.raw_k, lay.raw_v, *lay._dev.values(), lay._next_slot)
-               if isinstance(t, torch.Tensor))
+    # Each tensor once (``_next_slot`` is one of the step-metadata tensors).
+    held_tensors = {id(t): t for lay in cache.layers
+                    for t in (lay.packed, lay.raw_k, lay.raw_v, *lay._dev.values(), lay._next_slot)
+                    if isinstance(t, torch.Tensor)}
+    held = sum(t.numel() * t.element_size() for t in held_tensors.values())
     assert mem.device == held + mem.metadata
     # 256 tokens, flush 64 after 4 sinks: [4, 196) compressed, 4 + 60 raw tokens per layer.
     assert mem.raw_tokens == len(cache.layers) * (4 + 60)

@@ -991,8 +991,9 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         raw_rows = int((self.raw_of >= 0).sum())
         elem = torch.finfo(self.dtype).bits // 8 if self.is_initialized else 0
         meta = self.kq.metadata_nbytes() + self.vq.metadata_nbytes()
-        tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]  # not the views
-        dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors, self._next_slot))
+        # The step metadata (``_next_slot`` among it), not the views; then the step buffers.
+        tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
+        dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors))
         dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # staging, query, key + value, out buffers
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
