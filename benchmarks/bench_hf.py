@@ -108,10 +108,26 @@ def cpu(args: argparse.Namespace) -> dict[str, Any]:
             "tokens": n, "steps": args.steps, "rows": rows, "greedy": greedy}
 
 
-@torch.no_grad()
-def gpu(args: argparse.Namespace) -> dict[str, Any]:
+def llama_model(dev: torch.device, layers: int, hidden: int, positions: int, dtype: torch.dtype) -> Any:
+    """The GPU benchmark's random-weight Llama-style model (16 query / 4 KV heads, head_dim 128),
+    initialised on ``dev`` in ``dtype`` (no host-side init of the weights), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4,
+                      head_dim=128, max_position_embeddings=positions)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            return LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+@torch.no_grad()
+def gpu(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda:
@@ -129,16 +145,9 @@ def gpu(args: argparse.Namespace) -> dict[str, Any]:
     def pool_bytes(total: bool = False) -> int:
         return (pool.total_bytes() if total else pool.used_bytes()) if cuda else 0
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-                      num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                      head_dim=128, max_position_embeddings=args.tokens + args.steps + 64)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with dev:  # initialise on the device: no host-side init of the weights
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(default)
+    model = llama_model(dev, args.layers, args.hidden, args.tokens + args.steps + 64,
+                        torch.bfloat16 if cuda else torch.float32)
+    cfg = model.config
     hf_attention.register()
     gen = torch.Generator(device=dev).manual_seed(0)
 

@@ -4,7 +4,7 @@ against ``TurboQuantCache`` (``"turboquant"`` attention), steps interleaved.
 Wraps the Llama modules (decoder layer, attention, MLP, RMSNorm), the caches' ``update``, the two
 attention functions and ``TurboQuantLayer``'s step methods in ``perf_counter`` timers (a fraction
 of a microsecond each, unlike cProfile's per-call cost), then prints each part's median host time
-per step and per layer. The model is ``bench_hf.py gpu``'s. ``--device cpu`` is a dry run: a
+per step and per layer. The model is ``bench_hf.py gpu``'s (``llama_model``). ``--device cpu`` is a dry run: a
 bfloat16 model on the CPU takes the layers' device branch, without graphs.
 """
 
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
 
 import torch  # noqa: E402
 import transformers.models.llama.modeling_llama as llama  # noqa: E402
-from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from bench_hf import llama_model  # noqa: E402
+from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.integrations import sdpa_attention  # noqa: E402
 from turboquant_torch import hf_attention, hf_cache, step_graph  # noqa: E402
 from turboquant_torch.hf_cache import CACHE_ARG, TurboQuantCache  # noqa: E402
@@ -72,14 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=2048 * 11 // 4,
-                      num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4,
-                      head_dim=128, max_position_embeddings=args.tokens + args.steps + 64)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with dev:
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model = llama_model(dev, args.layers, 2048, args.tokens + args.steps + 64, torch.bfloat16)
+    cfg = model.config
     if dev.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
     instrument()
