@@ -69,17 +69,18 @@ def paged_calls(monkeypatch):
     from turboquant_codec import PagedDecoder
 
     calls = [0, 0, 0]  # layer steps, graph replays, host decoder calls
-
-    def counting(real, i):
-        def call(*args, **kwargs):
-            calls[i] += 1
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(hf_attention, "_paged", counting(hf_attention._paged, 0))
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counting(torch.cuda.CUDAGraph.replay, 1))
-    monkeypatch.setattr(PagedDecoder, "__call__", counting(PagedDecoder.__call__, 2))
+    monkeypatch.setattr(hf_attention, "_paged", _counting(hf_attention._paged, calls, 0))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", _counting(torch.cuda.CUDAGraph.replay, calls, 1))
+    monkeypatch.setattr(PagedDecoder, "__call__", _counting(PagedDecoder.__call__, calls, 2))
     return calls
+
+
+def _counting(real, calls: list[int], i: int):
+    """``real``, adding one to ``calls[i]`` at every call."""
+    def call(*args, **kwargs):
+        calls[i] += 1
+        return real(*args, **kwargs)
+    return call
 
 
 def test_registered_under_one_name() -> None:
@@ -172,13 +173,7 @@ def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> N
     for r, cache in enumerate(alone):
         model(input_ids=ids[r : r + 1, first[r] : 50], **{CACHE: cache})
     general = [0]
-    real_commit = TurboQuantLayer._commit
-
-    def counting(self, *args, **kwargs):
-        general[0] += 1
-        return real_commit(self, *args, **kwargs)
-
-    monkeypatch.setattr(TurboQuantLayer, "_commit", counting)
+    monkeypatch.setattr(TurboQuantLayer, "_commit", _counting(TurboQuantLayer._commit, general, 0))
     worst = 0.0
     for t in range(50, 50 + steps):
         a = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
