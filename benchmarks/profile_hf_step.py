@@ -2,10 +2,10 @@
 against ``TurboQuantCache`` (``"turboquant"`` attention), steps interleaved.
 
 Wraps the Llama modules (decoder layer, attention, MLP, RMSNorm), the caches' ``update``, the two
-attention functions and ``TurboQuantLayer``'s step methods in ``perf_counter`` timers (a fraction
-of a microsecond each, unlike cProfile's per-call cost), then prints each part's median host time
-per step and per layer. The model is ``bench_hf.py gpu``'s (``llama_model``). ``--device cpu`` is a dry run: a
-bfloat16 model on the CPU takes the layers' device branch, without graphs.
+attention functions, ``TurboQuantLayer``'s step methods and the garbage collector in ``perf_counter``
+timers (about a microsecond each, unlike cProfile's per-call cost), then prints each part's median
+host time per step and per layer. The model is ``bench_hf.py gpu``'s (``llama_model``). ``--device
+cpu`` is a dry run: a bfloat16 model on the CPU takes the layers' device branch, without graphs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
 import os
 import statistics
 import sys
@@ -51,11 +52,23 @@ def instrument() -> None:
              (llama.LlamaRMSNorm, "forward", "rmsnorm"), (DynamicCache, "update", "cache.update"),
              (TurboQuantCache, "update", "cache.update"), (step_graph.StepGraph, "__call__", "tq StepGraph"),
              (torch.cuda.CUDAGraph, "replay", "graph replay")]
-    methods = ("update", "commit", "_commit", "run_step", "step_buffers", "paged_args", "can_page",
-               "_advance")
+    methods = ("update", "commit", "_commit", "run_step", "paged_args", "can_page",
+               "_advance", "_fast_append_next", "_map_next")
     parts += [(hf_cache.TurboQuantLayer, m, f"tq {m}") for m in methods]
+    parts += [(hf_cache, "check_states", "tq check_states"), (hf_attention, "_real_new", "tq _real_new"),
+              (hf_attention, "_paged", "tq _paged"), (hf_attention, "_dense", "tq _dense"),
+              (hf_attention, "_attend", "tq _attend (eager op)")]
     for owner, name, label in parts:
         setattr(owner, name, timed(getattr(owner, name), label))
+    started = [0.0]
+
+    def collector(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent["garbage collection"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(collector)
     AttentionInterface.register("sdpa", timed(sdpa_attention.sdpa_attention_forward, "attention function"))
     AttentionInterface.register(hf_attention.NAME,
                                 timed(hf_attention.turboquant_attention, "attention function"))

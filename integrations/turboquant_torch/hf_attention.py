@@ -29,6 +29,7 @@ comes from the mask's last query row (one host read per step, shared by the laye
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -95,34 +96,36 @@ def _dense(module: Any, layer: Any, query: Tensor, key: Tensor, value: Tensor, m
     return sdpa_attention_forward(module, query, k_all, v_all, m, dropout=dropout, scaling=scale, **kwargs)
 
 
+def _attend(layer: Any, scale: float, query: Tensor, key: Tensor, value: Tensor, out: Tensor) -> None:
+    """The codec's op on a layer's one-token step: ``query`` and ``out`` (B, H_q, d), ``key`` and
+    ``value`` (B, H, d). Called directly, not through its torch.library wrapper, which only adds host
+    time per call."""
+    a = layer.paged_args()
+    paged_attention(a["cache"], query, key, value, a["block_table"], a["seq_lens"], a["query_start_loc"],
+                    scale=scale, out=out, num_decodes=a["num_decodes"])
+
+
 def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
     """One token per row over the paged records: (B, 1, H_q, d)."""
-    a = layer.paged_args()
-    if a["host"]:
+    if layer.on_host:
         # NumPy views through the layer's decoder (cache and table checked once, not every layer
         # call); the kernel reads the strided views as they are.
+        a = layer.paged_args()
         q, k, v = (t.detach().numpy()[:, :, 0] for t in (query, key, value))
         out = np.empty(q.shape, q.dtype)
         a["decoder"](q, k, v, a["seq_lens"], scale=scale, out=out)
         return torch.from_numpy(out).unsqueeze(1)
-    # The codec's op directly (its torch.library wrapper only adds host time per call). The new
-    # tokens go through the layer's step buffers: the op then sees the same arrays every step and
-    # replays its prepared launches, and on CUDA the layer replays the op and its append as one
-    # CUDA graph (``TurboQuantLayer.run_step``).
-    def attend(q_t: Tensor, k_t: Tensor, v_t: Tensor, out_t: Tensor) -> None:
-        paged_attention(a["cache"], q_t, k_t, v_t, a["block_table"], a["seq_lens"], a["query_start_loc"],
-                        scale=scale, out=out_t, num_decodes=a["num_decodes"])
-
     if torch.is_grad_enabled():
         # Autograd may keep the output (o_proj's input) past this step: fresh tensors, not buffers
         # that the next step overwrites.
         q_t, k_t, v_t = (t[:, :, 0].detach().contiguous() for t in (query, key, value))
         out_t = torch.empty_like(q_t)
-        attend(q_t, k_t, v_t, out_t)
+        _attend(layer, scale, q_t, k_t, v_t, out_t)
         return out_t.unsqueeze(1)
-    buffers = layer.step_buffers(query, key)
-    layer.run_step(query, key, value, lambda: attend(*buffers), scale)
-    return buffers[3].unsqueeze(1)
+    # The new tokens go through the layer's step buffers: the op then sees the same arrays every
+    # step and replays its prepared launches, and on CUDA the layer replays the op and its append
+    # as one CUDA graph (``TurboQuantLayer.run_step``); the op runs only when the graph does not.
+    return layer.run_step(query, key, value, functools.partial(_attend, layer, scale), scale).unsqueeze(1)
 
 
 def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,

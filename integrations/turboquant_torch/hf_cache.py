@@ -444,6 +444,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
     def _clear(self) -> None:
         self.length = 0
         self.batch_size = 0
+        self.on_host = False
         self.n = np.zeros(0, np.int64)
         self.c = np.zeros(0, np.int64)
         self.cap = 0
@@ -458,6 +459,11 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.pending: tuple[Tensor, Tensor] | None = None
         self._dev: dict[str, Any] = {}  # device copies of the step metadata, the PagedCache view
         self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
+        # One-token appends left on the fast path before a row opens a block or a flush is due
+        # (``_count_fast``): a countdown, so a decode step tests one integer, not the row arrays.
+        self._fast_left = 0
+        self._has_records = False  # some row holds compressed tokens (``c > sinks``)
+        self._seen: tuple[torch.Size, torch.dtype] | None = None  # new states' shape, dtype already checked
         self._staged: tuple[Tensor, Tensor] | None = None  # (new key, its step buffer copy of K and V)
         self._appended = False  # run_step appended the held token on the device; commit only counts it
         self.is_initialized = False
@@ -465,6 +471,9 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
+        # Steps on the host run NumPy views into the compiled CPU kernel (float16 and float32 on the
+        # CPU); bfloat16, which NumPy lacks, takes the device branch.
+        self.on_host = self.device.type == "cpu" and self.dtype != torch.bfloat16
         self.batch_size = b = key_states.shape[0]
         self.n = np.zeros(b, np.int64)
         self.c = np.full(b, self.sinks, np.int64)
@@ -479,13 +488,18 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         The registered attention finds the layer through the tag, attends over the stored history
         and the new tokens, then calls ``commit``.
         """
-        check_states(self, key_states, value_states)
+        shape = key_states.shape
+        if (shape, key_states.dtype) != self._seen or value_states.shape != shape \
+                or value_states.dtype != key_states.dtype:
+            check_states(self, key_states, value_states)
+            if self.is_initialized:  # before: the batch and dtype are checked against the first states
+                self._seen = (shape, key_states.dtype)
         if self.pending is not None:
             raise RuntimeError(NOT_DRIVEN)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = (key_states, value_states)
-        self.length += key_states.shape[-2]
+        self.length += shape[-2]
         key_states._tq_layer = weakref.ref(self)  # type: ignore[attr-defined]
         return key_states, value_states
 
@@ -493,12 +507,12 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
     @property
     def compressed(self) -> bool:
         """Whether any row holds compressed tokens."""
-        return bool(self.rec_k is not None and (self.c > self.sinks).any())
+        return self._has_records
 
     def can_page(self) -> bool:
         """Whether a one-token step of real tokens can run the paged op (records exist and are
         TurboQuant's)."""
-        return self.paged and self.compressed
+        return self.paged and self._has_records
 
     def paged_args(self) -> dict[str, Any]:
         """Arguments of ``turboquant_codec.paged_attention`` for a one-token step (all but the new
@@ -507,7 +521,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         dev = self._device_meta()
         if "cache" not in dev:
             kc, vc = self.kq.codec, self.vq.codec  # type: ignore[attr-defined]
-            host = dev["host"] = self._on_host
+            host = dev["host"] = self.on_host
 
             def arr(t: Tensor | None) -> Any:
                 if t is None or not host:
@@ -528,68 +542,66 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
                     num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
 
-    def step_buffers(self, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The layer's buffers for a one-token GPU step's tokens, kept across steps while the shapes
-        hold (so the paged op sees the same arrays and replays its launches): query ``(B, H_q, d)``,
-        key and value ``(B, H, d)`` (views of one ``(2, B, H, d)`` buffer, which the append scatters
-        into the raw pools in one copy), out ``(B, H_q, d)``. ``run_step`` fills them.
+    def run_step(self, query: Tensor, key: Tensor, value: Tensor,
+                 attend: Callable[[Tensor, Tensor, Tensor, Tensor], object], tag: Any) -> Tensor:
+        """A one-token step on the device: the new tokens into the layer's step buffers, then
+        ``attend(q, k, v, out)`` (the paged op on the buffers; ``tag``: whatever else it depends on,
+        e.g. its scale). Returns ``out``.
 
-        Parameters
-        ----------
-        query : Tensor (B, H_q, 1, d)
-        key : Tensor (B, H, 1, d)
-        """
-        b, hq, _, d = query.shape
-        h = key.shape[1]
-        kept = self._dev.get("step")
-        if kept is None or kept[1].shape != (b, hq, d) or kept[1].dtype != query.dtype:
-            # ``stage`` takes the new query, key and value in one launch; the step (a graph on
-            # CUDA) splits it into the op's contiguous buffers.
-            stage = torch.empty(b, hq + 2 * h, d, dtype=query.dtype, device=query.device)
-            q = torch.empty(b, hq, d, dtype=query.dtype, device=query.device)
-            kv = torch.empty(2, b, h, d, dtype=query.dtype, device=query.device)
-            kept = self._dev["step"] = (stage, q, kv, torch.empty_like(q))
-        _, q, kv, out = kept
-        return q, kv[0], kv[1], out
-
-    def run_step(self, query: Tensor, key: Tensor, value: Tensor, attend: Callable[[], object], tag: Any
-                 ) -> None:
-        """A one-token GPU step: the new tokens into ``step_buffers``, then ``attend`` (the paged op
-        on them; ``tag``: whatever else it depends on, e.g. its scale). On CUDA, where ``commit``
-        would take the fast append, the append runs here too, and the split of the staged tokens,
-        the op and the append are this layer's ``StepGraph`` (one graph launch per step once
-        captured); ``commit`` then only counts the token. The staging copy stays outside the graph:
-        the model's new tensors need not come at the same addresses from step to step.
+        The buffers are kept while the shapes hold, so the op sees the same arrays every step and
+        replays its prepared launches: query and out ``(B, H_q, d)``, key and value ``(B, H, d)``
+        (views of one ``(2, B, H, d)`` buffer, which the append scatters into the raw pools in one
+        copy), filled from one staging buffer that takes the new query, key and value in one
+        launch. On CUDA, where ``commit`` would take the fast append, the append runs here too, and
+        the split of the staged tokens, the op and the append are this layer's ``StepGraph`` (one
+        graph launch per step once captured); ``commit`` then only counts the token. The staging
+        copy stays outside the graph: the model's new tensors need not come at the same addresses
+        from step to step.
 
         Parameters
         ----------
         query : Tensor (B, H_q, 1, d)
         key, value : Tensor (B, H, 1, d)
+
+        Returns
+        -------
+        out : Tensor (B, H_q, d)
+            The layer's output buffer (overwritten by the next step).
         """
-        stage, q, kv, _ = self._dev["step"]
+        dev = self._dev
+        kept = dev.get("step")
+        if kept is None or kept[4] != query.shape or kept[5] != query.dtype:
+            b, hq, _, d = query.shape
+            h = key.shape[1]
+            stage = query.new_empty(b, hq + 2 * h, 1, d)
+            q_buf = query.new_empty(b, hq, d)
+            kept = dev["step"] = (stage, q_buf, query.new_empty(2, b, h, d), torch.empty_like(q_buf),
+                                  query.shape, query.dtype)
+        stage, q, kv, out = kept[:4]
         self._staged = (key, kv)
-        torch.cat((query[:, :, 0], key[:, :, 0], value[:, :, 0]), dim=1, out=stage)
-        hq, b = q.shape[1], q.shape[0]
+        torch.cat((query, key, value), dim=1, out=stage)
 
         def split() -> None:
-            q.copy_(stage[:, :hq])
-            kv.copy_(stage[:, hq:].view(b, 2, -1, stage.shape[2]).transpose(0, 1))
+            hq = q.shape[1]
+            q.copy_(stage[:, :hq, 0])
+            kv.copy_(stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
 
-        if self.device.type != "cuda" or not self._fast_append_next():
+        if self.device.type != "cuda" or not self._fast_left:
             split()
-            attend()
-            return
+            attend(q, kv[0], kv[1], out)
+            return out
 
         def work() -> None:
             split()
-            attend()
+            attend(q, kv[0], kv[1], out)
             self._append_device(kv)
 
-        dev = self._dev
-        graph = dev.setdefault("graph", StepGraph())
-        state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), *dev["step"], tag)
-        graph(state, work, self.device)
+        graph = dev.get("graph")
+        if graph is None:
+            graph = dev["graph"] = StepGraph()
+        graph((dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), kept, tag), work, self.device)
         self._appended = True
+        return out
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
@@ -662,7 +674,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """One real token per row, inside each row's current raw block, no flush (``kv``: the step
         buffer holding key and value as ``(2, B, H, d)``, or None)."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
-        if self._on_host:
+        if self.on_host:
             # On the host, through NumPy views of the same memory: each torch call here costs
             # several times the NumPy one, and this runs once per layer and token.
             raw_k, raw_v = self._host_pools()
@@ -680,7 +692,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
     def _fast_append_next(self) -> bool:
         """Whether a one-token step of real tokens appends inside each row's current raw block, with
         no flush (``_append_fast``)."""
-        return self._next_slot is not None and not (self.n + 1 - self.c >= self.flush_interval).any()
+        return self._fast_left > 0
 
     def _append_device(self, kv: Tensor) -> None:
         """The fast append's device work: K and V ``(2, B, H, d)`` into the raw pools at the next
@@ -695,15 +707,21 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """The fast append's host bookkeeping: one more token per row; where a row's next token opens
         a block, that block is mapped now (``_map_next``), so the next step stays on the fast path."""
         self.n += 1
+        self._fast_left -= 1
+        if self._fast_left:
+            return
         if (self.n % self.block_size == 0).any():
             self._ensure_cap(int(-(-(self.n.max() + 1) // self.block_size)))
             self._map_next()
+        else:
+            self._count_fast()  # a flush is due: the next step commits in general
 
-    @property
-    def _on_host(self) -> bool:
-        """Whether steps run the host branch: NumPy views into the compiled CPU kernel (float16 and
-        float32 on the CPU; bfloat16, which NumPy lacks, takes the device branch)."""
-        return self.device.type == "cpu" and self.dtype != torch.bfloat16
+    def _count_fast(self) -> None:
+        """``_fast_left``: one-token appends before some row's next token opens a block (which
+        ``_advance`` maps) or its buffer reaches ``F`` (a general commit flushes it)."""
+        to_flush = self.flush_interval - 1 - (self.n - self.c)
+        to_edge = self.block_size - self.n % self.block_size
+        self._fast_left = max(int(np.minimum(to_flush, to_edge).min()), 0) if self.batch_size else 0
 
     def _map_next(self) -> None:
         """Point ``_next_slot`` at each row's next position (``n``), first giving a raw block to rows
@@ -715,13 +733,14 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         opens = np.flatnonzero(self.raw_of[rows, blocks] < 0)
         if opens.size:
             self._alloc_raw([(int(r), int(blocks[r])) for r in opens])
-            if self._on_host:
+            if self.on_host:
                 dev.pop("rsb", None)
             elif "rsb" in dev:
                 if not _refill(dev, "rsb", self.raw_of.reshape(-1).astype(np.int32), self.device):
                     dev.pop("cache", None)  # built on the old tensor
         _refill(dev, "slot", self.raw_of[rows, blocks] * bs + self.n % bs, self.device)
         self._next_slot = dev["slot"]
+        self._count_fast()
 
     def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
         """NumPy views [slots, H, d] of the raw pools (host, float16/float32), kept while the pools
@@ -840,6 +859,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self.raw_v.view(-1, h, d).index_copy_(0, s, vals[1])
 
         self.n, self.c = new_n, new_c
+        self._has_records = bool(self.rec_k is not None and (new_c > sinks).any())
         dev = self._dev
         if dev.get("host", True):
             # The host decoder checked the raw map's values once: a new state gets a new one.
@@ -854,7 +874,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         if b:
             self._map_next()
         else:
-            self._next_slot = None
+            self._next_slot, self._fast_left = None, 0
 
     # ---------------------------------------------------------------------------------- storage
     def _ensure_cap(self, blocks: int) -> None:
@@ -950,9 +970,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self.free = list(range(src.size, src.size + pad))
         self.raw_of = raw_of
         self.n, self.c = self.n[idx], self.c[idx]
+        self._has_records = bool(self.rec_k is not None and (self.c > self.sinks).any())
         self.batch_size = b
         self._dev.clear()
-        self._next_slot = None
+        self._next_slot, self._fast_left, self._seen = None, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -994,7 +1015,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         # The step metadata (``_next_slot`` among it), not the views; then the step buffers.
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
         dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors))
-        dev += sum(_nbytes(t) for t in self._dev.get("step", ()))  # staging, query, key + value, out buffers
+        # The step buffers: staging, query, key + value, out.
+        dev += sum(_nbytes(t) for t in self._dev.get("step", ()) if isinstance(t, Tensor))
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(

@@ -18,6 +18,7 @@ cannot be captured) disables graphs for that layer with a warning; its steps the
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,13 @@ class StepGraph:
         device : torch.device
             A CUDA device.
         """
-        at = next((i for i, (s, _) in enumerate(self.entries) if _same(s, state)), None)
+        entries = self.entries
+        if entries and entries[0][1] is not None and len(entries[0][0]) == len(state) \
+                and all(map(operator.is_, entries[0][0], state)):
+            # A steady decode: the state replayed last, every part the same object.
+            entries[0][1].replay()
+            return
+        at = next((i for i, (s, _) in enumerate(entries) if _same(s, state)), None)
         if at is None or self.disabled:
             step()
             if not self.disabled:
