@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(r.get(k, 0.0) for r in kept) for k in set().union(*kept)}
         for k, v in sorted(med.items(), key=lambda kv: -kv[1]):
             print(f"  {k:24s} {1e3 * v:8.3f} ms {1e6 * v / args.layers:9.1f} us/layer")
+        at = max(range(len(kept)), key=lambda i: kept[i]["step (wall)"])
+        print(f"{name}: the slowest of those steps (step {args.warmup + at + 1}), above its median")
+        for k, v in sorted(kept[at].items(), key=lambda kv: med.get(kv[0], 0.0) - kv[1]):
+            if v - med.get(k, 0.0) > 20e-6:
+                print(f"  {k:24s} {1e3 * (v - med.get(k, 0.0)):8.3f} ms")
     return 0
 
 
