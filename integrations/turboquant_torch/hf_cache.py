@@ -504,11 +504,6 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return key_states, value_states
 
     # ------------------------------------------------------------------------------ what attention reads
-    @property
-    def compressed(self) -> bool:
-        """Whether any row holds compressed tokens."""
-        return self._has_records
-
     def can_page(self) -> bool:
         """Whether a one-token step of real tokens can run the paged op (records exist and are
         TurboQuant's)."""
