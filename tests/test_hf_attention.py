@@ -181,6 +181,7 @@ def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> N
         for r, cache in enumerate(alone):
             b = model(input_ids=ids[r : r + 1, t : t + 1], **{CACHE: cache}).logits.float()
             worst = max(worst, float((a[r] - b[0]).abs().max() / b.abs().max()))
+        _assert_step_state(ours.layers[0])
     layers = model.config.num_hidden_layers
     assert list(ours.layers[0].n) == [40 + steps, 50 + steps]
     assert (ours.layers[0].c == 36).all()  # no flush during the steps
@@ -251,6 +252,17 @@ def test_other_attention_is_refused(padded) -> None:
         _gen(model, ids, mask, TurboQuantCache(model.config))
 
 
+def _assert_step_state(layer) -> None:
+    """The layer's fast-path bookkeeping agrees with its rows: each row's next position has a raw
+    block and the next slot points at it, and a one-token step appends fast exactly when no row's
+    buffer would reach the flush interval."""
+    rows, bs = np.arange(layer.batch_size), layer.block_size
+    blocks = layer.raw_of[rows, layer.n // bs]
+    assert (blocks >= 0).all()
+    assert np.array_equal(layer._next_slot.cpu().numpy(), blocks * bs + layer.n % bs)
+    assert layer._fast_append_next() == (not (layer.n + 1 - layer.c >= layer.flush_interval).any())
+
+
 def _device_branch_steps(model, ids) -> tuple[float, int, TurboQuantCache]:
     """Chunked prefill then one-token steps of ``ids`` (2, 60) through the paged op's device branch
     (step buffers, one-scatter append), against the decoded-copy cache: (worst relative logit
@@ -270,6 +282,7 @@ def _device_branch_steps(model, ids) -> tuple[float, int, TurboQuantCache]:
         a = model(input_ids=ids[:, t : t + 1], **{CACHE: ours}).logits.float()
         b = model(input_ids=ids[:, t : t + 1], **{CACHE: ref}).logits.float()
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+        _assert_step_state(layer)
         step = layer._dev.get("step")
         if layer.cap != cap:  # the records grew after the attention: the step metadata was dropped
             kept = None

@@ -46,6 +46,9 @@ def test_eager_then_captured_then_replayed(captures) -> None:  # type: ignore[no
     assert runs[4:] == [2, 3] and captures == [0]
     graph((buf, 7, 0.5), lambda: runs.append(4), CUDA)  # still kept: replays the recorded step
     assert runs[-1] == 1 and captures == [0]
+    # Equal numbers that are other objects (a scale computed anew each step) are the same state.
+    graph((buf, int("7"), float("0.5")), lambda: runs.append(5), CUDA)
+    assert runs[-1] == 1 and captures == [0]
 
 
 def test_keeps_the_states_used_last(captures) -> None:  # type: ignore[no-untyped-def]
