@@ -338,4 +338,12 @@ def test_bfloat16_decode_steps_take_the_device_branch(paged_calls) -> None:
     assert reused > 0
     assert paged_calls[0] == 30 * model.config.num_hidden_layers and paged_calls[2] == 0
     assert worst < 2.0**-6
-    assert ours.memory().decoded == 0
+    mem = ours.memory()
+    assert mem.decoded == 0
+    # Device bytes: each storage the layers hold (records, raw pool, step metadata and buffers)
+    # counted once, views not again.
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for lay in ours.layers
+                for t in (lay.packed, lay.raw, *lay._dev.values(), *lay._dev["step"])
+                if isinstance(t, torch.Tensor)}
+    assert mem.device == sum(storages.values()) + mem.metadata

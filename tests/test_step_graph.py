@@ -36,14 +36,18 @@ def captures(monkeypatch):  # type: ignore[no-untyped-def]
 def test_eager_then_captured_then_replayed(captures) -> None:  # type: ignore[no-untyped-def]
     buf, runs = torch.zeros(3), []
     graph = StepGraph()
-    for _ in range(4):
+    assert not graph.replay((buf, 7, 0.5))  # nothing seen: nothing runs
+    graph((buf, 7, 0.5), lambda: runs.append(1), CUDA)
+    assert not graph.replay((buf, 7, 0.5)) and len(runs) == 1  # seen once, not captured
+    for _ in range(3):
         graph((buf, 7, 0.5), lambda: runs.append(1), CUDA)
     assert len(runs) == 4  # eager, then captured and replayed, then replayed twice
     assert captures == [0]
+    assert graph.replay((buf, 7, 0.5)) and len(runs) == 5  # the state used last, by identity
     # Numbers compare by value, tensors by identity: an equal new tensor is a new state.
     graph((torch.zeros(3), 7, 0.5), lambda: runs.append(2), CUDA)
     graph((buf, 8, 0.5), lambda: runs.append(3), CUDA)
-    assert runs[4:] == [2, 3] and captures == [0]
+    assert runs[5:] == [2, 3] and captures == [0]
     graph((buf, 7, 0.5), lambda: runs.append(4), CUDA)  # still kept: replays the recorded step
     assert runs[-1] == 1 and captures == [0]
     # Equal numbers that are other objects (a scale computed anew each step) are the same state.

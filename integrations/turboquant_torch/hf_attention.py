@@ -125,7 +125,7 @@ def _paged(layer: Any, query: Tensor, key: Tensor, value: Tensor, scale: float) 
     # The new tokens go through the layer's step buffers: the op then sees the same arrays every
     # step and replays its prepared launches, and on CUDA the layer replays the op and its append
     # as one CUDA graph (``TurboQuantLayer.run_step``); the op runs only when the graph does not.
-    return layer.run_step(query, key, value, functools.partial(_attend, layer, scale), scale).unsqueeze(1)
+    return layer.run_step(query, key, value, functools.partial(_attend, layer, scale), scale)
 
 
 def turboquant_attention(module: Any, query: Tensor, key: Tensor, value: Tensor,

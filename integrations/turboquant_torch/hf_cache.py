@@ -45,6 +45,7 @@ their payloads are stored the same way (``[B * cap, bs, H, P]``) and always read
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -541,7 +542,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                  attend: Callable[[Tensor, Tensor, Tensor, Tensor], object], tag: Any) -> Tensor:
         """A one-token step on the device: the new tokens into the layer's step buffers, then
         ``attend(q, k, v, out)`` (the paged op on the buffers; ``tag``: whatever else it depends on,
-        e.g. its scale). Returns ``out``.
+        e.g. its scale).
 
         The buffers are kept while the shapes hold, so the op sees the same arrays every step and
         replays its prepared launches: query and out ``(B, H_q, d)``, key and value ``(B, H, d)``
@@ -560,43 +561,49 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
 
         Returns
         -------
-        out : Tensor (B, H_q, d)
-            The layer's output buffer (overwritten by the next step).
+        out : Tensor (B, 1, H_q, d)
+            A view of the layer's output buffer (overwritten by the next step).
         """
         dev = self._dev
         kept = dev.get("step")
-        if kept is None or kept[4] != query.shape or kept[5] != query.dtype:
+        if kept is None or kept[5] != query.shape or kept[6] != query.dtype:
             b, hq, _, d = query.shape
             h = key.shape[1]
-            stage = query.new_empty(b, hq + 2 * h, 1, d)
-            q_buf = query.new_empty(b, hq, d)
-            kept = dev["step"] = (stage, q_buf, query.new_empty(2, b, h, d), torch.empty_like(q_buf),
+            out = query.new_empty(b, hq, d)
+            # (stage, query, key + value, out, out as returned, what they were built for)
+            kept = dev["step"] = (query.new_empty(b, hq + 2 * h, 1, d), torch.empty_like(out),
+                                  query.new_empty(2, b, h, d), out, out.unsqueeze(1),
                                   query.shape, query.dtype)
-        stage, q, kv, out = kept[:4]
-        self._staged = (key, kv)
-        torch.cat((query, key, value), dim=1, out=stage)
+        self._staged = (key, kept[2])
+        torch.cat((query, key, value), dim=1, out=kept[0])
+        if self.device.type == "cuda" and self._fast_left:
+            graph = dev.get("graph")
+            if graph is None:
+                graph = dev["graph"] = StepGraph()
+            state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), kept, tag)
+            if not graph.replay(state):
+                graph(state, functools.partial(self._graph_step, kept, attend), self.device)
+            self._appended = True
+        else:
+            self._split(kept)
+            attend(kept[1], kept[2][0], kept[2][1], kept[3])
+        return kept[4]
 
-        def split() -> None:
-            hq = q.shape[1]
-            q.copy_(stage[:, :hq, 0])
-            kv.copy_(stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
+    @staticmethod
+    def _split(kept: tuple[Any, ...]) -> None:
+        """The staged new tokens into the op's query and key + value buffers."""
+        stage, q, kv = kept[:3]
+        hq = q.shape[1]
+        q.copy_(stage[:, :hq, 0])
+        kv.copy_(stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
 
-        if self.device.type != "cuda" or not self._fast_left:
-            split()
-            attend(q, kv[0], kv[1], out)
-            return out
-
-        def work() -> None:
-            split()
-            attend(q, kv[0], kv[1], out)
-            self._append_device(kv)
-
-        graph = dev.get("graph")
-        if graph is None:
-            graph = dev["graph"] = StepGraph()
-        graph((dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), kept, tag), work, self.device)
-        self._appended = True
-        return out
+    def _graph_step(self, kept: tuple[Any, ...], attend: Callable[[Tensor, Tensor, Tensor, Tensor], object]
+                    ) -> None:
+        """What the layer's CUDA graph holds: the split, the op and the fast append."""
+        self._split(kept)
+        kv = kept[2]
+        attend(kept[1], kv[0], kv[1], kept[3])
+        self._append_device(kv)
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
@@ -1010,8 +1017,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         # The step metadata (``_next_slot`` among it), not the views; then the step buffers.
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
         dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors))
-        # The step buffers: staging, query, key + value, out.
-        dev += sum(_nbytes(t) for t in self._dev.get("step", ()) if isinstance(t, Tensor))
+        dev += sum(_nbytes(t) for t in self._dev.get("step", ())[:4])  # staging, query, key + value, out
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(

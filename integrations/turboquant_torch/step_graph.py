@@ -69,12 +69,9 @@ class StepGraph:
         device : torch.device
             A CUDA device.
         """
-        entries = self.entries
-        if entries and entries[0][1] is not None and len(entries[0][0]) == len(state) \
-                and all(map(operator.is_, entries[0][0], state)):
-            # A steady decode: the state replayed last, every part the same object.
-            entries[0][1].replay()
+        if self.replay(state):
             return
+        entries = self.entries
         at = next((i for i, (s, _) in enumerate(entries) if _same(s, state)), None)
         if at is None or self.disabled:
             step()
@@ -97,6 +94,18 @@ class StepGraph:
                 return
             self.entries[at] = (state, graph)
         graph.replay()
+
+    def replay(self, state: tuple[Any, ...]) -> bool:
+        """Replay the graph of the state used last if ``state`` is it, part for part the same objects
+        (a steady decode); False, doing nothing, otherwise. ``__call__`` tries this first; a caller
+        that tries it itself builds its step only when it returns False."""
+        if not self.entries:
+            return False
+        last, graph = self.entries[0]
+        if graph is None or len(last) != len(state) or not all(map(operator.is_, last, state)):
+            return False
+        graph.replay()
+        return True
 
 
 def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
