@@ -50,7 +50,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -384,6 +384,19 @@ def _refill(dev: dict[str, Any], name: str, values: np.ndarray, device: torch.de
     return False
 
 
+class StepBuffers(NamedTuple):
+    """A layer's one-token step buffers (``TurboQuantLayer.run_step``), kept while the new tokens'
+    shape and dtype hold."""
+
+    stage: Tensor  # (B, H_q + 2 H, 1, d): the new query, key and value, staged by one launch
+    query: Tensor  # (B, H_q, d)
+    kv: Tensor  # (2, B, H, d): key and value, scattered into the raw pools by one copy
+    out: Tensor  # (B, H_q, d)
+    returned: Tensor  # ``out`` as the attention returns it, (B, 1, H_q, d)
+    shape: torch.Size  # the new query's
+    dtype: torch.dtype
+
+
 class LengthProtocol:
     """transformers' length queries and reset for a layer that counts ``length`` tokens and clears
     its state with ``_clear`` (shared by ``TurboQuantLayer`` and ``baselines.DecodedCopyLayer``)."""
@@ -565,45 +578,42 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             A view of the layer's output buffer (overwritten by the next step).
         """
         dev = self._dev
-        kept = dev.get("step")
-        if kept is None or kept[5] != query.shape or kept[6] != query.dtype:
+        bufs = dev.get("step")
+        if bufs is None or bufs.shape != query.shape or bufs.dtype != query.dtype:
             b, hq, _, d = query.shape
             h = key.shape[1]
             out = query.new_empty(b, hq, d)
-            # (stage, query, key + value, out, out as returned, what they were built for)
-            kept = dev["step"] = (query.new_empty(b, hq + 2 * h, 1, d), torch.empty_like(out),
-                                  query.new_empty(2, b, h, d), out, out.unsqueeze(1),
-                                  query.shape, query.dtype)
-        self._staged = (key, kept[2])
-        torch.cat((query, key, value), dim=1, out=kept[0])
+            bufs = dev["step"] = StepBuffers(query.new_empty(b, hq + 2 * h, 1, d), torch.empty_like(out),
+                                             query.new_empty(2, b, h, d), out, out.unsqueeze(1),
+                                             query.shape, query.dtype)
+        self._staged = (key, bufs.kv)
+        torch.cat((query, key, value), dim=1, out=bufs.stage)
         if self.device.type == "cuda" and self._fast_left:
             graph = dev.get("graph")
             if graph is None:
                 graph = dev["graph"] = StepGraph()
-            state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), kept, tag)
+            state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), bufs, tag)
             if not graph.replay(state):
-                graph(state, functools.partial(self._graph_step, kept, attend), self.device)
+                graph(state, functools.partial(self._graph_step, bufs, attend), self.device)
             self._appended = True
         else:
-            self._split(kept)
-            attend(kept[1], kept[2][0], kept[2][1], kept[3])
-        return kept[4]
+            self._split(bufs)
+            attend(bufs.query, bufs.kv[0], bufs.kv[1], bufs.out)
+        return bufs.returned
 
     @staticmethod
-    def _split(kept: tuple[Any, ...]) -> None:
+    def _split(bufs: StepBuffers) -> None:
         """The staged new tokens into the op's query and key + value buffers."""
-        stage, q, kv = kept[:3]
-        hq = q.shape[1]
-        q.copy_(stage[:, :hq, 0])
-        kv.copy_(stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
+        hq = bufs.query.shape[1]
+        bufs.query.copy_(bufs.stage[:, :hq, 0])
+        bufs.kv.copy_(bufs.stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
 
-    def _graph_step(self, kept: tuple[Any, ...], attend: Callable[[Tensor, Tensor, Tensor, Tensor], object]
+    def _graph_step(self, bufs: StepBuffers, attend: Callable[[Tensor, Tensor, Tensor, Tensor], object]
                     ) -> None:
         """What the layer's CUDA graph holds: the split, the op and the fast append."""
-        self._split(kept)
-        kv = kept[2]
-        attend(kept[1], kv[0], kv[1], kept[3])
-        self._append_device(kv)
+        self._split(bufs)
+        attend(bufs.query, bufs.kv[0], bufs.kv[1], bufs.out)
+        self._append_device(bufs.kv)
 
     def _device_meta(self) -> dict[str, Any]:
         dev = self._dev
@@ -1017,7 +1027,9 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         # The step metadata (``_next_slot`` among it), not the views; then the step buffers.
         tensors = [t for t in self._dev.values() if isinstance(t, Tensor)]
         dev = sum(_nbytes(t) for t in (self.packed, self.raw, *tensors))
-        dev += sum(_nbytes(t) for t in self._dev.get("step", ())[:4])  # staging, query, key + value, out
+        bufs = self._dev.get("step")
+        if bufs is not None:
+            dev += sum(_nbytes(t) for t in (bufs.stage, bufs.query, bufs.kv, bufs.out))
         if self.packed is None:
             dev += _nbytes(self.rec_k) + _nbytes(self.rec_v)
         return LayerMemory(
