@@ -51,6 +51,7 @@ def instrument() -> None:
              (llama.LlamaAttention, "forward", "attention"), (llama.LlamaMLP, "forward", "mlp"),
              (llama.LlamaRMSNorm, "forward", "rmsnorm"), (DynamicCache, "update", "cache.update"),
              (TurboQuantCache, "update", "cache.update"), (step_graph.StepGraph, "__call__", "tq StepGraph"),
+             (step_graph.StepGraph, "replay", "tq StepGraph.replay"),
              (torch.cuda.CUDAGraph, "replay", "graph replay")]
     methods = ("update", "commit", "_commit", "run_step", "paged_args", "can_page",
                "_advance", "_fast_append_next", "_map_next")
