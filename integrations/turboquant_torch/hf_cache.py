@@ -518,6 +518,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         return key_states, value_states
 
     # ------------------------------------------------------------------------------ what attention reads
+    def _count_records(self) -> None:
+        """``_has_records`` from the rows (after ``c`` changed)."""
+        self._has_records = bool(self.rec_k is not None and (self.c > self.sinks).any())
+
     def can_page(self) -> bool:
         """Whether a one-token step of real tokens can run the paged op (records exist and are
         TurboQuant's)."""
@@ -588,7 +592,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                                              query.shape, query.dtype)
         self._staged = (key, bufs.kv)
         torch.cat((query, key, value), dim=1, out=bufs.stage)
-        if self.device.type == "cuda" and self._fast_left:
+        if self.device.type == "cuda" and self._fast_append_next():
             graph = dev.get("graph")
             if graph is None:
                 graph = dev["graph"] = StepGraph()
@@ -597,22 +601,22 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
                 graph(state, functools.partial(self._graph_step, bufs, attend), self.device)
             self._appended = True
         else:
-            self._split(bufs)
-            attend(bufs.query, bufs.kv[0], bufs.kv[1], bufs.out)
+            self._split_and_attend(bufs, attend)
         return bufs.returned
 
     @staticmethod
-    def _split(bufs: StepBuffers) -> None:
-        """The staged new tokens into the op's query and key + value buffers."""
+    def _split_and_attend(bufs: StepBuffers, attend: Callable[[Tensor, Tensor, Tensor, Tensor], object]
+                          ) -> None:
+        """The staged new tokens into the op's query and key + value buffers, then the op on them."""
         hq = bufs.query.shape[1]
         bufs.query.copy_(bufs.stage[:, :hq, 0])
         bufs.kv.copy_(bufs.stage[:, hq:, 0].unflatten(1, (2, -1)).transpose(0, 1))
+        attend(bufs.query, bufs.kv[0], bufs.kv[1], bufs.out)
 
     def _graph_step(self, bufs: StepBuffers, attend: Callable[[Tensor, Tensor, Tensor, Tensor], object]
                     ) -> None:
         """What the layer's CUDA graph holds: the split, the op and the fast append."""
-        self._split(bufs)
-        attend(bufs.query, bufs.kv[0], bufs.kv[1], bufs.out)
+        self._split_and_attend(bufs, attend)
         self._append_device(bufs.kv)
 
     def _device_meta(self) -> dict[str, Any]:
@@ -871,7 +875,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self.raw_v.view(-1, h, d).index_copy_(0, s, vals[1])
 
         self.n, self.c = new_n, new_c
-        self._has_records = bool(self.rec_k is not None and (new_c > sinks).any())
+        self._count_records()
         dev = self._dev
         if dev.get("host", True):
             # The host decoder checked the raw map's values once: a new state gets a new one.
@@ -982,7 +986,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             self.free = list(range(src.size, src.size + pad))
         self.raw_of = raw_of
         self.n, self.c = self.n[idx], self.c[idx]
-        self._has_records = bool(self.rec_k is not None and (self.c > self.sinks).any())
+        self._count_records()
         self.batch_size = b
         self._dev.clear()
         self._next_slot, self._fast_left, self._seen = None, 0, None
