@@ -54,7 +54,7 @@ def instrument() -> None:
              (step_graph.StepGraph, "replay", "tq StepGraph.replay"),
              (torch.cuda.CUDAGraph, "replay", "graph replay")]
     methods = ("update", "commit", "_commit", "run_step", "paged_args", "can_page",
-               "_advance", "_fast_append_next", "_map_next")
+               "_advance", "_fast_append_next", "_plan_fast")
     parts += [(hf_cache.TurboQuantLayer, m, f"tq {m}") for m in methods]
     parts += [(hf_cache, "check_states", "tq check_states"), (hf_attention, "_real_new", "tq _real_new"),
               (hf_attention, "_paged", "tq _paged"), (hf_attention, "_dense", "tq _dense"),

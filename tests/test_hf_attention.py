@@ -149,10 +149,10 @@ def test_greedy_matches_decoded_copy(model) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["host", "device-branch"])
 @torch.no_grad()
 def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> None:
-    """Rows of different lengths (left padding) cross block boundaries at different steps; the new
-    raw block is mapped as the previous token is appended, so no one-token step between flushes
-    takes the general commit, and each row reads what the decoded-copy cache reads for that row
-    alone (integer bits: no calibration shared between rows)."""
+    """Rows of different lengths (left padding) cross block boundaries at different steps; the
+    prefill's commit maps each row's raw blocks up to its next flush, so no one-token step between
+    flushes takes the general commit or changes the raw-block map, and each row reads what the
+    decoded-copy cache reads for that row alone (integer bits: no calibration shared between rows)."""
     from turboquant_torch.hf_cache import TurboQuantLayer
 
     model = _model("llama").to(dtype)
@@ -163,8 +163,8 @@ def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> N
     mask[0, :pad] = 0  # row 0: 40 real prompt tokens, row 1: 50
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     # flush 32, 4 sinks, 16-token blocks: both rows compress 32 tokens at the prefill and flush
-    # again only after 16 more steps; row 0 opens a block at its 48th token (step 8), row 1 at its
-    # 64th (step 14).
+    # again only after 16 more steps; row 0 opens block 3 at position 48 (step 8, counting from 0),
+    # row 1 block 4 at position 64 (step 14).
     kw = dict(flush_interval=32, sinks=4, key_bits=4.0, value_bits=4.0)
     ours = TurboQuantCache(model.config, **kw)
     alone = [DecodedCopyCache(model.config, **kw) for _ in range(2)]
@@ -174,7 +174,8 @@ def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> N
         model(input_ids=ids[r : r + 1, first[r] : 50], **{CACHE: cache})
     general = [0]
     monkeypatch.setattr(TurboQuantLayer, "_commit", _counting(TurboQuantLayer._commit, general, 0))
-    worst = 0.0
+    worst, mapped = 0.0, ours.layers[0].raw_of.copy()
+    assert (mapped[[0, 1], [3, 4]] >= 0).all()  # the blocks the steps open, mapped ahead
     for t in range(50, 50 + steps):
         a = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
                   position_ids=pos[:, t : t + 1], **{CACHE: ours}).logits.float()
@@ -182,6 +183,7 @@ def test_new_raw_blocks_keep_the_fast_path(dtype, paged_calls, monkeypatch) -> N
             b = model(input_ids=ids[r : r + 1, t : t + 1], **{CACHE: cache}).logits.float()
             worst = max(worst, float((a[r] - b[0]).abs().max() / b.abs().max()))
         _assert_step_state(ours.layers[0])
+        assert np.array_equal(ours.layers[0].raw_of, mapped)
     layers = model.config.num_hidden_layers
     assert list(ours.layers[0].n) == [40 + steps, 50 + steps]
     assert (ours.layers[0].c == 36).all()  # no flush during the steps

@@ -13,6 +13,8 @@ Layout of one layer (``B`` batch rows, ``H`` KV heads, ``d`` head dim, ``bs`` to
     raw_slot_of_block  [B * cap] int32 (device)      the same map, flat, as the paged op reads it
     block_table [B, cap] int32 (device)              row r's block j is physical block r * cap + j
     n, c        [B] int (host)                       per row: stored tokens; end of the compressed part
+    plan        [P, B] int64 (device)                raw-pool slot of each row's k-th next fast append
+                                                     (``P = min(F, PLAN_TOKENS)``)
 
 Each row stores only its real tokens (masked, i.e. padded, positions are never stored), in order;
 RoPE is already in the keys, so a token's place in the row is all attention needs. Positions
@@ -33,10 +35,11 @@ the new tokens; the attention function then runs either ``tq.paged_attention`` o
 the raw pool and the new token (one call per layer: single-token steps with every row's token real,
 once something is compressed), or SDPA over the history decoded transiently (multi-token steps,
 padded new tokens, or nothing compressed yet); ``commit`` then stores the new tokens and flushes.
-On CUDA a one-token step whose token goes into the row's current raw block (no flush) runs the
-paged op and that append as the layer's CUDA graph (``run_step``, ``step_graph.StepGraph``); the
-device copies of the step metadata are rewritten in place, so the graph and the op's kept launches
-outlive new raw blocks and flushes.
+Each commit plans the one-token steps up to the next flush (at most ``P - 1``): their raw blocks
+are mapped ahead and their slots listed in ``plan``, so such a step (the fast append) needs no host
+work but counting, block edges included. On CUDA it runs the paged op and the append as the layer's
+CUDA graph (``run_step``, ``step_graph.StepGraph``); the device copies of the step metadata are
+rewritten in place, so the graph and the op's kept launches outlive new raw blocks and flushes.
 
 Seeds: layer ``i`` encodes keys with ``stream_seed(seed, 2 i)`` and values with
 ``stream_seed(seed, 2 i + 1)``. Other compressors (``baselines``) plug in through ``quantizer=``;
@@ -88,6 +91,9 @@ DEFAULT_FLUSH = 256
 DEFAULT_SINKS = 4
 # 16: the fused CUDA decode kernel reads 16-token tiles of one block.
 DEFAULT_BLOCK = 16
+# One-token steps planned at once (raw blocks mapped ahead, slots listed), at most: the default flush
+# interval, so a default cache plans once per flush; it also bounds the raw blocks mapped ahead.
+PLAN_TOKENS = 256
 
 
 def _transformers_version() -> tuple[int, int]:
@@ -451,6 +457,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.layer_idx, self.num_kv_heads, self.head_dim = layer_idx, num_kv_heads, head_dim
         self.kq, self.vq = key_quantizer, value_quantizer
         self.flush_interval, self.sinks, self.block_size = flush_interval, sinks, block_size
+        self._plan_rows = min(flush_interval, PLAN_TOKENS)
         # Only TurboQuant records can be read in place by the paged op; other payloads are decoded.
         self.paged = isinstance(key_quantizer, TurboQuantizer) and isinstance(value_quantizer, TurboQuantizer)
         self._clear()
@@ -473,8 +480,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self.pending: tuple[Tensor, Tensor] | None = None
         self._dev: dict[str, Any] = {}  # device copies of the step metadata, the PagedCache view
         self._next_slot: Tensor | None = None  # raw-pool slot of each row's next token, when fast
-        # One-token appends left on the fast path before a row opens a block or a flush is due
-        # (``_count_fast``): a countdown, so a decode step tests one integer, not the row arrays.
+        # One-token appends left of the plan (``_plan_fast``): a countdown, so a decode step tests
+        # one integer, not the row arrays.
         self._fast_left = 0
         self._has_records = False  # some row holds compressed tokens (``c > sinks``)
         self._seen: tuple[torch.Size, torch.dtype] | None = None  # new states' shape, dtype already checked
@@ -596,7 +603,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             graph = dev.get("graph")
             if graph is None:
                 graph = dev["graph"] = StepGraph()
-            state = (dev.get("cache"), self._next_slot, self.raw, dev.get("seq"), bufs, tag)
+            state = (dev.get("cache"), self._next_slot, dev["plan"], dev["k"], self.raw, dev.get("seq"),
+                     bufs, tag)
             if not graph.replay(state):
                 graph(state, functools.partial(self._graph_step, bufs, attend), self.device)
             self._appended = True
@@ -693,70 +701,81 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         if self.on_host:
             # On the host, through NumPy views of the same memory: each torch call here costs
             # several times the NumPy one, and this runs once per layer and token.
+            dev = self._dev
             raw_k, raw_v = self._host_pools()
             slot = self._next_slot.numpy()
             raw_k[slot] = key.detach().numpy()[:, :, 0]
             raw_v[slot] = value.detach().numpy()[:, :, 0]
-            slot += 1
-            if "seq" in self._dev:
-                seq = self._dev["seq"].numpy()
+            k = dev["k"].numpy()
+            k += 1
+            slot[:] = dev["plan"].numpy()[k[0]]
+            if "seq" in dev:
+                seq = dev["seq"].numpy()
                 seq += 1
         else:
             self._append_device(torch.stack((key[:, :, 0], value[:, :, 0])) if kv is None else kv)
         self._advance()
 
     def _fast_append_next(self) -> bool:
-        """Whether a one-token step of real tokens appends inside each row's current raw block, with
-        no flush (``_append_fast``)."""
+        """Whether a one-token step of real tokens is a planned fast append (``_append_fast``): it
+        goes into a mapped raw block, with no flush."""
         return self._fast_left > 0
 
     def _append_device(self, kv: Tensor) -> None:
         """The fast append's device work: K and V ``(2, B, H, d)`` into the raw pools at the next
-        slots, then the slots and lengths moved on (launches only: ``run_step`` captures them)."""
+        slots, then the plan's countdown, the slots and the lengths moved on (launches only:
+        ``run_step`` captures them)."""
         assert self.raw is not None and self._next_slot is not None
+        dev = self._dev
         self.raw.view(2, -1, self.num_kv_heads, self.head_dim).index_copy_(1, self._next_slot, kv)
-        self._next_slot += 1
-        if "seq" in self._dev:
-            self._dev["seq"] += 1
+        dev["k"] += 1
+        torch.index_select(dev["plan"], 0, dev["k"], out=self._next_slot.view(1, -1))
+        if "seq" in dev:
+            dev["seq"] += 1
 
     def _advance(self) -> None:
-        """The fast append's host bookkeeping: one more token per row; where a row's next token opens
-        a block, that block is mapped now (``_map_next``), so the next step stays on the fast path."""
+        """The fast append's host bookkeeping: one more token per row, and at the plan's end a new
+        plan unless a flush is due (the next step then commits in general)."""
         self.n += 1
         self._fast_left -= 1
         if self._fast_left:
             return
-        if (self.n % self.block_size == 0).any():
-            self._ensure_cap(int(-(-(self.n.max() + 1) // self.block_size)))
-            self._map_next()
-        else:
-            self._count_fast()  # a flush is due: the next step commits in general
+        run = self._fast_run(self.n, self.c)
+        if run and self._plan_fast(run):
+            self._sync("rsb")
 
-    def _count_fast(self) -> None:
-        """``_fast_left``: one-token appends before some row's next token opens a block (which
-        ``_advance`` maps) or its buffer reaches ``F`` (a general commit flushes it)."""
-        to_flush = self.flush_interval - 1 - (self.n - self.c)
-        to_edge = self.block_size - self.n % self.block_size
-        self._fast_left = max(int(np.minimum(to_flush, to_edge).min()), 0) if self.batch_size else 0
+    def _fast_run(self, n: np.ndarray, c: np.ndarray) -> int:
+        """One-token appends the fast path can take from rows at ``n`` compressed up to ``c``: until
+        some row's buffer would reach ``F`` (a general commit flushes it), at most ``P - 1``."""
+        if not n.size:
+            return 0
+        to_flush = int((self.flush_interval - 1 - (n - c)).min())
+        return max(min(to_flush, self._plan_rows - 1), 0)
 
-    def _map_next(self) -> None:
-        """Point ``_next_slot`` at each row's next position (``n``), first giving a raw block to rows
-        whose next token opens one (that block is raw whatever the step: it holds the newest token).
-        The device branch rewrites the raw-block map in place (the op's kept launches and the step
-        graphs read the same buffers); the host one drops it, and the next step binds a new decoder."""
+    def _plan_fast(self, run: int) -> bool:
+        """Plan ``run`` one-token appends from each row's next position ``n``: give a raw block to
+        every position they and the step after them write (that step's block is raw whatever the
+        step: it holds the newest token), list each row's slots in ``plan`` (row k: position
+        ``n + k``), set the plan's countdown ``k`` to 0 and ``_next_slot`` to row 0. Returns whether
+        blocks were given (the raw-block map changed)."""
         b, bs, dev = self.batch_size, self.block_size, self._dev
-        rows, blocks = np.arange(b), self.n // bs
-        opens = np.flatnonzero(self.raw_of[rows, blocks] < 0)
-        if opens.size:
-            self._alloc_raw([(int(r), int(blocks[r])) for r in opens])
-            if self.on_host:
-                dev.pop("rsb", None)
-            elif "rsb" in dev:
-                if not _refill(dev, "rsb", self.raw_of.reshape(-1).astype(np.int32), self.device):
-                    dev.pop("cache", None)  # built on the old tensor
-        _refill(dev, "slot", self.raw_of[rows, blocks] * bs + self.n % bs, self.device)
+        self._fast_left = run
+        if not b:
+            self._next_slot = None
+            return False
+        pos = self.n + np.arange(run + 1)[:, None]  # [run + 1, B]
+        self._ensure_cap(-(-(int(pos.max()) + 1) // bs))
+        first, last = self.n // bs, pos[-1] // bs
+        opens = [(r, j) for r in range(b) for j in range(first[r], last[r] + 1) if self.raw_of[r, j] < 0]
+        self._alloc_raw(opens)
+        plan = np.empty((self._plan_rows, b), np.int64)
+        plan[: run + 1] = self.raw_of[np.arange(b), pos // bs] * bs + pos % bs
+        plan[run + 1 :] = plan[run]  # never read: the plan's end comes first
+        _refill(dev, "plan", plan, self.device)
+        _refill(dev, "k", np.zeros(1, np.int64), self.device)
+        _refill(dev, "slot", plan[0].copy(), self.device)  # a copy: on the CPU it would share ``plan``
         self._next_slot = dev["slot"]
-        self._count_fast()
+        return bool(opens)
 
     def _host_pools(self) -> tuple[np.ndarray, np.ndarray]:
         """NumPy views [slots, H, d] of the raw pools (host, float16/float32), kept while the pools
@@ -775,8 +794,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         old_n, new_n = self.n, self.n + counts
         buf = new_n - self.c
         new_c = self.c + np.where(buf >= flush, (buf // flush) * flush, 0)
-        # Room for the next step's token too: the paged op's block table covers seq_lens = n + 1.
-        self._ensure_cap(int(-(-(new_n.max() + 1) // bs)) if b else 0)
+        # Room for the planned steps' tokens and the one after (the paged op's block table covers
+        # seq_lens = n + 1), so that planning does not move the records again.
+        run = self._fast_run(new_n, new_c)
+        self._ensure_cap(-(-(int(new_n.max()) + run + 1) // bs) if b else 0)
         # New token i of row r is row r * q + i of the flattened new states.
         new_k = key.transpose(1, 2).reshape(b * q, h, d)
         new_v = value.transpose(1, 2).reshape(b * q, h, d)
@@ -876,21 +897,23 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
 
         self.n, self.c = new_n, new_c
         self._count_records()
+        self._plan_fast(run)
+        self._sync("rsb", "seq")
+
+    def _sync(self, *names: str) -> None:
+        """The step metadata ``names`` (``"rsb"``: the raw-block map, ``"seq"``: the lengths) after
+        the host arrays changed: rewritten in place on the device while the shapes hold (the paged
+        op's kept launches and the step graphs read the same buffers); dropped on the host (its
+        decoder checked the values once: a new state gets a new one)."""
         dev = self._dev
         if dev.get("host", True):
-            # The host decoder checked the raw map's values once: a new state gets a new one.
-            dev.pop("rsb", None)
-            dev.pop("seq", None)
-        else:
-            # In place while the shapes hold: the paged op's kept launches read the same buffers.
-            for name, values in (("rsb", self.raw_of.reshape(-1)), ("seq", self.n + 1)):
-                if not _refill(dev, name, values.astype(np.int32), self.device):
-                    dev.pop("cache", None)  # built on the old tensor
-        # The fast path's slots: each row's next position (``_ensure_cap`` above left room for it).
-        if b:
-            self._map_next()
-        else:
-            self._next_slot, self._fast_left = None, 0
+            for name in names:
+                dev.pop(name, None)
+            return
+        values = {"rsb": self.raw_of.reshape(-1), "seq": self.n + 1}
+        for name in names:
+            if not _refill(dev, name, values[name].astype(np.int32), self.device):
+                dev.pop("cache", None)  # built on the old tensor
 
     # ---------------------------------------------------------------------------------- storage
     def _ensure_cap(self, blocks: int) -> None:
