@@ -336,7 +336,7 @@ def test_bfloat16_decode_steps_take_the_device_branch(paged_calls) -> None:
     model = _model("llama").to(torch.bfloat16)
     ids = torch.randint(1, 128, (2, 60), generator=torch.Generator().manual_seed(2))
     worst, reused, ours = _device_branch_steps(model, ids)
-    assert ours.layers[0].paged_args()["host"] is False
+    assert ours.layers[0].on_host is False
     assert reused > 0
     assert paged_calls[0] == 30 * model.config.num_hidden_layers and paged_calls[2] == 0
     assert worst < 2.0**-6

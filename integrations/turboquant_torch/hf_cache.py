@@ -536,12 +536,13 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
 
     def paged_args(self) -> dict[str, Any]:
         """Arguments of ``turboquant_codec.paged_attention`` for a one-token step (all but the new
-        tokens, ``scale`` and ``out``). On the host (float16/float32) they are NumPy views of the
-        tensors, which the codec takes without conversion."""
+        tokens, ``scale`` and ``out``), and ``decoder``. On the host (float16/float32) they are
+        NumPy views of the tensors, which the codec takes without conversion, and ``decoder`` is the
+        op bound to the cache and table (``tq.PagedDecoder``); on the device it is None."""
         dev = self._device_meta()
         if "cache" not in dev:
             kc, vc = self.kq.codec, self.vq.codec  # type: ignore[attr-defined]
-            host = dev["host"] = self.on_host
+            host = self.on_host
 
             def arr(t: Tensor | None) -> Any:
                 if t is None or not host:
@@ -560,7 +561,7 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             dev["decoder"] = tq.PagedDecoder(dev["cache"], dev["meta"][0]) if host else None
         table, seq, qsl = dev["meta"]
         return dict(cache=dev["cache"], block_table=table, seq_lens=seq, query_start_loc=qsl,
-                    num_decodes=self.batch_size, host=dev["host"], decoder=dev["decoder"])
+                    num_decodes=self.batch_size, decoder=dev["decoder"])
 
     def run_step(self, query: Tensor, key: Tensor, value: Tensor,
                  attend: Callable[[Tensor, Tensor, Tensor, Tensor], object], tag: Any) -> Tensor:
@@ -904,9 +905,10 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         """The step metadata ``names`` (``"rsb"``: the raw-block map, ``"seq"``: the lengths) after
         the host arrays changed: rewritten in place on the device while the shapes hold (the paged
         op's kept launches and the step graphs read the same buffers); dropped on the host (its
-        decoder checked the values once: a new state gets a new one)."""
+        decoder checked the values once: a new state gets a new one) or before the op's cache is
+        built (``_device_meta`` makes them then)."""
         dev = self._dev
-        if dev.get("host", True):
+        if self.on_host or "cache" not in dev:
             for name in names:
                 dev.pop(name, None)
             return
