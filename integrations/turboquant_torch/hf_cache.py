@@ -307,7 +307,8 @@ class LayerMemory:
     metadata : int
         Fixed per-layer state (outlier channel permutations).
     raw : int
-        Uncompressed sinks and recent buffer at the model dtype (whole raw blocks).
+        Uncompressed sinks and recent buffer at the model dtype (whole raw blocks, including those
+        mapped ahead for the planned one-token steps).
     decoded : int
         A decoded working copy of compressed tokens (``DecodedCopyCache`` only; 0 here).
     device : int
