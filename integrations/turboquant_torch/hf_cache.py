@@ -635,13 +635,16 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             b, cap = self.batch_size, self.cap
             dev["table"] = (torch.arange(b * cap, dtype=torch.int32).view(b, cap)).to(self.device)
             dev["qsl"] = torch.arange(b + 1, dtype=torch.int32).to(self.device)
-        if "rsb" not in dev:
-            dev["rsb"] = torch.from_numpy(self.raw_of.reshape(-1).astype(np.int32)).to(self.device)
-            dev.pop("cache", None)
-        if "seq" not in dev:
-            dev["seq"] = torch.from_numpy((self.n + 1).astype(np.int32)).to(self.device)
-            dev.pop("cache", None)
+        for name in ("rsb", "seq"):
+            if name not in dev:
+                dev[name] = torch.from_numpy(self._meta_values(name)).to(self.device)
+                dev.pop("cache", None)
         return dev
+
+    def _meta_values(self, name: str) -> np.ndarray:
+        """The host values of step metadata ``name``, int32 as the paged op reads them: ``"rsb"``,
+        the raw-block map flat; ``"seq"``, each row's length with the step's new token."""
+        return (self.raw_of.reshape(-1) if name == "rsb" else self.n + 1).astype(np.int32)
 
     def history(self) -> tuple[Tensor, Tensor]:
         """The stored tokens, decoded transiently: (B, H, max n, d) each in the model dtype, row r's
@@ -697,8 +700,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
         self._commit(key, value, real, counts)
 
     def _append_fast(self, key: Tensor, value: Tensor, kv: Tensor | None) -> None:
-        """One real token per row, inside each row's current raw block, no flush (``kv``: the step
-        buffer holding key and value as ``(2, B, H, d)``, or None)."""
+        """One real token per row, at the plan's next slots (raw blocks mapped by ``_plan_fast``), no
+        flush (``kv``: the step buffer holding key and value as ``(2, B, H, d)``, or None)."""
         assert self._next_slot is not None and self.raw_k is not None and self.raw_v is not None
         if self.on_host:
             # On the host, through NumPy views of the same memory: each torch call here costs
@@ -913,9 +916,8 @@ class TurboQuantLayer(LengthProtocol, CacheLayerMixin):
             for name in names:
                 dev.pop(name, None)
             return
-        values = {"rsb": self.raw_of.reshape(-1), "seq": self.n + 1}
         for name in names:
-            if not _refill(dev, name, values[name].astype(np.int32), self.device):
+            if not _refill(dev, name, self._meta_values(name), self.device):
                 dev.pop("cache", None)  # built on the old tensor
 
     # ---------------------------------------------------------------------------------- storage
